@@ -13,6 +13,7 @@ import torch
 from . import sampling
 from .config import FluxConfig
 from .reference import Flux
+from .testing import randomize_parameters_
 
 
 def demo(preset: str, width: int, height: int, steps: int, txt_len: int, seed: int, device: str) -> list[float]:
@@ -21,7 +22,9 @@ def demo(preset: str, width: int, height: int, steps: int, txt_len: int, seed: i
     torch.manual_seed(seed)
     dev = torch.device(device)
     dtype = torch.float32 if dev.type == "cpu" else torch.bfloat16
-    model = Flux(cfg).to(dev, dtype).requires_grad_(False).eval()
+    with torch.device("meta"):  # no fp32 init of 12B weights: allocate in place on the device, then fill
+        model = Flux(cfg)
+    model = randomize_parameters_(model.to(dtype).to_empty(device=dev), seed).requires_grad_(False).eval()
     img = sampling.pack(sampling.get_noise(1, height, width, seed=seed, dtype=dtype, device=dev))
     img_ids = sampling.prepare_img_ids(1, height, width, device=dev)
     txt = torch.randn(1, txt_len, cfg.context_in_dim, dtype=dtype, device=dev)

@@ -50,10 +50,16 @@ def sqnr_db(out: Tensor, ref: Tensor) -> float:
 @torch.no_grad()
 def randomize_parameters_(module: nn.Module, seed: int, bias_std: float = 0.1) -> nn.Module:
     """Fill every parameter with fresh random values (never zeros, never the identity-like default inits):
-    matrices ~ N(0, 1/fan_in), vectors ~ N(0, bias_std), norm scales ~ 1 + N(0, 0.2)."""
-    gen = torch.Generator("cpu").manual_seed(seed)
+    matrices ~ N(0, 1/fan_in), vectors ~ N(0, bias_std), norm scales ~ 1 + N(0, 0.2).
+
+    Drawn on each parameter's own device (fast for a 12B model on a GPU); a seed gives the same values on
+    the same device type only.
+    """
+    generators: dict[torch.device, torch.Generator] = {}
     for name, p in module.named_parameters():
-        noise = torch.randn(p.shape, generator=gen, dtype=torch.float32)
+        if p.device not in generators:
+            generators[p.device] = torch.Generator(p.device).manual_seed(seed)
+        noise = torch.randn(p.shape, generator=generators[p.device], dtype=torch.float32, device=p.device)
         if p.ndim >= 2:
             value = noise / math.sqrt(p.shape[1])
         elif "norm" in name:
