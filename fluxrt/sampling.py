@@ -7,6 +7,7 @@ numpy) and the Euler update runs in fp32 whatever the model dtype, so latents ar
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable, Sequence
 
 import torch
@@ -36,8 +37,8 @@ def get_noise(
     """
     rows, cols = latent_grid(height, width)
     shape = (LATENT_CHANNELS, 2 * rows, 2 * cols)
-    if isinstance(seed, int):
-        gen = torch.Generator("cpu").manual_seed(seed)
+    if isinstance(seed, numbers.Integral):
+        gen = torch.Generator("cpu").manual_seed(int(seed))
         noise = torch.randn(num_samples, *shape, generator=gen, dtype=torch.float32)
     else:
         if len(seed) != num_samples:
