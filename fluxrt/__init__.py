@@ -1,9 +1,30 @@
 """fluxrt: a fast, exact inference runtime for FLUX.1 (see DESIGN.md for the architecture and API contract)."""
 
-from . import reference, sampling
-from .config import FluxConfig
-from .convert import CheckpointError, bfl_to_diffusers, diffusers_to_bfl
-from .loading import load_transformer
+import importlib.util as _importlib_util
+import sys as _sys
+from pathlib import Path as _Path
+
+
+def _find_source_kernels() -> None:
+    # kernels/ sits at the repository root and is installed as fluxrt.kernels (DESIGN.md §2). Installs (editable
+    # too) resolve it from the package metadata; a source checkout used through PYTHONPATH, as on a GPU box with
+    # its own torch and no network, has no install step, so map ../kernels here. Its __init__ imports nothing.
+    kernels = _Path(__file__).resolve().parent.parent / "kernels"
+    if _importlib_util.find_spec(f"{__name__}.kernels") is None and (kernels / "__init__.py").is_file():
+        spec = _importlib_util.spec_from_file_location(
+            f"{__name__}.kernels", kernels / "__init__.py", submodule_search_locations=[str(kernels)]
+        )
+        module = _importlib_util.module_from_spec(spec)
+        _sys.modules[spec.name] = module
+        spec.loader.exec_module(module)
+
+
+_find_source_kernels()
+
+from . import reference, sampling  # noqa: E402
+from .config import FluxConfig  # noqa: E402
+from .convert import CheckpointError, bfl_to_diffusers, diffusers_to_bfl  # noqa: E402
+from .loading import load_transformer  # noqa: E402
 
 __version__ = "0.1.0"
 

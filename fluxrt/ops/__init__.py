@@ -1,0 +1,12 @@
+"""fluxrt.ops: the one door from the runtime into kernels/ and csrc/ (DESIGN.md §2).
+
+Every op is a torch.library custom op (schema + fake, so torch.compile traces it without graph breaks) taking
+`backend="auto" | "triton" | "torch"`; see _backend.py for what each means. Kernel modules (and triton) are
+imported on first use, not by `import fluxrt`.
+"""
+
+from ._backend import BACKENDS
+from .modulated_norm import gated_residual, gated_residual_norm, modulated_layer_norm
+from .rope_qk_norm import rope_qk_norm, rope_qk_norm_joint
+
+__all__ = ["BACKENDS", "gated_residual", "gated_residual_norm", "modulated_layer_norm", "rope_qk_norm", "rope_qk_norm_joint"]

@@ -1,0 +1,54 @@
+"""torch.library ops for kernels/rope_qk_norm.py: QK-RMSNorm + RoPE into attention layout [3, B, H, L, D].
+
+Inference only: no autograd formula is registered (a backward through these ops raises).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ._backend import kernel_module, use_triton
+
+
+def _kernels():
+    return kernel_module("rope_qk_norm")
+
+
+def _fake_out(qkv: Tensor, num_heads: int, seq: int) -> Tensor:
+    head_dim = qkv.shape[-1] // (3 * num_heads)
+    return torch.empty(3, qkv.shape[0], num_heads, seq, head_dim, dtype=qkv.dtype, device=qkv.device)
+
+
+@torch.library.custom_op("fluxrt::rope_qk_norm", mutates_args=())
+def rope_qk_norm(qkv: Tensor, q_scale: Tensor, k_scale: Tensor, cos: Tensor, sin: Tensor, num_heads: int,
+                 eps: float = 1e-6, backend: str = "auto") -> Tensor:
+    """qkv [B, L, 3*H*D] (a column slice of a wider tensor is fine) -> [3, B, H, L, D] = rope(rms(q)), rope(rms(k)), v."""
+    k = _kernels()
+    if use_triton(backend, qkv, k):
+        return k.rope_qk_norm(qkv, q_scale, k_scale, cos, sin, num_heads, eps)
+    return k.rope_qk_norm_ref(qkv, q_scale, k_scale, cos, sin, num_heads, eps).contiguous()
+
+
+@rope_qk_norm.register_fake
+def _(qkv, q_scale, k_scale, cos, sin, num_heads, eps=1e-6, backend="auto"):
+    return _fake_out(qkv, num_heads, qkv.shape[1])
+
+
+@torch.library.custom_op("fluxrt::rope_qk_norm_joint", mutates_args=())
+def rope_qk_norm_joint(txt_qkv: Tensor, img_qkv: Tensor, txt_q_scale: Tensor, txt_k_scale: Tensor,
+                       img_q_scale: Tensor, img_k_scale: Tensor, cos: Tensor, sin: Tensor, num_heads: int,
+                       eps: float = 1e-6, backend: str = "auto") -> Tensor:
+    """Both streams of a double block into one joint [3, B, H, T+L, D] buffer (txt rows first), no concat."""
+    k = _kernels()
+    if use_triton(backend, txt_qkv, k):
+        return k.rope_qk_norm_joint(txt_qkv, img_qkv, txt_q_scale, txt_k_scale, img_q_scale, img_k_scale,
+                                    cos, sin, num_heads, eps)
+    return k.rope_qk_norm_joint_ref(txt_qkv, img_qkv, txt_q_scale, txt_k_scale, img_q_scale, img_k_scale,
+                                    cos, sin, num_heads, eps).contiguous()
+
+
+@rope_qk_norm_joint.register_fake
+def _(txt_qkv, img_qkv, txt_q_scale, txt_k_scale, img_q_scale, img_k_scale, cos, sin, num_heads, eps=1e-6,
+      backend="auto"):
+    return _fake_out(txt_qkv, num_heads, txt_qkv.shape[1] + img_qkv.shape[1])
