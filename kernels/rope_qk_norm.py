@@ -5,7 +5,7 @@
 qkv needs only a contiguous last dim, so the single block's qkv columns are read in place from linear1's
 output [B, L, 3*H*D + mlp] (no split copy). For double blocks, rope_qk_norm_joint writes the txt and img
 streams (each with its own norm scales) into one [3, B, H, T+L, D] buffer at their row offsets, so no concat
-follows. RoPE rotates interleaved pairs (x[2j], x[2j+1]) by per-token angles given as cos, sin [B|1, L, D/2].
+follows (one launch covers both streams). RoPE rotates interleaved pairs (x[2j], x[2j+1]) by per-token angles given as cos, sin [B|1, L, D/2].
 
 Numerics mirror fluxrt.reference bit for bit in intent (BFL's cast order): RMS statistics in fp32, the
 normalised value rounded to the activation dtype, multiplied by the scale and rounded again, then rotated in
@@ -81,33 +81,41 @@ def _norm_rope(src, partner_src, scale_ptr, d, cos, sin, eps, HEAD_DIM: tl.const
 
 @triton.jit
 def _rope_qk_norm_kernel(
-    QKV, Q_SCALE, K_SCALE, COS, SIN, OUT,
-    L, H, seq_offset,
-    stride_qkv_b, stride_qkv_l, stride_cos_b, stride_cos_l, stride_sin_b, stride_sin_l,
+    TXT, IMG, TXT_Q_SCALE, TXT_K_SCALE, IMG_Q_SCALE, IMG_K_SCALE, COS, SIN, OUT,
+    T, S, H,
+    stride_txt_b, stride_txt_l, stride_img_b, stride_img_l, stride_cos_b, stride_cos_l, stride_sin_b, stride_sin_l,
     stride_out_k, stride_out_b, stride_out_h, stride_out_l,
     eps,
     HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
+    # One launch for both streams: joint rows s < T come from TXT (with the txt norm scales), the rest from IMG.
     row = tl.program_id(0)
-    b = row // L
-    l = row % L
+    b = row // S
+    s = row % S
+    if s < T:
+        src = TXT + b * stride_txt_b + s * stride_txt_l
+        q_scale = TXT_Q_SCALE
+        k_scale = TXT_K_SCALE
+    else:
+        src = IMG + b * stride_img_b + (s - T) * stride_img_l
+        q_scale = IMG_Q_SCALE
+        k_scale = IMG_K_SCALE
     heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     d = tl.arange(0, HEAD_DIM)
     mask = (heads < H)[:, None]
     cols = heads[:, None] * HEAD_DIM + d[None, :]
     partner = heads[:, None] * HEAD_DIM + (d ^ 1)[None, :]
-    src = QKV + b * stride_qkv_b + l * stride_qkv_l
-    dst = OUT + b * stride_out_b + heads[:, None] * stride_out_h + (seq_offset + l) * stride_out_l + d[None, :]
+    dst = OUT + b * stride_out_b + heads[:, None] * stride_out_h + s * stride_out_l + d[None, :]
     dtype = OUT.dtype.element_ty
-    cos = tl.load(COS + b * stride_cos_b + l * stride_cos_l + d // 2)
-    sin = tl.load(SIN + b * stride_sin_b + l * stride_sin_l + d // 2)
+    cos = tl.load(COS + b * stride_cos_b + s * stride_cos_l + d // 2)
+    sin = tl.load(SIN + b * stride_sin_b + s * stride_sin_l + d // 2)
     hd = H * HEAD_DIM
 
     q = _norm_rope(tl.load(src + cols, mask=mask, other=0.0), tl.load(src + partner, mask=mask, other=0.0),
-                   Q_SCALE, d, cos, sin, eps, HEAD_DIM, dtype)
+                   q_scale, d, cos, sin, eps, HEAD_DIM, dtype)
     tl.store(dst, q.to(dtype), mask=mask)
     k = _norm_rope(tl.load(src + hd + cols, mask=mask, other=0.0), tl.load(src + hd + partner, mask=mask, other=0.0),
-                   K_SCALE, d, cos, sin, eps, HEAD_DIM, dtype)
+                   k_scale, d, cos, sin, eps, HEAD_DIM, dtype)
     tl.store(dst + stride_out_k, k.to(dtype), mask=mask)
     v = tl.load(src + 2 * hd + cols, mask=mask, other=0.0)
     tl.store(dst + 2 * stride_out_k, v.to(dtype), mask=mask)
@@ -140,21 +148,25 @@ def _check(qkv: Tensor, q_scale: Tensor, k_scale: Tensor, cos: Tensor, sin: Tens
     return head_dim
 
 
-def _launch(qkv, q_scale, k_scale, cos, sin, num_heads, out, seq_offset, eps):
-    B, L, _ = qkv.shape
+def _launch(txt, img, txt_scales, img_scales, cos, sin, num_heads, out, eps):
+    """txt may be None (single stream); otherwise its T rows come first in out and in cos/sin."""
+    T = 0 if txt is None else txt.shape[1]
+    txt, txt_scales = (img, img_scales) if txt is None else (txt, txt_scales)
+    B, S = out.shape[1], out.shape[3]
     head_dim = out.shape[-1]
     batch_stride = lambda t: t.stride(0) if t.shape[0] > 1 else 0  # noqa: E731 (cos/sin broadcast over batch)
     args = (
-        qkv, q_scale, k_scale, cos, sin, out, L, num_heads, seq_offset,
-        qkv.stride(0), qkv.stride(1), batch_stride(cos), cos.stride(1), batch_stride(sin), sin.stride(1),
+        txt, img, *txt_scales, *img_scales, cos, sin, out, T, S, num_heads,
+        txt.stride(0), txt.stride(1), img.stride(0), img.stride(1),
+        batch_stride(cos), cos.stride(1), batch_stride(sin), sin.stride(1),
         out.stride(0), out.stride(1), out.stride(2), out.stride(3), eps,
     )
-    if qkv.is_cuda:
-        grid = lambda meta: (B * L, triton.cdiv(num_heads, meta["BLOCK_H"]))  # noqa: E731
+    if img.is_cuda:
+        grid = lambda meta: (B * S, triton.cdiv(num_heads, meta["BLOCK_H"]))  # noqa: E731
         _rope_qk_norm_tuned[grid](*args, HEAD_DIM=head_dim)
     else:  # Triton's interpreter: one fixed config
         block_h = min(4, triton.next_power_of_2(num_heads))
-        _rope_qk_norm_kernel[(B * L, triton.cdiv(num_heads, block_h))](*args, HEAD_DIM=head_dim, BLOCK_H=block_h)
+        _rope_qk_norm_kernel[(B * S, triton.cdiv(num_heads, block_h))](*args, HEAD_DIM=head_dim, BLOCK_H=block_h)
 
 
 def _output(out: Tensor | None, shape: tuple[int, ...], like: Tensor) -> Tensor:
@@ -171,7 +183,7 @@ def rope_qk_norm(qkv: Tensor, q_scale: Tensor, k_scale: Tensor, cos: Tensor, sin
     head_dim = _check(qkv, q_scale, k_scale, cos, sin, num_heads)
     B, L, _ = qkv.shape
     out = _output(out, (3, B, num_heads, L, head_dim), qkv)
-    _launch(qkv, q_scale, k_scale, cos, sin, num_heads, out, 0, eps)
+    _launch(None, qkv, None, (q_scale, k_scale), cos, sin, num_heads, out, eps)
     return out
 
 
@@ -186,6 +198,5 @@ def rope_qk_norm_joint(txt_qkv, img_qkv, txt_q_scale, txt_k_scale, img_q_scale, 
     head_dim = _check(txt_qkv, txt_q_scale, txt_k_scale, cos[:, :T], sin[:, :T], num_heads)
     _check(img_qkv, img_q_scale, img_k_scale, cos[:, T:], sin[:, T:], num_heads)
     out = _output(out, (3, txt_qkv.shape[0], num_heads, T + L, head_dim), txt_qkv)
-    _launch(txt_qkv, txt_q_scale, txt_k_scale, cos[:, :T], sin[:, :T], num_heads, out, 0, eps)
-    _launch(img_qkv, img_q_scale, img_k_scale, cos[:, T:], sin[:, T:], num_heads, out, T, eps)
+    _launch(txt_qkv, img_qkv, (txt_q_scale, txt_k_scale), (img_q_scale, img_k_scale), cos, sin, num_heads, out, eps)
     return out

@@ -10,6 +10,7 @@ from fluxrt.testing import randomize_parameters_, rel_error
 from fluxrt.transformer import double_block_forward, single_block_forward
 
 CFG = FluxConfig.preset("tiny")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: Triton runs in its interpreter
 
 
 def inputs(B=2, T=7, height=48, width=80, seed=0):
@@ -20,13 +21,13 @@ def inputs(B=2, T=7, height=48, width=80, seed=0):
     img = torch.randn(B, L, CFG.hidden_size, generator=gen)
     txt = torch.randn(B, T, CFG.hidden_size, generator=gen)
     vec = torch.randn(B, CFG.hidden_size, generator=gen)
-    return img, txt, vec, pe
+    return img.to(DEVICE), txt.to(DEVICE), vec.to(DEVICE), pe.to(DEVICE)
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 @torch.no_grad()
 def test_double_block(backend):
-    block = randomize_parameters_(DoubleStreamBlock(CFG.hidden_size, CFG.num_heads, CFG.mlp_ratio, True), seed=1)
+    block = randomize_parameters_(DoubleStreamBlock(CFG.hidden_size, CFG.num_heads, CFG.mlp_ratio, True), seed=1).to(DEVICE)
     img, txt, vec, pe = inputs(seed=2)
     expected_img, expected_txt = block(img, txt, vec, pe)
     out_img, out_txt = double_block_forward(block, img, txt, vec, *rope_cos_sin(pe), backend=backend)
@@ -36,7 +37,7 @@ def test_double_block(backend):
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 @torch.no_grad()
 def test_single_block(backend):
-    block = randomize_parameters_(SingleStreamBlock(CFG.hidden_size, CFG.num_heads, CFG.mlp_ratio), seed=3)
+    block = randomize_parameters_(SingleStreamBlock(CFG.hidden_size, CFG.num_heads, CFG.mlp_ratio), seed=3).to(DEVICE)
     img, txt, vec, pe = inputs(seed=4)
     x = torch.cat([txt, img], 1)
     expected = block(x, vec, pe)
