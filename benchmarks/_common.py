@@ -8,6 +8,7 @@ benchmarks/results/<name>.json and .md, with the GPU, versions, commit, date and
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -36,6 +37,9 @@ def gpu_slug(name: str | None = None) -> str:
 
 
 def _git_commit() -> str:
+    """HEAD (+dirty), or $FLUXRT_COMMIT where the tree has no .git (the lent GPU box gets a plain copy)."""
+    if os.environ.get("FLUXRT_COMMIT"):
+        return os.environ["FLUXRT_COMMIT"]
     try:
         run = lambda *a: subprocess.run(["git", *a], cwd=REPO, capture_output=True, text=True, timeout=10, check=True)
         commit = run("rev-parse", "--short", "HEAD").stdout.strip()
