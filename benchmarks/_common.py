@@ -170,7 +170,8 @@ def write_results(name: str, rows: list[dict], meta: dict) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{name}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
     labels = {"gpu": "GPU", "torch": "torch", "cuda": "CUDA", "triton": "triton", "commit": "commit",
-              "date": "date (UTC)", "copy_gbps": "measured copy bandwidth (GB/s, read + write)"}
+              "date": "date (UTC)", "copy_gbps": "measured copy bandwidth (GB/s, read + write)",
+              "matmul_bf16_tflops": "measured bf16 matmul rate (TFLOP/s, 8192³)"}
     head = [f"# {name}", ""] + [f"- {labels.get(k, k)}: {_fmt(v)}" for k, v in meta.items()]
     table = markdown_table(rows)
     (RESULTS / f"{name}.md").write_text("\n".join(head) + "\n\n" + table + "\n")

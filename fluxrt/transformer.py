@@ -1,8 +1,8 @@
 """The accelerated FLUX transformer, built from fluxrt.ops only (DESIGN.md §2).
 
-So far: the double and single block forwards rewired onto the fused norm / residual / rope ops, reading the
-weights of a fluxrt.reference block. Attention is still torch SDPA plus a transpose copy (the joint attention
-kernel removes it), and the linears are plain (the FP8 issue). fluxrt.compile assembles these into a model.
+So far: the double and single block forwards rewired onto the fused norm / residual / rope / attention ops,
+reading the weights of a fluxrt.reference block. The linears are plain (the FP8 issue). fluxrt.compile
+assembles these into a model.
 
 cos, sin: the RoPE table of the joint sequence, [B|1, T+L, head_dim/2] fp32 (fluxrt.kernels.rope_qk_norm.rope_cos_sin).
 """
@@ -10,17 +10,15 @@ cos, sin: the RoPE table of the joint sequence, [B|1, T+L, head_dim/2] fp32 (flu
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
-from einops import rearrange
 from torch import Tensor
 
 from . import ops
 from .reference.model import DoubleStreamBlock, SingleStreamBlock
 
 
-def _attention(qkv: Tensor) -> Tensor:
-    """[3, B, H, S, D] -> [B, S, H*D]."""
-    return rearrange(F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2]), "B H L D -> B L (H D)")
+def _attention(qkv: Tensor, backend: str) -> Tensor:
+    """[3, B, H, S, D] as rope_qk_norm writes it -> [B, S, H*D] as the projection reads it (no transpose copy)."""
+    return ops.joint_attention(qkv[0], qkv[1], qkv[2], backend=backend)
 
 
 def double_block_forward(block: DoubleStreamBlock, img: Tensor, txt: Tensor, vec: Tensor, cos: Tensor, sin: Tensor,
@@ -35,7 +33,7 @@ def double_block_forward(block: DoubleStreamBlock, img: Tensor, txt: Tensor, vec
         txt_norm.query_norm.scale, txt_norm.key_norm.scale, img_norm.query_norm.scale, img_norm.key_norm.scale,
         cos, sin, block.num_heads, backend=backend,
     )
-    attn = _attention(qkv)
+    attn = _attention(qkv, backend)
     txt_attn, img_attn = attn[:, : txt.shape[1]], attn[:, txt.shape[1] :]
 
     img, img_x = ops.gated_residual_norm(img, img_mod1.gate, block.img_attn.proj(img_attn), img_mod2.scale,
@@ -55,5 +53,5 @@ def single_block_forward(block: SingleStreamBlock, x: Tensor, vec: Tensor, cos: 
     qkv = ops.rope_qk_norm(hidden[..., : 3 * block.hidden_size], block.norm.query_norm.scale,
                            block.norm.key_norm.scale, cos, sin, block.num_heads, backend=backend)
     mlp = block.mlp_act(hidden[..., 3 * block.hidden_size :])
-    out = block.linear2(torch.cat((_attention(qkv), mlp), dim=2))
+    out = block.linear2(torch.cat((_attention(qkv, backend), mlp), dim=2))
     return ops.gated_residual(x, mod.gate, out, backend=backend)

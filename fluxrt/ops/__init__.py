@@ -6,7 +6,16 @@ imported on first use, not by `import fluxrt`.
 """
 
 from ._backend import BACKENDS
+from .joint_attention import joint_attention
 from .modulated_norm import gated_residual, gated_residual_norm, modulated_layer_norm
 from .rope_qk_norm import rope_qk_norm, rope_qk_norm_joint
 
-__all__ = ["BACKENDS", "gated_residual", "gated_residual_norm", "modulated_layer_norm", "rope_qk_norm", "rope_qk_norm_joint"]
+__all__ = [
+    "BACKENDS",
+    "gated_residual",
+    "gated_residual_norm",
+    "joint_attention",
+    "modulated_layer_norm",
+    "rope_qk_norm",
+    "rope_qk_norm_joint",
+]
