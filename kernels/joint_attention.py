@@ -106,18 +106,15 @@ def _joint_attention_kernel(
     tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=rows_ok)
 
 
-def _keep(config: triton.Config) -> bool:
-    # 8 warps only pay off on 128x128 tiles (Triton tutorial's observation on Hopper)
-    return config.num_warps == 4 or config.kwargs["BLOCK_M"] * config.kwargs["BLOCK_N"] >= 128 * 128
-
-
+# Hopper-oriented search space, kept small (each config is a compile): 128-row query tiles, 64/128-wide K/V
+# tiles, 2-4 stages; 8 warps only on 128x128 tiles. One 64x64 config for short sequences.
 _CONFIGS = [
-    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_stages=s, num_warps=w)
-    for bm in (64, 128) for bn in (32, 64, 128) for s in (2, 3, 4) for w in (4, 8)
-]
-_joint_attention_tuned = triton.autotune([c for c in _CONFIGS if _keep(c)], key=["S_BUCKET", "HEAD_DIM"])(
-    _joint_attention_kernel
-)
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": bn}, num_stages=s, num_warps=w)
+    for bn in (64, 128) for s in (2, 3, 4) for w in (4, 8) if w == 4 or bn == 128
+] + [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_stages=3, num_warps=4)]
+_joint_attention_tuned = triton.autotune(_CONFIGS, key=["S_BUCKET", "HEAD_DIM"])(_joint_attention_kernel)
+# fp32 (tests and debugging only; FLUX runs bf16/fp16): one modest config, exact "ieee" dots, no tuning.
+_FP32_CONFIG = dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2)
 
 
 def joint_attention(q: Tensor, k: Tensor, v: Tensor, out: Tensor | None = None) -> Tensor:
@@ -143,9 +140,12 @@ def joint_attention(q: Tensor, k: Tensor, v: Tensor, out: Tensor | None = None) 
         triton.next_power_of_2(S),
     )
     precision = "ieee" if q.dtype == torch.float32 else "tf32"  # fp32 stays fp32; 16-bit dots ignore it
-    if q.is_cuda:
+    if q.is_cuda and q.dtype != torch.float32:
         grid = lambda meta: (triton.cdiv(S, meta["BLOCK_M"]), B * H)  # noqa: E731
         _joint_attention_tuned[grid](*args, HEAD_DIM=D, DOT_PRECISION=precision)
+    elif q.is_cuda:
+        grid = (triton.cdiv(S, _FP32_CONFIG["BLOCK_M"]), B * H)
+        _joint_attention_kernel[grid](*args, HEAD_DIM=D, DOT_PRECISION=precision, **_FP32_CONFIG)
     else:  # Triton's interpreter: one fixed config
         _joint_attention_kernel[(triton.cdiv(S, 32), B * H)](*args, HEAD_DIM=D, BLOCK_M=32, BLOCK_N=16,
                                                               DOT_PRECISION=precision)
