@@ -4,7 +4,8 @@ B = 1, H = 24 heads of D = 128, bf16, non-causal, no mask; S = 4352 (schnell 102
 4608 (dev 1024², 512 text), 8704 (2048x1024) and 16896 (2048²). TFLOP/s counts 4·B·H·S²·D (two matmuls);
 the fraction is of this GPU's measured bf16 matmul rate (8192³ torch.matmul, random data). Our kernel also
 writes [B, S, H*D] (the projection's layout); SDPA writes [B, H, S, D] and would need a transpose copy after,
-which is not counted against it. Before timing, the kernel must pass DESIGN.md §4's rule against the fp32
+which is not counted against it. The FP8 path (e4m3 q, k, v with per-(batch, head) scales; quantization
+not timed) is reported with its SQNR against the fp32 reference and against the bf16 kernel. Before timing, the kernel must pass DESIGN.md §4's rule against the fp32
 reference (max error <= 2 x SDPA-bf16's + 1e-2). Median of triton.testing.do_bench.
 
     python benchmarks/bench_joint_attention.py [--seq 4352 4608 8704 16896]
@@ -37,7 +38,7 @@ def main() -> None:
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     from fluxrt.kernels import joint_attention as ja
-    from fluxrt.testing import assert_within_rule
+    from fluxrt.testing import assert_within_rule, sqnr_db
 
     meta = {**_common.gpu_info(), "matmul_bf16_tflops": measure_matmul_tflops()}
     backends = {"sdpa_flash": SDPBackend.FLASH_ATTENTION, "sdpa_cudnn": SDPBackend.CUDNN_ATTENTION,
@@ -52,8 +53,13 @@ def main() -> None:
         out = ja.joint_attention(q, k, v)
         assert_within_rule(out, ja.sdpa_attention(q, k, v), truth, atol=1e-2, what=f"fluxrt attention S={S}")
         row["max_err_fluxrt"] = (out.float() - truth).abs().max().item()
-        del truth, out
+        fp8_args = ja.quantize_qkv_fp8(q, k, v)
+        out8 = ja.joint_attention_fp8(*fp8_args)
+        row["fp8_sqnr_db_vs_fp32"] = sqnr_db(out8, truth)
+        row["fp8_sqnr_db_vs_bf16"] = sqnr_db(out8, out)
+        del truth, out, out8
         times = {"fluxrt": _common.bench(lambda: ja.joint_attention(q, k, v))}
+        fp8_ms = _common.bench(lambda: ja.joint_attention_fp8(*fp8_args))  # quantization not included
         for name, backend in backends.items():
             try:
                 with sdpa_kernel(backend):
@@ -64,6 +70,8 @@ def main() -> None:
         for name, ms in times.items():
             row[f"{name}_ms"] = ms
             row[f"{name}_TFLOP/s"] = flops / (ms * 1e-3) / 1e12
+        row["fluxrt_fp8_ms"] = fp8_ms
+        row["fluxrt_fp8_TFLOP/s"] = flops / (fp8_ms * 1e-3) / 1e12
         best = min((ms, name) for name, ms in times.items() if name != "fluxrt")
         row["best_sdpa"] = best[1]
         row["fluxrt_vs_best_sdpa"] = best[0] / times["fluxrt"]

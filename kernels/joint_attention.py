@@ -10,6 +10,9 @@ Design: one program per (BLOCK_M query rows, batch*head); consecutive programs s
 in L2. The K/V loop runs unmasked over full blocks and once masked over the tail (any S works, no padding
 copies). Block shapes, warps and pipeline stages are autotuned on the GPU, keyed by head_dim, dtype and a
 power-of-two bucket of S (never the exact length: new resolutions must not re-tune).
+
+FP8 variant (joint_attention_fp8, off by default): e4m3 q, k, v with per-(batch, head) scales, fp32 scores,
+softmax and accumulator; the probabilities are scaled by 448 into e4m3 for the P·V product.
 """
 
 from __future__ import annotations
@@ -49,7 +52,7 @@ def sdpa_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
 
 @triton.jit
 def _online_softmax_step(acc, l_i, m_i, q, k, v, qk_scale, mask_cols, n_valid, offs_n,
-                         DOT_PRECISION: tl.constexpr):
+                         DOT_PRECISION: tl.constexpr, IS_FP8: tl.constexpr):
     qk = tl.dot(q, k, input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N], fp32
     qk = qk * qk_scale  # in log2 units: scale * log2(e)
     if mask_cols:
@@ -59,18 +62,22 @@ def _online_softmax_step(acc, l_i, m_i, q, k, v, qk_scale, mask_cols, n_valid, o
     alpha = tl.math.exp2(m_i - m_ij)
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None]
-    acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
+    if IS_FP8:  # p in (0, 1] scaled by 448 onto e4m3's range; the epilogue divides it back out
+        acc = tl.dot((p * 448.0).to(v.dtype), v, acc)
+    else:
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
     return acc, l_i, m_ij
 
 
 @triton.jit
 def _joint_attention_kernel(
-    Q, K, V, OUT,
+    Q, K, V, OUT, Q_SCALE, K_SCALE, V_SCALE,
     qk_scale, S, H,
-    stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
+    stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs, stride_vd,
     stride_ob, stride_os,
     S_BUCKET,  # autotune key only
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    IS_FP8: tl.constexpr,
 ):
     start_m = tl.program_id(0)
     bh = tl.program_id(1)
@@ -83,7 +90,10 @@ def _joint_attention_kernel(
     q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qs + offs_d[None, :], mask=rows_ok,
                 other=0.0)
     kt_ptrs = K + b * stride_kb + h * stride_kh + offs_n[None, :] * stride_ks + offs_d[:, None]  # [D, BLOCK_N]
-    v_ptrs = V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vs + offs_d[None, :]  # [BLOCK_N, D]
+    # [BLOCK_N, D]; fp8 V is stored transposed ([B, H, D, S], stride_vs = 1): Hopper's fp8 MMA wants K-major B
+    v_ptrs = V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vs + offs_d[None, :] * stride_vd
+    if IS_FP8:  # per-(batch, head) dequantization scales of q and k fold into the score scale
+        qk_scale = qk_scale * tl.load(Q_SCALE + bh) * tl.load(K_SCALE + bh)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
@@ -92,16 +102,20 @@ def _joint_attention_kernel(
     for _ in range(0, n_full, BLOCK_N):
         k = tl.load(kt_ptrs)
         v = tl.load(v_ptrs)
-        acc, l_i, m_i = _online_softmax_step(acc, l_i, m_i, q, k, v, qk_scale, False, 0, offs_n, DOT_PRECISION)
+        acc, l_i, m_i = _online_softmax_step(acc, l_i, m_i, q, k, v, qk_scale, False, 0, offs_n, DOT_PRECISION,
+                                             IS_FP8)
         kt_ptrs += BLOCK_N * stride_ks
         v_ptrs += BLOCK_N * stride_vs
     if n_full < S:  # the tail block: masked loads, padded columns get -inf scores
         n_valid = S - n_full
         k = tl.load(kt_ptrs, mask=offs_n[None, :] < n_valid, other=0.0)
         v = tl.load(v_ptrs, mask=offs_n[:, None] < n_valid, other=0.0)
-        acc, l_i, m_i = _online_softmax_step(acc, l_i, m_i, q, k, v, qk_scale, True, n_valid, offs_n, DOT_PRECISION)
+        acc, l_i, m_i = _online_softmax_step(acc, l_i, m_i, q, k, v, qk_scale, True, n_valid, offs_n, DOT_PRECISION,
+                                             IS_FP8)
 
     out = acc / l_i[:, None]
+    if IS_FP8:
+        out = out * (tl.load(V_SCALE + bh) / 448.0)
     o_ptrs = OUT + b * stride_ob + h * HEAD_DIM + offs_m[:, None] * stride_os + offs_d[None, :]
     tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=rows_ok)
 
@@ -117,36 +131,88 @@ _joint_attention_tuned = triton.autotune(_CONFIGS, key=["S_BUCKET", "HEAD_DIM"])
 _FP32_CONFIG = dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2)
 
 
-def joint_attention(q: Tensor, k: Tensor, v: Tensor, out: Tensor | None = None) -> Tensor:
-    """Attention over the joint sequence; q, k, v [B, H, S, D] -> [B, S, H*D] (see the module docstring)."""
-    if q.ndim != 4 or k.shape != q.shape or v.shape != q.shape:
-        raise ValueError(f"q, k, v must all be [B, H, S, D], got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+def _output(out: Tensor | None, B: int, S: int, HD: int, dtype: torch.dtype, device) -> Tensor:
+    if out is None:
+        return torch.empty(B, S, HD, dtype=dtype, device=device)
+    if out.shape != (B, S, HD) or out.dtype != dtype or out.stride(-1) != 1 or out.stride(1) < HD:
+        raise ValueError(f"out must be [{B}, {S}, {HD}] {dtype} with a contiguous last dim")
+    return out
+
+
+def _launch(q, k, v, v_stride_s, v_stride_d, out, scales, is_fp8):
     B, H, S, D = q.shape
     if D not in HEAD_DIMS:
         raise ValueError(f"head_dim {D} is not supported by the Triton kernel (supported: {HEAD_DIMS}); "
                          "use backend='torch'")
+    dummy = out  # scale pointers are read only when IS_FP8
+    args = (
+        q, k, v, out, *(scales or (dummy, dummy, dummy)), LOG2E / math.sqrt(D), S, H,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v_stride_s, v_stride_d, out.stride(0), out.stride(1),
+        triton.next_power_of_2(S),
+    )
+    precision = "ieee" if q.dtype == torch.float32 else "tf32"  # fp32 stays fp32; 8/16-bit dots ignore it
+    if q.is_cuda and q.dtype != torch.float32:
+        grid = lambda meta: (triton.cdiv(S, meta["BLOCK_M"]), B * H)  # noqa: E731
+        _joint_attention_tuned[grid](*args, HEAD_DIM=D, DOT_PRECISION=precision, IS_FP8=is_fp8)
+    elif q.is_cuda:
+        grid = (triton.cdiv(S, _FP32_CONFIG["BLOCK_M"]), B * H)
+        _joint_attention_kernel[grid](*args, HEAD_DIM=D, DOT_PRECISION=precision, IS_FP8=False, **_FP32_CONFIG)
+    else:  # Triton's interpreter: one fixed config
+        _joint_attention_kernel[(triton.cdiv(S, 32), B * H)](*args, HEAD_DIM=D, BLOCK_M=32, BLOCK_N=16,
+                                                              DOT_PRECISION=precision, IS_FP8=is_fp8)
+    return out
+
+
+def joint_attention(q: Tensor, k: Tensor, v: Tensor, out: Tensor | None = None) -> Tensor:
+    """Attention over the joint sequence; q, k, v [B, H, S, D] -> [B, S, H*D] (see the module docstring)."""
+    if q.ndim != 4 or k.shape != q.shape or v.shape != q.shape:
+        raise ValueError(f"q, k, v must all be [B, H, S, D], got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32) or k.dtype != q.dtype or v.dtype != q.dtype:
         raise ValueError(f"q, k, v must share one of float16/bfloat16/float32, got {q.dtype}, {k.dtype}, {v.dtype}")
     if any(t.stride(-1) != 1 for t in (q, k, v)) or not (q.device == k.device == v.device):
         raise ValueError("q, k, v must be on one device with a contiguous last dim")
-    if out is None:
-        out = torch.empty(B, S, H * D, dtype=q.dtype, device=q.device)
-    elif out.shape != (B, S, H * D) or out.dtype != q.dtype or out.stride(-1) != 1 or out.stride(1) < H * D:
-        raise ValueError(f"out must be [{B}, {S}, {H * D}] {q.dtype} with a contiguous last dim")
-    args = (
-        q, k, v, out, LOG2E / math.sqrt(D), S, H,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1),
-        triton.next_power_of_2(S),
-    )
-    precision = "ieee" if q.dtype == torch.float32 else "tf32"  # fp32 stays fp32; 16-bit dots ignore it
-    if q.is_cuda and q.dtype != torch.float32:
-        grid = lambda meta: (triton.cdiv(S, meta["BLOCK_M"]), B * H)  # noqa: E731
-        _joint_attention_tuned[grid](*args, HEAD_DIM=D, DOT_PRECISION=precision)
-    elif q.is_cuda:
-        grid = (triton.cdiv(S, _FP32_CONFIG["BLOCK_M"]), B * H)
-        _joint_attention_kernel[grid](*args, HEAD_DIM=D, DOT_PRECISION=precision, **_FP32_CONFIG)
-    else:  # Triton's interpreter: one fixed config
-        _joint_attention_kernel[(triton.cdiv(S, 32), B * H)](*args, HEAD_DIM=D, BLOCK_M=32, BLOCK_N=16,
-                                                              DOT_PRECISION=precision)
-    return out
+    B, H, S, D = q.shape
+    out = _output(out, B, S, H * D, q.dtype, q.device)
+    return _launch(q, k, v, v.stride(2), 1, out, None, is_fp8=False)
+
+
+# ---- FP8 (e4m3) attention: off by default; selectable on GPUs with fp8 tensor cores (sm_89+) ----
+
+
+def quantize_qkv_fp8(q: Tensor, k: Tensor, v: Tensor):
+    """Per-(batch, head) absmax e4m3 quantization: returns q8, k8 [B, H, S, D], vt8 [B, H, D, S] (V transposed
+    for Hopper's fp8 MMA) and the fp32 dequantization scales q_scale, k_scale, v_scale [B, H]."""
+    def quantize(x: Tensor):
+        scale = (x.float().abs().amax(dim=(2, 3)) / 448.0).clamp_min(1e-12)
+        return (x.float() / scale[:, :, None, None]).to(torch.float8_e4m3fn), scale
+
+    (q8, qs), (k8, ks), (v8, vs) = quantize(q), quantize(k), quantize(v)
+    return q8, k8, v8.transpose(2, 3).contiguous(), qs, ks, vs
+
+
+def joint_attention_fp8_ref(q8, k8, vt8, q_scale, k_scale, v_scale, out_dtype=torch.bfloat16) -> Tensor:
+    """The fp32 reference of the fp8 path: dequantize, then joint_attention_ref."""
+    deq = lambda x, s: x.float() * s[:, :, None, None]  # noqa: E731
+    return joint_attention_ref(deq(q8, q_scale), deq(k8, k_scale), deq(vt8.transpose(2, 3), v_scale)).to(out_dtype)
+
+
+def joint_attention_fp8(q8: Tensor, k8: Tensor, vt8: Tensor, q_scale: Tensor, k_scale: Tensor, v_scale: Tensor,
+                        out_dtype: torch.dtype = torch.bfloat16, out: Tensor | None = None) -> Tensor:
+    """FP8 attention (inputs from quantize_qkv_fp8), fp32 softmax and accumulation -> [B, S, H*D] out_dtype."""
+    if q8.ndim != 4 or k8.shape != q8.shape or vt8.shape != (*q8.shape[:2], q8.shape[3], q8.shape[2]):
+        raise ValueError(f"expected q8, k8 [B, H, S, D] and vt8 [B, H, D, S], got {tuple(q8.shape)}, "
+                         f"{tuple(k8.shape)}, {tuple(vt8.shape)}")
+    if any(t.dtype != torch.float8_e4m3fn for t in (q8, k8, vt8)):
+        raise ValueError("q8, k8, vt8 must be float8_e4m3fn (use quantize_qkv_fp8)")
+    B, H, S, D = q8.shape
+    for name, sc in (("q_scale", q_scale), ("k_scale", k_scale), ("v_scale", v_scale)):
+        if sc.shape != (B, H) or sc.dtype != torch.float32 or not sc.is_contiguous():
+            raise ValueError(f"{name} must be a contiguous float32 [{B}, {H}] tensor")
+    if q8.is_cuda and torch.cuda.get_device_capability(q8.device) < (8, 9):
+        raise RuntimeError(f"FP8 attention needs fp8 tensor cores (sm_89+); "
+                           f"{torch.cuda.get_device_name(q8.device)} has none. Use the bf16 path.")
+    if any(t.stride(-1) != 1 for t in (q8, k8, vt8)):
+        raise ValueError("q8, k8, vt8 must have a contiguous last dim")
+    out = _output(out, B, S, H * D, out_dtype, q8.device)
+    return _launch(q8, k8, vt8, 1, vt8.stride(2), out, (q_scale, k_scale, v_scale), is_fp8=True)

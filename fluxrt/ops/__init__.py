@@ -6,7 +6,7 @@ imported on first use, not by `import fluxrt`.
 """
 
 from ._backend import BACKENDS
-from .joint_attention import joint_attention
+from .joint_attention import joint_attention, joint_attention_fp8
 from .modulated_norm import gated_residual, gated_residual_norm, modulated_layer_norm
 from .rope_qk_norm import rope_qk_norm, rope_qk_norm_joint
 
@@ -15,6 +15,7 @@ __all__ = [
     "gated_residual",
     "gated_residual_norm",
     "joint_attention",
+    "joint_attention_fp8",
     "modulated_layer_norm",
     "rope_qk_norm",
     "rope_qk_norm_joint",

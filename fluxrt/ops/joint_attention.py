@@ -25,3 +25,22 @@ def joint_attention(q: Tensor, k: Tensor, v: Tensor, backend: str = "auto") -> T
 def _(q, k, v, backend="auto"):
     B, H, S, D = q.shape
     return torch.empty(B, S, H * D, dtype=q.dtype, device=q.device)
+
+
+@torch.library.custom_op("fluxrt::joint_attention_fp8", mutates_args=())
+def joint_attention_fp8(q8: Tensor, k8: Tensor, vt8: Tensor, q_scale: Tensor, k_scale: Tensor, v_scale: Tensor,
+                        out_dtype: torch.dtype = torch.bfloat16, backend: str = "auto") -> Tensor:
+    """FP8 attention on quantize_qkv_fp8's outputs (q8, k8 [B, H, S, D], vt8 [B, H, D, S], scales [B, H]).
+
+    Off by default in fluxrt; the torch backend dequantizes and runs SDPA in out_dtype."""
+    kern = kernel_module("joint_attention")
+    if use_triton(backend, q8, kern):
+        return kern.joint_attention_fp8(q8, k8, vt8, q_scale, k_scale, v_scale, out_dtype)
+    deq = lambda x, s: (x.float() * s[:, :, None, None]).to(out_dtype)  # noqa: E731
+    return kern.sdpa_attention(deq(q8, q_scale), deq(k8, k_scale), deq(vt8.transpose(2, 3), v_scale)).contiguous()
+
+
+@joint_attention_fp8.register_fake
+def _(q8, k8, vt8, q_scale, k_scale, v_scale, out_dtype=torch.bfloat16, backend="auto"):
+    B, H, S, D = q8.shape
+    return torch.empty(B, S, H * D, dtype=out_dtype, device=q8.device)
