@@ -21,10 +21,11 @@ def _find_source_kernels() -> None:
 
 _find_source_kernels()
 
-from . import reference, sampling  # noqa: E402
+from . import quantize, reference, sampling  # noqa: E402
 from .config import FluxConfig  # noqa: E402
 from .convert import CheckpointError, bfl_to_diffusers, diffusers_to_bfl  # noqa: E402
 from .loading import load_transformer  # noqa: E402
+from .quantize import save_transformer  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -34,6 +35,8 @@ __all__ = [
     "bfl_to_diffusers",
     "diffusers_to_bfl",
     "load_transformer",
+    "quantize",
     "reference",
     "sampling",
+    "save_transformer",
 ]

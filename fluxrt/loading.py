@@ -5,7 +5,8 @@ Formats (detected from the keys, never from file names):
   diffusers              a transformer folder (config.json + shards + index) or one diffusers-named file
   Comfy all-in-one       BFL keys under model.diffusion_model.; VAE / text-encoder keys ignored and reported
   FP8 e4m3fn / e5m2      any of the above stored in fp8, with per-tensor or per-channel `scale_weight` /
-                         `weight_scale` when the file has them; upcast to `dtype` here (the FP8 issue keeps fp8)
+                         `weight_scale` when the file has them: e4m3fn linear weights in BFL naming stay FP8
+                         (fluxrt.quantize.FP8Linear), everything else is upcast to `dtype` (or all: fp8="upcast")
 
 Everything is checked before a byte of weights is read: the keys and shapes are converted as meta tensors,
 compared with a meta-device model, and any problem raises one CheckpointError. Then each tensor is read
@@ -217,17 +218,33 @@ def _check_against_model(model: torch.nn.Module, shapes: Mapping[str, tuple[int,
         )
 
 
+def _scale_vector(scale: Tensor, rows: int, key: str) -> Tensor:
+    """A file's fp8 scale (scalar, [1] or per-channel [N] / [N, 1]) as the fp32 [N] FP8Linear stores."""
+    scale = scale.float().reshape(-1)
+    if scale.numel() == 1:
+        return scale.expand(rows).clone()
+    if scale.numel() != rows:
+        raise CheckpointError(f"fp8 scale {key!r} has {scale.numel()} values for a weight of {rows} rows")
+    return scale
+
+
 def load_transformer(
     path: str | os.PathLike,
     config: FluxConfig | None = None,
     dtype: torch.dtype = torch.bfloat16,
     device: torch.device | str = "cpu",
+    fp8: str = "keep",
 ) -> Flux:
     """Load a FLUX.1 transformer (BFL file, diffusers folder/file, Comfy file, FP8 file) as a reference Flux.
 
-    The config is inferred from the checkpoint (config.json for diffusers folders, else the tensor shapes);
-    `config=` overrides it. The model is returned in eval mode with requires_grad off, on `device` in `dtype`.
+    The config comes from `config=`, else a fluxrt file's metadata, else config.json (diffusers folders),
+    else the tensor shapes. The model is returned in eval mode with requires_grad off, on `device`, with its
+    floating tensors in `dtype` — except fp8 e4m3fn linear weights of a BFL/Comfy-named file, which stay in
+    FP8 as fluxrt.quantize.FP8Linear layers (their scales from `*.scale_weight` / `*.weight_scale`, else 1)
+    unless fp8="upcast". fp8 weights in diffusers naming are always upcast.
     """
+    if fp8 not in ("keep", "upcast"):
+        raise ValueError(f"fp8 must be 'keep' or 'upcast', got {fp8!r}")
     device = torch.device(device)
     files, diffusers_config = _resolve(path)
     source = _Source(files, device)
@@ -254,15 +271,32 @@ def load_transformer(
     stray = sorted(set(scales) - set(keys))
     if stray:
         raise CheckpointError(f"fp8 scales without a weight: {[scales[k] for k in stray]}")
-    fp8 = [k for k in keys if source.dtype_name(prefix + k) in _FP8_DTYPES]
-    if fp8:
-        log.info("load_transformer: %d fp8 tensors (%d with scales) upcast to %s", len(fp8), len(scales), dtype)
+    fp8_keys = [k for k in keys if source.dtype_name(prefix + k) in _FP8_DTYPES]
+    # kept in FP8: e4m3fn matrices named like a Linear's weight, in BFL naming (fused q|k|v need no re-scaling)
+    kept = set() if fp8 == "upcast" or fmt == "diffusers" else {
+        k for k in fp8_keys
+        if k.endswith(".weight") and len(source.shape(prefix + k)) == 2 and source.dtype_name(prefix + k) == "F8_E4M3"
+    }
+    if fp8_keys:
+        log.info("load_transformer: %d fp8 tensors (%d with scales): %d kept in fp8, the rest upcast to %s",
+                 len(fp8_keys), len(scales), len(kept), dtype)
+    scale_keys = {k[: -len("weight")] + "weight_scale": k for k in kept}  # FP8Linear's scale -> its weight
 
     def meta(name: str) -> Tensor:
+        if name in scale_keys:
+            return torch.empty(source.shape(prefix + scale_keys[name])[0], device="meta")
         return torch.empty(source.shape(prefix + name), device="meta")
 
     def real(name: str) -> Tensor:
+        if name in scale_keys:
+            weight = scale_keys[name]
+            rows = source.shape(prefix + weight)[0]
+            if weight in scales:
+                return _scale_vector(source.read(scales[weight]), rows, scales[weight])
+            return torch.ones(rows, dtype=torch.float32, device=device)
         x = source.read(prefix + name)
+        if name in kept:
+            return x
         if name in scales:
             s = source.read(scales[name]).float()
             if s.ndim == 1 and s.numel() == x.shape[0] and x.ndim == 2:
@@ -270,16 +304,47 @@ def load_transformer(
             x = x.float() * s
         return x.to(dtype) if x.is_floating_point() else x
 
+    all_names = keys + list(scale_keys)
     convert = diffusers_to_bfl if fmt == "diffusers" else dict
-    shapes = {k: tuple(v.shape) for k, v in convert(_View(keys, meta)).items()}
+    shapes = {k: tuple(v.shape) for k, v in convert(_View(all_names, meta)).items()}
     if config is None:
-        config = FluxConfig.from_diffusers(diffusers_config) if diffusers_config else infer_config(shapes)
+        config = (_metadata_config(source) or
+                  (FluxConfig.from_diffusers(diffusers_config) if diffusers_config else infer_config(shapes)))
     with torch.device("meta"):
         model = Flux(config)
+        _swap_in_fp8_linears(model, kept, dtype)
     _check_against_model(model, shapes, fmt)
 
-    state_dict = convert(_View(keys, real))
+    state_dict = convert(_View(all_names, real))
     model.load_state_dict(state_dict, strict=True, assign=True)
     model.requires_grad_(False).eval()
     log.info("load_transformer: %s (%s format, %d files) -> %s", path, fmt, len(files), config)
     return model
+
+
+def _metadata_config(source: _Source) -> FluxConfig | None:
+    """The FluxConfig a fluxrt-written file carries in its safetensors metadata (save_transformer)."""
+    for handle in source.handles.values():
+        text = (handle.metadata() or {}).get("fluxrt_config")
+        if text:
+            try:
+                return FluxConfig(**json.loads(text))
+            except (TypeError, ValueError) as err:
+                raise CheckpointError(f"the file's fluxrt_config metadata is not a valid FluxConfig: {err}") from None
+    return None
+
+
+def _swap_in_fp8_linears(model: torch.nn.Module, weight_keys: set[str], bias_dtype: torch.dtype) -> None:
+    from .quantize import FP8Linear
+
+    for key in sorted(weight_keys):
+        name = key[: -len(".weight")]
+        try:
+            linear = model.get_submodule(name)
+        except AttributeError:
+            continue  # not a module of this model: the strict key check names it
+        if isinstance(linear, torch.nn.Linear):
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            setattr(parent, child, FP8Linear(linear.in_features, linear.out_features, linear.bias is not None,
+                                             bias_dtype=bias_dtype))

@@ -85,7 +85,7 @@ def test_comfy_all_in_one(tmp_path, model, inputs, caplog):
 
 
 @pytest.mark.parametrize("scaled", [False, True])
-def test_fp8_file_is_upcast(tmp_path, model, inputs, scaled):
+def test_fp8_file_upcast_on_request(tmp_path, model, inputs, scaled):
     sd, expected = {}, {}
     for k, v in model.state_dict().items():
         if v.ndim == 2:
@@ -102,7 +102,7 @@ def test_fp8_file_is_upcast(tmp_path, model, inputs, scaled):
     if scaled:
         sd["scaled_fp8"] = torch.empty(0, dtype=torch.float8_e4m3fn)
     save_file(sd, tmp_path / "flux-fp8.safetensors")
-    loaded = fluxrt.load_transformer(tmp_path / "flux-fp8.safetensors", dtype=torch.float32)
+    loaded = fluxrt.load_transformer(tmp_path / "flux-fp8.safetensors", dtype=torch.float32, fp8="upcast")
     for k, v in loaded.state_dict().items():
         torch.testing.assert_close(v, expected[k], atol=0, rtol=0, msg=k)
     # fp8 weights: the model output stays close to the full-precision one

@@ -1,0 +1,126 @@
+"""FP8 (e4m3fn) weight quantization of a FLUX transformer's linears: per-output-channel fp32 scales.
+
+    report = quantize(model)                  # in place: nn.Linear -> FP8Linear for the chosen layers
+    save_transformer(model, "flux-fp8.safetensors")   # fp8 weights + `<layer>.scale_weight` [N] fp32
+    fluxrt.load_transformer("flux-fp8.safetensors")    # the same model back, bit for bit
+
+FP8Linear holds `weight` [N, K] float8_e4m3fn and `weight_scale` [N] float32 and computes
+y = x @ (weight * weight_scale)^T + bias through fluxrt.ops.fp8_linear (weight-only: the weights are
+dequantized in registers). Its storage dtypes are the point: move a quantized model between devices freely,
+but do not call .to(dtype) on it (PyTorch would cast the fp8 weights and fp32 scales like any float tensor).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+
+import torch
+from safetensors.torch import save_file
+from torch import Tensor, nn
+
+from . import ops
+
+log = logging.getLogger("fluxrt")
+
+FP8_MAX = 448.0  # largest finite float8_e4m3fn
+SCALE_SUFFIX = "scale_weight"  # the Comfy "scaled fp8" name for a weight's dequantization scale
+
+
+def quantize_weight(weight: Tensor) -> tuple[Tensor, Tensor]:
+    """[N, K] -> (e4m3fn [N, K], fp32 scale [N]) with scale = absmax(row) / 448 (clamped away from 0)."""
+    w = weight.detach().float()
+    scale = (w.abs().amax(dim=1) / FP8_MAX).clamp_min(1e-12)
+    return (w / scale[:, None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn), scale
+
+
+class FP8Linear(nn.Module):
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None,
+                 bias_dtype: torch.dtype = torch.bfloat16, backend: str = "auto"):
+        super().__init__()
+        self.in_features, self.out_features, self.backend = in_features, out_features, backend
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=torch.float8_e4m3fn, device=device),
+                                   requires_grad=False)
+        self.weight_scale = nn.Parameter(torch.ones(out_features, dtype=torch.float32, device=device),
+                                         requires_grad=False)
+        self.bias = (nn.Parameter(torch.empty(out_features, dtype=bias_dtype, device=device), requires_grad=False)
+                     if bias else None)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, backend: str = "auto") -> "FP8Linear":
+        q = cls(linear.in_features, linear.out_features, linear.bias is not None, device=linear.weight.device,
+                bias_dtype=linear.weight.dtype, backend=backend)
+        w8, scale = quantize_weight(linear.weight)
+        q.weight.data, q.weight_scale.data = w8, scale
+        if linear.bias is not None:
+            q.bias.data = linear.bias.detach().clone()
+        return q
+
+    def forward(self, x: Tensor) -> Tensor:
+        return ops.fp8_linear(x, self.weight, self.weight_scale, self.bias, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, fp8=e4m3fn"
+
+
+_BLOCK_LINEAR = re.compile(r"^(double_blocks|single_blocks)\.\d+\.")
+_EMBEDDERS = ("img_in", "txt_in", "time_in.", "vector_in.", "guidance_in.")
+
+
+def _selected(name: str, modulation: bool, embedders: bool, final_layer: bool) -> bool:
+    if _BLOCK_LINEAR.match(name):
+        return modulation or not name.endswith(("_mod.lin", "modulation.lin"))
+    if name.startswith(_EMBEDDERS):
+        return embedders
+    if name.startswith("final_layer."):
+        return final_layer
+    return False
+
+
+def model_bytes(model: nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+
+
+def quantize(model: nn.Module, modulation: bool = True, embedders: bool = False, final_layer: bool = False,
+             backend: str = "auto") -> dict:
+    """Replace the chosen nn.Linear layers of a fluxrt Flux with FP8Linear, in place.
+
+    Default: every linear of the double and single blocks, the modulation linears included (they are 3.2 B of
+    FLUX's 11.9 B parameters and run as GEMVs, where fp8 weights halve the bytes read); the embedders and
+    the final layer stay in their dtype unless asked. Returns {"layers", "bytes_before", "bytes_after"}.
+    """
+    before = model_bytes(model)
+    names = [n for n, m in model.named_modules()
+             if isinstance(m, nn.Linear) and _selected(n, modulation, embedders, final_layer)]
+    if not names:
+        raise ValueError("quantize: no nn.Linear layers selected (already quantized, or not a FLUX transformer?)")
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, FP8Linear.from_linear(getattr(parent, child), backend=backend))
+    after = model_bytes(model)
+    log.info("quantize: %d linears to fp8 e4m3fn, %.2f GB -> %.2f GB", len(names), before / 1e9, after / 1e9)
+    return {"layers": len(names), "bytes_before": before, "bytes_after": after}
+
+
+def save_transformer(model: nn.Module, path: str | os.PathLike) -> None:
+    """Save a fluxrt Flux (quantized or not) as one BFL-named safetensors file, config in the metadata.
+
+    FP8Linear layers are written as `<layer>.weight` (float8_e4m3fn) and `<layer>.scale_weight` (fp32 [N]):
+    the Comfy "scaled fp8" naming, which load_transformer reads back into the same FP8Linear."""
+    tensors = {}
+    for key, value in model.state_dict().items():
+        if key.endswith(".weight_scale"):
+            key = key[: -len("weight_scale")] + SCALE_SUFFIX
+        tensors[key] = value.detach().contiguous()
+    config = getattr(model, "params", None)
+    metadata = {"format": "pt", "producer": "fluxrt"}
+    if config is not None:
+        import dataclasses
+
+        metadata["fluxrt_config"] = json.dumps(dataclasses.asdict(config))
+    tmp = f"{os.fspath(path)}.tmp"
+    save_file(tensors, tmp, metadata=metadata)
+    os.replace(tmp, path)  # never leave a half-written checkpoint under the final name
