@@ -5,8 +5,9 @@
     fluxrt.load_transformer("flux-fp8.safetensors")    # the same model back, bit for bit
 
 FP8Linear holds `weight` [N, K] float8_e4m3fn and `weight_scale` [N] float32 and computes
-y = x @ (weight * weight_scale)^T + bias through fluxrt.ops.fp8_linear (weight-only: the weights are
-dequantized in registers). Its storage dtypes are the point: move a quantized model between devices freely,
+y = x @ (weight * weight_scale)^T + bias, either weight-only through fluxrt.ops.fp8_linear (the weights are
+dequantized in registers; activations="bf16") or as dynamic W8A8 (activations="fp8": x quantized per token,
+then torch._scaled_mm with rowwise scales on the fp8 tensor cores). Its storage dtypes are the point: move a quantized model between devices freely,
 but do not call .to(dtype) on it (PyTorch would cast the fp8 weights and fp32 scales like any float tensor).
 """
 
@@ -36,11 +37,40 @@ def quantize_weight(weight: Tensor) -> tuple[Tensor, Tensor]:
     return (w / scale[:, None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn), scale
 
 
+def require_fp8_tensor_cores(device: torch.device) -> None:
+    """W8A8 needs fp8 tensor cores on a GPU (sm_89+: Ada, Hopper, Blackwell); the CPU runs torch's own kernel."""
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
+        major, minor = torch.cuda.get_device_capability(device)
+        raise RuntimeError(f"quantize='fp8' (W8A8) needs fp8 tensor cores (sm_89+), but {torch.cuda.get_device_name(device)} "
+                           f"is sm_{major}{minor}; use quantize='fp8-weight' (weight-only FP8) on this GPU")
+
+
+def w8a8_linear(x: Tensor, weight: Tensor, weight_scale: Tensor, bias: Tensor | None) -> Tensor:
+    """Dynamic W8A8: x quantized per row (token) to e4m3fn, then torch._scaled_mm with rowwise scales."""
+    from .ops._backend import kernel_module
+
+    x8, x_scale = kernel_module("modulated_norm").quantize_rows_ref(x)
+    return scaled_mm_rowwise(x8, x_scale, weight, weight_scale, bias, x.dtype)
+
+
+def scaled_mm_rowwise(x8: Tensor, x_scale: Tensor, weight: Tensor, weight_scale: Tensor, bias: Tensor | None,
+                      out_dtype: torch.dtype) -> Tensor:
+    """y = (x8 * x_scale) @ (weight * weight_scale)^T + bias for pre-quantized rows (e.g. from the fused
+    modulated_layer_norm_fp8): x8 [..., K] e4m3fn, x_scale [...] fp32; weight [N, K] e4m3fn, scale [N]."""
+    K, N = x8.shape[-1], weight.shape[0]
+    y = torch._scaled_mm(x8.reshape(-1, K), weight.t(), scale_a=x_scale.reshape(-1, 1).float(),
+                         scale_b=weight_scale.reshape(1, N), bias=bias, out_dtype=out_dtype)
+    return y.reshape(*x8.shape[:-1], N)
+
+
 class FP8Linear(nn.Module):
     def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None,
-                 bias_dtype: torch.dtype = torch.bfloat16, backend: str = "auto"):
+                 bias_dtype: torch.dtype = torch.bfloat16, backend: str = "auto", activations: str = "bf16"):
         super().__init__()
+        if activations not in ("bf16", "fp8"):
+            raise ValueError(f"activations must be 'bf16' (weight-only) or 'fp8' (W8A8), got {activations!r}")
         self.in_features, self.out_features, self.backend = in_features, out_features, backend
+        self.activations = activations
         self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=torch.float8_e4m3fn, device=device),
                                    requires_grad=False)
         self.weight_scale = nn.Parameter(torch.ones(out_features, dtype=torch.float32, device=device),
@@ -49,9 +79,9 @@ class FP8Linear(nn.Module):
                      if bias else None)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, backend: str = "auto") -> "FP8Linear":
+    def from_linear(cls, linear: nn.Linear, backend: str = "auto", activations: str = "bf16") -> "FP8Linear":
         q = cls(linear.in_features, linear.out_features, linear.bias is not None, device=linear.weight.device,
-                bias_dtype=linear.weight.dtype, backend=backend)
+                bias_dtype=linear.weight.dtype, backend=backend, activations=activations)
         w8, scale = quantize_weight(linear.weight)
         q.weight.data, q.weight_scale.data = w8, scale
         if linear.bias is not None:
@@ -59,10 +89,13 @@ class FP8Linear(nn.Module):
         return q
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.activations == "fp8":
+            return w8a8_linear(x, self.weight, self.weight_scale, self.bias)
         return ops.fp8_linear(x, self.weight, self.weight_scale, self.bias, backend=self.backend)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, fp8=e4m3fn"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"weights=e4m3fn, activations={self.activations}")
 
 
 _BLOCK_LINEAR = re.compile(r"^(double_blocks|single_blocks)\.\d+\.")
@@ -84,13 +117,19 @@ def model_bytes(model: nn.Module) -> int:
 
 
 def quantize(model: nn.Module, modulation: bool = True, embedders: bool = False, final_layer: bool = False,
-             backend: str = "auto") -> dict:
+             backend: str = "auto", activations: str = "bf16") -> dict:
     """Replace the chosen nn.Linear layers of a fluxrt Flux with FP8Linear, in place.
 
     Default: every linear of the double and single blocks, the modulation linears included (they are 3.2 B of
     FLUX's 11.9 B parameters and run as GEMVs, where fp8 weights halve the bytes read); the embedders and
-    the final layer stay in their dtype unless asked. Returns {"layers", "bytes_before", "bytes_after"}.
+    the final layer stay in their dtype unless asked. activations="bf16" is weight-only FP8 (any GPU, the
+    CPU); "fp8" is dynamic W8A8 (per-token scales, torch._scaled_mm), which needs fp8 tensor cores (sm_89+).
+    Returns {"layers", "bytes_before", "bytes_after"}.
     """
+    if activations == "fp8":
+        devices = {p.device for p in model.parameters()}
+        for device in devices:
+            require_fp8_tensor_cores(device)
     before = model_bytes(model)
     names = [n for n, m in model.named_modules()
              if isinstance(m, nn.Linear) and _selected(n, modulation, embedders, final_layer)]
@@ -99,7 +138,7 @@ def quantize(model: nn.Module, modulation: bool = True, embedders: bool = False,
     for name in names:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, FP8Linear.from_linear(getattr(parent, child), backend=backend))
+        setattr(parent, child, FP8Linear.from_linear(getattr(parent, child), backend=backend, activations=activations))
     after = model_bytes(model)
     log.info("quantize: %d linears to fp8 e4m3fn, %.2f GB -> %.2f GB", len(names), before / 1e9, after / 1e9)
     return {"layers": len(names), "bytes_before": before, "bytes_after": after}

@@ -12,6 +12,9 @@ element is read once and written once — the op is pure bandwidth. All arithmet
 rounded once; the plain-PyTorch formula rounds after LN, after (1 + scale) and after each product, so the
 kernel is closer to the fp32 truth than the reference in bf16 (the DESIGN.md §4 rule, not bit equality).
 In gated_residual_norm the LN reads h as stored (rounded to the output dtype), like the unfused model does.
+
+The *_fp8 variants feed a W8A8 GEMM: they emit the normalised row as e4m3fn with its per-row (per-token)
+absmax scale, quantizing the fp32 value directly (no bf16 rounding in between).
 """
 
 from __future__ import annotations
@@ -36,6 +39,23 @@ def modulated_layer_norm_ref(x: Tensor, scale: Tensor, shift: Tensor, eps: float
     return (1 + _per_batch(scale)) * F.layer_norm(x, (x.shape[-1],), eps=eps) + _per_batch(shift)
 
 
+def quantize_rows_ref(y: Tensor) -> tuple[Tensor, Tensor]:
+    """Dynamic per-row (per-token) e4m3fn quantization: y [..., D] -> (y8, scale [...]) with y ~ y8 * scale."""
+    y = y.float()
+    scale = (y.abs().amax(dim=-1) / 448.0).clamp_min(1e-12)
+    return (y / scale[..., None]).clamp(-448.0, 448.0).to(torch.float8_e4m3fn), scale
+
+
+def modulated_layer_norm_fp8_ref(x: Tensor, scale: Tensor, shift: Tensor, eps: float = 1e-6):
+    """The modulated LN computed in fp32, then quantized per row (what the fused W8A8 kernel emits)."""
+    return quantize_rows_ref(modulated_layer_norm_ref(x.float(), scale.float(), shift.float(), eps))
+
+
+def gated_residual_norm_fp8_ref(x, gate, y, scale, shift, eps: float = 1e-6):
+    h = gated_residual_ref(x, gate, y)
+    return (h, *quantize_rows_ref(modulated_layer_norm_ref(h.float(), scale.float(), shift.float(), eps)))
+
+
 def gated_residual_ref(x: Tensor, gate: Tensor, y: Tensor) -> Tensor:
     return x + _per_batch(gate) * y
 
@@ -50,12 +70,12 @@ def gated_residual_norm_ref(x: Tensor, gate: Tensor, y: Tensor, scale: Tensor, s
 
 @triton.jit
 def _modulated_norm_kernel(
-    X, GATE, Y, SCALE, SHIFT, H_OUT, OUT,
+    X, GATE, Y, SCALE, SHIFT, H_OUT, OUT, ROW_SCALE,
     L, D,
     stride_xb, stride_xl, stride_yb, stride_yl, stride_gate_b, stride_scale_b, stride_shift_b,
     stride_hb, stride_hl, stride_ob, stride_ol,
     eps,
-    HAS_RESIDUAL: tl.constexpr, HAS_NORM: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, HAS_NORM: tl.constexpr, QUANT_OUT: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     row = tl.program_id(0)
     b = row // L
@@ -77,12 +97,18 @@ def _modulated_norm_kernel(
         scale = tl.load(SCALE + b * stride_scale_b + cols, mask=mask, other=0.0).to(tl.float32)
         shift = tl.load(SHIFT + b * stride_shift_b + cols, mask=mask, other=0.0).to(tl.float32)
         out = xc * rstd * (1.0 + scale) + shift
+        if QUANT_OUT:  # W8A8: the row is in registers, so its absmax scale costs no extra pass
+            row_scale = tl.maximum(tl.max(tl.where(mask, tl.abs(out), 0.0), axis=0) / 448.0, 1e-12)
+            tl.store(ROW_SCALE + row, row_scale)
+            out = tl.minimum(tl.maximum(out / row_scale, -448.0), 448.0)
         tl.store(OUT + b * stride_ob + l * stride_ol + cols, out.to(OUT.dtype.element_ty), mask=mask)
 
 
 _CONFIGS = [triton.Config({}, num_warps=w) for w in (2, 4, 8, 16)]
 # Autotune on the GPU only (the interpreter cannot run several configs); keyed by D (and, implicitly, dtypes).
-_modulated_norm_tuned = triton.autotune(_CONFIGS, key=["D", "HAS_RESIDUAL", "HAS_NORM"])(_modulated_norm_kernel)
+_modulated_norm_tuned = triton.autotune(_CONFIGS, key=["D", "HAS_RESIDUAL", "HAS_NORM", "QUANT_OUT"])(
+    _modulated_norm_kernel
+)
 
 
 def _check(x: Tensor, *vectors: Tensor, y: Tensor | None = None) -> None:
@@ -102,17 +128,18 @@ def _check(x: Tensor, *vectors: Tensor, y: Tensor | None = None) -> None:
                              f"contiguous last dim, got {shape} on {v.device}")
 
 
-def _launch(x, gate, y, scale, shift, h, out, eps, has_residual, has_norm):
+def _launch(x, gate, y, scale, shift, h, out, eps, has_residual, has_norm, row_scale=None):
     B, L, D = x.shape
     dummy = x  # unused pointer arguments (constexpr flags keep them unread)
     gate, y, scale, shift = (t if t is not None else dummy for t in (gate, y, scale, shift))
     h_out, o = (h if h is not None else dummy), (out if out is not None else dummy)
     args = (
-        x, gate, y, scale, shift, h_out, o, L, D,
+        x, gate, y, scale, shift, h_out, o, row_scale if row_scale is not None else dummy, L, D,
         x.stride(0), x.stride(1), y.stride(0), y.stride(1), gate.stride(0), scale.stride(0), shift.stride(0),
         h_out.stride(0), h_out.stride(1), o.stride(0), o.stride(1), eps,
     )
-    meta = dict(HAS_RESIDUAL=has_residual, HAS_NORM=has_norm, BLOCK_D=triton.next_power_of_2(D))
+    meta = dict(HAS_RESIDUAL=has_residual, HAS_NORM=has_norm, QUANT_OUT=row_scale is not None,
+                BLOCK_D=triton.next_power_of_2(D))
     if x.is_cuda:
         _modulated_norm_tuned[(B * L,)](*args, **meta)
     else:  # Triton's interpreter: one fixed config
@@ -140,6 +167,30 @@ def gated_residual_norm(x: Tensor, gate: Tensor, y: Tensor, scale: Tensor, shift
     h, out = (_output(x, None), _output(x, None)) if out is None else (_output(x, out[0]), _output(x, out[1]))
     _launch(x, gate, y, scale, shift, h, out, eps, has_residual=True, has_norm=True)
     return h, out
+
+
+def _fp8_outputs(x: Tensor) -> tuple[Tensor, Tensor]:
+    B, L, D = x.shape
+    return (torch.empty(B, L, D, dtype=torch.float8_e4m3fn, device=x.device),
+            torch.empty(B, L, dtype=torch.float32, device=x.device))
+
+
+def modulated_layer_norm_fp8(x: Tensor, scale: Tensor, shift: Tensor, eps: float = 1e-6) -> tuple[Tensor, Tensor]:
+    """LN(x) * (1 + scale) + shift quantized per row for a W8A8 GEMM: (out8 e4m3fn [B, L, D], row scale [B, L])."""
+    _check(x, scale, shift)
+    out8, row_scale = _fp8_outputs(x)
+    _launch(x, None, None, scale, shift, None, out8, eps, has_residual=False, has_norm=True, row_scale=row_scale)
+    return out8, row_scale
+
+
+def gated_residual_norm_fp8(x: Tensor, gate: Tensor, y: Tensor, scale: Tensor, shift: Tensor,
+                            eps: float = 1e-6) -> tuple[Tensor, Tensor, Tensor]:
+    """h = x + gate * y (in x's dtype) and LN(h) * (1 + scale) + shift quantized per row: (h, out8, row scale)."""
+    _check(x, gate, scale, shift, y=y)
+    h = _output(x, None)
+    out8, row_scale = _fp8_outputs(x)
+    _launch(x, gate, y, scale, shift, h, out8, eps, has_residual=True, has_norm=True, row_scale=row_scale)
+    return h, out8, row_scale
 
 
 def gated_residual(x: Tensor, gate: Tensor, y: Tensor, out: Tensor | None = None) -> Tensor:

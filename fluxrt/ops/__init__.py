@@ -8,7 +8,13 @@ imported on first use, not by `import fluxrt`.
 from ._backend import BACKENDS
 from .fp8_gemm import fp8_linear
 from .joint_attention import joint_attention, joint_attention_fp8
-from .modulated_norm import gated_residual, gated_residual_norm, modulated_layer_norm
+from .modulated_norm import (
+    gated_residual,
+    gated_residual_norm,
+    gated_residual_norm_fp8,
+    modulated_layer_norm,
+    modulated_layer_norm_fp8,
+)
 from .rope_qk_norm import rope_qk_norm, rope_qk_norm_joint
 
 __all__ = [
@@ -16,9 +22,11 @@ __all__ = [
     "fp8_linear",
     "gated_residual",
     "gated_residual_norm",
+    "gated_residual_norm_fp8",
     "joint_attention",
     "joint_attention_fp8",
     "modulated_layer_norm",
+    "modulated_layer_norm_fp8",
     "rope_qk_norm",
     "rope_qk_norm_joint",
 ]

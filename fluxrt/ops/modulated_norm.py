@@ -57,3 +57,43 @@ def gated_residual(x: Tensor, gate: Tensor, y: Tensor, backend: str = "auto") ->
 @gated_residual.register_fake
 def _(x, gate, y, backend="auto"):
     return torch.empty(x.shape, dtype=x.dtype, device=x.device)
+
+
+# ---- W8A8: the normalised rows leave the kernel as e4m3fn with per-row scales ----
+
+
+def _fp8_fakes(x):
+    B, L, D = x.shape
+    return (torch.empty(B, L, D, dtype=torch.float8_e4m3fn, device=x.device),
+            torch.empty(B, L, dtype=torch.float32, device=x.device))
+
+
+@torch.library.custom_op("fluxrt::modulated_layer_norm_fp8", mutates_args=())
+def modulated_layer_norm_fp8(x: Tensor, scale: Tensor, shift: Tensor, eps: float = 1e-6,
+                             backend: str = "auto") -> tuple[Tensor, Tensor]:
+    """(LN(x) * (1 + scale) + shift) quantized per row: (out8 e4m3fn [B, L, D], row scale fp32 [B, L])."""
+    k = _kernels()
+    if use_triton(backend, x, k):
+        return k.modulated_layer_norm_fp8(x, scale, shift, eps)
+    return k.modulated_layer_norm_fp8_ref(x, scale, shift, eps)
+
+
+@modulated_layer_norm_fp8.register_fake
+def _(x, scale, shift, eps=1e-6, backend="auto"):
+    return _fp8_fakes(x)
+
+
+@torch.library.custom_op("fluxrt::gated_residual_norm_fp8", mutates_args=())
+def gated_residual_norm_fp8(x: Tensor, gate: Tensor, y: Tensor, scale: Tensor, shift: Tensor, eps: float = 1e-6,
+                            backend: str = "auto") -> tuple[Tensor, Tensor, Tensor]:
+    """h = x + gate * y and LN(h) * (1 + scale) + shift quantized per row: (h, out8, row scale)."""
+    k = _kernels()
+    if use_triton(backend, x, k):
+        return k.gated_residual_norm_fp8(x, gate, y, scale, shift, eps)
+    h, out8, row_scale = k.gated_residual_norm_fp8_ref(x, gate, y, scale, shift, eps)
+    return h.contiguous(), out8, row_scale
+
+
+@gated_residual_norm_fp8.register_fake
+def _(x, gate, y, scale, shift, eps=1e-6, backend="auto"):
+    return (torch.empty(x.shape, dtype=x.dtype, device=x.device), *_fp8_fakes(x))
