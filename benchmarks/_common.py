@@ -177,3 +177,10 @@ def write_results(name: str, rows: list[dict], meta: dict) -> None:
     (RESULTS / f"{name}.md").write_text("\n".join(head) + "\n\n" + table + "\n")
     print("\n".join(head) + "\n\n" + table)
     print(f"\nwrote {RESULTS / name}.json and .md")
+
+
+def finish(name: str, rows: list[dict], meta: dict) -> None:
+    """Write the results (benchmarks/results/<name>_<gpu>.*) and fail the run if any row failed its check."""
+    write_results(f"{name}_{gpu_slug()}", rows, meta)
+    if any("error" in r for r in rows):
+        raise SystemExit("some fluxrt results did not match their reference (see the error column)")

@@ -132,9 +132,7 @@ def main() -> None:
             del x, unquantized
         del w, bias, w8, scale
         torch.cuda.empty_cache()
-    _common.write_results(f"fp8_gemm_{_common.gpu_slug()}", rows, meta)
-    if any("error" in r for r in rows):
-        raise SystemExit("some fluxrt results did not match their reference (see the error column)")
+    _common.finish("fp8_gemm", rows, meta)
 
 
 if __name__ == "__main__":

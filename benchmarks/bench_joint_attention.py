@@ -78,7 +78,7 @@ def main() -> None:
         row["fluxrt_frac_matmul_peak"] = row["fluxrt_TFLOP/s"] / meta["matmul_bf16_tflops"]
         rows.append(row)
         print(row, flush=True)
-    _common.write_results(f"joint_attention_{_common.gpu_slug()}", rows, meta)
+    _common.finish("joint_attention", rows, meta)
 
 
 if __name__ == "__main__":

@@ -66,9 +66,7 @@ def main() -> None:
             print(rows[-1], flush=True)
         del qkv, linear1, txt_qkv, img_qkv, cases
         torch.cuda.empty_cache()
-    _common.write_results(f"rope_qk_norm_{_common.gpu_slug()}", rows, meta)
-    if any("error" in r for r in rows):
-        raise SystemExit("some Triton results did not match their reference (see the error column)")
+    _common.finish("rope_qk_norm", rows, meta)
 
 
 if __name__ == "__main__":
