@@ -35,6 +35,7 @@ def main() -> None:
     args = parser.parse_args()
     _common.require_cuda()
     import fluxrt
+    import fluxrt.ops
     from fluxrt import sampling
     from fluxrt.kernels import rope_qk_norm as rq
 
@@ -44,7 +45,7 @@ def main() -> None:
     for B in args.batch:
         torch.manual_seed(0)
         ids = torch.cat([sampling.prepare_txt_ids(B, T), sampling.prepare_img_ids(B, IMG, IMG)], 1).to(dev)
-        cos, sin = rq.rope_cos_sin(fluxrt.reference.EmbedND(D, 10000, [16, 56, 56])(ids))
+        cos, sin = fluxrt.ops.rope_cos_sin(fluxrt.reference.EmbedND(D, 10000, [16, 56, 56])(ids))
         S = ids.shape[1]
         scales = [1 + 0.1 * torch.randn(D, dtype=dtype, device=dev) for _ in range(4)]
         qkv = torch.randn(B, S, C, dtype=dtype, device=dev)

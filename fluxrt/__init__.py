@@ -26,12 +26,14 @@ from .config import FluxConfig  # noqa: E402
 from .convert import CheckpointError, bfl_to_diffusers, diffusers_to_bfl  # noqa: E402
 from .loading import load_transformer  # noqa: E402
 from .quantize import save_transformer  # noqa: E402
+from .transformer import compile  # noqa: E402
 
 __version__ = "0.1.0"
 
 __all__ = [
     "CheckpointError",
     "FluxConfig",
+    "compile",
     "bfl_to_diffusers",
     "diffusers_to_bfl",
     "load_transformer",

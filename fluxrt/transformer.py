@@ -1,19 +1,31 @@
-"""The accelerated FLUX transformer, built from fluxrt.ops only (DESIGN.md §2).
+"""The accelerated FLUX transformer, built from fluxrt.ops only (DESIGN.md §2), and fluxrt.compile.
 
-So far: the double and single block forwards rewired onto the fused norm / residual / rope / attention ops,
-reading the weights of a fluxrt.reference block. The linears are plain (the FP8 issue). fluxrt.compile
-assembles these into a model.
+    fast = fluxrt.compile(model)            # model: fluxrt.reference.Flux; same call signature back
+    fast.plan                               # what runs where (backend per op, quantization, graphs)
 
-cos, sin: the RoPE table of the joint sequence, [B|1, T+L, head_dim/2] fp32 (fluxrt.kernels.rope_qk_norm.rope_cos_sin).
+FastFlux reuses the reference model's parameters (no copy) and runs its blocks on the fused ops: modulated
+LayerNorm, QK-RMSNorm + RoPE straight into the joint attention layout, joint attention writing the
+projection's layout, gated residual fused with the next norm. All 57 modulation linears (3.2 B of FLUX's
+11.9 B parameters, GEMVs with M = batch) run as one batched GEMV per step: their weights are concatenated
+once and each block's parameters become views into the concatenation, so memory stays one copy.
+
+Not yet here (issue 6): diffusers FluxTransformer2DModel / FluxPipeline inputs, CUDA graphs, the per-step
+benchmark. The plan says so instead of pretending.
 """
 
 from __future__ import annotations
 
+import logging
+
 import torch
-from torch import Tensor
+import torch.nn.functional as F
+from torch import Tensor, nn
 
 from . import ops
-from .reference.model import DoubleStreamBlock, SingleStreamBlock
+from .quantize import FP8Linear, quantize as quantize_model, require_fp8_tensor_cores
+from .reference.model import DoubleStreamBlock, Flux, SingleStreamBlock, timestep_embedding
+
+log = logging.getLogger("fluxrt")
 
 
 def _attention(qkv: Tensor, backend: str) -> Tensor:
@@ -21,12 +33,18 @@ def _attention(qkv: Tensor, backend: str) -> Tensor:
     return ops.joint_attention(qkv[0], qkv[1], qkv[2], backend=backend)
 
 
-def double_block_forward(block: DoubleStreamBlock, img: Tensor, txt: Tensor, vec: Tensor, cos: Tensor, sin: Tensor,
-                         backend: str = "auto") -> tuple[Tensor, Tensor]:
-    img_mod1, img_mod2 = block.img_mod(vec)  # shift/scale/gate: [B, 1, C] views, no copies
-    txt_mod1, txt_mod2 = block.txt_mod(vec)
-    img_x = ops.modulated_layer_norm(img, img_mod1.scale, img_mod1.shift, backend=backend)
-    txt_x = ops.modulated_layer_norm(txt, txt_mod1.scale, txt_mod1.shift, backend=backend)
+def _chunks(mod: Tensor, n: int) -> tuple[Tensor, ...]:
+    """[B, n*C] modulation vector -> n views [B, 1, C] (shift, scale, gate, ...)."""
+    return mod[:, None, :].chunk(n, dim=-1)
+
+
+def double_block_forward(block: DoubleStreamBlock, img: Tensor, txt: Tensor, img_mod: Tensor, txt_mod: Tensor,
+                         cos: Tensor, sin: Tensor, backend: str = "auto") -> tuple[Tensor, Tensor]:
+    """img_mod, txt_mod: the block's modulation outputs [B, 6C] (img_mod.lin / txt_mod.lin of silu(vec))."""
+    img_shift1, img_scale1, img_gate1, img_shift2, img_scale2, img_gate2 = _chunks(img_mod, 6)
+    txt_shift1, txt_scale1, txt_gate1, txt_shift2, txt_scale2, txt_gate2 = _chunks(txt_mod, 6)
+    img_x = ops.modulated_layer_norm(img, img_scale1, img_shift1, backend=backend)
+    txt_x = ops.modulated_layer_norm(txt, txt_scale1, txt_shift1, backend=backend)
     img_norm, txt_norm = block.img_attn.norm, block.txt_attn.norm
     qkv = ops.rope_qk_norm_joint(
         block.txt_attn.qkv(txt_x), block.img_attn.qkv(img_x),
@@ -36,22 +54,120 @@ def double_block_forward(block: DoubleStreamBlock, img: Tensor, txt: Tensor, vec
     attn = _attention(qkv, backend)
     txt_attn, img_attn = attn[:, : txt.shape[1]], attn[:, txt.shape[1] :]
 
-    img, img_x = ops.gated_residual_norm(img, img_mod1.gate, block.img_attn.proj(img_attn), img_mod2.scale,
-                                         img_mod2.shift, backend=backend)
-    img = ops.gated_residual(img, img_mod2.gate, block.img_mlp(img_x), backend=backend)
-    txt, txt_x = ops.gated_residual_norm(txt, txt_mod1.gate, block.txt_attn.proj(txt_attn), txt_mod2.scale,
-                                         txt_mod2.shift, backend=backend)
-    txt = ops.gated_residual(txt, txt_mod2.gate, block.txt_mlp(txt_x), backend=backend)
+    img, img_x = ops.gated_residual_norm(img, img_gate1, block.img_attn.proj(img_attn), img_scale2, img_shift2,
+                                         backend=backend)
+    img = ops.gated_residual(img, img_gate2, block.img_mlp(img_x), backend=backend)
+    txt, txt_x = ops.gated_residual_norm(txt, txt_gate1, block.txt_attn.proj(txt_attn), txt_scale2, txt_shift2,
+                                         backend=backend)
+    txt = ops.gated_residual(txt, txt_gate2, block.txt_mlp(txt_x), backend=backend)
     return img, txt
 
 
-def single_block_forward(block: SingleStreamBlock, x: Tensor, vec: Tensor, cos: Tensor, sin: Tensor,
+def single_block_forward(block: SingleStreamBlock, x: Tensor, mod: Tensor, cos: Tensor, sin: Tensor,
                          backend: str = "auto") -> Tensor:
-    mod, _ = block.modulation(vec)
-    x_mod = ops.modulated_layer_norm(x, mod.scale, mod.shift, backend=backend)
+    """mod: the block's modulation output [B, 3C] (modulation.lin of silu(vec))."""
+    shift, scale, gate = _chunks(mod, 3)
+    x_mod = ops.modulated_layer_norm(x, scale, shift, backend=backend)
     hidden = block.linear1(x_mod)  # [B, S, 3C + mlp]; the qkv columns are read in place, no split copy
     qkv = ops.rope_qk_norm(hidden[..., : 3 * block.hidden_size], block.norm.query_norm.scale,
                            block.norm.key_norm.scale, cos, sin, block.num_heads, backend=backend)
     mlp = block.mlp_act(hidden[..., 3 * block.hidden_size :])
     out = block.linear2(torch.cat((_attention(qkv, backend), mlp), dim=2))
-    return ops.gated_residual(x, mod.gate, out, backend=backend)
+    return ops.gated_residual(x, gate, out, backend=backend)
+
+
+def _batch_linears(linears: list[nn.Module]) -> nn.Module:
+    """One linear computing all of `linears` (same input) at once; theirs become views of its parameters."""
+    kinds = {type(m) for m in linears}
+    if len(kinds) != 1 or kinds.pop() not in (nn.Linear, FP8Linear):
+        raise TypeError(f"cannot batch modulation linears of types {sorted(t.__name__ for t in {type(m) for m in linears})}")
+    names = ["weight", "bias"] + (["weight_scale"] if isinstance(linears[0], FP8Linear) else [])
+    with torch.no_grad():
+        joined = {n: torch.cat([getattr(m, n) for m in linears]) for n in names}
+        first = linears[0]
+        if isinstance(first, FP8Linear):
+            batched = FP8Linear(first.in_features, joined["weight"].shape[0], device="meta", backend=first.backend,
+                                activations=first.activations)
+        else:
+            with torch.device("meta"):
+                batched = nn.Linear(first.in_features, joined["weight"].shape[0])
+        for n, value in joined.items():
+            setattr(batched, n, nn.Parameter(value, requires_grad=False))
+        offset = 0
+        for m in linears:  # re-point each block's parameters into the batched storage: one copy in memory
+            rows = m.weight.shape[0]
+            for n in names:
+                setattr(m, n, nn.Parameter(joined[n][offset : offset + rows], requires_grad=False))
+            offset += rows
+    return batched
+
+
+class FastFlux(nn.Module):
+    """A fluxrt.reference.Flux run on fluxrt.ops; same forward signature (BFL's) and output."""
+
+    def __init__(self, model: Flux, backend: str = "auto"):
+        super().__init__()
+        self.model = model
+        self.backend = backend
+        mod_linears = [lin for b in model.double_blocks for lin in (b.img_mod.lin, b.txt_mod.lin)]
+        mod_linears += [b.modulation.lin for b in model.single_blocks]
+        self.mod_sizes = [lin.weight.shape[0] for lin in mod_linears]
+        self.modulation = _batch_linears(mod_linears) if mod_linears else None
+
+    def forward(self, img: Tensor, img_ids: Tensor, txt: Tensor, txt_ids: Tensor, timesteps: Tensor, y: Tensor,
+                guidance: Tensor | None = None) -> Tensor:
+        m = self.model
+        img_ids, txt_ids = m._check_inputs(img, img_ids, txt, txt_ids, timesteps, y, guidance)
+        img = m.img_in(img)
+        vec = m.time_in(timestep_embedding(timesteps, 256).to(img.dtype))
+        if m.params.guidance_embed:
+            vec = vec + m.guidance_in(timestep_embedding(guidance, 256).to(img.dtype))
+        vec = vec + m.vector_in(y)
+        txt = m.txt_in(txt)
+        cos, sin = ops.rope_cos_sin(m.pe_embedder(torch.cat((txt_ids, img_ids), dim=1)))
+
+        mods = iter(self.modulation(F.silu(vec)).split(self.mod_sizes, dim=1)) if self.modulation else iter(())
+        for block in m.double_blocks:
+            img, txt = double_block_forward(block, img, txt, next(mods), next(mods), cos, sin, self.backend)
+        x = torch.cat((txt, img), dim=1)
+        for block in m.single_blocks:
+            x = single_block_forward(block, x, next(mods), cos, sin, self.backend)
+        return m.final_layer(x[:, txt.shape[1] :], vec)
+
+
+def compile(obj, quantize: str | None = None, backend: str = "auto", cuda_graphs="auto") -> FastFlux:
+    """Accelerate a FLUX transformer; returns a module with the same call signature (see the module docstring).
+
+    quantize: None | "fp8-weight" (FP8 weights, any GPU) | "fp8" (W8A8, sm_89+). The model is modified in place
+    (its parameters are reused, batched or quantized, never duplicated): keep using the returned object.
+    """
+    if backend not in ops.BACKENDS:
+        raise ValueError(f"backend must be one of {ops.BACKENDS}, got {backend!r}")
+    if quantize not in (None, "fp8", "fp8-weight"):
+        raise ValueError(f"quantize must be None, 'fp8' (W8A8) or 'fp8-weight', got {quantize!r}")
+    if cuda_graphs not in ("auto", False, True):
+        raise ValueError(f"cuda_graphs must be 'auto', True or False, got {cuda_graphs!r}")
+    if cuda_graphs is True:
+        raise NotImplementedError("cuda_graphs=True: CUDA graph capture is not implemented yet (issue 6); "
+                                  "use cuda_graphs='auto' or False")
+    if not isinstance(obj, Flux):
+        raise TypeError(f"fluxrt.compile accepts a fluxrt.reference.Flux (diffusers FluxTransformer2DModel and "
+                        f"FluxPipeline support is not implemented yet); got {type(obj).__name__}")
+    device = next(obj.parameters()).device
+    if quantize == "fp8":
+        require_fp8_tensor_cores(device)
+    if quantize is not None:
+        quantize_model(obj, backend=backend, activations="fp8" if quantize == "fp8" else "bf16")
+    fast = FastFlux(obj, backend=backend)
+    kernels = "triton" if backend == "triton" or (backend == "auto" and device.type == "cuda") else "torch"
+    fast.plan = {
+        "device": str(device),
+        "ops": {op: kernels for op in ("modulated_layer_norm", "gated_residual_norm", "gated_residual",
+                                        "rope_qk_norm", "joint_attention")},
+        "linears": {None: "torch (bf16/fp32)", "fp8-weight": f"fp8 weight-only ({kernels})",
+                    "fp8": "fp8 W8A8 (torch._scaled_mm)"}[quantize],
+        "modulation": f"{len(fast.mod_sizes)} linears batched into one GEMV",
+        "cuda_graphs": "off (not implemented yet)",
+    }
+    log.info("fluxrt.compile plan: %s", fast.plan)
+    return fast

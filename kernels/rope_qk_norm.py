@@ -9,7 +9,7 @@ follows (one launch covers both streams). RoPE rotates interleaved pairs (x[2j],
 
 Numerics mirror fluxrt.reference bit for bit in intent (BFL's cast order): RMS statistics in fp32, the
 normalised value rounded to the activation dtype, multiplied by the scale and rounded again, then rotated in
-fp32 and rounded once more. Design: one program per (token, block of heads); the pair partner x[d ^ 1] is a
+fp32 and rounded once more. cos, sin come from the model's RoPE table via fluxrt.ops.rope_cos_sin. Design: one program per (token, block of heads); the pair partner x[d ^ 1] is a
 second load of the same cache lines (L1), so HBM traffic is one read of qkv and one write of q, k, v.
 """
 
@@ -22,14 +22,6 @@ from torch import Tensor
 
 
 # ---- reference formulas (what fluxrt.reference's QKNorm + apply_rope compute) ----
-
-
-def rope_cos_sin(pe: Tensor) -> tuple[Tensor, Tensor]:
-    """fluxrt.reference's RoPE table [B, 1, S, D/2, 2, 2] (rotation matrices) -> cos, sin [B, S, D/2].
-
-    Contiguous copies (a few hundred KB, once per forward) so the kernel reads them with unit stride.
-    """
-    return pe[:, 0, :, :, 0, 0].contiguous(), pe[:, 0, :, :, 1, 0].contiguous()
 
 
 def _rms_norm_ref(x: Tensor, scale: Tensor, eps: float) -> Tensor:

@@ -2,9 +2,10 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from fluxrt import FluxConfig, sampling
-from fluxrt.kernels.rope_qk_norm import rope_cos_sin
+from fluxrt.ops import rope_cos_sin
 from fluxrt.reference import DoubleStreamBlock, EmbedND, SingleStreamBlock
 from fluxrt.testing import randomize_parameters_, rel_error
 from fluxrt.transformer import double_block_forward, single_block_forward
@@ -30,7 +31,8 @@ def test_double_block(backend):
     block = randomize_parameters_(DoubleStreamBlock(CFG.hidden_size, CFG.num_heads, CFG.mlp_ratio, True), seed=1).to(DEVICE)
     img, txt, vec, pe = inputs(seed=2)
     expected_img, expected_txt = block(img, txt, vec, pe)
-    out_img, out_txt = double_block_forward(block, img, txt, vec, *rope_cos_sin(pe), backend=backend)
+    img_mod, txt_mod = block.img_mod.lin(F.silu(vec)), block.txt_mod.lin(F.silu(vec))
+    out_img, out_txt = double_block_forward(block, img, txt, img_mod, txt_mod, *rope_cos_sin(pe), backend=backend)
     assert rel_error(out_img, expected_img) <= 1e-5 and rel_error(out_txt, expected_txt) <= 1e-5
 
 
@@ -41,4 +43,5 @@ def test_single_block(backend):
     img, txt, vec, pe = inputs(seed=4)
     x = torch.cat([txt, img], 1)
     expected = block(x, vec, pe)
-    assert rel_error(single_block_forward(block, x, vec, *rope_cos_sin(pe), backend=backend), expected) <= 1e-5
+    mod = block.modulation.lin(F.silu(vec))
+    assert rel_error(single_block_forward(block, x, mod, *rope_cos_sin(pe), backend=backend), expected) <= 1e-5

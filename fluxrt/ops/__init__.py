@@ -15,7 +15,7 @@ from .modulated_norm import (
     modulated_layer_norm,
     modulated_layer_norm_fp8,
 )
-from .rope_qk_norm import rope_qk_norm, rope_qk_norm_joint
+from .rope_qk_norm import rope_cos_sin, rope_qk_norm, rope_qk_norm_joint
 
 __all__ = [
     "BACKENDS",
@@ -27,6 +27,7 @@ __all__ = [
     "joint_attention_fp8",
     "modulated_layer_norm",
     "modulated_layer_norm_fp8",
+    "rope_cos_sin",
     "rope_qk_norm",
     "rope_qk_norm_joint",
 ]

@@ -52,3 +52,10 @@ def rope_qk_norm_joint(txt_qkv: Tensor, img_qkv: Tensor, txt_q_scale: Tensor, tx
 def _(txt_qkv, img_qkv, txt_q_scale, txt_k_scale, img_q_scale, img_k_scale, cos, sin, num_heads, eps=1e-6,
       backend="auto"):
     return _fake_out(txt_qkv, num_heads, txt_qkv.shape[1] + img_qkv.shape[1])
+
+
+def rope_cos_sin(pe: Tensor) -> tuple[Tensor, Tensor]:
+    """fluxrt.reference's RoPE table [B, 1, S, D/2, 2, 2] (rotation matrices) -> cos, sin [B, S, D/2], the form
+    these ops take. Contiguous copies (a few hundred KB, once per forward) so the kernel reads them with unit
+    stride. Plain tensor code, no kernel import: torch.compile traces it."""
+    return pe[:, 0, :, :, 0, 0].contiguous(), pe[:, 0, :, :, 1, 0].contiguous()

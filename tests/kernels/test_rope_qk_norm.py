@@ -19,7 +19,7 @@ def rope_table(B, T, H_px, W_px, head_dim, device=DEVICE):
     """cos, sin of real FLUX position ids (T text tokens, then the image grid), FLUX's axes split."""
     ids = torch.cat([sampling.prepare_txt_ids(B, T), sampling.prepare_img_ids(B, H_px, W_px)], 1).to(device)
     pe = EmbedND(head_dim, 10000, list(default_axes_dim(head_dim)))(ids)
-    return pe, *K.rope_cos_sin(pe)
+    return pe, *ops.rope_cos_sin(pe)
 
 
 def make_qkv(B, L, H, D, dtype, seed, extra_cols=0, device=DEVICE):

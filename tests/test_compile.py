@@ -1,0 +1,94 @@
+"""fluxrt.compile on a fluxrt.reference.Flux: same signature and output, each switch on and off, one copy of weights."""
+
+import dataclasses
+
+import pytest
+import torch
+
+import fluxrt
+from fluxrt import FluxConfig, sampling
+from fluxrt.testing import randomize_parameters_, rel_error, sqnr_db
+
+TINY = FluxConfig.preset("tiny")
+
+
+def model_and_inputs(guidance=True, B=1, height=48, width=80, T=7, seed=0):
+    cfg = dataclasses.replace(TINY, guidance_embed=guidance)
+    model = randomize_parameters_(fluxrt.reference.Flux(cfg), seed=seed).eval().requires_grad_(False)
+    gen = torch.Generator().manual_seed(seed + 1)
+    x = dict(
+        img=sampling.pack(sampling.get_noise(B, height, width, seed=seed)),
+        img_ids=sampling.prepare_img_ids(B, height, width),
+        txt=torch.randn(B, T, cfg.context_in_dim, generator=gen),
+        txt_ids=sampling.prepare_txt_ids(B, T),
+        timesteps=torch.rand(B, generator=gen),
+        y=torch.randn(B, cfg.vec_in_dim, generator=gen),
+        guidance=torch.full((B,), 3.5) if guidance else None,
+    )
+    return model, x
+
+
+def storage_bytes(module):
+    storages = {p.untyped_storage().data_ptr(): p.untyped_storage().nbytes() for p in module.parameters()}
+    return sum(storages.values())
+
+
+CASES = [(True, 1, 48, 80, 7), (True, 3, 64, 32, 13), (False, 1, 80, 48, 9), (False, 3, 32, 32, 5)]
+
+
+@pytest.mark.parametrize("guidance, B, height, width, T", CASES)
+@torch.no_grad()
+def test_torch_backend_matches_reference(guidance, B, height, width, T):
+    model, x = model_and_inputs(guidance, B, height, width, T)
+    expected = model(**x)
+    before = storage_bytes(model)
+    fast = fluxrt.compile(model, backend="torch")
+    assert storage_bytes(fast) == before  # modulation batched by moving weights, not copying them
+    out = fast(**x)
+    assert out.shape == expected.shape and rel_error(out, expected) <= 1e-5
+    assert torch.equal(model(**x), expected)  # the reference model still computes the same function
+
+
+@pytest.mark.parametrize("guidance", [True, False])
+@torch.no_grad()
+def test_triton_backend_matches_reference(guidance):
+    model, x = model_and_inputs(guidance, B=2, T=9, seed=3)
+    expected = model(**x)
+    fast = fluxrt.compile(model, backend="triton")
+    assert set(fast.plan["ops"].values()) == {"triton"}
+    assert rel_error(fast(**x), expected) <= 1e-4
+
+
+@pytest.mark.parametrize("quantize", ["fp8-weight", "fp8"])
+@torch.no_grad()
+def test_quantized(quantize):
+    model, x = model_and_inputs(seed=5)
+    expected = model(**x)
+    before = storage_bytes(model)
+    fast = fluxrt.compile(model, quantize=quantize, backend="torch")
+    assert storage_bytes(fast) < 0.4 * before
+    assert quantize.replace("-weight", "") in fast.plan["linears"]
+    assert sqnr_db(fast(**x), expected) >= 20
+
+
+@torch.no_grad()
+def test_plan_and_torch_compile_on_top():
+    model, x = model_and_inputs(seed=7)
+    fast = fluxrt.compile(model)
+    assert fast.plan["ops"]["joint_attention"] == "torch"  # auto on a CPU model: the torch formulas
+    assert fast.plan["cuda_graphs"].startswith("off")
+    torch._dynamo.reset()
+    compiled = torch.compile(fast, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(**x), fast(**x), atol=1e-5, rtol=1e-5)
+
+
+def test_bad_arguments():
+    model, _ = model_and_inputs()
+    with pytest.raises(TypeError, match="accepts a fluxrt.reference.Flux"):
+        fluxrt.compile(torch.nn.Linear(4, 4))
+    with pytest.raises(ValueError, match="quantize must be"):
+        fluxrt.compile(model, quantize="int8")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        fluxrt.compile(model, backend="cuda")
+    with pytest.raises(NotImplementedError, match="CUDA graph capture is not implemented yet"):
+        fluxrt.compile(model, cuda_graphs=True)
