@@ -9,8 +9,9 @@ projection's layout, gated residual fused with the next norm. All 57 modulation 
 11.9 B parameters, GEMVs with M = batch) run as one batched GEMV per step: their weights are concatenated
 once and each block's parameters become views into the concatenation, so memory stays one copy.
 
-Not yet here (issue 6): diffusers FluxTransformer2DModel / FluxPipeline inputs, CUDA graphs, the per-step
-benchmark. The plan says so instead of pretending.
+A diffusers FluxTransformer2DModel is converted (fluxrt.diffusers_adapter) and wrapped so its call stays
+diffusers'. Not yet here (issue 6): FluxPipeline inputs, CUDA graphs, the per-step benchmark. The plan says
+so instead of pretending.
 """
 
 from __future__ import annotations
@@ -135,7 +136,7 @@ class FastFlux(nn.Module):
         return m.final_layer(x[:, txt.shape[1] :], vec)
 
 
-def compile(obj, quantize: str | None = None, backend: str = "auto", cuda_graphs="auto") -> FastFlux:
+def compile(obj, quantize: str | None = None, backend: str = "auto", cuda_graphs="auto") -> nn.Module:
     """Accelerate a FLUX transformer; returns a module with the same call signature (see the module docstring).
 
     quantize: None | "fp8-weight" (FP8 weights, any GPU) | "fp8" (W8A8, sm_89+). The model is modified in place
@@ -150,9 +151,15 @@ def compile(obj, quantize: str | None = None, backend: str = "auto", cuda_graphs
     if cuda_graphs is True:
         raise NotImplementedError("cuda_graphs=True: CUDA graph capture is not implemented yet (issue 6); "
                                   "use cuda_graphs='auto' or False")
-    if not isinstance(obj, Flux):
-        raise TypeError(f"fluxrt.compile accepts a fluxrt.reference.Flux (diffusers FluxTransformer2DModel and "
-                        f"FluxPipeline support is not implemented yet); got {type(obj).__name__}")
+    from .diffusers_adapter import FastFluxTransformer, flux_from_diffusers, is_diffusers_flux
+
+    diffusers_config = None
+    if is_diffusers_flux(obj):
+        diffusers_config = obj.config
+        obj = flux_from_diffusers(obj)
+    elif not isinstance(obj, Flux):
+        raise TypeError(f"fluxrt.compile accepts a fluxrt.reference.Flux or a diffusers FluxTransformer2DModel "
+                        f"(FluxPipeline support is not implemented yet); got {type(obj).__name__}")
     device = next(obj.parameters()).device
     if quantize == "fp8":
         require_fp8_tensor_cores(device)
@@ -170,4 +177,4 @@ def compile(obj, quantize: str | None = None, backend: str = "auto", cuda_graphs
         "cuda_graphs": "off (not implemented yet)",
     }
     log.info("fluxrt.compile plan: %s", fast.plan)
-    return fast
+    return fast if diffusers_config is None else FastFluxTransformer(fast, diffusers_config)

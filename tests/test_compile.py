@@ -84,7 +84,7 @@ def test_plan_and_torch_compile_on_top():
 
 def test_bad_arguments():
     model, _ = model_and_inputs()
-    with pytest.raises(TypeError, match="accepts a fluxrt.reference.Flux"):
+    with pytest.raises(TypeError, match="accepts a fluxrt.reference.Flux or a diffusers FluxTransformer2DModel"):
         fluxrt.compile(torch.nn.Linear(4, 4))
     with pytest.raises(ValueError, match="quantize must be"):
         fluxrt.compile(model, quantize="int8")
@@ -92,3 +92,63 @@ def test_bad_arguments():
         fluxrt.compile(model, backend="cuda")
     with pytest.raises(NotImplementedError, match="CUDA graph capture is not implemented yet"):
         fluxrt.compile(model, cuda_graphs=True)
+
+
+# ---- a diffusers FluxTransformer2DModel in, the same call and return type out ----
+
+
+def diffusers_model_and_inputs(guidance=True, B=1, height=48, width=80, T=7, seed=0):
+    from diffusers import FluxTransformer2DModel
+
+    cfg = dataclasses.replace(TINY, guidance_embed=guidance)
+    model = randomize_parameters_(FluxTransformer2DModel(**cfg.to_diffusers()), seed=seed).eval().requires_grad_(False)
+    gen = torch.Generator().manual_seed(seed + 1)
+    x = dict(
+        hidden_states=sampling.pack(sampling.get_noise(B, height, width, seed=seed)),
+        encoder_hidden_states=torch.randn(B, T, cfg.context_in_dim, generator=gen),
+        pooled_projections=torch.randn(B, cfg.vec_in_dim, generator=gen),
+        timestep=torch.rand(B, generator=gen),
+        img_ids=sampling.prepare_img_ids(1, height, width)[0],
+        txt_ids=sampling.prepare_txt_ids(1, T)[0],
+        guidance=torch.full((B,), 3.5) if guidance else None,
+    )
+    return model, x
+
+
+@pytest.mark.parametrize("guidance, B, height, width, T", CASES)
+@torch.no_grad()
+def test_diffusers_model_torch_backend(guidance, B, height, width, T):
+    model, x = diffusers_model_and_inputs(guidance, B, height, width, T)
+    expected = model(**x, return_dict=False)[0]
+    config, before = model.config, storage_bytes(model)
+    fast = fluxrt.compile(model, backend="torch")
+    assert fast.config is config and fast.dtype == torch.float32 and fast.device.type == "cpu"
+    assert storage_bytes(fast) == before  # converted by moving tensors: one copy of the weights
+    assert all(p.is_meta for p in model.parameters())  # the diffusers model was consumed, not duplicated
+    out = fast(**x).sample  # return_dict=True -> Transformer2DModelOutput
+    (tuple_out,) = fast(**x, return_dict=False)
+    assert rel_error(out, expected) <= 1e-5 and torch.equal(out, tuple_out)
+
+
+@torch.no_grad()
+def test_diffusers_model_triton_backend_and_fp8_weight():
+    model, x = diffusers_model_and_inputs(B=2, T=9, seed=11)
+    expected = model(**x, return_dict=False)[0]
+    fast = fluxrt.compile(model, backend="triton")
+    assert rel_error(fast(**x).sample, expected) <= 1e-4
+    model, x = diffusers_model_and_inputs(B=2, T=9, seed=12)
+    expected = model(**x, return_dict=False)[0]
+    assert sqnr_db(fluxrt.compile(model, quantize="fp8-weight", backend="torch")(**x).sample, expected) >= 20
+
+
+@torch.no_grad()
+def test_diffusers_unsupported_kwargs_are_refused():
+    model, x = diffusers_model_and_inputs(seed=13)
+    fast = fluxrt.compile(model, backend="torch")
+    with pytest.raises(NotImplementedError, match="ControlNet"):
+        fast(**x, controlnet_block_samples=[torch.zeros(1)])
+    with pytest.raises(NotImplementedError, match="LoRA scale"):
+        fast(**x, joint_attention_kwargs={"scale": 0.5})
+    with pytest.raises(NotImplementedError, match="ip_adapter_image_embeds"):
+        fast(**x, joint_attention_kwargs={"ip_adapter_image_embeds": [torch.zeros(1)]})
+    fast(**x, joint_attention_kwargs={"scale": 1.0})  # the neutral LoRA scale is honoured
