@@ -7,6 +7,7 @@ copy of the weights. The diffusers model is consumed: its parameters are left em
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator, Mapping
 
 import torch
@@ -59,6 +60,11 @@ class FastFluxTransformer(nn.Module):
         self.config = config
         self.plan = fast.plan
 
+    @contextlib.contextmanager
+    def cache_context(self, name: str):
+        """FluxPipeline wraps each call in this (diffusers' CacheMixin); fluxrt registers no cache hooks."""
+        yield
+
     @property
     def dtype(self) -> torch.dtype:
         return self.fast.model.img_in.bias.dtype
@@ -97,3 +103,7 @@ class FastFluxTransformer(nn.Module):
 
 def is_diffusers_flux(obj) -> bool:
     return type(obj).__name__ == "FluxTransformer2DModel" and type(obj).__module__.startswith("diffusers")
+
+
+def is_diffusers_flux_pipeline(obj) -> bool:
+    return type(obj).__name__ == "FluxPipeline" and type(obj).__module__.startswith("diffusers")

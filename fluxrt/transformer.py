@@ -10,8 +10,8 @@ projection's layout, gated residual fused with the next norm. All 57 modulation 
 once and each block's parameters become views into the concatenation, so memory stays one copy.
 
 A diffusers FluxTransformer2DModel is converted (fluxrt.diffusers_adapter) and wrapped so its call stays
-diffusers'. Not yet here (issue 6): FluxPipeline inputs, CUDA graphs, the per-step benchmark. The plan says
-so instead of pretending.
+diffusers'; a FluxPipeline gets its transformer replaced in place. Not yet here (issue 6): the VAE swap (VAE
+issue), CUDA graphs, the per-step benchmark. The plan says so instead of pretending.
 """
 
 from __future__ import annotations
@@ -151,15 +151,23 @@ def compile(obj, quantize: str | None = None, backend: str = "auto", cuda_graphs
     if cuda_graphs is True:
         raise NotImplementedError("cuda_graphs=True: CUDA graph capture is not implemented yet (issue 6); "
                                   "use cuda_graphs='auto' or False")
-    from .diffusers_adapter import FastFluxTransformer, flux_from_diffusers, is_diffusers_flux
+    from .diffusers_adapter import (
+        FastFluxTransformer,
+        flux_from_diffusers,
+        is_diffusers_flux,
+        is_diffusers_flux_pipeline,
+    )
 
+    if is_diffusers_flux_pipeline(obj):  # its transformer is replaced in place (the VAE: once the VAE issue lands)
+        obj.transformer = compile(obj.transformer, quantize=quantize, backend=backend, cuda_graphs=cuda_graphs)
+        return obj
     diffusers_config = None
     if is_diffusers_flux(obj):
         diffusers_config = obj.config
         obj = flux_from_diffusers(obj)
     elif not isinstance(obj, Flux):
-        raise TypeError(f"fluxrt.compile accepts a fluxrt.reference.Flux or a diffusers FluxTransformer2DModel "
-                        f"(FluxPipeline support is not implemented yet); got {type(obj).__name__}")
+        raise TypeError(f"fluxrt.compile accepts a fluxrt.reference.Flux, a diffusers FluxTransformer2DModel or a "
+                        f"diffusers FluxPipeline; got {type(obj).__name__}")
     device = next(obj.parameters()).device
     if quantize == "fp8":
         require_fp8_tensor_cores(device)
