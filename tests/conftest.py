@@ -19,3 +19,18 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tiny_flux_pipeline(tmp_path_factory):
+    """A real, tiny, randomly initialised diffusers FluxPipeline (CPU, float32, guidance-distilled), built offline.
+
+    Shared by the whole session: do not mutate it (move it to another device or dtype, swap its modules); build your
+    own with `tiny_pipeline.build_tiny_flux_pipeline` for that. Generate at sizes divisible by 16, e.g. 64x64.
+    """
+    # Imported here, not at the top: it pulls in diffusers and transformers (seconds of import), which only
+    # sessions that use the fixture should pay for.
+    # tests/ is on sys.path because pytest inserts this conftest's (package-less) folder.
+    from tiny_pipeline import build_tiny_flux_pipeline
+
+    return build_tiny_flux_pipeline(tmp_path_factory.mktemp("tiny_flux"))

@@ -152,3 +152,24 @@ def test_diffusers_unsupported_kwargs_are_refused():
     with pytest.raises(NotImplementedError, match="ip_adapter_image_embeds"):
         fast(**x, joint_attention_kwargs={"ip_adapter_image_embeds": [torch.zeros(1)]})
     fast(**x, joint_attention_kwargs={"scale": 1.0})  # the neutral LoRA scale is honoured
+
+
+# ---- a real tiny diffusers FluxPipeline (offline tokenizers and encoders, tests/tiny_pipeline.py) ----
+
+
+@pytest.mark.parametrize("guidance", [True, False])
+@torch.no_grad()
+def test_pipeline_gives_the_same_image(tmp_path, guidance):
+    from tiny_pipeline import build_tiny_flux_pipeline
+
+    pipe = build_tiny_flux_pipeline(tmp_path, guidance_embeds=guidance, seed=3)
+    call = dict(prompt="a red apple on a wooden table", height=64, width=48, num_inference_steps=3,
+                guidance_scale=3.5 if guidance else 0.0, max_sequence_length=32, output_type="pt")
+    expected = pipe(**call, generator=torch.Generator().manual_seed(0)).images
+    assert fluxrt.compile(pipe, backend="torch") is pipe
+    assert "fluxrt" in type(pipe.transformer).__module__
+    images = pipe(**call, generator=torch.Generator().manual_seed(0)).images  # return_dict=True
+    (as_tuple,) = pipe(**call, generator=torch.Generator().manual_seed(0), return_dict=False)
+    assert images.shape == expected.shape == (1, 3, 64, 48)
+    torch.testing.assert_close(images, expected, atol=1e-4, rtol=0)
+    assert torch.equal(images, as_tuple)
