@@ -1,5 +1,5 @@
-"""fluxrt command line: `fluxrt demo` (the embedded default job). `generate` and `bench` arrive with the
-pipeline and compile issues."""
+"""fluxrt command line: `fluxrt demo` (the embedded default job), `fluxrt bench` (per-step latency,
+fluxrt.bench). `generate` arrives with the pipeline issue."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import argparse
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -65,7 +66,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--txt-len", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    b = sub.add_parser("bench", help="per-step latency: diffusers vs fluxrt (GPU numbers only count)")
+    b.add_argument("--model", default="tiny", choices=["tiny", "flux-dev", "flux-schnell"])
+    b.add_argument("--size", nargs="+", default=["64x64"], help="WIDTHxHEIGHT, multiples of 16")
+    b.add_argument("--batch", type=int, nargs="+", default=[1])
+    b.add_argument("--impl", nargs="+", default=["diffusers-eager", "fluxrt-bf16", "fluxrt-fp8-weight"])
+    b.add_argument("--iters", type=int, default=10)
+    b.add_argument("--txt-len", type=int, default=None)
+    b.add_argument("--out", type=Path, default=None,
+                   help="JSON path (default: benchmarks/results/step_<date>_<gpu>.json; CPU runs: the temp dir)")
     args = parser.parse_args(argv)
+    if args.command == "bench":
+        return _bench(args)
     try:
         for name in ("width", "height"):
             value = getattr(args, name)
@@ -77,4 +89,24 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, RuntimeError) as err:
         print(f"fluxrt: error: {err}", file=sys.stderr)
         return 2
+    return 0
+
+
+def _bench(args) -> int:
+    from . import bench
+
+    try:
+        sizes = []
+        for text in args.size:
+            width, _, height = text.partition("x")
+            if not (width.isdigit() and height.isdigit()) or int(width) % 16 or int(height) % 16:
+                raise ValueError(f"--size {text!r} must be WIDTHxHEIGHT with multiples of 16")
+            sizes.append((int(height), int(width)))
+        if args.iters <= 0 or any(b <= 0 for b in args.batch):
+            raise ValueError("--iters and --batch must be >= 1")
+        result = bench.run(args.model, sizes, args.batch, args.impl, args.iters, txt_len=args.txt_len)
+    except (ValueError, RuntimeError) as err:
+        print(f"fluxrt: error: {err}", file=sys.stderr)
+        return 2
+    bench.write(result, args.out or bench.default_output(result))
     return 0
