@@ -10,8 +10,8 @@ projection's layout, gated residual fused with the next norm. All 57 modulation 
 once and each block's parameters become views into the concatenation, so memory stays one copy.
 
 A diffusers FluxTransformer2DModel is converted (fluxrt.diffusers_adapter) and wrapped so its call stays
-diffusers'; a FluxPipeline gets its transformer replaced in place. Not yet here (issue 6): the VAE swap (VAE
-issue), CUDA graphs, the per-step benchmark. The plan says so instead of pretending.
+diffusers'; a FluxPipeline gets its transformer replaced in place. On a GPU the step runs through CUDA graphs
+(fluxrt.graphs; cuda_graphs="auto"). Not yet here: the VAE swap (VAE issue).
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import ops
+from .graphs import GraphedCall
 from .quantize import FP8Linear, quantize as quantize_model, require_fp8_tensor_cores
 from .reference.model import DoubleStreamBlock, Flux, SingleStreamBlock, timestep_embedding
 
@@ -106,10 +107,11 @@ def _batch_linears(linears: list[nn.Module]) -> nn.Module:
 class FastFlux(nn.Module):
     """A fluxrt.reference.Flux run on fluxrt.ops; same forward signature (BFL's) and output."""
 
-    def __init__(self, model: Flux, backend: str = "auto"):
+    def __init__(self, model: Flux, backend: str = "auto", cuda_graphs: bool = False):
         super().__init__()
         self.model = model
         self.backend = backend
+        self.graphs = GraphedCall(self._forward) if cuda_graphs else None
         mod_linears = [lin for b in model.double_blocks for lin in (b.img_mod.lin, b.txt_mod.lin)]
         mod_linears += [b.modulation.lin for b in model.single_blocks]
         self.mod_sizes = [lin.weight.shape[0] for lin in mod_linears]
@@ -117,6 +119,14 @@ class FastFlux(nn.Module):
 
     def forward(self, img: Tensor, img_ids: Tensor, txt: Tensor, txt_ids: Tensor, timesteps: Tensor, y: Tensor,
                 guidance: Tensor | None = None) -> Tensor:
+        kwargs = dict(img=img, img_ids=img_ids, txt=txt, txt_ids=txt_ids, timesteps=timesteps, y=y, guidance=guidance)
+        if self.graphs is not None and img.is_cuda and not torch.compiler.is_compiling():
+            self.model._check_inputs(img, img_ids, txt, txt_ids, timesteps, y, guidance)  # errors before capture
+            return self.graphs(**kwargs)
+        return self._forward(**kwargs)
+
+    def _forward(self, img: Tensor, img_ids: Tensor, txt: Tensor, txt_ids: Tensor, timesteps: Tensor, y: Tensor,
+                 guidance: Tensor | None = None) -> Tensor:
         m = self.model
         img_ids, txt_ids = m._check_inputs(img, img_ids, txt, txt_ids, timesteps, y, guidance)
         img = m.img_in(img)
@@ -148,9 +158,6 @@ def compile(obj, quantize: str | None = None, backend: str = "auto", cuda_graphs
         raise ValueError(f"quantize must be None, 'fp8' (W8A8) or 'fp8-weight', got {quantize!r}")
     if cuda_graphs not in ("auto", False, True):
         raise ValueError(f"cuda_graphs must be 'auto', True or False, got {cuda_graphs!r}")
-    if cuda_graphs is True:
-        raise NotImplementedError("cuda_graphs=True: CUDA graph capture is not implemented yet (issue 6); "
-                                  "use cuda_graphs='auto' or False")
     from .diffusers_adapter import (
         FastFluxTransformer,
         flux_from_diffusers,
@@ -171,9 +178,12 @@ def compile(obj, quantize: str | None = None, backend: str = "auto", cuda_graphs
     device = next(obj.parameters()).device
     if quantize == "fp8":
         require_fp8_tensor_cores(device)
+    if cuda_graphs is True and device.type != "cuda":
+        raise ValueError(f"cuda_graphs=True needs the model on a CUDA device; it is on {device}")
+    graphs = device.type == "cuda" if cuda_graphs == "auto" else cuda_graphs
     if quantize is not None:
         quantize_model(obj, backend=backend, activations="fp8" if quantize == "fp8" else "bf16")
-    fast = FastFlux(obj, backend=backend)
+    fast = FastFlux(obj, backend=backend, cuda_graphs=graphs)
     kernels = "triton" if backend == "triton" or (backend == "auto" and device.type == "cuda") else "torch"
     fast.plan = {
         "device": str(device),
@@ -182,7 +192,7 @@ def compile(obj, quantize: str | None = None, backend: str = "auto", cuda_graphs
         "linears": {None: "torch (bf16/fp32)", "fp8-weight": f"fp8 weight-only ({kernels})",
                     "fp8": "fp8 W8A8 (torch._scaled_mm)"}[quantize],
         "modulation": f"{len(fast.mod_sizes)} linears batched into one GEMV",
-        "cuda_graphs": "off (not implemented yet)",
+        "cuda_graphs": f"on (one graph per input shape, up to {fast.graphs.max_graphs} kept)" if graphs else "off",
     }
     log.info("fluxrt.compile plan: %s", fast.plan)
     return fast if diffusers_config is None else FastFluxTransformer(fast, diffusers_config)

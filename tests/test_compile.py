@@ -76,7 +76,7 @@ def test_plan_and_torch_compile_on_top():
     model, x = model_and_inputs(seed=7)
     fast = fluxrt.compile(model)
     assert fast.plan["ops"]["joint_attention"] == "torch"  # auto on a CPU model: the torch formulas
-    assert fast.plan["cuda_graphs"].startswith("off")
+    assert fast.plan["cuda_graphs"] == "off" and fast.graphs is None  # auto: graphs only on a GPU
     torch._dynamo.reset()
     compiled = torch.compile(fast, fullgraph=True, backend="aot_eager")
     torch.testing.assert_close(compiled(**x), fast(**x), atol=1e-5, rtol=1e-5)
@@ -90,8 +90,10 @@ def test_bad_arguments():
         fluxrt.compile(model, quantize="int8")
     with pytest.raises(ValueError, match="backend must be one of"):
         fluxrt.compile(model, backend="cuda")
-    with pytest.raises(NotImplementedError, match="CUDA graph capture is not implemented yet"):
+    with pytest.raises(ValueError, match="cuda_graphs=True needs the model on a CUDA device"):
         fluxrt.compile(model, cuda_graphs=True)
+    with pytest.raises(ValueError, match="cuda_graphs must be"):
+        fluxrt.compile(model, cuda_graphs="yes")
 
 
 # ---- a diffusers FluxTransformer2DModel in, the same call and return type out ----
@@ -173,3 +175,50 @@ def test_pipeline_gives_the_same_image(tmp_path, guidance):
     assert images.shape == expected.shape == (1, 3, 64, 48)
     torch.testing.assert_close(images, expected, atol=1e-4, rtol=0)
     assert torch.equal(images, as_tuple)
+
+
+# ---- GPU: full-width blocks in bf16 and fp8 vs the reference; CUDA graph replay == eager; new shapes work ----
+
+
+def full_width_model_and_inputs(seed, B=1, height=256, width=256, T=64):
+    cfg = dataclasses.replace(FluxConfig.preset("flux-dev"), depth=1, depth_single_blocks=1)
+    with torch.device("meta"):
+        model = fluxrt.reference.Flux(cfg)
+    model = randomize_parameters_(model.to(torch.bfloat16).to_empty(device="cuda"), seed).eval().requires_grad_(False)
+    gen = torch.Generator().manual_seed(seed)
+    x = dict(
+        img=sampling.pack(sampling.get_noise(B, height, width, seed=seed, dtype=torch.bfloat16, device="cuda")),
+        img_ids=sampling.prepare_img_ids(B, height, width, "cuda"),
+        txt=torch.randn(B, T, cfg.context_in_dim, generator=gen).to("cuda", torch.bfloat16),
+        txt_ids=sampling.prepare_txt_ids(B, T, "cuda"),
+        timesteps=torch.full((B,), 0.6, device="cuda"),
+        y=torch.randn(B, cfg.vec_in_dim, generator=gen).to("cuda", torch.bfloat16),
+        guidance=torch.full((B,), 3.5, device="cuda"),
+    )
+    return model, x
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("quantize, floor_db", [(None, 30.0), ("fp8-weight", 20.0), ("fp8", 20.0)])
+@torch.no_grad()
+def test_gpu_full_width_two_blocks(quantize, floor_db):
+    model, x = full_width_model_and_inputs(seed=21)
+    expected = model(**x)
+    fast = fluxrt.compile(model, quantize=quantize, cuda_graphs=False)
+    assert fast.plan["ops"]["joint_attention"] == "triton"
+    assert sqnr_db(fast(**x), expected) >= floor_db
+
+
+@pytest.mark.gpu
+@torch.no_grad()
+def test_gpu_graph_replay_equals_eager_and_new_resolutions_work():
+    model, x = full_width_model_and_inputs(seed=22)
+    fast = fluxrt.compile(model)  # auto: graphs on
+    assert fast.graphs is not None
+    eager = fast._forward(**x)
+    first, again = fast(**x), fast(**x)
+    torch.testing.assert_close(first, eager, atol=0, rtol=0)
+    torch.testing.assert_close(again, eager, atol=0, rtol=0)
+    _, y = full_width_model_and_inputs(seed=23, height=128, width=384)  # a new shape after the first capture
+    torch.testing.assert_close(fast(**y), fast._forward(**y), atol=0, rtol=0)
+    assert len(fast.graphs.graphs) == 2
