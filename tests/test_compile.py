@@ -222,3 +222,13 @@ def test_gpu_graph_replay_equals_eager_and_new_resolutions_work():
     _, y = full_width_model_and_inputs(seed=23, height=128, width=384)  # a new shape after the first capture
     torch.testing.assert_close(fast(**y), fast._forward(**y), atol=0, rtol=0)
     assert len(fast.graphs.graphs) == 2
+
+
+@torch.no_grad()
+def test_fp8_weight_fused_epilogues_triton_matches_torch():
+    # with weight-only FP8 the MLP's GELU and the gated residuals run in fp8_linear's epilogues (the triton path)
+    model, x = model_and_inputs(B=2, seed=31)
+    other, _ = model_and_inputs(B=2, seed=31)
+    triton_out = fluxrt.compile(model, quantize="fp8-weight", backend="triton")(**x)
+    torch_out = fluxrt.compile(other, quantize="fp8-weight", backend="torch")(**x)
+    assert sqnr_db(triton_out, torch_out) >= 60
