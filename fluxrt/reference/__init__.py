@@ -3,10 +3,13 @@
 Imports nothing else from fluxrt (DESIGN.md §2).
 """
 
+from .autoencoder import AutoEncoder, AutoEncoderParams
 from .math import apply_rope, attention, rope
 from .model import DoubleStreamBlock, EmbedND, Flux, LastLayer, MLPEmbedder, SingleStreamBlock, timestep_embedding
 
 __all__ = [
+    "AutoEncoder",
+    "AutoEncoderParams",
     "DoubleStreamBlock",
     "EmbedND",
     "Flux",

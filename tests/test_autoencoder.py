@@ -1,0 +1,59 @@
+"""The reference FLUX autoencoder vs diffusers' AutoencoderKL with the same weights (converted by diffusers' own
+LDM-VAE converter: BFL's ae.safetensors uses LDM names)."""
+
+import dataclasses
+
+import pytest
+import torch
+from diffusers import AutoencoderKL
+from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
+
+from fluxrt.reference import AutoEncoder, AutoEncoderParams
+from fluxrt.testing import randomize_parameters_, rel_error
+
+# FLUX's structure (4 levels, 8x, z 16, one mid attention, GroupNorm(32)) at small widths
+TINY_AE = AutoEncoderParams(ch=32, ch_mult=(1, 1, 2, 2), num_res_blocks=1)
+
+
+def diffusers_twin(ae: AutoEncoder) -> AutoencoderKL:
+    p = ae.params
+    config = dict(
+        in_channels=p.in_channels, out_channels=p.out_ch, latent_channels=p.z_channels,
+        block_out_channels=[p.ch * m for m in p.ch_mult], layers_per_block=p.num_res_blocks,
+        down_block_types=["DownEncoderBlock2D"] * len(p.ch_mult), up_block_types=["UpDecoderBlock2D"] * len(p.ch_mult),
+        norm_num_groups=32, use_quant_conv=False, use_post_quant_conv=False, scaling_factor=p.scale_factor,
+        shift_factor=p.shift_factor, sample_size=p.resolution,
+    )
+    vae = AutoencoderKL(**config).eval()
+    vae.load_state_dict(convert_ldm_vae_checkpoint(dict(ae.state_dict()), config), strict=True)
+    return vae
+
+
+def test_flux_defaults_have_diffusers_flux_vae_shapes():
+    with torch.device("meta"):
+        ae = AutoEncoder()
+        vae = diffusers_twin(ae)  # diffusers' AutoencoderKL in FLUX's configuration, same tensors by key
+    assert len(ae.decoder.up[0].block) == 3 and len(ae.encoder.down[0].block) == 2
+    assert (ae.scale_factor, ae.shift_factor) == (0.3611, 0.1159)
+
+
+@pytest.mark.parametrize("B, H, W", [(1, 64, 48), (2, 32, 32)])
+@torch.no_grad()
+def test_matches_diffusers(B, H, W):
+    ae = randomize_parameters_(AutoEncoder(TINY_AE), seed=H + W, bias_std=0.02).eval()
+    vae = diffusers_twin(ae)
+    gen = torch.Generator().manual_seed(B)
+    z = torch.randn(B, 16, H // 8, W // 8, generator=gen)
+    image = ae.decode(z)
+    expected = vae.decode(z / vae.config.scaling_factor + vae.config.shift_factor).sample
+    assert image.shape == (B, 3, H, W) and rel_error(image, expected) <= 1e-5
+    x = torch.rand(B, 3, H, W, generator=gen) * 2 - 1
+    mean = vae.encode(x).latent_dist.mean
+    assert rel_error(ae.encode(x), (mean - vae.config.shift_factor) * vae.config.scaling_factor) <= 1e-5
+
+
+def test_params_are_frozen_and_replaceable():
+    p = dataclasses.replace(TINY_AE, z_channels=8)
+    assert AutoEncoder(p).decoder.conv_in.in_channels == 8
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        p.ch = 64
