@@ -23,8 +23,14 @@ _find_source_kernels()
 
 from . import quantize, reference, sampling  # noqa: E402
 from .config import FluxConfig  # noqa: E402
-from .convert import CheckpointError, bfl_to_diffusers, diffusers_to_bfl  # noqa: E402
-from .loading import load_transformer  # noqa: E402
+from .convert import (  # noqa: E402
+    CheckpointError,
+    bfl_to_diffusers,
+    diffusers_to_bfl,
+    vae_bfl_to_diffusers,
+    vae_diffusers_to_bfl,
+)
+from .loading import load_autoencoder, load_transformer  # noqa: E402
 from .quantize import save_transformer  # noqa: E402
 from .transformer import compile  # noqa: E402
 
@@ -36,9 +42,12 @@ __all__ = [
     "compile",
     "bfl_to_diffusers",
     "diffusers_to_bfl",
+    "load_autoencoder",
     "load_transformer",
     "quantize",
     "reference",
     "sampling",
     "save_transformer",
+    "vae_bfl_to_diffusers",
+    "vae_diffusers_to_bfl",
 ]

@@ -28,8 +28,8 @@ from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
 from .config import FluxConfig, default_axes_dim
-from .convert import CheckpointError, diffusers_to_bfl
-from .reference import Flux
+from .convert import CheckpointError, diffusers_to_bfl, vae_diffusers_to_bfl
+from .reference import AutoEncoder, AutoEncoderParams, Flux
 
 log = logging.getLogger("fluxrt")
 
@@ -105,7 +105,8 @@ def _safetensors_device(device: torch.device) -> str:
     return device.type
 
 
-def _resolve(path: str | os.PathLike) -> tuple[list[Path], dict | None]:
+def _resolve(path: str | os.PathLike, subfolder: str = "transformer",
+             config_class: str = "FluxTransformer2DModel") -> tuple[list[Path], dict | None]:
     """The safetensors files of a checkpoint path, and the diffusers config.json next to them if any."""
     p = Path(path)
     if not p.exists():
@@ -117,14 +118,14 @@ def _resolve(path: str | os.PathLike) -> tuple[list[Path], dict | None]:
                 "unpickles (arbitrary code). Convert it to .safetensors first."
             )
         return [p], None
-    if (p / "transformer").is_dir() and not list(p.glob("*.safetensors")):
-        p = p / "transformer"  # a whole diffusers pipeline folder
+    if (p / subfolder).is_dir() and not list(p.glob("*.safetensors")):
+        p = p / subfolder  # a whole diffusers pipeline folder
     config = None
     if (p / "config.json").is_file():
         config = json.loads((p / "config.json").read_text())
-        cls = config.get("_class_name", "FluxTransformer2DModel")
-        if cls != "FluxTransformer2DModel":
-            raise CheckpointError(f"{p / 'config.json'} describes a {cls}, not a FluxTransformer2DModel")
+        cls = config.get("_class_name", config_class)
+        if cls != config_class:
+            raise CheckpointError(f"{p / 'config.json'} describes a {cls}, not a {config_class}")
     indexes = sorted(p.glob("*.safetensors.index.json"))
     if len(indexes) > 1:
         raise CheckpointError(f"{p} holds several safetensors indexes {[i.name for i in indexes]}; keep one")
@@ -348,3 +349,72 @@ def _swap_in_fp8_linears(model: torch.nn.Module, weight_keys: set[str], bias_dty
             parent = model.get_submodule(parent_name) if parent_name else model
             setattr(parent, child, FP8Linear(linear.in_features, linear.out_features, linear.bias is not None,
                                              bias_dtype=bias_dtype))
+
+
+_VAE_PREFIXES = ("first_stage_model.", "vae.")  # LDM/Comfy all-in-one files
+
+
+def infer_autoencoder_params(shapes: Mapping[str, tuple[int, ...]], diffusers_config: dict | None) -> AutoEncoderParams:
+    """AutoEncoderParams from a BFL-named autoencoder state dict's shapes (scale/shift from config.json if any)."""
+
+    def shape(key: str) -> tuple[int, ...]:
+        if key not in shapes:
+            raise CheckpointError(f"cannot infer the autoencoder config: missing key {key!r}")
+        return tuple(shapes[key])
+
+    ch, in_channels = shape("encoder.conv_in.weight")[:2]
+    levels = len({int(m.group(1)) for k in shapes if (m := re.match(r"encoder\.down\.(\d+)\.", k))})
+    blocks = len({int(m.group(1)) for k in shapes if (m := re.match(r"encoder\.down\.0\.block\.(\d+)\.", k))})
+    config = diffusers_config or {}
+    return AutoEncoderParams(
+        in_channels=in_channels,
+        ch=ch,
+        out_ch=shape("decoder.conv_out.weight")[0],
+        ch_mult=tuple(shape(f"encoder.down.{i}.block.0.conv1.weight")[0] // ch for i in range(levels)),
+        num_res_blocks=blocks,
+        z_channels=shape("decoder.conv_in.weight")[1],
+        scale_factor=config.get("scaling_factor") or AutoEncoderParams.scale_factor,
+        shift_factor=config.get("shift_factor") if config.get("shift_factor") is not None else AutoEncoderParams.shift_factor,
+    )
+
+
+def load_autoencoder(path: str | os.PathLike, dtype: torch.dtype = torch.bfloat16,
+                     device: torch.device | str = "cpu") -> AutoEncoder:
+    """Load the FLUX autoencoder: BFL ae.safetensors, a diffusers AutoencoderKL folder/file (16 latent channels,
+    no quant convs), or an all-in-one file with `first_stage_model.` / `vae.` keys. Same checks as
+    load_transformer: everything validated on meta tensors before weights are read."""
+    device = torch.device(device)
+    files, diffusers_config = _resolve(path, subfolder="vae", config_class="AutoencoderKL")
+    source = _Source(files, device)
+    all_keys = list(source.where)
+    prefix = next((p for p in _VAE_PREFIXES if any(k.startswith(p) for k in all_keys)), "")
+    keys = [k[len(prefix):] for k in all_keys if k.startswith(prefix)]
+    ignored = len(all_keys) - len(keys)
+    if ignored:
+        log.warning("load_autoencoder: ignored %d non-autoencoder keys in %s", ignored, path)
+    if any(k.startswith(("quant_conv.", "post_quant_conv.")) for k in keys):
+        raise CheckpointError(f"{path} has quant_conv / post_quant_conv weights: an SD-style VAE, not FLUX's")
+    if any(k.startswith(("encoder.down_blocks.", "decoder.up_blocks.")) for k in keys):
+        convert, fmt = vae_diffusers_to_bfl, "diffusers"
+    elif any(k.startswith(("encoder.down.", "decoder.up.")) for k in keys):
+        convert, fmt = dict, "bfl"
+    else:
+        raise CheckpointError(f"unrecognized autoencoder layout in {path}: expected BFL (encoder.down.*) or diffusers "
+                              f"(encoder.down_blocks.*) naming; found keys like {sorted(keys)[:5]}")
+
+    def meta(name: str) -> Tensor:
+        return torch.empty(source.shape(prefix + name), device="meta")
+
+    def real(name: str) -> Tensor:
+        x = source.read(prefix + name)
+        return x.to(dtype) if x.is_floating_point() else x
+
+    shapes = {k: tuple(v.shape) for k, v in convert(_View(keys, meta)).items()}
+    params = infer_autoencoder_params(shapes, diffusers_config)
+    if params.z_channels != 16:
+        raise CheckpointError(f"{path} has {params.z_channels} latent channels; FLUX's autoencoder has 16")
+    with torch.device("meta"):
+        model = AutoEncoder(params)
+    _check_against_model(model, shapes, fmt)
+    model.load_state_dict(convert(_View(keys, real)), strict=True, assign=True)
+    return model.requires_grad_(False).eval()

@@ -7,6 +7,9 @@ import pytest
 import torch
 from diffusers import AutoencoderKL
 from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
+from safetensors.torch import save_file
+
+import fluxrt
 
 from fluxrt.reference import AutoEncoder, AutoEncoderParams
 from fluxrt.testing import randomize_parameters_, rel_error
@@ -57,3 +60,52 @@ def test_params_are_frozen_and_replaceable():
     assert AutoEncoder(p).decoder.conv_in.in_channels == 8
     with pytest.raises(dataclasses.FrozenInstanceError):
         p.ch = 64
+
+
+# ---- load_autoencoder: BFL file, diffusers folder, all-in-one prefix; clear errors ----
+
+
+@pytest.fixture()
+def small_ae():
+    return randomize_parameters_(AutoEncoder(TINY_AE), seed=5, bias_std=0.02).eval()
+
+
+def assert_same_model(loaded, ae):
+    assert loaded.params == ae.params
+    sd = loaded.state_dict()
+    assert sd.keys() == ae.state_dict().keys()
+    assert all(torch.equal(sd[k], v) for k, v in ae.state_dict().items())
+
+
+def test_load_bfl_file_and_prefixed_file(tmp_path, small_ae):
+    save_file(small_ae.state_dict(), tmp_path / "ae.safetensors")
+    assert_same_model(fluxrt.load_autoencoder(tmp_path / "ae.safetensors", dtype=torch.float32), small_ae)
+    prefixed = {f"first_stage_model.{k}": v for k, v in small_ae.state_dict().items()}
+    prefixed["model.diffusion_model.img_in.weight"] = torch.randn(4, 4)
+    save_file(prefixed, tmp_path / "all-in-one.safetensors")
+    assert_same_model(fluxrt.load_autoencoder(tmp_path / "all-in-one.safetensors", dtype=torch.float32), small_ae)
+
+
+def test_load_diffusers_folder(tmp_path, small_ae):
+    diffusers_twin(small_ae).save_pretrained(tmp_path / "vae")
+    loaded = fluxrt.load_autoencoder(tmp_path, dtype=torch.float32)  # a pipeline folder: vae/ is found
+    assert_same_model(loaded, small_ae)
+    assert fluxrt.vae_bfl_to_diffusers(small_ae.state_dict()).keys() == diffusers_twin(small_ae).state_dict().keys()
+
+
+def test_load_errors(tmp_path, small_ae):
+    sd = dict(small_ae.state_dict())
+    del sd["decoder.up.1.block.0.conv2.bias"]
+    save_file(sd, tmp_path / "missing.safetensors")
+    with pytest.raises(fluxrt.CheckpointError, match=r"missing keys: decoder\.up\.1\.block\.0\.conv2\.bias"):
+        fluxrt.load_autoencoder(tmp_path / "missing.safetensors")
+    save_file({"double_blocks.0.img_mod.lin.weight": torch.randn(4, 4)}, tmp_path / "flux.safetensors")
+    with pytest.raises(fluxrt.CheckpointError, match="unrecognized autoencoder layout"):
+        fluxrt.load_autoencoder(tmp_path / "flux.safetensors")
+    sd = dict(small_ae.state_dict())
+    sd["quant_conv.weight"] = torch.randn(32, 32, 1, 1)
+    save_file(sd, tmp_path / "sd-vae.safetensors")
+    with pytest.raises(fluxrt.CheckpointError, match="SD-style VAE"):
+        fluxrt.load_autoencoder(tmp_path / "sd-vae.safetensors")
+    with pytest.raises(FileNotFoundError):
+        fluxrt.load_autoencoder(tmp_path / "nope.safetensors")
