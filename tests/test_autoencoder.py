@@ -35,7 +35,7 @@ def diffusers_twin(ae: AutoEncoder) -> AutoencoderKL:
 def test_flux_defaults_have_diffusers_flux_vae_shapes():
     with torch.device("meta"):
         ae = AutoEncoder()
-        vae = diffusers_twin(ae)  # diffusers' AutoencoderKL in FLUX's configuration, same tensors by key
+        diffusers_twin(ae)  # loads strictly into diffusers' AutoencoderKL in FLUX's configuration: raises on any key/shape
     assert len(ae.decoder.up[0].block) == 3 and len(ae.encoder.down[0].block) == 2
     assert (ae.scale_factor, ae.shift_factor) == (0.3611, 0.1159)
 
