@@ -148,85 +148,58 @@ def bfl_to_diffusers(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
 
 # ---- FLUX autoencoder: BFL (LDM) naming <-> diffusers AutoencoderKL naming ----
 
-def _vae_levels(keys, prefix: str) -> int:
-    return len(_block_indices(keys, prefix))
 
-
-def _rename(key: str, rules) -> str | None:
-    for pattern, build in rules:
-        m = re.fullmatch(pattern, key)
-        if m:
-            return build(m.groups())
-    return None
-
-
-def _vae_rules_to_diffusers(levels: int):
-    # decoder levels are stored in opposite orders: BFL up[0] is the highest resolution, diffusers up_blocks[0] the lowest
-    return [
-        (r"(encoder|decoder)\.mid\.block_(\d)\.(.*)", lambda g: f"{g[0]}.mid_block.resnets.{int(g[1]) - 1}.{g[2]}"),
-        (r"(encoder|decoder)\.mid\.attn_1\.norm\.(.*)", lambda g: f"{g[0]}.mid_block.attentions.0.group_norm.{g[1]}"),
-        (r"(encoder|decoder)\.mid\.attn_1\.(q|k|v)\.(.*)", lambda g: f"{g[0]}.mid_block.attentions.0.to_{g[1]}.{g[2]}"),
-        (r"(encoder|decoder)\.mid\.attn_1\.proj_out\.(.*)", lambda g: f"{g[0]}.mid_block.attentions.0.to_out.0.{g[1]}"),
-        (r"encoder\.down\.(\d+)\.block\.(\d+)\.(.*)", lambda g: f"encoder.down_blocks.{g[0]}.resnets.{g[1]}.{g[2]}"),
-        (r"encoder\.down\.(\d+)\.downsample\.conv\.(.*)", lambda g: f"encoder.down_blocks.{g[0]}.downsamplers.0.conv.{g[1]}"),
-        (r"decoder\.up\.(\d+)\.block\.(\d+)\.(.*)",
-         lambda g: f"decoder.up_blocks.{levels - 1 - int(g[0])}.resnets.{g[1]}.{g[2]}"),
-        (r"decoder\.up\.(\d+)\.upsample\.conv\.(.*)",
-         lambda g: f"decoder.up_blocks.{levels - 1 - int(g[0])}.upsamplers.0.conv.{g[1]}"),
-        (r"(encoder|decoder)\.norm_out\.(.*)", lambda g: f"{g[0]}.conv_norm_out.{g[1]}"),
-        (r"(encoder|decoder)\.(conv_in|conv_out)\.(.*)", lambda g: f"{g[0]}.{g[1]}.{g[2]}"),
-    ]
+def _vae_module_pairs(levels: int) -> list[tuple[str, str]]:
+    """(BFL module path, diffusers module path), one table for both directions. Decoder levels run in opposite
+    orders (BFL up[0] is the highest resolution, diffusers up_blocks[0] the lowest). Block indices are matched
+    as path segments, so the table needs no block counts."""
+    pairs = []
+    for side in ("encoder", "decoder"):
+        pairs += [(f"{side}.mid.block_{j + 1}.", f"{side}.mid_block.resnets.{j}.") for j in range(2)]
+        pairs += [(f"{side}.mid.attn_1.norm.", f"{side}.mid_block.attentions.0.group_norm."),
+                  (f"{side}.mid.attn_1.proj_out.", f"{side}.mid_block.attentions.0.to_out.0."),
+                  (f"{side}.norm_out.", f"{side}.conv_norm_out."),
+                  (f"{side}.conv_in.", f"{side}.conv_in."), (f"{side}.conv_out.", f"{side}.conv_out.")]
+        pairs += [(f"{side}.mid.attn_1.{x}.", f"{side}.mid_block.attentions.0.to_{x}.") for x in "qkv"]
+    for i in range(levels):
+        pairs += [(f"encoder.down.{i}.block.", f"encoder.down_blocks.{i}.resnets."),
+                  (f"encoder.down.{i}.downsample.conv.", f"encoder.down_blocks.{i}.downsamplers.0.conv."),
+                  (f"decoder.up.{i}.block.", f"decoder.up_blocks.{levels - 1 - i}.resnets."),
+                  (f"decoder.up.{i}.upsample.conv.", f"decoder.up_blocks.{levels - 1 - i}.upsamplers.0.conv.")]
+    return pairs
 
 
 def _is_attn_matrix(bfl_key: str) -> bool:
     return re.search(r"mid\.attn_1\.(q|k|v|proj_out)\.weight$", bfl_key) is not None
 
 
-def vae_bfl_to_diffusers(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """BFL ae.safetensors keys -> diffusers AutoencoderKL keys (1x1-conv attention weights become linear)."""
+def _vae_convert(state_dict: Mapping[str, Tensor], to_diffusers: bool) -> dict[str, Tensor]:
     keys = list(state_dict.keys())
-    rules = _vae_rules_to_diffusers(_vae_levels(keys, "decoder.up"))
+    levels = len(_block_indices(keys, "decoder.up" if to_diffusers else "decoder.up_blocks"))
+    pairs = [(b, d) if to_diffusers else (d, b) for b, d in _vae_module_pairs(levels)]
+    shortcut = (".nin_shortcut.", ".conv_shortcut.") if to_diffusers else (".conv_shortcut.", ".nin_shortcut.")
     out, unknown = {}, []
     for key in keys:
-        name = _rename(key, rules)
-        if name is not None:
-            name = name.replace(".nin_shortcut.", ".conv_shortcut.")
-        if name is None:
+        match = next(((src, dst) for src, dst in pairs if key.startswith(src)), None)
+        if match is None:
             unknown.append(key)
             continue
+        name = (match[1] + key[len(match[0]):]).replace(*shortcut)
         value = state_dict[key]
-        out[name] = value[:, :, 0, 0] if _is_attn_matrix(key) and value.ndim == 4 else value
+        if _is_attn_matrix(name if not to_diffusers else key):  # 1x1 conv (BFL) <-> linear (diffusers)
+            value = value[:, :, 0, 0] if to_diffusers and value.ndim == 4 else value
+            value = value[:, :, None, None] if not to_diffusers and value.ndim == 2 else value
+        out[name] = value
     if unknown:
-        raise _unrecognized(unknown, "BFL autoencoder")
+        raise _unrecognized(unknown, "BFL autoencoder" if to_diffusers else "diffusers autoencoder")
     return out
+
+
+def vae_bfl_to_diffusers(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """BFL ae.safetensors keys -> diffusers AutoencoderKL keys (1x1-conv attention weights become linear)."""
+    return _vae_convert(state_dict, to_diffusers=True)
 
 
 def vae_diffusers_to_bfl(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """diffusers AutoencoderKL keys (FLUX: no quant convs) -> BFL ae keys (attention weights as 1x1 convs)."""
-    keys = list(state_dict.keys())
-    rules = _vae_rules_to_bfl(_vae_levels(keys, "decoder.up_blocks"))
-    back = {}
-    for key in keys:
-        bfl = _rename(key.replace(".conv_shortcut.", ".nin_shortcut."), rules)
-        if bfl is None:
-            raise _unrecognized([key], "diffusers autoencoder")
-        value = state_dict[key]
-        back[bfl] = value[:, :, None, None] if _is_attn_matrix(bfl) and value.ndim == 2 else value
-    return back
-
-
-def _vae_rules_to_bfl(levels: int):
-    return [
-        (r"(encoder|decoder)\.mid_block\.resnets\.(\d)\.(.*)", lambda g: f"{g[0]}.mid.block_{int(g[1]) + 1}.{g[2]}"),
-        (r"(encoder|decoder)\.mid_block\.attentions\.0\.group_norm\.(.*)", lambda g: f"{g[0]}.mid.attn_1.norm.{g[1]}"),
-        (r"(encoder|decoder)\.mid_block\.attentions\.0\.to_(q|k|v)\.(.*)", lambda g: f"{g[0]}.mid.attn_1.{g[1]}.{g[2]}"),
-        (r"(encoder|decoder)\.mid_block\.attentions\.0\.to_out\.0\.(.*)", lambda g: f"{g[0]}.mid.attn_1.proj_out.{g[1]}"),
-        (r"encoder\.down_blocks\.(\d+)\.resnets\.(\d+)\.(.*)", lambda g: f"encoder.down.{g[0]}.block.{g[1]}.{g[2]}"),
-        (r"encoder\.down_blocks\.(\d+)\.downsamplers\.0\.conv\.(.*)", lambda g: f"encoder.down.{g[0]}.downsample.conv.{g[1]}"),
-        (r"decoder\.up_blocks\.(\d+)\.resnets\.(\d+)\.(.*)",
-         lambda g: f"decoder.up.{levels - 1 - int(g[0])}.block.{g[1]}.{g[2]}"),
-        (r"decoder\.up_blocks\.(\d+)\.upsamplers\.0\.conv\.(.*)",
-         lambda g: f"decoder.up.{levels - 1 - int(g[0])}.upsample.conv.{g[1]}"),
-        (r"(encoder|decoder)\.conv_norm_out\.(.*)", lambda g: f"{g[0]}.norm_out.{g[1]}"),
-        (r"(encoder|decoder)\.(conv_in|conv_out)\.(.*)", lambda g: f"{g[0]}.{g[1]}.{g[2]}"),
-    ]
+    return _vae_convert(state_dict, to_diffusers=False)
