@@ -375,6 +375,7 @@ def infer_autoencoder_params(shapes: Mapping[str, tuple[int, ...]], diffusers_co
         z_channels=shape("decoder.conv_in.weight")[1],
         scale_factor=config.get("scaling_factor") or AutoEncoderParams.scale_factor,
         shift_factor=config.get("shift_factor") if config.get("shift_factor") is not None else AutoEncoderParams.shift_factor,
+        norm_groups=config.get("norm_num_groups") or AutoEncoderParams.norm_groups,  # not in the shapes: FLUX's 32
     )
 
 

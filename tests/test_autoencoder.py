@@ -24,7 +24,7 @@ def diffusers_twin(ae: AutoEncoder) -> AutoencoderKL:
         in_channels=p.in_channels, out_channels=p.out_ch, latent_channels=p.z_channels,
         block_out_channels=[p.ch * m for m in p.ch_mult], layers_per_block=p.num_res_blocks,
         down_block_types=["DownEncoderBlock2D"] * len(p.ch_mult), up_block_types=["UpDecoderBlock2D"] * len(p.ch_mult),
-        norm_num_groups=32, use_quant_conv=False, use_post_quant_conv=False, scaling_factor=p.scale_factor,
+        norm_num_groups=p.norm_groups, use_quant_conv=False, use_post_quant_conv=False, scaling_factor=p.scale_factor,
         shift_factor=p.shift_factor, sample_size=p.resolution,
     )
     vae = AutoencoderKL(**config).eval()

@@ -26,16 +26,17 @@ class AutoEncoderParams:
     z_channels: int = 16
     scale_factor: float = 0.3611
     shift_factor: float = 0.1159
+    norm_groups: int = 32  # GroupNorm groups (FLUX: 32; small test VAEs use fewer)
 
 
-def _group_norm(channels: int) -> nn.GroupNorm:
-    return nn.GroupNorm(num_groups=32, num_channels=channels, eps=1e-6, affine=True)
+def _group_norm(channels: int, groups: int) -> nn.GroupNorm:
+    return nn.GroupNorm(num_groups=groups, num_channels=channels, eps=1e-6, affine=True)
 
 
 class AttnBlock(nn.Module):
-    def __init__(self, in_channels: int):
+    def __init__(self, in_channels: int, groups: int):
         super().__init__()
-        self.norm = _group_norm(in_channels)
+        self.norm = _group_norm(in_channels, groups)
         self.q = nn.Conv2d(in_channels, in_channels, kernel_size=1)
         self.k = nn.Conv2d(in_channels, in_channels, kernel_size=1)
         self.v = nn.Conv2d(in_channels, in_channels, kernel_size=1)
@@ -50,12 +51,12 @@ class AttnBlock(nn.Module):
 
 
 class ResnetBlock(nn.Module):
-    def __init__(self, in_channels: int, out_channels: int):
+    def __init__(self, in_channels: int, out_channels: int, groups: int):
         super().__init__()
         self.in_channels, self.out_channels = in_channels, out_channels
-        self.norm1 = _group_norm(in_channels)
+        self.norm1 = _group_norm(in_channels, groups)
         self.conv1 = nn.Conv2d(in_channels, out_channels, kernel_size=3, stride=1, padding=1)
-        self.norm2 = _group_norm(out_channels)
+        self.norm2 = _group_norm(out_channels, groups)
         self.conv2 = nn.Conv2d(out_channels, out_channels, kernel_size=3, stride=1, padding=1)
         if in_channels != out_channels:
             self.nin_shortcut = nn.Conv2d(in_channels, out_channels, kernel_size=1)
@@ -84,11 +85,11 @@ class Upsample(nn.Module):
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
-def _mid(channels: int) -> nn.Module:
+def _mid(channels: int, groups: int) -> nn.Module:
     mid = nn.Module()
-    mid.block_1 = ResnetBlock(channels, channels)
-    mid.attn_1 = AttnBlock(channels)
-    mid.block_2 = ResnetBlock(channels, channels)
+    mid.block_1 = ResnetBlock(channels, channels, groups)
+    mid.attn_1 = AttnBlock(channels, groups)
+    mid.block_2 = ResnetBlock(channels, channels, groups)
     return mid
 
 
@@ -103,13 +104,13 @@ class Encoder(nn.Module):
             down.block = nn.ModuleList()
             down.attn = nn.ModuleList()  # empty in FLUX; kept for the parameter names
             for _ in range(p.num_res_blocks):
-                down.block.append(ResnetBlock(block_in, p.ch * mult))
+                down.block.append(ResnetBlock(block_in, p.ch * mult, p.norm_groups))
                 block_in = p.ch * mult
             if level != len(p.ch_mult) - 1:
                 down.downsample = Downsample(block_in)
             self.down.append(down)
-        self.mid = _mid(block_in)
-        self.norm_out = _group_norm(block_in)
+        self.mid = _mid(block_in, p.norm_groups)
+        self.norm_out = _group_norm(block_in, p.norm_groups)
         self.conv_out = nn.Conv2d(block_in, 2 * p.z_channels, kernel_size=3, stride=1, padding=1)
 
     def forward(self, x: Tensor) -> Tensor:  # [B, 3, H, W] -> [B, 2z, H/8, W/8] (mean | logvar)
@@ -128,19 +129,19 @@ class Decoder(nn.Module):
         super().__init__()
         block_in = p.ch * p.ch_mult[-1]
         self.conv_in = nn.Conv2d(p.z_channels, block_in, kernel_size=3, stride=1, padding=1)
-        self.mid = _mid(block_in)
+        self.mid = _mid(block_in, p.norm_groups)
         self.up = nn.ModuleList()
         for level in reversed(range(len(p.ch_mult))):
             up = nn.Module()
             up.block = nn.ModuleList()
             up.attn = nn.ModuleList()
             for _ in range(p.num_res_blocks + 1):
-                up.block.append(ResnetBlock(block_in, p.ch * p.ch_mult[level]))
+                up.block.append(ResnetBlock(block_in, p.ch * p.ch_mult[level], p.norm_groups))
                 block_in = p.ch * p.ch_mult[level]
             if level != 0:
                 up.upsample = Upsample(block_in)
             self.up.insert(0, up)  # BFL's order: up[0] is the highest resolution
-        self.norm_out = _group_norm(block_in)
+        self.norm_out = _group_norm(block_in, p.norm_groups)
         self.conv_out = nn.Conv2d(block_in, p.out_ch, kernel_size=3, stride=1, padding=1)
 
     def forward(self, z: Tensor) -> Tensor:  # [B, z, h, w] -> [B, 3, 8h, 8w]
