@@ -10,8 +10,8 @@ projection's layout, gated residual fused with the next norm. All 57 modulation 
 once and each block's parameters become views into the concatenation, so memory stays one copy.
 
 A diffusers FluxTransformer2DModel is converted (fluxrt.diffusers_adapter) and wrapped so its call stays
-diffusers'; a FluxPipeline gets its transformer replaced in place. On a GPU the step runs through CUDA graphs
-(fluxrt.graphs; cuda_graphs="auto"). Not yet here: the VAE swap (VAE issue).
+diffusers'; a FluxPipeline gets its transformer and VAE replaced in place. On a GPU the step runs through CUDA
+graphs (fluxrt.graphs; cuda_graphs="auto"). Autoencoders (reference or diffusers) go to fluxrt.vae.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from . import ops
 from .graphs import GraphedCall
 from .quantize import FP8Linear, quantize as quantize_model, require_fp8_tensor_cores
+from .reference.autoencoder import AutoEncoder
 from .reference.model import DoubleStreamBlock, Flux, SingleStreamBlock, timestep_embedding
 
 log = logging.getLogger("fluxrt")
@@ -180,16 +181,23 @@ def compile(obj, quantize: str | None = None, backend: str = "auto", cuda_graphs
         is_diffusers_flux_pipeline,
     )
 
-    if is_diffusers_flux_pipeline(obj):  # its transformer is replaced in place (the VAE: once the VAE issue lands)
+    from .vae import compile_autoencoder, is_diffusers_autoencoder_kl
+
+    if is_diffusers_flux_pipeline(obj):  # its transformer and VAE are replaced in place
         obj.transformer = compile(obj.transformer, quantize=quantize, backend=backend, cuda_graphs=cuda_graphs)
+        obj.vae = compile_autoencoder(obj.vae, backend=backend)
         return obj
+    if isinstance(obj, AutoEncoder) or is_diffusers_autoencoder_kl(obj):
+        if quantize is not None:
+            raise ValueError(f"quantize={quantize!r} applies to the transformer; the autoencoder runs in its own dtype")
+        return compile_autoencoder(obj, backend=backend)
     diffusers_config = None
     if is_diffusers_flux(obj):
         diffusers_config = obj.config
         obj = flux_from_diffusers(obj)
     elif not isinstance(obj, Flux):
-        raise TypeError(f"fluxrt.compile accepts a fluxrt.reference.Flux, a diffusers FluxTransformer2DModel or a "
-                        f"diffusers FluxPipeline; got {type(obj).__name__}")
+        raise TypeError(f"fluxrt.compile accepts a fluxrt.reference.Flux or AutoEncoder, a diffusers "
+                        f"FluxTransformer2DModel, AutoencoderKL or FluxPipeline; got {type(obj).__name__}")
     device = next(obj.parameters()).device
     if quantize == "fp8":
         require_fp8_tensor_cores(device)

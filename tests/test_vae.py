@@ -1,0 +1,204 @@
+"""The fast autoencoder (fluxrt.vae, via fluxrt.compile) vs the reference, its diffusers drop-in, tiled decoding."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL
+
+import fluxrt
+from fluxrt.reference import AutoEncoder, AutoEncoderParams
+from fluxrt.testing import randomize_parameters_, rel_error
+from fluxrt.vae import FastAutoEncoder, FastAutoencoderKL, tiled_decode
+
+from test_autoencoder import diffusers_twin
+
+# FLUX's structure (4 levels, 8x, z 16, mid attention) at small widths; 8 groups of 4-8 channels
+SMALL = AutoEncoderParams(ch=32, ch_mult=(1, 1, 2, 2), num_res_blocks=1, norm_groups=8)
+
+
+def small_ae(seed: int = 0, dtype=torch.float32) -> AutoEncoder:
+    torch.manual_seed(seed)
+    return randomize_parameters_(AutoEncoder(SMALL), seed).to(dtype).requires_grad_(False).eval()
+
+
+def latents(b=2, h=6, w=5, seed=1, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(b, 16, h, w, generator=g).to(dtype)
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_fast_matches_reference_fp32(backend, channels_last):
+    ref = small_ae()
+    z = latents()
+    images = torch.rand(2, 3, 40, 24) * 2 - 1
+    want_decode, want_encode = ref.decode(z), ref.encode(images)
+    fast = FastAutoEncoder(copy.deepcopy(ref), backend=backend, channels_last=channels_last)
+    got = fast.decode(z)
+    assert got.shape == (2, 3, 48, 40) and got.is_contiguous()
+    assert rel_error(got, want_decode) <= 1e-5
+    assert rel_error(fast.encode(images), want_encode) <= 1e-5
+    assert rel_error(fast(images), ref(images)) <= 1e-5
+
+
+def test_fast_bf16_within_the_rule():
+    """bf16 fast decode vs the fp32 reference: no worse than 2x the reference's own bf16 error (DESIGN.md §4)."""
+    ref32 = small_ae()
+    z = latents(b=1, h=8, w=8)
+    truth = ref32.decode(z)
+    ref16 = copy.deepcopy(ref32).to(torch.bfloat16)
+    baseline = rel_error(ref16.decode(z.bfloat16()).float(), truth)
+    fast = fluxrt.compile(copy.deepcopy(ref32).to(torch.bfloat16))
+    err = rel_error(fast.decode(z.bfloat16()).float(), truth)
+    assert err <= 2 * baseline + 1e-3, (err, baseline)
+
+
+def test_compile_leaves_the_reference_module_intact():
+    ref = small_ae()
+    keys = list(ref.state_dict())
+    ptrs = {n: p.data_ptr() for n, p in ref.named_parameters()}
+    z = latents()
+    before = ref.decode(z)
+    fast = fluxrt.compile(ref)
+    assert isinstance(fast, FastAutoEncoder) and fast.plan["ops"]["group_norm_silu"]
+    assert list(ref.state_dict()) == keys  # the fused qkv conv is not registered
+    assert {n: p.data_ptr() for n, p in ref.named_parameters()} == ptrs  # weights shared, not copied (NCHW on CPU)
+    assert torch.equal(ref.decode(z), before)
+
+
+def test_input_errors():
+    fast = fluxrt.compile(small_ae())
+    with pytest.raises(ValueError, match=r"latents must be \[B, 16, H, W\]"):
+        fast.decode(torch.randn(1, 4, 8, 8))
+    with pytest.raises(ValueError, match="autoencoder is torch.float32"):
+        fast.decode(latents().double())
+    with pytest.raises(ValueError, match="quantize='fp8' applies to the transformer"):
+        fluxrt.compile(small_ae(), quantize="fp8")
+    with pytest.raises(ValueError, match="tiling must be"):
+        FastAutoEncoder(small_ae(), tiling="always")
+
+
+def test_tiled_decode_blends_a_local_decoder_exactly():
+    """With a decoder that has no global ops, tiling with ramps must reproduce the untiled output exactly."""
+    weight = torch.randn(3, 16, 1, 1)
+
+    def local(z):
+        return F.interpolate(F.conv2d(z, weight), scale_factor=8, mode="nearest")
+
+    z = latents(b=2, h=23, w=17)
+    for tile, overlap in ((8, 3), (10, 0), (6, 2), (32, 4)):
+        torch.testing.assert_close(tiled_decode(local, z, tile, overlap, upscale=8), local(z), rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="overlap < tile"):
+        tiled_decode(local, z, 8, 8, upscale=8)
+
+
+def test_tiled_vs_untiled_autoencoder():
+    """Tiles see their own GroupNorm statistics and attention, so tiled != untiled; the stated tolerance: relative
+    error <= 0.1 on this random-weight model (a tile covers about half the image each way), equal without tiling."""
+    fast = FastAutoEncoder(small_ae())
+    z = latents(b=1, h=24, w=20)
+    untiled = fast.decode(z)
+    fast.tile_latent, fast.tile_overlap = 16, 6
+    fast.tiling = "auto"
+    fast.tile_auto_pixels = 24 * 20  # not above: untiled
+    assert torch.equal(fast.decode(z), untiled)
+    fast.tile_auto_pixels = 24 * 20 - 1  # above: tiled automatically
+    tiled = fast.decode(z)
+    assert tiled.shape == untiled.shape
+    err = rel_error(tiled, untiled)
+    assert 0 < err <= 0.1, err
+    fast.tiling = True
+    assert torch.equal(fast.decode(z), tiled)
+
+
+def test_slicing_decodes_images_one_by_one():
+    fast = FastAutoEncoder(small_ae())
+    z = latents(b=3)
+    whole = fast.decode(z)
+    fast.slicing = True
+    torch.testing.assert_close(fast.decode(z), whole, rtol=1e-5, atol=1e-5)
+
+
+def _diffusers_vae(groups: int = 8) -> AutoencoderKL:
+    ae = small_ae(seed=3)
+    if groups == ae.params.norm_groups:
+        return diffusers_twin(ae)
+    torch.manual_seed(3)
+    return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=16, block_out_channels=[8, 8, 16, 16],
+                         layers_per_block=1, down_block_types=["DownEncoderBlock2D"] * 4,
+                         up_block_types=["UpDecoderBlock2D"] * 4, norm_num_groups=groups, use_quant_conv=False,
+                         use_post_quant_conv=False, scaling_factor=0.3611, shift_factor=0.1159).eval()
+
+
+@pytest.mark.parametrize("groups", [8, 4])
+def test_compile_diffusers_autoencoder_kl(groups):
+    vae = _diffusers_vae(groups).requires_grad_(False)
+    z = latents(b=2, h=6, w=4)
+    images = torch.rand(2, 3, 32, 48) * 2 - 1
+    with torch.no_grad():
+        want = vae.decode(z).sample
+        want_mean = vae.encode(images).latent_dist.mean
+        want_forward = vae(images).sample
+    ptrs = {p.data_ptr() for p in vae.parameters()}
+    config = vae.config
+    fast = fluxrt.compile(vae)
+    assert isinstance(fast, FastAutoencoderKL) and fast.config is config
+    assert fast.dtype == torch.float32 and fast.device == torch.device("cpu")
+    # weights moved, not copied: every fast parameter lives in a storage the diffusers model owned (the fused qkv
+    # conv excepted: a new, small tensor), and the diffusers model is left empty
+    fast_ptrs = {p.data_ptr() for p in fast.fast.ae.parameters()}
+    assert fast_ptrs <= ptrs and all(p.numel() == 0 for p in vae.parameters())
+    out = fast.decode(z)
+    assert type(out).__name__ == "DecoderOutput" and rel_error(out.sample, want) <= 1e-5
+    (tup,) = fast.decode(z, return_dict=False)
+    assert torch.equal(tup, out.sample)
+    assert rel_error(fast.encode(images).latent_dist.mean, want_mean) <= 1e-5
+    assert rel_error(fast(images).sample, want_forward) <= 1e-5
+    fast.enable_tiling()
+    assert fast.fast.tiling is True
+    fast.disable_tiling()
+    assert fast.fast.tiling == "auto"
+
+
+def test_compile_rejects_a_non_flux_vae():
+    vae = AutoencoderKL(latent_channels=4, block_out_channels=[8], norm_num_groups=4, layers_per_block=1)
+    with pytest.raises(fluxrt.CheckpointError, match="latent_channels=4"):
+        fluxrt.compile(vae)
+    with pytest.raises(TypeError, match="AutoencoderKL or FluxPipeline"):
+        fluxrt.compile(torch.nn.Conv2d(1, 1, 1))
+
+
+# ---- GPU: the real FLUX autoencoder (random weights) at 1024^2 and 2048^2 ----
+
+
+def _flux_ae_cuda(dtype):
+    with torch.device("meta"):
+        ae = AutoEncoder()
+    return randomize_parameters_(ae.to(dtype).to_empty(device="cuda"), 0).requires_grad_(False).eval()
+
+
+@pytest.mark.gpu
+@torch.no_grad()
+def test_gpu_bf16_1024_decode_within_the_rule():
+    ref32 = _flux_ae_cuda(torch.float32)
+    z = torch.randn(1, 16, 128, 128, generator=torch.Generator().manual_seed(0)).cuda()
+    truth = ref32.decode(z)
+    baseline = rel_error(copy.deepcopy(ref32).to(torch.bfloat16).decode(z.bfloat16()).float(), truth)
+    fast = fluxrt.compile(copy.deepcopy(ref32).to(torch.bfloat16))
+    assert fast.channels_last and fast.plan["ops"]["group_norm_silu"] == "fluxrt._C (CUDA)"
+    err = rel_error(fast.decode(z.bfloat16()).float(), truth)
+    assert err <= 2 * baseline + 1e-3, (err, baseline)
+
+
+@pytest.mark.gpu
+@torch.no_grad()
+def test_gpu_2048_decode_fits_24_gb():
+    fast = fluxrt.compile(_flux_ae_cuda(torch.bfloat16))
+    z = torch.randn(1, 16, 256, 256, device="cuda", dtype=torch.bfloat16)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    image = fast.decode(z)
+    assert image.shape == (1, 3, 2048, 2048) and torch.isfinite(image).all()
+    assert torch.cuda.max_memory_allocated() < 24 * 2**30
