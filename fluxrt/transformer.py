@@ -77,6 +77,18 @@ def double_block_forward(block: DoubleStreamBlock, img: Tensor, txt: Tensor, img
     return img, txt
 
 
+def _attention_and_gelu(attn: Tensor, mlp: Tensor, act: nn.GELU) -> Tensor:
+    """[attn | act(mlp)] along the last dim, what linear2 reads. Eager: GELU writes its part of the buffer directly,
+    so only the narrow attention output is copied in (torch.cat would re-read and re-write the 4x-wide MLP
+    activation). Under torch.compile (which rejects a strided `out=`) the cat, which inductor fuses anyway."""
+    if torch.compiler.is_compiling():
+        return torch.cat((attn, act(mlp)), dim=-1)
+    joined = mlp.new_empty(*mlp.shape[:-1], attn.shape[-1] + mlp.shape[-1])
+    torch.ops.aten.gelu.out(mlp, approximate=act.approximate, out=joined[..., attn.shape[-1] :])
+    joined[..., : attn.shape[-1]] = attn
+    return joined
+
+
 def single_block_forward(block: SingleStreamBlock, x: Tensor, mod: Tensor, cos: Tensor, sin: Tensor,
                          backend: str = "auto") -> Tensor:
     """mod: the block's modulation output [B, 3C] (modulation.lin of silu(vec))."""
@@ -85,8 +97,7 @@ def single_block_forward(block: SingleStreamBlock, x: Tensor, mod: Tensor, cos: 
     hidden = block.linear1(x_mod)  # [B, S, 3C + mlp]; the qkv columns are read in place, no split copy
     qkv = ops.rope_qk_norm(hidden[..., : 3 * block.hidden_size], block.norm.query_norm.scale,
                            block.norm.key_norm.scale, cos, sin, block.num_heads, backend=backend)
-    mlp = block.mlp_act(hidden[..., 3 * block.hidden_size :])
-    joined = torch.cat((_attention(qkv, backend), mlp), dim=2)
+    joined = _attention_and_gelu(_attention(qkv, backend), hidden[..., 3 * block.hidden_size :], block.mlp_act)
     down = block.linear2
     if isinstance(down, FP8Linear) and down.activations == "bf16":  # gated residual in the GEMM epilogue
         return ops.fp8_linear(joined, down.weight, down.weight_scale, down.bias, residual=x, gate=gate,
