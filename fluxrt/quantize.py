@@ -6,9 +6,10 @@
 
 FP8Linear holds `weight` [N, K] float8_e4m3fn and `weight_scale` [N] float32 and computes
 y = x @ (weight * weight_scale)^T + bias, either weight-only through fluxrt.ops.fp8_linear (the weights are
-dequantized in registers; activations="bf16") or as dynamic W8A8 (activations="fp8": x quantized per token,
-then torch._scaled_mm with rowwise scales on the fp8 tensor cores). Its storage dtypes are the point: move a quantized model between devices freely,
-but do not call .to(dtype) on it (PyTorch would cast the fp8 weights and fp32 scales like any float tensor).
+dequantized in registers; activations="bf16") or as dynamic W8A8 (activations="fp8": x quantized per token —
+inside the preceding modulated-LN kernel where fluxrt.transformer can — then torch._scaled_mm with rowwise
+scales or the Triton fp8 GEMM, `w8a8_gemm`). Its storage dtypes are the point: move a quantized model between
+devices freely, but do not call .to(dtype) on it (PyTorch would cast the fp8 weights and fp32 scales like any float tensor).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import os
 import re
 
 import torch
+import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
@@ -27,7 +29,11 @@ from . import ops
 log = logging.getLogger("fluxrt")
 
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
-SCALE_SUFFIX = "scale_weight"  # the Comfy "scaled fp8" name for a weight's dequantization scale
+SCALE_SUFFIX = "scale_weight"
+WEIGHT_ONLY_MAX_ROWS = 16  # W8A8 linears run weight-only up to this many rows (kernels/fp8_gemm.py's GEMV path)
+# W8A8 GEMM: "scaled_mm" (torch._scaled_mm, cuBLASLt, rowwise scales) or "triton" (kernels/fp8_gemm.py, fused
+# epilogues). scaled_mm until benchmarks/bench_fp8_gemm.py has compared them on a GPU (not yet: NOTES.md).
+W8A8_GEMMS = ("scaled_mm", "triton")  # the Comfy "scaled fp8" name for a weight's dequantization scale
 
 
 def quantize_weight(weight: Tensor) -> tuple[Tensor, Tensor]:
@@ -45,12 +51,12 @@ def require_fp8_tensor_cores(device: torch.device) -> None:
                            f"is sm_{major}{minor}; use quantize='fp8-weight' (weight-only FP8) on this GPU")
 
 
-def w8a8_linear(x: Tensor, weight: Tensor, weight_scale: Tensor, bias: Tensor | None) -> Tensor:
-    """Dynamic W8A8: x quantized per row (token) to e4m3fn, then torch._scaled_mm with rowwise scales."""
+def quantize_rows(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Dynamic per-row (per-token) e4m3fn quantization in torch, for W8A8 inputs no kernel emitted already:
+    x [..., K] -> (x8 [..., K], scale [...] fp32) with x ~ x8 * scale."""
     from .ops._backend import kernel_module
 
-    x8, x_scale = kernel_module("modulated_norm").quantize_rows_ref(x)
-    return scaled_mm_rowwise(x8, x_scale, weight, weight_scale, bias, x.dtype)
+    return kernel_module("modulated_norm").quantize_rows_ref(x)
 
 
 def scaled_mm_rowwise(x8: Tensor, x_scale: Tensor, weight: Tensor, weight_scale: Tensor, bias: Tensor | None,
@@ -65,10 +71,14 @@ def scaled_mm_rowwise(x8: Tensor, x_scale: Tensor, weight: Tensor, weight_scale:
 
 class FP8Linear(nn.Module):
     def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None,
-                 bias_dtype: torch.dtype = torch.bfloat16, backend: str = "auto", activations: str = "bf16"):
+                 bias_dtype: torch.dtype = torch.bfloat16, backend: str = "auto", activations: str = "bf16",
+                 w8a8_gemm: str = "scaled_mm"):
         super().__init__()
         if activations not in ("bf16", "fp8"):
             raise ValueError(f"activations must be 'bf16' (weight-only) or 'fp8' (W8A8), got {activations!r}")
+        if w8a8_gemm not in W8A8_GEMMS:
+            raise ValueError(f"w8a8_gemm must be one of {W8A8_GEMMS}, got {w8a8_gemm!r}")
+        self.w8a8_gemm = w8a8_gemm
         self.in_features, self.out_features, self.backend = in_features, out_features, backend
         self.activations = activations
         self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=torch.float8_e4m3fn, device=device),
@@ -79,9 +89,10 @@ class FP8Linear(nn.Module):
                      if bias else None)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, backend: str = "auto", activations: str = "bf16") -> "FP8Linear":
+    def from_linear(cls, linear: nn.Linear, backend: str = "auto", activations: str = "bf16",
+                    w8a8_gemm: str = "scaled_mm") -> "FP8Linear":
         q = cls(linear.in_features, linear.out_features, linear.bias is not None, device=linear.weight.device,
-                bias_dtype=linear.weight.dtype, backend=backend, activations=activations)
+                bias_dtype=linear.weight.dtype, backend=backend, activations=activations, w8a8_gemm=w8a8_gemm)
         w8, scale = quantize_weight(linear.weight)
         q.weight.data, q.weight_scale.data = w8, scale
         if linear.bias is not None:
@@ -89,9 +100,29 @@ class FP8Linear(nn.Module):
         return q
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.activations == "fp8":
-            return w8a8_linear(x, self.weight, self.weight_scale, self.bias)
+        if self.uses_fp8_activations(x):
+            return self.forward_fp8(*quantize_rows(x), out_dtype=x.dtype)
         return ops.fp8_linear(x, self.weight, self.weight_scale, self.bias, backend=self.backend)
+
+    def uses_fp8_activations(self, x: Tensor) -> bool:
+        """W8A8 for more than WEIGHT_ONLY_MAX_ROWS rows. Up to that (the modulation GEMVs, M = batch) the op is a
+        read of the weights, so the weight-only kernel is as fast and keeps the activations exact."""
+        return self.activations == "fp8" and x.numel() > WEIGHT_ONLY_MAX_ROWS * x.shape[-1]
+
+    def forward_fp8(self, x8: Tensor, x_scale: Tensor, residual: Tensor | None = None, gate: Tensor | None = None,
+                    epilogue: str = "none", out_dtype: torch.dtype = torch.bfloat16) -> Tensor:
+        """W8A8 on rows already quantized (x8 e4m3fn [..., K], x_scale fp32 [...], e.g. from the fused
+        modulated_layer_norm_fp8), with fp8_linear's epilogues: fused into the GEMM with w8a8_gemm="triton",
+        applied after torch._scaled_mm otherwise."""
+        if self.w8a8_gemm == "triton":
+            return ops.w8a8_linear(x8, x_scale, self.weight, self.weight_scale, self.bias, residual, gate, epilogue,
+                                   out_dtype, backend=self.backend)
+        y = scaled_mm_rowwise(x8, x_scale, self.weight, self.weight_scale, self.bias, out_dtype)
+        if epilogue == "gelu_tanh":
+            return F.gelu(y, approximate="tanh")
+        if epilogue == "gated_residual":
+            return ops.gated_residual(residual, gate, y, backend=self.backend)
+        return y
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
@@ -117,13 +148,14 @@ def model_bytes(model: nn.Module) -> int:
 
 
 def quantize(model: nn.Module, modulation: bool = True, embedders: bool = False, final_layer: bool = False,
-             backend: str = "auto", activations: str = "bf16") -> dict:
+             backend: str = "auto", activations: str = "bf16", w8a8_gemm: str = "scaled_mm") -> dict:
     """Replace the chosen nn.Linear layers of a fluxrt Flux with FP8Linear, in place.
 
     Default: every linear of the double and single blocks, the modulation linears included (they are 3.2 B of
     FLUX's 11.9 B parameters and run as GEMVs, where fp8 weights halve the bytes read); the embedders and
     the final layer stay in their dtype unless asked. activations="bf16" is weight-only FP8 (any GPU, the
-    CPU); "fp8" is dynamic W8A8 (per-token scales, torch._scaled_mm), which needs fp8 tensor cores (sm_89+).
+    CPU); "fp8" is dynamic W8A8 (per-token scales; w8a8_gemm "scaled_mm" or "triton"), which needs fp8 tensor
+    cores (sm_89+).
     Returns {"layers", "bytes_before", "bytes_after"}.
     """
     if activations == "fp8":
@@ -138,7 +170,8 @@ def quantize(model: nn.Module, modulation: bool = True, embedders: bool = False,
     for name in names:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, FP8Linear.from_linear(getattr(parent, child), backend=backend, activations=activations))
+        setattr(parent, child, FP8Linear.from_linear(getattr(parent, child), backend=backend, activations=activations,
+                                                     w8a8_gemm=w8a8_gemm))
     after = model_bytes(model)
     log.info("quantize: %d linears to fp8 e4m3fn, %.2f GB -> %.2f GB", len(names), before / 1e9, after / 1e9)
     return {"layers": len(names), "bytes_before": before, "bytes_after": after}

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from . import ops
 from .graphs import GraphedCall
-from .quantize import FP8Linear, quantize as quantize_model, require_fp8_tensor_cores
+from .quantize import FP8Linear, quantize as quantize_model, quantize_rows, require_fp8_tensor_cores
 from .reference.autoencoder import AutoEncoder
 from .reference.model import DoubleStreamBlock, Flux, SingleStreamBlock, timestep_embedding
 
@@ -41,15 +41,46 @@ def _chunks(mod: Tensor, n: int) -> tuple[Tensor, ...]:
     return mod[:, None, :].chunk(n, dim=-1)
 
 
-def _mlp_residual(mlp: nn.Sequential, x: Tensor, residual: Tensor, gate: Tensor, backend: str) -> Tensor:
-    """residual + gate * mlp(x). With weight-only FP8 linears the GELU-tanh and the gated residual ride in the
-    GEMM epilogues (fluxrt.ops.fp8_linear): the 4x-wide hidden activation is written once, no extra passes."""
-    up, _, down = mlp
-    if all(isinstance(m, FP8Linear) and m.activations == "bf16" for m in (up, down)):
-        hidden = ops.fp8_linear(x, up.weight, up.weight_scale, up.bias, epilogue="gelu_tanh", backend=up.backend)
+def _is_w8a8(linear: nn.Module, x: Tensor) -> bool:
+    return isinstance(linear, FP8Linear) and linear.uses_fp8_activations(x)
+
+
+def _norm_linear(linear: nn.Module, x: Tensor, scale: Tensor, shift: Tensor, backend: str) -> Tensor:
+    """linear(LN(x) * (1 + scale) + shift); for a W8A8 linear the LN kernel emits the fp8 rows and their scales
+    itself (no separate quantization pass over the activations)."""
+    if _is_w8a8(linear, x):
+        x8, x_scale = ops.modulated_layer_norm_fp8(x, scale, shift, backend=backend)
+        return linear.forward_fp8(x8, x_scale, out_dtype=x.dtype)
+    return linear(ops.modulated_layer_norm(x, scale, shift, backend=backend))
+
+
+def _gated_down(down: nn.Module, hidden: Tensor, residual: Tensor, gate: Tensor, backend: str) -> Tensor:
+    """residual + gate * down(hidden), the gated residual in the GEMM's epilogue where the linear is FP8."""
+    if _is_w8a8(down, hidden):
+        return down.forward_fp8(*quantize_rows(hidden), residual=residual, gate=gate, epilogue="gated_residual",
+                                out_dtype=hidden.dtype)
+    if isinstance(down, FP8Linear):  # weight-only (or W8A8 at <= 16 rows, which runs weight-only)
         return ops.fp8_linear(hidden, down.weight, down.weight_scale, down.bias, residual=residual, gate=gate,
                               epilogue="gated_residual", backend=down.backend)
-    return ops.gated_residual(residual, gate, mlp(x), backend=backend)
+    return ops.gated_residual(residual, gate, down(hidden), backend=backend)
+
+
+def _attn_then_mlp(mlp: nn.Sequential, h: Tensor, gate1: Tensor, attn_out: Tensor, scale2: Tensor, shift2: Tensor,
+                   gate2: Tensor, backend: str) -> Tensor:
+    """h += gate1 * attn_out, then h += gate2 * mlp(LN(h) * (1 + scale2) + shift2), the norm fused with the first
+    residual. FP8 linears take the GELU-tanh and the second gated residual in their GEMM epilogues, so the
+    4x-wide hidden activation is written once; W8A8 gets its input rows already quantized by the norm kernel."""
+    up, _, down = mlp
+    if _is_w8a8(up, h):
+        h, x8, x_scale = ops.gated_residual_norm_fp8(h, gate1, attn_out, scale2, shift2, backend=backend)
+        hidden = up.forward_fp8(x8, x_scale, epilogue="gelu_tanh", out_dtype=h.dtype)
+    else:
+        h, x = ops.gated_residual_norm(h, gate1, attn_out, scale2, shift2, backend=backend)
+        if isinstance(up, FP8Linear):
+            hidden = ops.fp8_linear(x, up.weight, up.weight_scale, up.bias, epilogue="gelu_tanh", backend=up.backend)
+        else:
+            hidden = mlp[1](up(x))
+    return _gated_down(down, hidden, h, gate2, backend)
 
 
 def double_block_forward(block: DoubleStreamBlock, img: Tensor, txt: Tensor, img_mod: Tensor, txt_mod: Tensor,
@@ -57,23 +88,21 @@ def double_block_forward(block: DoubleStreamBlock, img: Tensor, txt: Tensor, img
     """img_mod, txt_mod: the block's modulation outputs [B, 6C] (img_mod.lin / txt_mod.lin of silu(vec))."""
     img_shift1, img_scale1, img_gate1, img_shift2, img_scale2, img_gate2 = _chunks(img_mod, 6)
     txt_shift1, txt_scale1, txt_gate1, txt_shift2, txt_scale2, txt_gate2 = _chunks(txt_mod, 6)
-    img_x = ops.modulated_layer_norm(img, img_scale1, img_shift1, backend=backend)
-    txt_x = ops.modulated_layer_norm(txt, txt_scale1, txt_shift1, backend=backend)
+    img_qkv = _norm_linear(block.img_attn.qkv, img, img_scale1, img_shift1, backend)
+    txt_qkv = _norm_linear(block.txt_attn.qkv, txt, txt_scale1, txt_shift1, backend)
     img_norm, txt_norm = block.img_attn.norm, block.txt_attn.norm
     qkv = ops.rope_qk_norm_joint(
-        block.txt_attn.qkv(txt_x), block.img_attn.qkv(img_x),
+        txt_qkv, img_qkv,
         txt_norm.query_norm.scale, txt_norm.key_norm.scale, img_norm.query_norm.scale, img_norm.key_norm.scale,
         cos, sin, block.num_heads, backend=backend,
     )
     attn = _attention(qkv, backend)
     txt_attn, img_attn = attn[:, : txt.shape[1]], attn[:, txt.shape[1] :]
 
-    img, img_x = ops.gated_residual_norm(img, img_gate1, block.img_attn.proj(img_attn), img_scale2, img_shift2,
-                                         backend=backend)
-    img = _mlp_residual(block.img_mlp, img_x, img, img_gate2, backend)
-    txt, txt_x = ops.gated_residual_norm(txt, txt_gate1, block.txt_attn.proj(txt_attn), txt_scale2, txt_shift2,
-                                         backend=backend)
-    txt = _mlp_residual(block.txt_mlp, txt_x, txt, txt_gate2, backend)
+    img = _attn_then_mlp(block.img_mlp, img, img_gate1, block.img_attn.proj(img_attn), img_scale2, img_shift2,
+                         img_gate2, backend)
+    txt = _attn_then_mlp(block.txt_mlp, txt, txt_gate1, block.txt_attn.proj(txt_attn), txt_scale2, txt_shift2,
+                         txt_gate2, backend)
     return img, txt
 
 
@@ -93,16 +122,11 @@ def single_block_forward(block: SingleStreamBlock, x: Tensor, mod: Tensor, cos: 
                          backend: str = "auto") -> Tensor:
     """mod: the block's modulation output [B, 3C] (modulation.lin of silu(vec))."""
     shift, scale, gate = _chunks(mod, 3)
-    x_mod = ops.modulated_layer_norm(x, scale, shift, backend=backend)
-    hidden = block.linear1(x_mod)  # [B, S, 3C + mlp]; the qkv columns are read in place, no split copy
+    hidden = _norm_linear(block.linear1, x, scale, shift, backend)  # [B, S, 3C + mlp]; qkv read in place
     qkv = ops.rope_qk_norm(hidden[..., : 3 * block.hidden_size], block.norm.query_norm.scale,
                            block.norm.key_norm.scale, cos, sin, block.num_heads, backend=backend)
     joined = _attention_and_gelu(_attention(qkv, backend), hidden[..., 3 * block.hidden_size :], block.mlp_act)
-    down = block.linear2
-    if isinstance(down, FP8Linear) and down.activations == "bf16":  # gated residual in the GEMM epilogue
-        return ops.fp8_linear(joined, down.weight, down.weight_scale, down.bias, residual=x, gate=gate,
-                              epilogue="gated_residual", backend=down.backend)
-    return ops.gated_residual(x, gate, down(joined), backend=backend)
+    return _gated_down(block.linear2, joined, x, gate, backend)
 
 
 def _batch_linears(linears: list[nn.Module]) -> nn.Module:
@@ -116,7 +140,7 @@ def _batch_linears(linears: list[nn.Module]) -> nn.Module:
         first = linears[0]
         if isinstance(first, FP8Linear):
             batched = FP8Linear(first.in_features, joined["weight"].shape[0], device="meta", backend=first.backend,
-                                activations=first.activations)
+                                activations=first.activations, w8a8_gemm=first.w8a8_gemm)
         else:
             with torch.device("meta"):
                 batched = nn.Linear(first.in_features, joined["weight"].shape[0])
@@ -224,7 +248,8 @@ def compile(obj, quantize: str | None = None, backend: str = "auto", cuda_graphs
         "ops": {op: kernels for op in ("modulated_layer_norm", "gated_residual_norm", "gated_residual",
                                         "rope_qk_norm", "joint_attention")},
         "linears": {None: "torch (bf16/fp32)", "fp8-weight": f"fp8 weight-only ({kernels})",
-                    "fp8": "fp8 W8A8 (torch._scaled_mm)"}[quantize],
+                    "fp8": "fp8 W8A8 (torch._scaled_mm; rows quantized in the norm kernels; <= 16 rows "
+                           "weight-only)"}[quantize],
         "modulation": f"{len(fast.mod_sizes)} linears batched into one GEMV",
         "cuda_graphs": f"on (one graph per input shape, up to {fast.graphs.max_graphs} kept)" if graphs else "off",
     }

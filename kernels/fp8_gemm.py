@@ -124,13 +124,15 @@ def _load_weight(ptrs, mask, MASKED: tl.constexpr, DECODE_BITS: tl.constexpr, DT
 
 
 @triton.jit
-def _epilogue_store(acc, offs_n, offs_m, M, N, L, SCALE, BIAS, RES, GATE, OUT, stride_om, stride_rm, stride_gb,
-                    HAS_BIAS: tl.constexpr, EPILOGUE: tl.constexpr):
-    """acc [BLOCK_N, BLOCK_M] fp32 (transposed) -> scale, bias, epilogue in fp32 -> OUT[m, n], masked."""
+def _epilogue_store(acc, offs_n, offs_m, M, N, L, SCALE, XSCALE, BIAS, RES, GATE, OUT, stride_om, stride_rm,
+                    stride_gb, HAS_XSCALE: tl.constexpr, HAS_BIAS: tl.constexpr, EPILOGUE: tl.constexpr):
+    """acc [BLOCK_N, BLOCK_M] fp32 (transposed) -> scales, bias, epilogue in fp32 -> OUT[m, n], masked."""
     n_ok = offs_n < N
     mask = n_ok[:, None] & (offs_m[None, :] < M)
     rows = offs_m.to(tl.int64)
     y = acc * tl.load(SCALE + offs_n, mask=n_ok, other=0.0)[:, None]
+    if HAS_XSCALE:  # W8A8: the per-row (token) activation scale
+        y = y * tl.load(XSCALE + offs_m, mask=offs_m < M, other=0.0)[None, :]
     if HAS_BIAS:
         y += tl.load(BIAS + offs_n, mask=n_ok, other=0.0).to(tl.float32)[:, None]
     if EPILOGUE == 1:  # gelu(y, tanh) = y * sigmoid(2 * sqrt(2/pi) * (y + 0.044715 y^3)); no cancellation
@@ -145,11 +147,12 @@ def _epilogue_store(acc, offs_n, offs_m, M, N, L, SCALE, BIAS, RES, GATE, OUT, s
 
 @triton.jit
 def _fp8_gemm_kernel(
-    X, W, SCALE, BIAS, RES, GATE, OUT,
+    X, W, SCALE, XSCALE, BIAS, RES, GATE, OUT,
     M, N, K, L,
     stride_xm, stride_wn, stride_om, stride_rm, stride_gb,
     M_BUCKET,  # autotune key only
-    HAS_BIAS: tl.constexpr, EPILOGUE: tl.constexpr, DECODE_BITS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_XSCALE: tl.constexpr, HAS_BIAS: tl.constexpr, EPILOGUE: tl.constexpr, DECODE_BITS: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -179,8 +182,8 @@ def _fp8_gemm_kernel(
         k_ok = offs_k < K - k_full
         w = _load_weight(w_ptrs, k_ok[None, :], True, DECODE_BITS, X.dtype.element_ty)
         acc = tl.dot(w, tl.load(xt_ptrs, mask=k_ok[:, None], other=0.0), acc, input_precision=DOT_PRECISION)
-    _epilogue_store(acc, offs_n, offs_m, M, N, L, SCALE, BIAS, RES, GATE, OUT, stride_om, stride_rm, stride_gb,
-                    HAS_BIAS, EPILOGUE)
+    _epilogue_store(acc, offs_n, offs_m, M, N, L, SCALE, XSCALE, BIAS, RES, GATE, OUT, stride_om, stride_rm,
+                    stride_gb, HAS_XSCALE, HAS_BIAS, EPILOGUE)
 
 
 @triton.jit
@@ -232,8 +235,8 @@ def _splitk_epilogue_kernel(
     acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     for s in range(SPLIT_K):  # a fixed order: deterministic sums
         acc += tl.load(ptrs + s * stride_ps, mask=mask, other=0.0)
-    _epilogue_store(acc, offs_n, offs_m, M, N, L, SCALE, BIAS, RES, GATE, OUT, stride_om, stride_rm, stride_gb,
-                    HAS_BIAS, EPILOGUE)
+    _epilogue_store(acc, offs_n, offs_m, M, N, L, SCALE, SCALE, BIAS, RES, GATE, OUT, stride_om, stride_rm,
+                    stride_gb, False, HAS_BIAS, EPILOGUE)
 
 
 # Hopper-oriented, small (each config is a compile). Tiled: 128-wide weight tiles (the wgmma M side), 3-4
@@ -290,15 +293,15 @@ def split_k_plan(N: int, K: int, device: torch.device) -> tuple[int, int]:
 # ---- launcher ----
 
 
-def _check_args(x, weight, weight_scale, bias, residual, gate, epilogue) -> None:
+def _check_args(x, weight, weight_scale, bias, residual, gate, epilogue, act_dtypes=ACT_DTYPES) -> None:
     """Checks shared by the reference and the kernel: dtypes, shapes, devices, epilogue inputs."""
     if epilogue not in EPILOGUES:
         raise ValueError(f"unknown epilogue {epilogue!r}; expected one of {tuple(EPILOGUES)}")
     if weight.dtype != torch.float8_e4m3fn:
         raise ValueError(f"weight must be torch.float8_e4m3fn, got {weight.dtype} (quantize it first, e.g. "
                          "fluxrt.quantize.quantize_weight)")
-    if x.dtype not in ACT_DTYPES:
-        raise ValueError(f"unsupported activation dtype {x.dtype}; use float32, float16 or bfloat16")
+    if x.dtype not in act_dtypes:
+        raise ValueError(f"unsupported activation dtype {x.dtype}; use one of {[str(d) for d in act_dtypes]}")
     if weight.ndim != 2 or x.ndim < 1 or x.shape[-1] != weight.shape[1]:
         raise ValueError(f"x [..., K] and weight [N, K] disagree: x {tuple(x.shape)}, weight {tuple(weight.shape)}")
     N = weight.shape[0]
@@ -370,7 +373,8 @@ def fp8_linear(x: Tensor, weight: Tensor, weight_scale: Tensor, bias: Tensor | N
     epi = dict(HAS_BIAS=bias is not None, EPILOGUE=EPILOGUES[epilogue])
     bucket = triton.next_power_of_2(M)
     if M > SMALL_M:
-        args = (x2, w, scale, b, res2, gate, out2, M, N, K, L,
+        epi["HAS_XSCALE"] = False
+        args = (x2, w, scale, scale, b, res2, gate, out2, M, N, K, L,
                 x2.stride(0), w.stride(0), out2.stride(0), res2.stride(0), gate.stride(0), bucket)
         if x.is_cuda and x.dtype != torch.float32:
             grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
@@ -394,4 +398,70 @@ def fp8_linear(x: Tensor, weight: Tensor, weight_scale: Tensor, bias: Tensor | N
         part, scale, b, res2, gate, out2, M, N, L, split_k,
         part.stride(0), out2.stride(0), res2.stride(0), gate.stride(0),
         **epi, BLOCK_M=SMALL_M, BLOCK_N=block_n, num_warps=4)
+    return out
+
+
+# ---- W8A8: fp8 activations (per-row scales) x fp8 weights (per-channel scales) on the fp8 tensor cores ----
+#
+# The same tiled kernel with X in e4m3fn: the weight "conversion" is then a no-op, tl.dot multiplies fp8 x fp8
+# into fp32 (Hopper's fp8 wgmma; both operands are K-major here, W [N, K] and x^T read from x [M, K], which is
+# the layout fp8 MMA requires), and the epilogue applies x_scale[m] * w_scale[n], the bias and the same fused
+# epilogues. The alternative is torch._scaled_mm (cuBLASLt) with rowwise scales, which has no GELU / gated
+# residual epilogue; which one the runtime uses is chosen by measurement (benchmarks/bench_fp8_gemm.py).
+
+
+def w8a8_linear_ref(x8: Tensor, x_scale: Tensor, weight: Tensor, weight_scale: Tensor, bias: Tensor | None = None,
+                    residual: Tensor | None = None, gate: Tensor | None = None, epilogue: str = "none",
+                    out_dtype: torch.dtype = torch.bfloat16) -> Tensor:
+    """fp32 math: dequantize both operands, x @ w^T + bias, the epilogue; rounded once to out_dtype."""
+    _check_w8a8_args(x8, x_scale, weight, weight_scale, bias, residual, gate, epilogue, out_dtype)
+    x = x8.float() * x_scale.float()[..., None]
+    return fp8_linear_ref(x, weight, weight_scale, bias, residual, gate, epilogue).to(out_dtype)
+
+
+def _check_w8a8_args(x8, x_scale, weight, weight_scale, bias, residual, gate, epilogue, out_dtype) -> None:
+    if x8.dtype != torch.float8_e4m3fn:
+        raise ValueError(f"x8 must be torch.float8_e4m3fn (quantized activations), got {x8.dtype}")
+    if x_scale.shape != x8.shape[:-1] or x_scale.dtype != torch.float32 or x_scale.device != x8.device:
+        raise ValueError(f"x_scale must be float32 {tuple(x8.shape[:-1])} (one per row of x8 {tuple(x8.shape)}) on "
+                         f"{x8.device}, got {x_scale.dtype} {tuple(x_scale.shape)} on {x_scale.device}")
+    if out_dtype not in ACT_DTYPES:
+        raise ValueError(f"out_dtype must be float32, float16 or bfloat16, got {out_dtype}")
+    _check_args(x8, weight, weight_scale, bias, residual, gate, epilogue, act_dtypes=(torch.float8_e4m3fn,))
+
+
+def w8a8_linear(x8: Tensor, x_scale: Tensor, weight: Tensor, weight_scale: Tensor, bias: Tensor | None = None,
+                residual: Tensor | None = None, gate: Tensor | None = None, epilogue: str = "none",
+                out_dtype: torch.dtype = torch.bfloat16) -> Tensor:
+    """(x8 * x_scale) @ (weight * weight_scale)^T + bias, then the epilogue; fp8 x fp8 dots, fp32 accumulation.
+
+    x8 [..., K] e4m3fn, x_scale [...] fp32 (per row); weight [N, K] e4m3fn, weight_scale [N] fp32 -> [..., N]
+    in out_dtype. Needs fp8 tensor cores on a GPU (sm_89+); runs anywhere in Triton's interpreter."""
+    _check_w8a8_args(x8, x_scale, weight, weight_scale, bias, residual, gate, epilogue, out_dtype)
+    if x8.is_cuda and _needs_bit_decode(x8.device):
+        raise RuntimeError(f"W8A8 needs fp8 tensor cores (sm_89+); {torch.cuda.get_device_name(x8.device)} has none "
+                           "(use the weight-only fp8_linear)")
+    if x8.ndim and x8.stride(-1) != 1:
+        raise ValueError("x8 must have a contiguous last dim (rows may be strided)")
+    N, K = weight.shape
+    out = torch.empty((*x8.shape[:-1], N), dtype=out_dtype, device=x8.device)
+    out2, x2 = out.view(-1, N), x8.reshape(-1, K)
+    M = x2.shape[0]
+    if M == 0 or N == 0:
+        return out
+    xs = x_scale.reshape(-1).contiguous()
+    res2 = residual.reshape(-1, N) if residual is not None else out2
+    gate = gate if gate is not None else out2
+    b = bias.contiguous() if bias is not None else out2
+    args = (x2, weight, weight_scale.contiguous(), xs, b, res2, gate, out2, M, N, K,
+            x8.shape[1] if epilogue == "gated_residual" else 1,
+            x2.stride(0), weight.stride(0), out2.stride(0), res2.stride(0), gate.stride(0), triton.next_power_of_2(M))
+    flags = dict(HAS_XSCALE=True, HAS_BIAS=bias is not None, EPILOGUE=EPILOGUES[epilogue], DECODE_BITS=False,
+                 DOT_PRECISION="tf32")
+    if x8.is_cuda:
+        grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
+        _fp8_gemm_tuned[grid](*args, **flags)
+    else:
+        cfg = _INTERP_GEMM
+        _fp8_gemm_kernel[(triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)](*args, **flags, **cfg)
     return out

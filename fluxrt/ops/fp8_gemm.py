@@ -29,3 +29,22 @@ def fp8_linear(x: Tensor, weight: Tensor, weight_scale: Tensor, bias: Optional[T
 @fp8_linear.register_fake
 def _(x, weight, weight_scale, bias=None, residual=None, gate=None, epilogue="none", backend="auto"):
     return torch.empty((*x.shape[:-1], weight.shape[0]), dtype=x.dtype, device=x.device)
+
+
+@torch.library.custom_op("fluxrt::w8a8_linear", mutates_args=())
+def w8a8_linear(x8: Tensor, x_scale: Tensor, weight: Tensor, weight_scale: Tensor, bias: Optional[Tensor] = None,
+                residual: Optional[Tensor] = None, gate: Optional[Tensor] = None, epilogue: str = "none",
+                out_dtype: torch.dtype = torch.bfloat16, backend: str = "auto") -> Tensor:
+    """(x8 [..., K] e4m3fn * x_scale [...]) @ (weight [N, K] e4m3fn * weight_scale [N])^T + bias, then the epilogue
+    (as fp8_linear's), in out_dtype: the Triton fp8 x fp8 GEMM; the torch backend is w8a8_linear_ref (fp32)."""
+    kern = kernel_module("fp8_gemm")
+    if use_triton(backend, x8, kern):
+        return kern.w8a8_linear(x8, x_scale, weight, weight_scale, bias, residual, gate, epilogue, out_dtype)
+    return kern.w8a8_linear_ref(x8, x_scale, weight, weight_scale, bias, residual, gate, epilogue,
+                                out_dtype).contiguous()
+
+
+@w8a8_linear.register_fake
+def _(x8, x_scale, weight, weight_scale, bias=None, residual=None, gate=None, epilogue="none",
+      out_dtype=torch.bfloat16, backend="auto"):
+    return torch.empty((*x8.shape[:-1], weight.shape[0]), dtype=out_dtype, device=x8.device)

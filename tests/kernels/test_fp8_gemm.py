@@ -256,3 +256,72 @@ def test_bf16_bit_decoding_path_on_gpu(M, monkeypatch):
 def test_op_auto_backend_on_gpu():
     x, _, w8, scale, b = make((1, 4608), 3072, 3072, torch.bfloat16, seed=13, device="cuda")
     check(ops.fp8_linear(x, w8, scale, b), x, w8, scale, b)
+
+
+# ---- W8A8: fp8 activations (per-row scales, quantized on the host: DESIGN.md §4) x fp8 weights ----
+
+W8A8_SQNR_FLOOR_DB = 25.0  # e4m3 activations per row and weights per channel, Gaussian data
+
+
+def make_w8a8(lead, N, K_, seed, bias=True, device=DEVICE):
+    from fluxrt.kernels.modulated_norm import quantize_rows_ref
+
+    x, w, w8, scale, b = make(lead, N, K_, torch.float32, seed, bias=bias, device=device)
+    x8, x_scale = quantize_rows_ref(x)
+    return x, w, x8, x_scale, w8, scale, b
+
+
+@pytest.mark.parametrize("M", [3, 17, 70])
+@pytest.mark.parametrize("N, K_", [(96, 80), (200, 136)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_w8a8_matches_ref(M, N, K_, bias):
+    _, _, x8, x_scale, w8, scale, b = make_w8a8((M,), N, K_, seed=M + N, bias=bias)
+    for out_dtype, tol in ((torch.float32, 1e-5), (torch.float16, 2e-3)):
+        out = K.w8a8_linear(x8, x_scale, w8, scale, b, out_dtype=out_dtype)
+        want = K.w8a8_linear_ref(x8, x_scale, w8, scale, b, out_dtype=out_dtype)
+        assert out.dtype == out_dtype and out.shape == (M, N)
+        torch.testing.assert_close(out, want, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("epilogue", ["gelu_tanh", "gated_residual"])
+def test_w8a8_epilogues(epilogue):
+    B, L, N, K_ = 2, 35, 200, 136
+    _, _, x8, x_scale, w8, scale, b = make_w8a8((B, L), N, K_, seed=len(epilogue))
+    residual, gate = (gated_inputs(B, L, N, torch.float32, seed=L, batch_view=True) if epilogue == "gated_residual"
+                      else (None, None))
+    out = K.w8a8_linear(x8, x_scale, w8, scale, b, residual, gate, epilogue, out_dtype=torch.float32)
+    want = K.w8a8_linear_ref(x8, x_scale, w8, scale, b, residual, gate, epilogue, out_dtype=torch.float32)
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+
+
+def test_w8a8_sqnr_vs_unquantized_linear():
+    x, w, x8, x_scale, w8, scale, b = make_w8a8((64,), 256, 512, seed=5)
+    out = K.w8a8_linear(x8, x_scale, w8, scale, b, out_dtype=torch.float32)
+    assert sqnr_db(out, F.linear(x, w, b)) >= W8A8_SQNR_FLOOR_DB
+
+
+def test_w8a8_bad_inputs():
+    _, _, x8, x_scale, w8, scale, b = make_w8a8((5,), 96, 80, seed=1)
+    with pytest.raises(ValueError, match="x8 must be torch.float8_e4m3fn"):
+        K.w8a8_linear(x8.float(), x_scale, w8, scale, b)
+    with pytest.raises(ValueError, match=r"x_scale must be float32 \(5,\)"):
+        K.w8a8_linear(x8, x_scale[:4], w8, scale, b)
+    with pytest.raises(ValueError, match="out_dtype must be"):
+        K.w8a8_linear(x8, x_scale, w8, scale, b, out_dtype=torch.float8_e4m3fn)
+    with pytest.raises(ValueError, match=r"x \[..., K\] and weight \[N, K\] disagree"):
+        K.w8a8_linear(x8[:, :40], x_scale, w8, scale, b)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("M", [512, 4608])
+@pytest.mark.parametrize("N, K_", FLUX_NK)
+def test_w8a8_bf16_at_flux_shapes_and_vs_scaled_mm(M, N, K_):
+    from fluxrt.quantize import scaled_mm_rowwise
+
+    x, w, x8, x_scale, w8, scale, b = make_w8a8((M,), N, K_, seed=M + N, device="cuda")
+    b = b.bfloat16()
+    out = K.w8a8_linear(x8, x_scale, w8, scale, b, out_dtype=torch.bfloat16)
+    want = K.w8a8_linear_ref(x8, x_scale, w8, scale, b, out_dtype=torch.float32)
+    torch.testing.assert_close(out.float(), want, rtol=1e-2, atol=2e-2)  # bf16 output rounding
+    torch.testing.assert_close(out, scaled_mm_rowwise(x8, x_scale, w8, scale, b, torch.bfloat16), rtol=1e-2, atol=2e-2)
+    assert sqnr_db(out, F.linear(x, w, b.float())) >= W8A8_SQNR_FLOOR_DB
