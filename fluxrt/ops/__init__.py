@@ -6,7 +6,7 @@ imported on first use, not by `import fluxrt`.
 """
 
 from ._backend import BACKENDS
-from .fp8_gemm import fp8_linear
+from .fp8_gemm import fp8_linear, w8a8_linear
 from .joint_attention import joint_attention, joint_attention_fp8
 from .modulated_norm import (
     gated_residual,
@@ -30,4 +30,5 @@ __all__ = [
     "rope_cos_sin",
     "rope_qk_norm",
     "rope_qk_norm_joint",
+    "w8a8_linear",
 ]
