@@ -8,7 +8,8 @@ linear1 21504x3072, linear2 3072x15360; modulation 18432x3072 (double) and 9216x
 Per row: bf16 cuBLAS (F.linear with the unquantized bf16 weight), fluxrt weight-only fp8, and, where torch has
 it, W8A8 torch._scaled_mm with rowwise scales (x quantized per row, weight per channel; the GEMM timed alone,
 the eager activation quantization reported apart; no bias; "unavailable: <reason>" where it does not run, e.g.
-M not a multiple of 16 or no fp8 tensor cores). TFLOP/s counts 2·M·N·K; GB/s counts the bytes each must move
+M not a multiple of 16 or no fp8 tensor cores), and fluxrt's Triton W8A8 GEMM on the same quantized inputs
+(bias fused), checked against the fp32 ref; `w8a8_triton_vs_scaled_mm` > 1 means Triton is faster. TFLOP/s counts 2·M·N·K; GB/s counts the bytes each must move
 (weights + scales + activations + output + bias); fractions are of the measured copy bandwidth and bf16 matmul
 rate. fluxrt's first call (autotune + compile) is reported as first_call_s, never in the median.
 
@@ -65,11 +66,33 @@ def w8a8_row(x, w8, scale, bias, unquantized, M, N, K) -> dict:
         return {"w8a8": f"unavailable: {type(err).__name__}: {str(err).splitlines()[0][:200]}"}
     ms = _common.bench(mm)
     nbytes = N * K + M * K + M * N * 2 + (M + N) * 4
-    return {
+    row = {
         "w8a8": "ok", "w8a8_ms": ms, "w8a8_TFLOP/s": 2 * M * N * K / (ms * 1e-3) / 1e12,
         "w8a8_GB/s": _common.gbps(nbytes, ms), "w8a8_quant_x_ms": _common.bench(lambda: quantize_rows(x)),
         "w8a8_sqnr_db_vs_unquantized": sqnr_db(out.float() + bias.float(), unquantized),
     }
+    return {**row, **w8a8_triton_row(x8, sx[:, 0].contiguous(), w8, scale, bias, out, M, N, K, ms)}
+
+
+def w8a8_triton_row(x8, sx, w8, scale, bias, scaled_mm_out, M, N, K, scaled_mm_ms) -> dict:
+    """fluxrt's Triton W8A8 GEMM on the same quantized inputs (with the bias fused, which _scaled_mm's timing
+    lacks), checked against the fp32 ref; its time vs _scaled_mm decides FP8Linear's w8a8_gemm default."""
+    from fluxrt.kernels import fp8_gemm as fg
+    from fluxrt.testing import max_abs_error
+
+    try:
+        out = fg.w8a8_linear(x8, sx, w8, scale, bias, out_dtype=torch.bfloat16)
+        torch.cuda.synchronize()
+    except Exception as err:  # noqa: BLE001 -- recorded in the row
+        return {"w8a8_triton": f"failed: {type(err).__name__}: {str(err).splitlines()[0][:200]}"}
+    truth = fg.w8a8_linear_ref(x8, sx, w8, scale, bias, out_dtype=torch.float32)
+    err_triton = max_abs_error(out, truth)
+    err_scaled_mm = max_abs_error(scaled_mm_out.float() + bias.float(), truth)
+    if err_triton > 2 * err_scaled_mm + 1e-2:
+        return {"w8a8_triton": "MISMATCH", "w8a8_triton_max_err": err_triton, "w8a8_max_err": err_scaled_mm}
+    ms = _common.bench(lambda: fg.w8a8_linear(x8, sx, w8, scale, bias, out_dtype=torch.bfloat16))
+    return {"w8a8_triton": "ok", "w8a8_triton_ms": ms, "w8a8_triton_TFLOP/s": 2 * M * N * K / (ms * 1e-3) / 1e12,
+            "w8a8_triton_vs_scaled_mm": scaled_mm_ms / ms, "w8a8_triton_max_err": err_triton}
 
 
 def main() -> None:
