@@ -31,7 +31,9 @@ from .convert import (  # noqa: E402
     vae_diffusers_to_bfl,
 )
 from .loading import load_autoencoder, load_transformer  # noqa: E402
+from .pipeline import FluxPipeline  # noqa: E402
 from .quantize import save_transformer  # noqa: E402
+from .serving import GenerationRequest, GenerationResult  # noqa: E402
 from .transformer import compile  # noqa: E402
 
 __version__ = "0.1.0"
@@ -39,6 +41,9 @@ __version__ = "0.1.0"
 __all__ = [
     "CheckpointError",
     "FluxConfig",
+    "FluxPipeline",
+    "GenerationRequest",
+    "GenerationResult",
     "compile",
     "bfl_to_diffusers",
     "diffusers_to_bfl",

@@ -3,9 +3,7 @@
 Every component is the genuine class FLUX.1 uses (``CLIPTokenizer`` + ``CLIPTextModel``, ``T5TokenizerFast`` +
 ``T5EncoderModel``, ``AutoencoderKL``, ``FluxTransformer2DModel``, ``FlowMatchEulerDiscreteScheduler``), only tiny:
 
-* the T5 tokenizer is a SentencePiece unigram model trained on the spot on ``CORPUS`` below;
-* the CLIP tokenizer is a byte-level BPE whose ``vocab.json``/``merges.txt`` are written on the spot, laid out like the
-  real one (256 byte symbols, the same 256 with ``</w>``, a few merges, then ``<|startoftext|>``, ``<|endoftext|>``);
+* the tokenizers and text encoders are fluxrt.tiny's (offline vocabularies, two-layer encoders);
 * the transformer is exactly ``FluxConfig.preset("tiny").to_diffusers()``;
 * the VAE has four blocks, so ``vae_scale_factor`` is 8 as in FLUX, and 16 latent channels.
 
@@ -14,151 +12,32 @@ Weights are deterministic in ``seed``; nothing touches the network.
 
 from __future__ import annotations
 
-import io
-import json
 import pathlib
-import string
 
-import sentencepiece as spm
 import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel, T5TokenizerFast
 
 from fluxrt import FluxConfig
-
-# Image-caption-like sentences: the SentencePiece training text. Fixed, so the tokenizer is the same every run.
-CORPUS = (
-    "a red apple on a wooden table",
-    "a photo of a cat sitting on a windowsill in the morning light",
-    "a dog running across a green field under a blue sky",
-    "an astronaut riding a horse on the surface of the moon",
-    "a bowl of fresh fruit with oranges, bananas and grapes",
-    "a portrait of an old man with a long white beard",
-    "a small house by the lake surrounded by tall pine trees",
-    "a city street at night with neon signs and wet pavement",
-    "a cup of hot coffee next to an open book",
-    "a mountain covered in snow at sunset",
-    "two children playing with a ball on the beach",
-    "a vintage car parked in front of a brick wall",
-    "a watercolor painting of flowers in a glass vase",
-    "a close up of a butterfly resting on a yellow flower",
-    "a sailing boat on a calm sea at dawn",
-    "a bicycle leaning against a fence in the countryside",
-    "a plate of pasta with tomato sauce and basil",
-    "a black and white photograph of a train station",
-    "a robot reading a newspaper in a cafe",
-    "a forest path covered with autumn leaves",
-    "a lighthouse on a rocky coast during a storm",
-    "a group of people walking through a busy market",
-    "a sign that says hello world in bold letters",
-    "a digital illustration of a dragon flying over a castle",
-    "an owl perched on a branch under the full moon",
-    "a modern kitchen with white cabinets and a marble counter",
-    "a girl holding a red umbrella in the rain",
-    "a bridge over a river in an old european town",
-    "a desert landscape with cactus plants and a clear sky",
-    "a plate of sushi on a dark slate board",
-    "a fox sleeping in the snow",
-    "a colorful hot air balloon floating above the hills",
-    "a pair of running shoes on a gray floor",
-    "a cozy living room with a fireplace and a sofa",
-    "a teddy bear sitting on a bed next to a pillow",
-    "a waterfall in a tropical jungle with green ferns",
-    "a chess board with wooden pieces in the middle of a game",
-    "an oil painting of a ship in a harbor at sunset",
-    "a loaf of bread and a knife on a cutting board",
-    "a horse standing in a meadow with wild flowers",
-    "a skyscraper reflecting the clouds on its glass windows",
-    "a young woman smiling at the camera, studio lighting",
-    "a tiger walking through tall grass, highly detailed",
-    "a snowy village with warm lights in the windows",
-    "a bird eye view of a farm with square fields",
-    "a glass of orange juice on a breakfast table",
-    "a cartoon of a happy frog wearing a tiny hat",
-    "a blue door in a white stone wall with a potted plant",
+from fluxrt.tiny import (
+    TINY_AUTOENCODER,
+    build_clip_encoder,
+    build_clip_tokenizer,
+    build_t5_encoder,
+    build_t5_tokenizer,
 )
-
-# Characters the SentencePiece model must have pieces for even though CORPUS (lowercase) lacks most of them.
-REQUIRED_CHARS = string.ascii_letters + string.digits + string.punctuation
-
-# CLIP-style BPE merges over the 26 lowercase letters; every merged symbol is built from symbols already present.
-CLIP_MERGES = (
-    "t h", "th e</w>", "a n", "i n", "o n</w>", "e r", "r e", "o f</w>", "h e</w>", "in g</w>",
-    "a t</w>", "e n", "o r", "e s</w>", "a r", "e d</w>", "t o</w>", "i s</w>", "l e", "s t",
-)
-
-
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2 / CLIP byte -> printable unicode character table (the ByteLevel pre-tokenizer's alphabet)."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, map(chr, cs)))
-
-
-def build_t5_tokenizer(folder: pathlib.Path, vocab_size: int = 256) -> T5TokenizerFast:
-    """Train a tiny unigram SentencePiece model on ``CORPUS`` (T5 special-token ids) and wrap it as T5TokenizerFast."""
-    folder.mkdir(parents=True, exist_ok=True)
-    model = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(CORPUS),
-        model_writer=model,
-        vocab_size=vocab_size,
-        model_type="unigram",
-        pad_id=0,
-        eos_id=1,
-        unk_id=2,
-        bos_id=-1,
-        pad_piece="<pad>",
-        eos_piece="</s>",
-        unk_piece="<unk>",
-        character_coverage=1.0,
-        required_chars=REQUIRED_CHARS,  # so capitals, digits and punctuation outside CORPUS are not <unk>
-        hard_vocab_limit=False,  # the corpus is tiny: let the trainer stop short of vocab_size if it must
-        num_threads=1,  # deterministic
-        shuffle_input_sentence=False,
-        minloglevel=2,  # quiet
-    )
-    spm_file = folder / "spiece.model"
-    spm_file.write_bytes(model.getvalue())
-    # from_pretrained on a folder holding only spiece.model converts it to the fast (tokenizers) backend; in
-    # transformers 5 calling T5TokenizerFast(vocab_file=...) directly ignores the file and builds an empty vocab.
-    tokenizer = T5TokenizerFast.from_pretrained(str(folder), model_max_length=512)
-    assert len(tokenizer) > 100 + 50, f"SentencePiece conversion failed: only {len(tokenizer)} tokens"
-    return tokenizer
-
-
-def build_clip_tokenizer(folder: pathlib.Path) -> CLIPTokenizer:
-    """Write a tiny CLIP byte-level BPE vocabulary (vocab.json, merges.txt) and wrap it as CLIPTokenizer."""
-    folder.mkdir(parents=True, exist_ok=True)
-    alphabet = list(_bytes_to_unicode().values())
-    tokens = alphabet + [c + "</w>" for c in alphabet]  # any byte, inside or at the end of a word: nothing is unknown
-    for merge in CLIP_MERGES:
-        a, b = merge.split()
-        assert a in tokens and b in tokens, merge
-        tokens.append(a + b)
-    tokens += ["<|startoftext|>", "<|endoftext|>"]  # last two ids, as in the real CLIP vocabulary (49406, 49407)
-    assert len(set(tokens)) == len(tokens)
-    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}, ensure_ascii=False))
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(CLIP_MERGES) + "\n")
-    tokenizer = CLIPTokenizer.from_pretrained(str(folder), model_max_length=77)
-    assert len(tokenizer) == len(tokens), (len(tokenizer), len(tokens))
-    return tokenizer
 
 
 def build_tiny_flux_pipeline(
-    folder: pathlib.Path, guidance_embeds: bool = True, seed: int = 0, save: bool = False
+    folder: pathlib.Path, guidance_embeds: bool = True, seed: int = 0, save: bool = False, fluxrt_vae: bool = False
 ) -> FluxPipeline:
     """Build a tiny random FluxPipeline under ``folder`` (tokenizer/, tokenizer_2/, and pipeline/ when ``save``).
 
     The transformer is ``FluxConfig.preset("tiny").to_diffusers()`` (hidden 128 = 2 heads x 64, context 64, vec 32)
     with ``guidance_embeds`` as given (True: FLUX.1-dev-like; False: schnell-like). All weights are float32, in eval
     mode, and depend only on ``seed``. Generate at heights/widths divisible by 16, e.g. 64x64.
+
+    fluxrt_vae=True builds the VAE in fluxrt.tiny.TINY_AUTOENCODER's shape (GroupNorm(32), as fluxrt's AutoEncoder
+    hard-codes) so that fluxrt.FluxPipeline can load this pipeline; the default VAE (4 groups, narrower) cannot.
     """
     folder = pathlib.Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -168,54 +47,21 @@ def build_tiny_flux_pipeline(
     t5_tok = build_t5_tokenizer(folder / "tokenizer_2_src")
     t5_tok.save_pretrained(str(folder / "tokenizer_2"))
 
-    torch.manual_seed(seed)
-    clip_model = CLIPTextModel(
-        CLIPTextConfig(
-            hidden_size=32,
-            intermediate_size=37,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            vocab_size=len(clip_tok),
-            max_position_embeddings=77,
-            projection_dim=32,
-            # pooler_output is read at the first eos_token_id in input_ids (eos_token_id == 2 would select the
-            # legacy argmax path instead, which is also right here since <|endoftext|> is the highest id).
-            bos_token_id=clip_tok.bos_token_id,
-            eos_token_id=clip_tok.eos_token_id,
-            pad_token_id=clip_tok.pad_token_id,
-        )
-    )
-
-    torch.manual_seed(seed + 1)
-    t5_model = T5EncoderModel(
-        T5Config(
-            vocab_size=len(t5_tok),
-            d_model=64,
-            d_ff=96,
-            d_kv=16,
-            num_layers=2,
-            num_heads=4,
-            relative_attention_num_buckets=8,
-            relative_attention_max_distance=32,
-            feed_forward_proj="gated-gelu",  # T5 v1.1 / the FLUX T5-XXL
-            is_encoder_decoder=False,
-            use_cache=False,
-            pad_token_id=t5_tok.pad_token_id,
-            eos_token_id=t5_tok.eos_token_id,
-            decoder_start_token_id=t5_tok.pad_token_id,
-        )
-    )
+    clip_model = build_clip_encoder(clip_tok, width=32, seed=seed)
+    t5_model = build_t5_encoder(t5_tok, width=64, seed=seed + 1)
 
     torch.manual_seed(seed + 2)
+    ae = TINY_AUTOENCODER
     vae = AutoencoderKL(
         in_channels=3,
         out_channels=3,
         down_block_types=["DownEncoderBlock2D"] * 4,
         up_block_types=["UpDecoderBlock2D"] * 4,
-        block_out_channels=[8, 8, 16, 16],  # 4 blocks -> vae_scale_factor 2**3 = 8
-        layers_per_block=1,
+        # 4 blocks -> vae_scale_factor 2**3 = 8
+        block_out_channels=[ae.ch * m for m in ae.ch_mult] if fluxrt_vae else [8, 8, 16, 16],
+        layers_per_block=ae.num_res_blocks if fluxrt_vae else 1,
         latent_channels=16,
-        norm_num_groups=4,
+        norm_num_groups=32 if fluxrt_vae else 4,
         sample_size=32,
         use_quant_conv=False,
         use_post_quant_conv=False,

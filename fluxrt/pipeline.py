@@ -1,0 +1,276 @@
+"""FluxPipeline: prompt in, images out. Text encoders (CLIP-L pooled + T5 v1.1), the FLUX transformer (fluxrt.compile
+on a GPU by default), the flow-matching sampler of fluxrt.sampling and the autoencoder's decoder.
+
+    pipe = fluxrt.FluxPipeline.from_pretrained("FLUX.1-dev")          # a local diffusers-layout folder
+    images = pipe("a red apple on a wooden table", width=1024, height=1024, seed=0)   # -> [PIL.Image]
+
+Conventions follow BFL and diffusers (which agree): T5 padded to 512 tokens for dev / 256 for schnell with no
+attention mask, CLIP to 77; noise from a CPU generator per image seed; dev shifts the schedule, schnell does not;
+images map [-1, 1] -> [0, 1] -> uint8 with rounding (diffusers; BFL truncates, half a level darker on average).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from . import sampling
+from .loading import load_autoencoder, load_transformer
+from .reference import AutoEncoder, Flux
+from .transformer import compile as compile_transformer
+
+MIN_SIDE, MAX_SIDE = 16, 4096  # one latent token; 65k image tokens is past any FLUX training resolution
+CLIP_LENGTH = 77
+TEXT_FOLDERS = ("tokenizer", "text_encoder", "tokenizer_2", "text_encoder_2")
+
+
+def check_size(width, height) -> None:
+    for name, value in (("width", width), ("height", height)):
+        if not isinstance(value, int) or isinstance(value, bool) or value % 16 or not MIN_SIDE <= value <= MAX_SIDE:
+            raise ValueError(f"{name} must be a multiple of 16 between {MIN_SIDE} and {MAX_SIDE}, got {value!r}")
+
+
+def check_steps(num_steps) -> None:
+    if not isinstance(num_steps, int) or isinstance(num_steps, bool) or num_steps <= 0:
+        raise ValueError(f"num_steps must be an int >= 1, got {num_steps!r}")
+
+
+def check_seed(seed) -> None:
+    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**63:
+        raise ValueError(f"a seed must be an int in [0, 2**63), got {seed!r}")
+
+
+class FluxPipeline:
+    """FLUX.1 text-to-image. Build with from_pretrained (or fluxrt.tiny.tiny_random_pipeline); call like diffusers'.
+
+    compile: None -> fluxrt.compile the transformer when it is on a CUDA device; True/False to force.
+    quantize: None | "fp8" (W8A8, needs an FP8 GPU) | "fp8-weight" (applied by compilation).
+    offload_text_encoders: keep the text encoders on the CPU and bring them to the device only to encode.
+    Calls are serialized by a lock, so one pipeline can be shared by threads (see generate for serving).
+    """
+
+    def __init__(self, transformer: Flux, autoencoder: AutoEncoder, clip_tokenizer, clip_encoder: nn.Module,
+                 t5_tokenizer, t5_encoder: nn.Module, *, compile: bool | None = None, quantize: str | None = None,
+                 backend: str = "auto", offload_text_encoders: bool = False, progress: bool = True):
+        if not isinstance(transformer, Flux):
+            raise TypeError(f"transformer must be a fluxrt.reference.Flux (see fluxrt.load_transformer), got "
+                            f"{type(transformer).__name__}")
+        self.config = transformer.params
+        self.transformer, self.autoencoder = transformer, autoencoder
+        param = next(transformer.parameters())
+        self.device, self.dtype = param.device, param.dtype
+        self.vae_dtype = next(autoencoder.parameters()).dtype
+        self.clip_tokenizer, self.clip_encoder = clip_tokenizer, clip_encoder
+        self.t5_tokenizer, self.t5_encoder = t5_tokenizer, t5_encoder
+        self.offload_text_encoders = offload_text_encoders
+        if offload_text_encoders:
+            self._move_text_encoders("cpu")
+        self.progress = progress
+        # FLUX.1-dev was trained with 512 T5 tokens, schnell with 256 (the guidance embedder tells them apart).
+        self.max_sequence_length = 512 if self.config.guidance_embed else 256
+        self.default_steps = 28 if self.config.guidance_embed else 4
+        self.default_guidance = 3.5 if self.config.guidance_embed else None
+        self.plan = None  # what fluxrt.compile chose, once compiled
+        self._lock = threading.RLock()
+        if compile is None:
+            compile = self.device.type == "cuda"
+        if compile:
+            self.accelerate(quantize=quantize, backend=backend)
+        elif quantize is not None:
+            raise ValueError(f"quantize={quantize!r} is applied by compilation; drop compile=False (--no-compile)")
+
+    # ---- construction ----
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, *, transformer: str | Path | None = None,
+                        autoencoder: str | Path | None = None, text_encoders: str | Path | None = None,
+                        device: torch.device | str | None = None, dtype: torch.dtype | None = None,
+                        **pipeline_kwargs) -> "FluxPipeline":
+        """Load from local files (never the network):
+
+        - a diffusers-layout folder (text_encoder, text_encoder_2, tokenizer, tokenizer_2, transformer, vae), or a
+          folder of BFL files (flux1-dev.safetensors + ae.safetensors) beside those four text folders (the layout of
+          BFL's Hugging Face repos);
+        - a BFL transformer file, with autoencoder= (ae.safetensors or a diffusers vae folder) and text_encoders=
+          (a folder holding the four text folders).
+        transformer= / autoencoder= / text_encoders= override the parts found in `path`. Defaults: CUDA when there
+        is a GPU, bf16 there and fp32 on a CPU. pipeline_kwargs: compile, quantize, backend, offload_text_encoders.
+        """
+        path = Path(path)
+        if not path.exists():
+            raise FileNotFoundError(f"model path {str(path)!r} does not exist")
+        if path.is_dir():
+            transformer = transformer or _find_transformer(path)
+            autoencoder = autoencoder or _find_autoencoder(path)
+            text_encoders = Path(text_encoders or path)
+        elif autoencoder is None or text_encoders is None:
+            raise ValueError(f"{path} is a single transformer file: pass autoencoder= (ae.safetensors) and "
+                             "text_encoders= (a folder with tokenizer, text_encoder, tokenizer_2, text_encoder_2)")
+        else:
+            transformer, text_encoders = transformer or path, Path(text_encoders)
+        for part in (transformer, autoencoder, text_encoders):
+            if not Path(part).exists():
+                raise FileNotFoundError(f"model path {str(part)!r} does not exist")
+        missing = [name for name in TEXT_FOLDERS if not (text_encoders / name).is_dir()]
+        if missing:
+            raise FileNotFoundError(f"{text_encoders} lacks the text-encoder folders {missing} (diffusers layout: "
+                                    f"{', '.join(TEXT_FOLDERS)}); pass text_encoders= a folder that has them")
+        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+        text = _load_text_encoders(text_encoders, dtype, device)
+        return cls(load_transformer(transformer, dtype=dtype, device=device),
+                   load_autoencoder(autoencoder, dtype=dtype, device=device), *text, **pipeline_kwargs)
+
+    def accelerate(self, quantize: str | None = None, backend: str = "auto") -> None:
+        """Swap in the fluxrt-compiled models (in place: weights are reused, not copied). The one acceleration step."""
+        if self.plan is not None:
+            raise RuntimeError("this pipeline is already compiled")
+        if quantize == "fp8" and self.device.type != "cuda":
+            raise ValueError(f"quantize='fp8' (W8A8) needs an FP8-capable CUDA GPU (sm_89+: Ada, Hopper, Blackwell) "
+                             f"and this pipeline is on {self.device}; use quantize='fp8-weight' or none")
+        self.transformer = compile_transformer(self.transformer, quantize=quantize, backend=backend)
+        # The VAE decoder joins here once fluxrt.compile accepts an AutoEncoder (the VAE issue).
+        self.plan = {"transformer": self.transformer.plan}
+
+    # ---- generation ----
+
+    def __call__(self, prompt: str | Sequence[str], width: int = 1024, height: int = 1024,
+                 num_steps: int | None = None, guidance: float | None = None, seed: int | Sequence[int] = 0,
+                 num_images_per_prompt: int = 1, output_type: str = "pil", progress: bool | None = None,
+                 callback: Callable[[int, int], None] | None = None):
+        """Images for `prompt` (a string or a list): a list of PIL images, or with output_type="pt" a float tensor
+        [N, 3, H, W] in [0, 1] on the CPU. N = prompts x num_images_per_prompt, grouped by prompt.
+
+        seed: an int gives image k the seed seed + k (so image 0 is the image that prompt alone gives with that
+        seed); a list gives one seed per image. num_steps / guidance default to the model's (dev 28 / 3.5;
+        schnell 4 / none: schnell has no guidance input and ignores it). callback(step, total) after each step.
+        """
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if not prompts or not all(isinstance(p, str) for p in prompts):
+            raise ValueError(f"prompt must be a string or a non-empty list of strings, got {prompt!r}")
+        check_size(width, height)
+        num_steps = self.default_steps if num_steps is None else num_steps
+        check_steps(num_steps)
+        if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
+            raise ValueError(f"num_images_per_prompt must be an int >= 1, got {num_images_per_prompt!r}")
+        count = len(prompts) * num_images_per_prompt
+        seeds = [seed + k for k in range(count)] if isinstance(seed, int) and not isinstance(seed, bool) else list(seed)
+        if len(seeds) != count:
+            raise ValueError(f"got {len(seeds)} seeds for {count} images; pass one int or one seed per image")
+        for s in seeds:
+            check_seed(s)
+        guidance = self.resolve_guidance(guidance)
+        if output_type not in ("pil", "pt"):
+            raise ValueError(f"output_type must be 'pil' or 'pt', got {output_type!r}")
+        with self._lock, torch.inference_mode():
+            txt, vec = self.encode_prompt(prompts)
+            txt, vec = txt.repeat_interleave(num_images_per_prompt, 0), vec.repeat_interleave(num_images_per_prompt, 0)
+            images = self._denoise_and_decode(txt, vec, width, height, num_steps, guidance, seeds,
+                                              self.progress if progress is None else progress, callback)
+        return images if output_type == "pt" else to_pil(images)
+
+    def resolve_guidance(self, guidance) -> float | None:
+        """The guidance a call runs with: the model's default for None; always None for schnell, which has no
+        guidance input (diffusers ignores it there too)."""
+        if not self.config.guidance_embed:
+            return None
+        guidance = self.default_guidance if guidance is None else guidance
+        if isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or not 0 <= guidance <= 100:
+            raise ValueError(f"guidance must be a number in [0, 100], got {guidance!r}")
+        return float(guidance)
+
+    def encode_prompt(self, prompts: Sequence[str]) -> tuple[Tensor, Tensor]:
+        """(T5 last_hidden_state [N, 512|256, 4096], CLIP pooler_output [N, 768]) in the transformer's dtype."""
+        with self._lock, torch.inference_mode():
+            if self.offload_text_encoders:
+                self._move_text_encoders(self.device)
+            try:
+                t5_ids = self.t5_tokenizer(list(prompts), padding="max_length", max_length=self.max_sequence_length,
+                                           truncation=True, return_tensors="pt").input_ids
+                clip_ids = self.clip_tokenizer(list(prompts), padding="max_length", max_length=CLIP_LENGTH,
+                                               truncation=True, return_tensors="pt").input_ids
+                # No attention mask, as FLUX was trained: padding tokens are part of the conditioning.
+                txt = self.t5_encoder(t5_ids.to(self.device), output_hidden_states=False)[0]
+                vec = self.clip_encoder(clip_ids.to(self.device), output_hidden_states=False).pooler_output
+            finally:
+                if self.offload_text_encoders:
+                    self._move_text_encoders("cpu")
+            return txt.to(self.device, self.dtype), vec.to(self.device, self.dtype)
+
+    def _denoise_and_decode(self, txt: Tensor, vec: Tensor, width: int, height: int, num_steps: int,
+                            guidance: float | None, seeds: list[int], progress: bool, callback) -> Tensor:
+        from tqdm.auto import tqdm
+
+        batch = txt.shape[0]
+        img = sampling.pack(sampling.get_noise(batch, height, width, seed=seeds, dtype=self.dtype, device=self.device))
+        img_ids = sampling.prepare_img_ids(batch, height, width, device=self.device)
+        txt_ids = sampling.prepare_txt_ids(batch, txt.shape[1], device=self.device)
+        timesteps = sampling.get_schedule(num_steps, img.shape[1], shift=self.config.guidance_embed)
+        with tqdm(total=num_steps, desc="fluxrt", unit="step", disable=not progress, leave=False) as bar:
+            def step_done(step: int, total: int) -> None:
+                bar.update(1)
+                if callback is not None:
+                    callback(step, total)
+
+            latents = sampling.denoise(self.transformer, img, img_ids, txt, txt_ids, vec, timesteps,
+                                       guidance=guidance, callback=step_done)
+        image = self.autoencoder.decode(sampling.unpack(latents, height, width).to(self.vae_dtype))
+        return (image.float() / 2 + 0.5).clamp(0, 1).cpu()
+
+    def generate(self, requests, max_batch_size: int = 4):
+        """Serving entry point: a list of fluxrt.GenerationRequest -> a list of fluxrt.GenerationResult, in order.
+        See fluxrt.serving."""
+        from .serving import generate
+
+        return generate(self, requests, max_batch_size=max_batch_size)
+
+    def _move_text_encoders(self, device) -> None:
+        self.clip_encoder.to(device)
+        self.t5_encoder.to(device)
+
+
+def to_pil(images: Tensor) -> list:
+    """[N, 3, H, W] in [0, 1] -> PIL RGB images (x * 255 rounded, as diffusers' numpy_to_pil)."""
+    from PIL import Image
+
+    pixels = (images * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    return [Image.fromarray(p) for p in pixels]  # uint8 [H, W, 3] -> RGB
+
+
+def _find_transformer(folder: Path) -> Path:
+    if (folder / "transformer").is_dir():
+        return folder / "transformer"
+    files = sorted(f for f in folder.glob("*.safetensors") if f.name != "ae.safetensors")
+    if len(files) != 1:
+        found = [f.name for f in files] or "none"
+        raise FileNotFoundError(f"{folder} has no transformer/ folder and not exactly one transformer .safetensors "
+                                f"file (found: {found}); pass transformer=")
+    return files[0]
+
+
+def _find_autoencoder(folder: Path) -> Path:
+    for candidate in (folder / "vae", folder / "ae.safetensors"):
+        if candidate.exists():
+            return candidate
+    raise FileNotFoundError(f"{folder} has neither a vae/ folder nor ae.safetensors; pass autoencoder=")
+
+
+def _load_text_encoders(folder: Path, dtype: torch.dtype, device: torch.device) -> tuple:
+    import transformers
+    from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
+
+    # transformers renamed torch_dtype to dtype in 4.56; older versions would silently ignore the new name.
+    major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
+    dtype_kw = "dtype" if (major, minor) >= (4, 56) else "torch_dtype"
+    # safetensors only (never unpickle) and local files only (never the network)
+    load = dict(use_safetensors=True, local_files_only=True, **{dtype_kw: dtype})
+    clip_tokenizer = CLIPTokenizer.from_pretrained(str(folder / "tokenizer"), local_files_only=True)
+    t5_tokenizer = T5TokenizerFast.from_pretrained(str(folder / "tokenizer_2"), local_files_only=True)
+    clip = CLIPTextModel.from_pretrained(str(folder / "text_encoder"), **load)
+    t5 = T5EncoderModel.from_pretrained(str(folder / "text_encoder_2"), **load)
+    return (clip_tokenizer, clip.to(device).eval().requires_grad_(False),
+            t5_tokenizer, t5.to(device).eval().requires_grad_(False))

@@ -1,0 +1,98 @@
+"""The serving API: a list of requests in, one result per request out, in order.
+
+    results = pipe.generate([fluxrt.GenerationRequest("a cat", width=1024, height=768, seed=7), ...])
+    for r in results:
+        r.image.save(...) if r.ok else log(r.error)
+
+Requests with the same size, steps and guidance run together as one batch (up to max_batch_size images): the
+transformer's cost per image falls with batch size on a GPU, and each image keeps its own seed, so its pixels do
+not depend on what it was batched with beyond floating-point reduction order. A bad request (wrong size, steps,
+seed, type) gets its own error and never stops the others; a batch that fails at run time is retried one request
+at a time so only the failing request reports the error.
+
+Thread safety: the pipeline runs one batch at a time under its lock (one GPU worker); callers on other threads
+wait for it and each gets exactly its own results.
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass, replace
+from typing import Any
+
+from .pipeline import check_seed, check_size, check_steps
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    prompt: str
+    width: int = 1024
+    height: int = 1024
+    num_steps: int | None = None  # None: the model's default (dev 28, schnell 4)
+    guidance: float | None = None  # None: the model's default (dev 3.5); schnell ignores it
+    seed: int | None = None  # None: a random seed, reported in the result
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    request: GenerationRequest  # as run: the seed and defaults filled in
+    image: Any = None  # a PIL.Image when ok
+    error: str | None = None  # what was wrong, when not ok
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+def _resolve(pipe, request) -> GenerationRequest:
+    """The request with defaults filled in, or ValueError naming what is wrong with it."""
+    if not isinstance(request, GenerationRequest):
+        raise ValueError(f"expected a fluxrt.GenerationRequest, got {type(request).__name__}")
+    if not isinstance(request.prompt, str):
+        raise ValueError(f"prompt must be a string, got {type(request.prompt).__name__}")
+    check_size(request.width, request.height)
+    steps = pipe.default_steps if request.num_steps is None else request.num_steps
+    check_steps(steps)
+    guidance = pipe.resolve_guidance(request.guidance)
+    seed = secrets.randbelow(2**63) if request.seed is None else request.seed
+    check_seed(seed)
+    return replace(request, num_steps=steps, guidance=guidance, seed=seed)
+
+
+def _run(pipe, batch: list[GenerationRequest]) -> list:
+    first = batch[0]
+    return pipe([r.prompt for r in batch], width=first.width, height=first.height, num_steps=first.num_steps,
+                guidance=first.guidance, seed=[r.seed for r in batch], progress=False)
+
+
+def generate(pipe, requests, max_batch_size: int = 4) -> list[GenerationResult]:
+    """One GenerationResult per request, in the order given (see the module docstring)."""
+    if not isinstance(max_batch_size, int) or max_batch_size < 1:
+        raise ValueError(f"max_batch_size must be an int >= 1, got {max_batch_size!r}")
+    requests = list(requests)
+    results: list[GenerationResult | None] = [None] * len(requests)
+    groups: dict[tuple, list[tuple[int, GenerationRequest]]] = {}
+    for i, request in enumerate(requests):
+        try:
+            resolved = _resolve(pipe, request)
+        except ValueError as err:
+            results[i] = GenerationResult(request, error=str(err))
+            continue
+        key = (resolved.width, resolved.height, resolved.num_steps, resolved.guidance)
+        groups.setdefault(key, []).append((i, resolved))
+    for members in groups.values():
+        for start in range(0, len(members), max_batch_size):
+            chunk = members[start : start + max_batch_size]
+            try:
+                images = _run(pipe, [r for _, r in chunk])
+            except Exception as err:  # noqa: BLE001 -- one request's failure must not take the others down
+                if len(chunk) == 1:
+                    results[chunk[0][0]] = GenerationResult(chunk[0][1], error=f"{type(err).__name__}: {err}")
+                else:  # which one fails? each alone
+                    results_alone = generate(pipe, [r for _, r in chunk], max_batch_size=1)
+                    for (i, _), result in zip(chunk, results_alone):
+                        results[i] = result
+                continue
+            for (i, r), image in zip(chunk, images):
+                results[i] = GenerationResult(r, image=image)
+    return results
