@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml setup.py
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m fluxrt demo
+	$(PY) -m fluxrt generate --out out/demo.png --compare-reference
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -1,9 +1,18 @@
-"""fluxrt command line: `fluxrt demo` (the embedded default job), `fluxrt bench` (per-step latency,
-fluxrt.bench). `generate` arrives with the pipeline issue."""
+"""fluxrt command line.
+
+  fluxrt generate [--model PATH|tiny-random] --prompt TEXT --width W --height H --steps N --guidance G --seed S
+                  --out FILE.png [--quantize fp8|fp8-weight] [--no-compile] [--compare-reference]
+  fluxrt bench ...   per-step latency of the transformer, diffusers vs fluxrt (fluxrt.bench)
+
+The default model, tiny-random, is built in process with random weights (nothing to download): tiny on a CPU,
+flux-dev's real widths on a GPU. Errors print one line, `fluxrt: error: ...`, and exit 2.
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
+import secrets
 import statistics
 import sys
 import time
@@ -11,61 +20,188 @@ from pathlib import Path
 
 import torch
 
-from . import sampling
-from .config import FluxConfig
-from .reference import Flux
-from .testing import randomize_parameters_
+TINY_RANDOM = "tiny-random"
+DEFAULT_PROMPT = "an astronaut riding a horse on the surface of the moon"
 
 
-def demo(preset: str, width: int, height: int, steps: int, txt_len: int, seed: int, device: str) -> list[float]:
-    """A few denoising steps of the reference transformer with random weights; returns per-step seconds."""
-    cfg = FluxConfig.preset(preset)
-    torch.manual_seed(seed)
-    dev = torch.device(device)
-    dtype = torch.float32 if dev.type == "cpu" else torch.bfloat16
-    with torch.device("meta"):  # no fp32 init of 12B weights: allocate in place on the device, then fill
-        model = Flux(cfg)
-    model = randomize_parameters_(model.to(dtype).to_empty(device=dev), seed).requires_grad_(False).eval()
-    img = sampling.pack(sampling.get_noise(1, height, width, seed=seed, dtype=dtype, device=dev))
-    img_ids = sampling.prepare_img_ids(1, height, width, device=dev)
-    txt = torch.randn(1, txt_len, cfg.context_in_dim, dtype=dtype, device=dev)
-    txt_ids = sampling.prepare_txt_ids(1, txt_len, device=dev)
-    y = torch.randn(1, cfg.vec_in_dim, dtype=dtype, device=dev)
-    timesteps = sampling.get_schedule(steps, img.shape[1], shift=cfg.guidance_embed)
-    guidance = 3.5 if cfg.guidance_embed else None
-
-    stamps = [time.perf_counter()]
-
-    def tick(step: int, total: int) -> None:
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
-        stamps.append(time.perf_counter())
-
-    with torch.inference_mode():
-        out = sampling.denoise(model, img, img_ids, txt, txt_ids, y, timesteps, guidance=guidance, callback=tick)
-    if not torch.isfinite(out).all():
-        raise RuntimeError("demo produced non-finite latents")
-    per_step = [b - a for a, b in zip(stamps[:-1], stamps[1:])]
-    print(f"fluxrt demo: reference FLUX ({preset}, random weights) {width}x{height} -> {img.shape[1]} image + "
-          f"{txt_len} text tokens, {steps} steps, {dtype} on {dev}")
-    for i, (t, s) in enumerate(zip(timesteps, per_step), start=1):
-        print(f"  step {i}/{steps}  t={t:.4f}  {s * 1e3:8.2f} ms")
-    print(f"median per-step latency: {statistics.median(per_step) * 1e3:.2f} ms "
-          "(step 1 includes warm-up; CPU timing of the plain-PyTorch reference, not a fluxrt speed claim)")
-    return per_step
+class UsageError(ValueError):
+    """A bad command line: reported as one line before any model is loaded."""
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="fluxrt", description=__doc__)
+    parser = argparse.ArgumentParser(prog="fluxrt", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("demo", help="run a few denoising steps of a random-weight reference model, print latency")
-    p.add_argument("--preset", default="tiny", choices=["tiny", "flux-dev", "flux-schnell"])
-    p.add_argument("--width", type=int, default=256)
-    p.add_argument("--height", type=int, default=256)
-    p.add_argument("--steps", type=int, default=4)
-    p.add_argument("--txt-len", type=int, default=64)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    _add_generate(sub)
+    _add_bench(sub)
+    args = parser.parse_args(argv)
+    return _bench(args) if args.command == "bench" else _generate(args)
+
+
+# ---- generate ----
+
+
+def _add_generate(sub) -> None:
+    g = sub.add_parser("generate", help="prompt -> PNG (default model: tiny-random, random weights, offline)")
+    g.add_argument("--model", default=TINY_RANDOM,
+                   help="a local FLUX folder (diffusers layout, or BFL's flux1-*.safetensors + ae.safetensors beside "
+                        "the text-encoder folders), a BFL transformer file (with --ae and --text-encoders), or "
+                        "tiny-random (default)")
+    g.add_argument("--ae", type=Path, help="autoencoder (ae.safetensors or a diffusers vae folder) for a file --model")
+    g.add_argument("--text-encoders", type=Path,
+                   help="folder with tokenizer, text_encoder, tokenizer_2, text_encoder_2 for a file --model")
+    g.add_argument("--prompt", default=DEFAULT_PROMPT)
+    g.add_argument("--width", type=int, help="pixels, a multiple of 16 (default 1024; tiny-random on a CPU: 256)")
+    g.add_argument("--height", type=int, help="pixels, a multiple of 16 (default 1024; tiny-random on a CPU: 256)")
+    g.add_argument("--steps", type=int, help="denoising steps (default: dev 28, schnell 4)")
+    g.add_argument("--guidance", type=float, help="distilled guidance (default: dev 3.5; schnell has none)")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--out", type=Path, default=Path("out.png"), help="PNG path (written whole or not at all)")
+    g.add_argument("--quantize", choices=["fp8", "fp8-weight"], help="fp8: W8A8 (sm_89+ GPU); fp8-weight: weights")
+    g.add_argument("--no-compile", action="store_true", help="run the plain-PyTorch reference transformer")
+    g.add_argument("--backend", default="auto", choices=["auto", "triton", "torch"], help="fluxrt.compile backend")
+    g.add_argument("--device", help="default: cuda when there is a GPU, else cpu")
+    g.add_argument("--compare-reference", action="store_true",
+                   help="first run the uncompiled reference transformer, then print per-step latency side by side")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _check_args(args) -> None:
+    for name in ("width", "height"):
+        value = getattr(args, name)
+        if value is not None and (value % 16 or not 16 <= value <= 4096):
+            raise UsageError(f"--{name} must be a multiple of 16 between 16 and 4096, got {value}")
+    if args.steps is not None and args.steps <= 0:
+        raise UsageError(f"--steps must be >= 1, got {args.steps}")
+    if not 0 <= args.seed < 2**63:
+        raise UsageError(f"--seed must be in [0, 2**63), got {args.seed}")
+    if args.out.suffix.lower() != ".png":
+        raise UsageError(f"--out must name a .png file, got {str(args.out)!r}")
+    if args.out.is_dir():
+        raise UsageError(f"--out {str(args.out)!r} is a folder; name a .png file")
+    if args.model != TINY_RANDOM and not Path(args.model).exists():
+        raise UsageError(f"--model {args.model!r} does not exist (a local FLUX folder or file, or {TINY_RANDOM})")
+    if args.no_compile and (args.quantize or args.compare_reference):
+        raise UsageError("--quantize and --compare-reference need the compiled transformer; drop --no-compile")
+    if args.quantize == "fp8":
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if device.type != "cuda":
+            raise UsageError("--quantize fp8 (W8A8) needs an FP8-capable CUDA GPU (sm_89+: Ada, Hopper, Blackwell) "
+                             f"and none is in use (device {device}); use --quantize fp8-weight")
+        from .quantize import require_fp8_tensor_cores
+
+        try:
+            require_fp8_tensor_cores(device)
+        except RuntimeError as err:
+            raise UsageError(str(err)) from None
+
+
+def _open_output(out: Path) -> Path:
+    """A temp file beside `out` (same filesystem, so the final rename is atomic): fails now, not after sampling,
+    when the folder cannot be written."""
+    tmp = out.parent / f".{out.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+    blocker = next((p for p in out.parents if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        raise UsageError(f"cannot write --out {str(out)!r}: {str(blocker)!r} is a file, not a folder")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp.open("xb").close()  # not mkstemp: that makes the file 0600, and the PNG should get the umask's mode
+    except OSError as err:
+        raise UsageError(f"cannot write --out {str(out)!r}: {err.strerror or err}") from None
+    return tmp
+
+
+def _generate(args) -> int:
+    tmp = None
+    try:
+        _check_args(args)
+        tmp = _open_output(args.out)
+        _run_generate(args, tmp)
+        os.replace(tmp, args.out)
+        tmp = None
+    except (ValueError, RuntimeError, OSError) as err:  # CheckpointError is a ValueError
+        print(f"fluxrt: error: {_one_line(err)}", file=sys.stderr)
+        return 2
+    finally:
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
+    return 0
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split()) or type(err).__name__
+
+
+def _build_pipeline(args, compile: bool):
+    common = dict(compile=compile, quantize=args.quantize if compile else None, backend=args.backend,
+                  progress=not args.no_progress)
+    if args.model == TINY_RANDOM:
+        from .tiny import tiny_random_pipeline
+
+        return tiny_random_pipeline(device=args.device, **common)
+    from .pipeline import FluxPipeline
+
+    return FluxPipeline.from_pretrained(args.model, autoencoder=args.ae, text_encoders=args.text_encoders,
+                                        device=args.device, **common)
+
+
+def _timed(pipe, call: dict) -> tuple[torch.Tensor, list[float]]:
+    """The image ([1, 3, H, W] in [0, 1]) and the seconds each denoising step took."""
+    stamps = [time.perf_counter()]
+
+    def tick(step: int, total: int) -> None:
+        if pipe.device.type == "cuda":
+            torch.cuda.synchronize(pipe.device)
+        stamps.append(time.perf_counter())
+
+    image = pipe(**call, output_type="pt", callback=tick)
+    return image, [b - a for a, b in zip(stamps[:-1], stamps[1:])]
+
+
+def _run_generate(args, tmp: Path) -> None:
+    from .pipeline import to_pil
+
+    compile = not args.no_compile
+    pipe = _build_pipeline(args, compile=compile and not args.compare_reference)
+    tiny_cpu = args.model == TINY_RANDOM and pipe.device.type == "cpu"
+    side = 256 if tiny_cpu else 1024
+    call = dict(prompt=args.prompt, width=args.width or side, height=args.height or side, num_steps=args.steps,
+                guidance=args.guidance, seed=args.seed)
+    columns = {}
+    if args.compare_reference:
+        reference_image, columns["reference"] = _timed(pipe, call)
+        pipe.accelerate(quantize=args.quantize, backend=args.backend)
+    image, columns["fluxrt" if compile else "reference"] = _timed(pipe, call)
+    to_pil(image)[0].save(tmp, format="PNG")  # no timestamps or other metadata: same seed, same bytes
+
+    steps = len(next(iter(columns.values())))
+    what = "random weights" if args.model == TINY_RANDOM else args.model
+    print(f"fluxrt generate: {call['width']}x{call['height']}, {steps} steps, seed {args.seed}, {pipe.dtype} on "
+          f"{pipe.device} ({what}; transformer hidden {pipe.config.hidden_size}, "
+          f"{pipe.config.depth}+{pipe.config.depth_single_blocks} blocks)")
+    if pipe.plan is not None:
+        plan = pipe.plan["transformer"]
+        print(f"fluxrt plan: ops {sorted(set(plan['ops'].values()))}, linears {plan['linears']}, "
+              f"cuda graphs {plan['cuda_graphs']}")
+    print("per-step latency (ms; step 1 includes warm-up and compilation)")
+    print("step  " + "".join(f"{name:>12s}" for name in columns))
+    for i in range(steps):
+        print(f"{i + 1:4d}  " + "".join(f"{times[i] * 1e3:12.2f}" for times in columns.values()))
+    medians = {name: statistics.median(times) for name, times in columns.items()}
+    line = "median" + "".join(f"{m * 1e3:12.2f}" for m in medians.values())
+    if len(medians) == 2:
+        line += f"   fluxrt is {medians['reference'] / medians['fluxrt']:.2f}x the reference's speed"
+        diff = (image - reference_image).abs().max().item()
+        print(line + f"\nfluxrt vs reference image: max |difference| {diff:.2e} (pixel range 0..1)")
+    else:
+        print(line)
+    print(f"wrote {args.out}")
+
+
+# ---- bench ----
+
+
+def _add_bench(sub) -> None:
     b = sub.add_parser("bench", help="per-step latency: diffusers vs fluxrt (GPU numbers only count)")
     b.add_argument("--model", default="tiny", choices=["tiny", "flux-dev", "flux-schnell"])
     b.add_argument("--size", nargs="+", default=["64x64"], help="WIDTHxHEIGHT, multiples of 16")
@@ -75,21 +211,6 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--txt-len", type=int, default=None)
     b.add_argument("--out", type=Path, default=None,
                    help="JSON path (default: benchmarks/results/step_<date>_<gpu>.json; CPU runs: the temp dir)")
-    args = parser.parse_args(argv)
-    if args.command == "bench":
-        return _bench(args)
-    try:
-        for name in ("width", "height"):
-            value = getattr(args, name)
-            if value <= 0 or value % 16:
-                raise ValueError(f"--{name} must be a positive multiple of 16, got {value}")
-        if args.steps <= 0 or args.txt_len <= 0:
-            raise ValueError("--steps and --txt-len must be >= 1")
-        demo(args.preset, args.width, args.height, args.steps, args.txt_len, args.seed, args.device)
-    except (ValueError, RuntimeError) as err:
-        print(f"fluxrt: error: {err}", file=sys.stderr)
-        return 2
-    return 0
 
 
 def _bench(args) -> int:
