@@ -81,10 +81,15 @@ def _check_args(args) -> None:
         raise UsageError(f"--out {str(args.out)!r} is a folder; name a .png file")
     if args.model != TINY_RANDOM and not Path(args.model).exists():
         raise UsageError(f"--model {args.model!r} does not exist (a local FLUX folder or file, or {TINY_RANDOM})")
+    try:
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError:
+        raise UsageError(f"--device {args.device!r} is not a device (e.g. cpu, cuda, cuda:1)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {args.device} asks for a CUDA GPU and this machine has none; use --device cpu")
     if args.no_compile and (args.quantize or args.compare_reference):
         raise UsageError("--quantize and --compare-reference need the compiled transformer; drop --no-compile")
     if args.quantize == "fp8":
-        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if device.type != "cuda":
             raise UsageError("--quantize fp8 (W8A8) needs an FP8-capable CUDA GPU (sm_89+: Ada, Hopper, Blackwell) "
                              f"and none is in use (device {device}); use --quantize fp8-weight")

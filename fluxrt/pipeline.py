@@ -121,20 +121,23 @@ class FluxPipeline:
                                     f"{', '.join(TEXT_FOLDERS)}); pass text_encoders= a folder that has them")
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
-        text = _load_text_encoders(text_encoders, dtype, device)
+        # offloaded encoders are loaded straight to the CPU: never resident on the GPU beside the transformer
+        text = _load_text_encoders(text_encoders, dtype,
+                                   torch.device("cpu") if pipeline_kwargs.get("offload_text_encoders") else device)
         return cls(load_transformer(transformer, dtype=dtype, device=device),
                    load_autoencoder(autoencoder, dtype=dtype, device=device), *text, **pipeline_kwargs)
 
     def accelerate(self, quantize: str | None = None, backend: str = "auto") -> None:
         """Swap in the fluxrt-compiled models (in place: weights are reused, not copied). The one acceleration step."""
-        if self.plan is not None:
-            raise RuntimeError("this pipeline is already compiled")
-        if quantize == "fp8" and self.device.type != "cuda":
-            raise ValueError(f"quantize='fp8' (W8A8) needs an FP8-capable CUDA GPU (sm_89+: Ada, Hopper, Blackwell) "
-                             f"and this pipeline is on {self.device}; use quantize='fp8-weight' or none")
-        self.transformer = compile_transformer(self.transformer, quantize=quantize, backend=backend)
-        # The VAE decoder joins here once fluxrt.compile accepts an AutoEncoder (the VAE issue).
-        self.plan = {"transformer": self.transformer.plan}
+        with self._lock:
+            if self.plan is not None:
+                raise RuntimeError("this pipeline is already compiled")
+            if quantize == "fp8" and self.device.type != "cuda":
+                raise ValueError(f"quantize='fp8' (W8A8) needs an FP8-capable CUDA GPU (sm_89+: Ada, Hopper, "
+                                 f"Blackwell) and this pipeline is on {self.device}; use quantize='fp8-weight' or none")
+            self.transformer = compile_transformer(self.transformer, quantize=quantize, backend=backend)
+            # The VAE decoder joins here once fluxrt.compile accepts an AutoEncoder (the VAE issue).
+            self.plan = {"transformer": self.transformer.plan}
 
     # ---- generation ----
 

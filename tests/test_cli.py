@@ -47,9 +47,10 @@ def test_same_seed_same_bytes(tmp_path):
                             "none is in use (device cpu); use --quantize fp8-weight"),
     (("--quantize", "fp8-weight", "--no-compile"), "--quantize and --compare-reference need the compiled transformer; "
                                                    "drop --no-compile"),
+    (("--device", "gpu"), "--device 'gpu' is not a device (e.g. cpu, cuda, cuda:1)"),
 ])
 def test_bad_arguments_give_one_line(tmp_path, args, message):
-    result = run("generate", *SMALL, *args, "--out", str(tmp_path / "x.png"), "--device", "cpu")
+    result = run("generate", *SMALL, "--device", "cpu", *args, "--out", str(tmp_path / "x.png"))
     assert (result.returncode, result.stderr, result.stdout) == (2, f"fluxrt: error: {message}\n", "")
     assert list(tmp_path.iterdir()) == []
 
