@@ -7,6 +7,7 @@ imported on first use, not by `import fluxrt`.
 
 from ._backend import BACKENDS
 from .fp8_gemm import fp8_linear, w8a8_linear
+from .group_norm_silu import add_group_norm_silu, group_norm_silu
 from .joint_attention import joint_attention, joint_attention_fp8
 from .modulated_norm import (
     gated_residual,
@@ -19,10 +20,12 @@ from .rope_qk_norm import rope_cos_sin, rope_qk_norm, rope_qk_norm_joint
 
 __all__ = [
     "BACKENDS",
+    "add_group_norm_silu",
     "fp8_linear",
     "gated_residual",
     "gated_residual_norm",
     "gated_residual_norm_fp8",
+    "group_norm_silu",
     "joint_attention",
     "joint_attention_fp8",
     "modulated_layer_norm",
