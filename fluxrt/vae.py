@@ -358,10 +358,9 @@ def _fused_ops_description(device: torch.device) -> str:
 
     if not _extension.available():
         return "torch formulas (fluxrt._C is not built)"
-    key = "CUDA" if device.type == "cuda" else "CPU"
-    if not torch._C._dispatch_has_kernel_for_dispatch_key("fluxrt_C::group_norm_silu", key):
-        return f"torch formulas (fluxrt._C has no {key} kernels: built without CUDA)"
-    return f"fluxrt._C ({key})"
+    if not _extension.has_kernels(device.type):
+        return f"torch formulas (fluxrt._C has no {device.type} kernels)"
+    return f"fluxrt._C ({device.type.upper()})"
 
 
 def compile_autoencoder(obj, backend: str = "auto") -> nn.Module:
