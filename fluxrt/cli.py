@@ -186,8 +186,10 @@ def _run_generate(args, tmp: Path) -> None:
           f"{pipe.config.depth}+{pipe.config.depth_single_blocks} blocks)")
     if pipe.plan is not None:
         plan = pipe.plan["transformer"]
+        vae = pipe.plan["autoencoder"]
         print(f"fluxrt plan: ops {sorted(set(plan['ops'].values()))}, linears {plan['linears']}, "
-              f"cuda graphs {plan['cuda_graphs']}")
+              f"cuda graphs {plan['cuda_graphs']}; VAE norms {vae['ops']['group_norm_silu']}, "
+              f"{vae['convolutions']} convolutions")
     print("per-step latency (ms; step 1 includes warm-up and compilation)")
     print("step  " + "".join(f"{name:>12s}" for name in columns))
     for i in range(steps):

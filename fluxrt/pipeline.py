@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from . import sampling
 from .loading import load_autoencoder, load_transformer
 from .reference import AutoEncoder, Flux
-from .transformer import compile as compile_transformer
+from .transformer import compile as compile_transformer  # also takes the autoencoder (-> fluxrt.vae)
 
 MIN_SIDE, MAX_SIDE = 16, 4096  # one latent token; 65k image tokens is past any FLUX training resolution
 CLIP_LENGTH = 77
@@ -136,8 +136,8 @@ class FluxPipeline:
                 raise ValueError(f"quantize='fp8' (W8A8) needs an FP8-capable CUDA GPU (sm_89+: Ada, Hopper, "
                                  f"Blackwell) and this pipeline is on {self.device}; use quantize='fp8-weight' or none")
             self.transformer = compile_transformer(self.transformer, quantize=quantize, backend=backend)
-            # The VAE decoder joins here once fluxrt.compile accepts an AutoEncoder (the VAE issue).
-            self.plan = {"transformer": self.transformer.plan}
+            self.autoencoder = compile_transformer(self.autoencoder, backend=backend)  # fluxrt.vae.FastAutoEncoder
+            self.plan = {"transformer": self.transformer.plan, "autoencoder": self.autoencoder.plan}
 
     # ---- generation ----
 

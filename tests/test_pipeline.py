@@ -160,6 +160,7 @@ def test_compile_on_cpu_gives_the_same_image():
     assert_not_saturated(expected)
     compiled = tiny_random_pipeline(progress=False, seed=2, compile=True)
     assert compiled.plan["transformer"]["ops"]["joint_attention"] == "torch"  # backend="auto" on a CPU
+    assert compiled.plan["autoencoder"]["ops"]["group_norm_silu"] == "fluxrt._C (CPU)"  # the C++ CPU kernels
     torch.testing.assert_close(compiled("a cat", num_steps=3, seed=0, output_type="pt", **SIZE), expected,
                                atol=1e-5, rtol=0)
     quantized = tiny_random_pipeline(progress=False, seed=2, compile=True, quantize="fp8-weight")
