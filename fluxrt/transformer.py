@@ -79,8 +79,19 @@ def _attn_then_mlp(mlp: nn.Sequential, h: Tensor, gate1: Tensor, attn_out: Tenso
         if isinstance(up, FP8Linear):
             hidden = ops.fp8_linear(x, up.weight, up.weight_scale, up.bias, epilogue="gelu_tanh", backend=up.backend)
         else:
-            hidden = mlp[1](up(x))
+            hidden = _linear_gelu_tanh(up, x)
     return _gated_down(down, hidden, h, gate2, backend)
+
+
+def _linear_gelu_tanh(linear: nn.Linear, x: Tensor) -> Tensor:
+    """gelu_tanh(linear(x)). On CUDA one cuBLASLt GEMM with bias + GELU in its epilogue: torch._addmm_activation
+    asks for CUBLASLT_EPILOGUE_GELU_BIAS, the tanh approximation FLUX uses (its non-Lt fallback applies
+    gelu(approximate="tanh") too); the 4x-wide output is written once instead of written, read and re-written.
+    Not on the CPU, where _addmm_activation applies the exact (erf) GELU."""
+    if x.is_cuda and linear.bias is not None:
+        y = torch._addmm_activation(linear.bias, x.reshape(-1, x.shape[-1]), linear.weight.t(), use_gelu=True)
+        return y.view(*x.shape[:-1], y.shape[-1])
+    return F.gelu(linear(x), approximate="tanh")
 
 
 def double_block_forward(block: DoubleStreamBlock, img: Tensor, txt: Tensor, img_mod: Tensor, txt_mod: Tensor,
@@ -251,6 +262,9 @@ def compile(obj, quantize: str | None = None, backend: str = "auto", cuda_graphs
                     "fp8": "fp8 W8A8 (torch._scaled_mm; rows quantized in the norm kernels; <= 16 rows "
                            "weight-only)"}[quantize],
         "modulation": f"{len(fast.mod_sizes)} linears batched into one GEMV",
+        "mlp_gelu": {None: "in the cuBLASLt GEMM epilogue" if device.type == "cuda" else "separate op (CPU)",
+                     "fp8-weight": "in the fp8 GEMM's epilogue",
+                     "fp8": "separate op after torch._scaled_mm (in the epilogue with w8a8_gemm='triton')"}[quantize],
         "cuda_graphs": f"on (one graph per input shape, up to {fast.graphs.max_graphs} kept)" if graphs else "off",
     }
     log.info("fluxrt.compile plan: %s", fast.plan)

@@ -45,3 +45,26 @@ def test_single_block(backend):
     expected = block(x, vec, pe)
     mod = block.modulation.lin(F.silu(vec))
     assert rel_error(single_block_forward(block, x, mod, *rope_cos_sin(pe), backend=backend), expected) <= 1e-5
+
+
+def test_linear_gelu_tanh_on_cpu_is_the_plain_composition():
+    from fluxrt.transformer import _linear_gelu_tanh
+
+    linear, x = torch.nn.Linear(16, 64), torch.randn(2, 5, 16)
+    assert torch.equal(_linear_gelu_tanh(linear, x), F.gelu(linear(x), approximate="tanh"))
+
+
+@pytest.mark.gpu
+@torch.no_grad()
+def test_linear_gelu_tanh_cublaslt_epilogue_is_tanh_gelu():
+    """The cuBLASLt epilogue path (bf16, the double blocks' MLP up at FLUX width) computes gelu_tanh within the
+    DESIGN.md rule against the fp32 truth."""
+    from fluxrt.testing import assert_within_rule
+    from fluxrt.transformer import _linear_gelu_tanh
+
+    gen = torch.Generator().manual_seed(0)
+    linear = torch.nn.Linear(3072, 12288).to("cuda", torch.bfloat16)
+    x = torch.randn(1, 4608, 3072, generator=gen).to("cuda", torch.bfloat16)
+    out = _linear_gelu_tanh(linear, x)
+    truth = F.gelu(F.linear(x.float(), linear.weight.float(), linear.bias.float()), approximate="tanh")
+    assert_within_rule(out, F.gelu(linear(x), approximate="tanh"), truth, atol=1e-2, what="linear + gelu_tanh")
