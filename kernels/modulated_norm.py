@@ -25,6 +25,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .quantize_rows import quantize_rows_ref  # defined there, also importable from here (older callers)
+
 MAX_D = 8192
 
 
@@ -37,13 +39,6 @@ def _per_batch(v: Tensor) -> Tensor:
 
 def modulated_layer_norm_ref(x: Tensor, scale: Tensor, shift: Tensor, eps: float = 1e-6) -> Tensor:
     return (1 + _per_batch(scale)) * F.layer_norm(x, (x.shape[-1],), eps=eps) + _per_batch(shift)
-
-
-def quantize_rows_ref(y: Tensor) -> tuple[Tensor, Tensor]:
-    """Dynamic per-row (per-token) e4m3fn quantization: y [..., D] -> (y8, scale [...]) with y ~ y8 * scale."""
-    y = y.float()
-    scale = (y.abs().amax(dim=-1) / 448.0).clamp_min(1e-12)
-    return (y / scale[..., None]).clamp(-448.0, 448.0).to(torch.float8_e4m3fn), scale
 
 
 def modulated_layer_norm_fp8_ref(x: Tensor, scale: Tensor, shift: Tensor, eps: float = 1e-6):

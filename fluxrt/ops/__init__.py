@@ -16,6 +16,7 @@ from .modulated_norm import (
     modulated_layer_norm,
     modulated_layer_norm_fp8,
 )
+from .quantize_rows import quantize_rows
 from .rope_qk_norm import rope_cos_sin, rope_qk_norm, rope_qk_norm_joint
 
 __all__ = [
@@ -30,6 +31,7 @@ __all__ = [
     "joint_attention_fp8",
     "modulated_layer_norm",
     "modulated_layer_norm_fp8",
+    "quantize_rows",
     "rope_cos_sin",
     "rope_qk_norm",
     "rope_qk_norm_joint",
