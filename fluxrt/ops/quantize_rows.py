@@ -6,7 +6,7 @@ Inference only: no autograd formula is registered (a backward through this op ra
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional  # not `int | None`: torch.library schema inference across torch 2.11-2.13
 
 import torch
 from torch import Tensor
