@@ -57,8 +57,8 @@ def _norm_linear(linear: nn.Module, x: Tensor, scale: Tensor, shift: Tensor, bac
 def _gated_down(down: nn.Module, hidden: Tensor, residual: Tensor, gate: Tensor, backend: str) -> Tensor:
     """residual + gate * down(hidden), the gated residual in the GEMM's epilogue where the linear is FP8."""
     if _is_w8a8(down, hidden):
-        return down.forward_fp8(*quantize_rows(hidden), residual=residual, gate=gate, epilogue="gated_residual",
-                                out_dtype=hidden.dtype)
+        return down.forward_fp8(*quantize_rows(hidden, backend=backend), residual=residual, gate=gate,
+                                epilogue="gated_residual", out_dtype=hidden.dtype)
     if isinstance(down, FP8Linear):  # weight-only (or W8A8 at <= 16 rows, which runs weight-only)
         return ops.fp8_linear(hidden, down.weight, down.weight_scale, down.bias, residual=residual, gate=gate,
                               epilogue="gated_residual", backend=down.backend)
@@ -71,6 +71,15 @@ def _attn_then_mlp(mlp: nn.Sequential, h: Tensor, gate1: Tensor, attn_out: Tenso
     residual. FP8 linears take the GELU-tanh and the second gated residual in their GEMM epilogues, so the
     4x-wide hidden activation is written once; W8A8 gets its input rows already quantized by the norm kernel."""
     up, _, down = mlp
+    if _is_w8a8(up, h) and _is_w8a8(down, h):
+        h, x8, x_scale = ops.gated_residual_norm_fp8(h, gate1, attn_out, scale2, shift2, backend=backend)
+        # the GELU rides in the pass that quantizes the hidden rows for the down projection (in the up GEMM's
+        # epilogue instead when that GEMM is Triton's, which has one)
+        fused_gelu = up.w8a8_gemm == "triton"
+        hidden = up.forward_fp8(x8, x_scale, epilogue="gelu_tanh" if fused_gelu else "none", out_dtype=h.dtype)
+        hidden8, hidden_scale = quantize_rows(hidden, gelu_from=None if fused_gelu else 0, backend=backend)
+        return down.forward_fp8(hidden8, hidden_scale, residual=h, gate=gate2, epilogue="gated_residual",
+                                out_dtype=h.dtype)
     if _is_w8a8(up, h):
         h, x8, x_scale = ops.gated_residual_norm_fp8(h, gate1, attn_out, scale2, shift2, backend=backend)
         hidden = up.forward_fp8(x8, x_scale, epilogue="gelu_tanh", out_dtype=h.dtype)
@@ -136,7 +145,16 @@ def single_block_forward(block: SingleStreamBlock, x: Tensor, mod: Tensor, cos: 
     hidden = _norm_linear(block.linear1, x, scale, shift, backend)  # [B, S, 3C + mlp]; qkv read in place
     qkv = ops.rope_qk_norm(hidden[..., : 3 * block.hidden_size], block.norm.query_norm.scale,
                            block.norm.key_norm.scale, cos, sin, block.num_heads, backend=backend)
-    joined = _attention_and_gelu(_attention(qkv, backend), hidden[..., 3 * block.hidden_size :], block.mlp_act)
+    C = block.hidden_size
+    if _is_w8a8(block.linear2, x):
+        # linear2 reads [attention | gelu(mlp)]. hidden's v columns are dead once rope_qk_norm has copied q, k, v
+        # out, so the attention output goes there and hidden[..., 2C:] is that row already: one pass quantizes
+        # it, GELU-ing the mlp columns on the way, and no bf16 [attention | gelu(mlp)] buffer is ever written.
+        hidden[..., 2 * C : 3 * C] = _attention(qkv, backend)
+        x8, x_scale = quantize_rows(hidden[..., 2 * C :], gelu_from=C, backend=backend)
+        return block.linear2.forward_fp8(x8, x_scale, residual=x, gate=gate, epilogue="gated_residual",
+                                         out_dtype=x.dtype)
+    joined = _attention_and_gelu(_attention(qkv, backend), hidden[..., 3 * C :], block.mlp_act)
     return _gated_down(block.linear2, joined, x, gate, backend)
 
 
