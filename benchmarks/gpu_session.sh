@@ -3,7 +3,9 @@
 # torch/triton/nvcc preinstalled, diffusers carried as a wheel). Run from the repository root:
 #
 #   bash benchmarks/gpu_session.sh build      # fluxrt._C with its CUDA kernels (build_ext --inplace), import check
-#   bash benchmarks/gpu_session.sh tests      # pytest -m gpu, log + JUnit XML
+#   bash benchmarks/gpu_session.sh tests [PATHS...]  # pytest -m gpu (all, or e.g. tests/kernels), log + JUnit XML;
+#                                             # the first run autotunes every kernel: split it if it nears 10 min
+#                                             # (Triton's cache under ~/.triton survives while the machine is warm)
 #   bash benchmarks/gpu_session.sh kernels    # norms, rope, row quantization, GroupNorm+SiLU benchmarks
 #   bash benchmarks/gpu_session.sh gemm       # FP8 GEMMs at FLUX's linear shapes (weight-only, W8A8 both ways)
 #   bash benchmarks/gpu_session.sh attention  # joint attention vs SDPA backends
@@ -30,7 +32,8 @@ case "$stage" in
     python3 -c "import torch, fluxrt._C; print('fluxrt._C CUDA kernels:', torch._C._dispatch_has_kernel_for_dispatch_key('fluxrt_C::group_norm_silu', 'CUDA'))"
     ;;
   tests)
-    python3 -m pytest -q -m gpu -p no:cacheprovider --junitxml=benchmarks/results/gpu_tests.xml 2>&1 \
+    shift
+    python3 -m pytest -q -m gpu -p no:cacheprovider --junitxml=benchmarks/results/gpu_tests.xml "$@" 2>&1 \
       | tee benchmarks/results/gpu_tests.log
     copy_out benchmarks/results/gpu_tests.xml benchmarks/results/gpu_tests.log
     ;;
