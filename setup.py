@@ -30,9 +30,23 @@ def _cpu_vector_flags() -> list[str]:
         flags = open("/proc/cpuinfo").read().split()
     except OSError:
         return []
-    if {"avx2", "fma", "f16c"} <= set(flags):  # at::vec's AVX2 code also uses F16C for half conversions
+    if {"avx2", "fma", "f16c"} <= set(flags) and _torch_exports("Sleef_expf8_u10"):  # F16C: half conversions
         return ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
     return []
+
+
+def _torch_exports(symbol: str) -> bool:
+    """Whether libtorch_cpu exports `symbol` (at::vec's AVX2 exp calls Sleef, linked from there)."""
+    import ctypes
+    import glob
+
+    import torch
+
+    libs = glob.glob(os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.*"))
+    try:
+        return bool(libs) and hasattr(ctypes.CDLL(libs[0]), symbol)
+    except OSError:
+        return False
 
 
 def extension_build():
