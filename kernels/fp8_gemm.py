@@ -146,6 +146,26 @@ def _epilogue_store(acc, offs_n, offs_m, M, N, L, SCALE, XSCALE, BIAS, RES, GATE
 
 
 @triton.jit
+def _dot_over_k(w_ptrs, xt_ptrs, k_len, offs_k, DECODE_BITS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """acc^T [BLOCK_N, BLOCK_M] = W tile · x^T tile over the k_len columns the pointers start at: unmasked full
+    BLOCK_K steps, then one masked tail (shared by the tiled and the split-K kernels)."""
+    acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    dtype = xt_ptrs.dtype.element_ty
+    k_full = (k_len // BLOCK_K) * BLOCK_K
+    for _ in range(0, k_full, BLOCK_K):
+        w = _load_weight(w_ptrs, None, False, DECODE_BITS, dtype)
+        acc = tl.dot(w, tl.load(xt_ptrs), acc, input_precision=DOT_PRECISION)
+        w_ptrs += BLOCK_K
+        xt_ptrs += BLOCK_K
+    if k_full < k_len:
+        k_ok = offs_k < k_len - k_full
+        w = _load_weight(w_ptrs, k_ok[None, :], True, DECODE_BITS, dtype)
+        acc = tl.dot(w, tl.load(xt_ptrs, mask=k_ok[:, None], other=0.0), acc, input_precision=DOT_PRECISION)
+    return acc
+
+
+@triton.jit
 def _fp8_gemm_kernel(
     X, W, SCALE, XSCALE, BIAS, RES, GATE, OUT,
     M, N, K, L,
@@ -171,17 +191,7 @@ def _fp8_gemm_kernel(
     chans = (offs_n % N).to(tl.int64)
     xt_ptrs = X + rows[None, :] * stride_xm + offs_k[:, None]  # x^T tile [BLOCK_K, BLOCK_M]
     w_ptrs = W + chans[:, None] * stride_wn + offs_k[None, :]  # W tile [BLOCK_N, BLOCK_K]
-    acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
-    k_full = (K // BLOCK_K) * BLOCK_K
-    for _ in range(0, k_full, BLOCK_K):
-        w = _load_weight(w_ptrs, None, False, DECODE_BITS, X.dtype.element_ty)
-        acc = tl.dot(w, tl.load(xt_ptrs), acc, input_precision=DOT_PRECISION)
-        w_ptrs += BLOCK_K
-        xt_ptrs += BLOCK_K
-    if k_full < K:
-        k_ok = offs_k < K - k_full
-        w = _load_weight(w_ptrs, k_ok[None, :], True, DECODE_BITS, X.dtype.element_ty)
-        acc = tl.dot(w, tl.load(xt_ptrs, mask=k_ok[:, None], other=0.0), acc, input_precision=DOT_PRECISION)
+    acc = _dot_over_k(w_ptrs, xt_ptrs, K, offs_k, DECODE_BITS, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
     _epilogue_store(acc, offs_n, offs_m, M, N, L, SCALE, XSCALE, BIAS, RES, GATE, OUT, stride_om, stride_rm,
                     stride_gb, HAS_XSCALE, HAS_BIAS, EPILOGUE)
 
@@ -206,17 +216,8 @@ def _splitk_partial_kernel(
     chans = (offs_n % N).to(tl.int64)
     xt_ptrs = X + rows[None, :] * stride_xm + (k_start + offs_k)[:, None]  # [BLOCK_K, BLOCK_M]
     w_ptrs = W + chans[:, None] * stride_wn + (k_start + offs_k)[None, :]  # [BLOCK_N, BLOCK_K]
-    acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
-    k_full = k_start + ((k_end - k_start) // BLOCK_K) * BLOCK_K
-    for _ in range(k_start, k_full, BLOCK_K):
-        w = _load_weight(w_ptrs, None, False, DECODE_BITS, X.dtype.element_ty)
-        acc = tl.dot(w, tl.load(xt_ptrs), acc, input_precision=DOT_PRECISION)
-        w_ptrs += BLOCK_K
-        xt_ptrs += BLOCK_K
-    if k_full < k_end:
-        k_ok = offs_k < k_end - k_full
-        w = _load_weight(w_ptrs, k_ok[None, :], True, DECODE_BITS, X.dtype.element_ty)
-        acc = tl.dot(w, tl.load(xt_ptrs, mask=k_ok[:, None], other=0.0), acc, input_precision=DOT_PRECISION)
+    acc = _dot_over_k(w_ptrs, xt_ptrs, k_end - k_start, offs_k, DECODE_BITS, DOT_PRECISION, BLOCK_M, BLOCK_N,
+                      BLOCK_K)
     mask = (offs_n < N)[:, None] & (offs_m < M)[None, :]
     tl.store(PART + pid_s * stride_ps + offs_m[None, :] * N + offs_n[:, None], acc, mask=mask)
 
