@@ -36,38 +36,35 @@ TILE_OVERLAP = 32
 TILE_AUTO_LATENT_PIXELS = 2 * TILE_LATENT * TILE_LATENT
 
 
-class _Stages:
-    """A decoder or encoder as a flat list of stages, so each stage can see which norm the next one starts with."""
+Stage = tuple[str, nn.Module]  # ("conv" | "resnet" | "attn" | "out", module); a net is a flat list of stages
 
-    def __init__(self, stages: list[tuple[str, nn.Module]]):
-        self.stages = stages
 
-    @staticmethod
-    def leading_norm(stage: tuple[str, nn.Module] | None) -> tuple[nn.GroupNorm | None, bool]:
-        """The GroupNorm a stage applies first to its input, and whether SiLU follows it (None: no leading norm)."""
-        if stage is None:
-            return None, False
-        kind, module = stage
-        if kind == "resnet":
-            return module.norm1, True
-        if kind == "attn":
-            return module.norm, False
-        if kind == "out":
-            return module[0], True
+def _leading_norm(stage: Stage | None) -> tuple[nn.GroupNorm | None, bool]:
+    """The GroupNorm a stage applies first to its input, and whether SiLU follows it (None: no leading norm).
+    A stage's add can then produce the next stage's normalized input in the same pass."""
+    if stage is None:
         return None, False
+    kind, module = stage
+    if kind == "resnet":
+        return module.norm1, True
+    if kind == "attn":
+        return module.norm, False
+    if kind == "out":
+        return module[0], True
+    return None, False
 
 
-def _decoder_stages(d: Decoder) -> _Stages:
+def _decoder_stages(d: Decoder) -> list[Stage]:
     stages = [("conv", d.conv_in), ("resnet", d.mid.block_1), ("attn", d.mid.attn_1), ("resnet", d.mid.block_2)]
     for level in reversed(range(len(d.up))):
         stages += [("resnet", block) for block in d.up[level].block]
         if level != 0:
             stages.append(("conv", d.up[level].upsample))
     stages.append(("out", nn.ModuleList([d.norm_out, d.conv_out])))
-    return _Stages(stages)
+    return stages
 
 
-def _encoder_stages(e: Encoder) -> _Stages:
+def _encoder_stages(e: Encoder) -> list[Stage]:
     stages = [("conv", e.conv_in)]
     for level, down in enumerate(e.down):
         stages += [("resnet", block) for block in down.block]
@@ -75,7 +72,7 @@ def _encoder_stages(e: Encoder) -> _Stages:
             stages.append(("conv", down.downsample))
     stages += [("resnet", e.mid.block_1), ("attn", e.mid.attn_1), ("resnet", e.mid.block_2)]
     stages.append(("out", nn.ModuleList([e.norm_out, e.conv_out])))
-    return _Stages(stages)
+    return stages
 
 
 class FastAutoEncoder(nn.Module):
@@ -167,11 +164,10 @@ class FastAutoEncoder(nn.Module):
         return x.contiguous(memory_format=torch.channels_last if self.channels_last else torch.contiguous_format)
 
     # --- the fused forward ---------------------------------------------------------------------------------------
-    def _run(self, net: _Stages, h: Tensor) -> Tensor:
+    def _run(self, stages: list[Stage], h: Tensor) -> Tensor:
         normed = None  # the next stage's leading norm of h, when the previous stage produced it fused with its add
-        stages = net.stages
         for i, (kind, module) in enumerate(stages):
-            next_norm, next_silu = _Stages.leading_norm(stages[i + 1] if i + 1 < len(stages) else None)
+            next_norm, next_silu = _leading_norm(stages[i + 1] if i + 1 < len(stages) else None)
             if kind == "resnet":
                 h, normed = self._resnet(module, h, normed, next_norm, next_silu)
             elif kind == "attn":
