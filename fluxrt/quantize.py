@@ -51,13 +51,6 @@ def require_fp8_tensor_cores(device: torch.device) -> None:
                            f"is sm_{major}{minor}; use quantize='fp8-weight' (weight-only FP8) on this GPU")
 
 
-def quantize_rows(x: Tensor, gelu_from: int | None = None, backend: str = "auto") -> tuple[Tensor, Tensor]:
-    """Dynamic per-row (per-token) e4m3fn quantization for W8A8 inputs no norm kernel emitted already, in one
-    Triton kernel on a GPU (fluxrt.ops.quantize_rows): x [..., K] -> (x8 [..., K], scale [...] fp32), x ~ x8 * scale;
-    with gelu_from, columns [gelu_from, K) pass through GELU-tanh first (the MLP's activation, fused)."""
-    return ops.quantize_rows(x, gelu_from, backend=backend)
-
-
 def scaled_mm_rowwise(x8: Tensor, x_scale: Tensor, weight: Tensor, weight_scale: Tensor, bias: Tensor | None,
                       out_dtype: torch.dtype) -> Tensor:
     """y = (x8 * x_scale) @ (weight * weight_scale)^T + bias for pre-quantized rows (e.g. from the fused
@@ -100,7 +93,7 @@ class FP8Linear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if self.uses_fp8_activations(x):
-            return self.forward_fp8(*quantize_rows(x, backend=self.backend), out_dtype=x.dtype)
+            return self.forward_fp8(*ops.quantize_rows(x, backend=self.backend), out_dtype=x.dtype)
         return ops.fp8_linear(x, self.weight, self.weight_scale, self.bias, backend=self.backend)
 
     def uses_fp8_activations(self, x: Tensor) -> bool:

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from . import ops
 from .graphs import GraphedCall
-from .quantize import FP8Linear, quantize as quantize_model, quantize_rows, require_fp8_tensor_cores
+from .quantize import FP8Linear, quantize as quantize_model, require_fp8_tensor_cores
 from .reference.autoencoder import AutoEncoder
 from .reference.model import DoubleStreamBlock, Flux, SingleStreamBlock, timestep_embedding
 
@@ -57,7 +57,7 @@ def _norm_linear(linear: nn.Module, x: Tensor, scale: Tensor, shift: Tensor, bac
 def _gated_down(down: nn.Module, hidden: Tensor, residual: Tensor, gate: Tensor, backend: str) -> Tensor:
     """residual + gate * down(hidden), the gated residual in the GEMM's epilogue where the linear is FP8."""
     if _is_w8a8(down, hidden):
-        return down.forward_fp8(*quantize_rows(hidden, backend=backend), residual=residual, gate=gate,
+        return down.forward_fp8(*ops.quantize_rows(hidden, backend=backend), residual=residual, gate=gate,
                                 epilogue="gated_residual", out_dtype=hidden.dtype)
     if isinstance(down, FP8Linear):  # weight-only (or W8A8 at <= 16 rows, which runs weight-only)
         return ops.fp8_linear(hidden, down.weight, down.weight_scale, down.bias, residual=residual, gate=gate,
@@ -77,7 +77,7 @@ def _attn_then_mlp(mlp: nn.Sequential, h: Tensor, gate1: Tensor, attn_out: Tenso
         # epilogue instead when that GEMM is Triton's, which has one)
         fused_gelu = up.w8a8_gemm == "triton"
         hidden = up.forward_fp8(x8, x_scale, epilogue="gelu_tanh" if fused_gelu else "none", out_dtype=h.dtype)
-        hidden8, hidden_scale = quantize_rows(hidden, gelu_from=None if fused_gelu else 0, backend=backend)
+        hidden8, hidden_scale = ops.quantize_rows(hidden, gelu_from=None if fused_gelu else 0, backend=backend)
         return down.forward_fp8(hidden8, hidden_scale, residual=h, gate=gate2, epilogue="gated_residual",
                                 out_dtype=h.dtype)
     if _is_w8a8(up, h):
@@ -151,7 +151,7 @@ def single_block_forward(block: SingleStreamBlock, x: Tensor, mod: Tensor, cos: 
         # out, so the attention output goes there and hidden[..., 2C:] is that row already: one pass quantizes
         # it, GELU-ing the mlp columns on the way, and no bf16 [attention | gelu(mlp)] buffer is ever written.
         hidden[..., 2 * C : 3 * C] = _attention(qkv, backend)
-        x8, x_scale = quantize_rows(hidden[..., 2 * C :], gelu_from=C, backend=backend)
+        x8, x_scale = ops.quantize_rows(hidden[..., 2 * C :], gelu_from=C, backend=backend)
         return block.linear2.forward_fp8(x8, x_scale, residual=x, gate=gate, epilogue="gated_residual",
                                          out_dtype=x.dtype)
     joined = _attention_and_gelu(_attention(qkv, backend), hidden[..., 3 * C :], block.mlp_act)

@@ -165,13 +165,11 @@ def test_w8a8_whole_model_sqnr():
 
 
 def test_w8a8_runs_weight_only_up_to_16_rows():
-    from fluxrt.quantize import quantize_rows
-
     lin = FP8Linear.from_linear(torch.nn.Linear(64, 48), activations="fp8")
     few, many = torch.randn(2, 8, 64), torch.randn(2, 9, 64)  # 16 rows, 18 rows
     weight_only = fluxrt.ops.fp8_linear(few, lin.weight, lin.weight_scale, lin.bias, backend="torch")
     assert torch.equal(lin(few), weight_only)
-    assert torch.equal(lin(many), lin.forward_fp8(*quantize_rows(many), out_dtype=torch.float32))
+    assert torch.equal(lin(many), lin.forward_fp8(*fluxrt.ops.quantize_rows(many), out_dtype=torch.float32))
     assert not torch.equal(lin(many), fluxrt.ops.fp8_linear(many, lin.weight, lin.weight_scale, lin.bias))
     with pytest.raises(ValueError, match="w8a8_gemm must be one of"):
         FP8Linear(16, 16, activations="fp8", w8a8_gemm="cublas")
@@ -181,8 +179,6 @@ def test_w8a8_runs_weight_only_up_to_16_rows():
 def test_w8a8_gemm_choices_agree(epilogue):
     """forward_fp8 through torch._scaled_mm (+ the epilogue after it) and through the Triton kernel (interpreter;
     the epilogue fused) compute the same thing."""
-    from fluxrt.quantize import quantize_rows
-
     torch.manual_seed(0)
     linear = torch.nn.Linear(80, 96)
     x, residual, gate = torch.randn(2, 20, 80), torch.randn(2, 20, 96), torch.randn(2, 1, 96)
@@ -190,7 +186,8 @@ def test_w8a8_gemm_choices_agree(epilogue):
     outs = []
     for gemm, backend in (("scaled_mm", "torch"), ("triton", "triton")):
         lin = FP8Linear.from_linear(linear, activations="fp8", w8a8_gemm=gemm, backend=backend)
-        outs.append(lin.forward_fp8(*quantize_rows(x), epilogue=epilogue, out_dtype=torch.float32, **extra))
+        x8, x_scale = fluxrt.ops.quantize_rows(x)
+        outs.append(lin.forward_fp8(x8, x_scale, epilogue=epilogue, out_dtype=torch.float32, **extra))
     torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-5)
 
 
