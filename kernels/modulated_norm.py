@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .quantize_rows import quantize_rows_ref  # defined there, also importable from here (older callers)
+from .quantize_rows import quantize_rows_ref  # the fp8 refs below quantize their normalized rows with it
 
 MAX_D = 8192
 

@@ -264,7 +264,7 @@ W8A8_SQNR_FLOOR_DB = 25.0  # e4m3 activations per row and weights per channel, G
 
 
 def make_w8a8(lead, N, K_, seed, bias=True, device=DEVICE):
-    from fluxrt.kernels.modulated_norm import quantize_rows_ref
+    from fluxrt.kernels.quantize_rows import quantize_rows_ref
 
     x, w, w8, scale, b = make(lead, N, K_, torch.float32, seed, bias=bias, device=device)
     x8, x_scale = quantize_rows_ref(x)
