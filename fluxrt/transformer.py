@@ -104,25 +104,33 @@ def _linear_gelu_tanh(linear: nn.Linear, x: Tensor) -> Tensor:
 
 
 def double_block_forward(block: DoubleStreamBlock, img: Tensor, txt: Tensor, img_mod: Tensor, txt_mod: Tensor,
-                         cos: Tensor, sin: Tensor, backend: str = "auto") -> tuple[Tensor, Tensor]:
-    """img_mod, txt_mod: the block's modulation outputs [B, 6C] (img_mod.lin / txt_mod.lin of silu(vec))."""
+                         cos: Tensor, sin: Tensor, backend: str = "auto",
+                         fp8_attention_rows: bool = True) -> tuple[Tensor, Tensor]:
+    """img_mod, txt_mod: the block's modulation outputs [B, 6C] (img_mod.lin / txt_mod.lin of silu(vec)).
+
+    fp8_attention_rows: when both attention projections are W8A8, the attention kernel writes their e4m3 input
+    rows itself (scaled by the max |v| bound, kernels/joint_attention.py) instead of bf16 rows that are then
+    quantized per token; False keeps the per-token path."""
     img_shift1, img_scale1, img_gate1, img_shift2, img_scale2, img_gate2 = _chunks(img_mod, 6)
     txt_shift1, txt_scale1, txt_gate1, txt_shift2, txt_scale2, txt_gate2 = _chunks(txt_mod, 6)
     img_qkv = _norm_linear(block.img_attn.qkv, img, img_scale1, img_shift1, backend)
     txt_qkv = _norm_linear(block.txt_attn.qkv, txt, txt_scale1, txt_shift1, backend)
     img_norm, txt_norm = block.img_attn.norm, block.txt_attn.norm
-    qkv = ops.rope_qk_norm_joint(
-        txt_qkv, img_qkv,
-        txt_norm.query_norm.scale, txt_norm.key_norm.scale, img_norm.query_norm.scale, img_norm.key_norm.scale,
-        cos, sin, block.num_heads, backend=backend,
-    )
-    attn = _attention(qkv, backend)
-    txt_attn, img_attn = attn[:, : txt.shape[1]], attn[:, txt.shape[1] :]
+    rope_args = (txt_qkv, img_qkv, txt_norm.query_norm.scale, txt_norm.key_norm.scale, img_norm.query_norm.scale,
+                 img_norm.key_norm.scale, cos, sin, block.num_heads)
+    T = txt.shape[1]
+    img_proj, txt_proj = block.img_attn.proj, block.txt_attn.proj
+    if fp8_attention_rows and _is_w8a8(img_proj, img) and _is_w8a8(txt_proj, txt):
+        qkv, v_absmax = ops.rope_qk_norm_joint_v_absmax(*rope_args, backend=backend)
+        attn8, row_scale = ops.joint_attention_fp8_out(qkv[0], qkv[1], qkv[2], v_absmax, backend=backend)
+        img_attn_out = img_proj.forward_fp8(attn8[:, T:], row_scale[:, T:], out_dtype=img.dtype)
+        txt_attn_out = txt_proj.forward_fp8(attn8[:, :T], row_scale[:, :T], out_dtype=txt.dtype)
+    else:
+        attn = _attention(ops.rope_qk_norm_joint(*rope_args, backend=backend), backend)
+        img_attn_out, txt_attn_out = img_proj(attn[:, T:]), txt_proj(attn[:, :T])
 
-    img = _attn_then_mlp(block.img_mlp, img, img_gate1, block.img_attn.proj(img_attn), img_scale2, img_shift2,
-                         img_gate2, backend)
-    txt = _attn_then_mlp(block.txt_mlp, txt, txt_gate1, block.txt_attn.proj(txt_attn), txt_scale2, txt_shift2,
-                         txt_gate2, backend)
+    img = _attn_then_mlp(block.img_mlp, img, img_gate1, img_attn_out, img_scale2, img_shift2, img_gate2, backend)
+    txt = _attn_then_mlp(block.txt_mlp, txt, txt_gate1, txt_attn_out, txt_scale2, txt_shift2, txt_gate2, backend)
     return img, txt
 
 
@@ -191,6 +199,7 @@ class FastFlux(nn.Module):
         super().__init__()
         self.model = model
         self.backend = backend
+        self.fp8_attention_rows = True  # W8A8: attention writes the projections' fp8 rows (double_block_forward)
         self.graphs = GraphedCall(self._forward) if cuda_graphs else None
         mod_linears = [lin for b in model.double_blocks for lin in (b.img_mod.lin, b.txt_mod.lin)]
         mod_linears += [b.modulation.lin for b in model.single_blocks]
@@ -219,7 +228,8 @@ class FastFlux(nn.Module):
 
         mods = iter(self.modulation(F.silu(vec)).split(self.mod_sizes, dim=1)) if self.modulation else iter(())
         for block in m.double_blocks:
-            img, txt = double_block_forward(block, img, txt, next(mods), next(mods), cos, sin, self.backend)
+            img, txt = double_block_forward(block, img, txt, next(mods), next(mods), cos, sin, self.backend,
+                                            self.fp8_attention_rows)
         x = torch.cat((txt, img), dim=1)
         for block in m.single_blocks:
             x = single_block_forward(block, x, next(mods), cos, sin, self.backend)
@@ -277,8 +287,8 @@ def compile(obj, quantize: str | None = None, backend: str = "auto", cuda_graphs
         "ops": {op: kernels for op in ("modulated_layer_norm", "gated_residual_norm", "gated_residual",
                                         "rope_qk_norm", "joint_attention")},
         "linears": {None: "torch (bf16/fp32)", "fp8-weight": f"fp8 weight-only ({kernels})",
-                    "fp8": "fp8 W8A8 (torch._scaled_mm; rows quantized in the norm kernels; <= 16 rows "
-                           "weight-only)"}[quantize],
+                    "fp8": "fp8 W8A8 (torch._scaled_mm; rows quantized in the norm kernels, attention output rows "
+                           "in the attention kernel; <= 16 rows weight-only)"}[quantize],
         "modulation": f"{len(fast.mod_sizes)} linears batched into one GEMV",
         "mlp_gelu": {None: "in the cuBLASLt GEMM epilogue" if device.type == "cuda" else "separate op (CPU)",
                      "fp8-weight": "in the fp8 GEMM's epilogue",

@@ -11,6 +11,15 @@ in L2. The K/V loop runs unmasked over full blocks and once masked over the tail
 copies). Block shapes, warps and pipeline stages are autotuned on the GPU, keyed by head_dim, dtype and a
 power-of-two bucket of S (never the exact length: new resolutions must not re-tune).
 
+FP8 output rows (joint_attention_fp8_out), for a W8A8 projection: the output is written as e4m3 rows with a scale
+per row, what quantize_rows would make of it, without the bf16 round trip. A per-token absmax spans all heads,
+each owned by another program, so the scale comes from a bound instead: every output row of a head is a convex
+combination of that head's v rows, so |out[b]| <= max |v[b]| elementwise, and scale = max |v[b]| / 448 (one
+value per batch item, stored for each of its rows) can never overflow e4m3. Since e4m3 is floating point, a row
+smaller than the bound keeps its 3 mantissa bits (down to 2^-6 of 448); on random data the loss vs exact
+per-token scales is ~0.5-1 dB (NOTES.md). max |v[b]| comes from rope_qk_norm_joint(v_absmax=...), which holds
+v in registers anyway.
+
 FP8 variant (joint_attention_fp8, off by default): e4m3 q, k, v with per-(batch, head) scales, fp32 scores,
 softmax and accumulator; the probabilities are scaled by 448 into e4m3 for the P·V product.
 """
@@ -73,13 +82,13 @@ def _online_softmax_step(acc, l_i, m_i, q, k, v, qk_scale, mask_cols, n_valid, o
 
 @triton.jit
 def _joint_attention_kernel(
-    Q, K, V, OUT, Q_SCALE, K_SCALE, V_SCALE,
+    Q, K, V, OUT, Q_SCALE, K_SCALE, V_SCALE, V_ABSMAX, ROW_SCALE,
     qk_scale, S, H,
     stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs, stride_vd,
     stride_ob, stride_os,
     S_BUCKET,  # autotune key only
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    IS_FP8: tl.constexpr,
+    IS_FP8: tl.constexpr, V_ABSMAX_SLOTS: tl.constexpr,  # > 0: fp8 output rows scaled by the max |v| bound
 ):
     start_m = tl.program_id(0)
     bh = tl.program_id(1)
@@ -118,6 +127,13 @@ def _joint_attention_kernel(
     out = acc / l_i[:, None]
     if IS_FP8:
         out = out * (tl.load(V_SCALE + bh) / 448.0)
+    if V_ABSMAX_SLOTS > 0:
+        v_absmax = tl.max(tl.load(V_ABSMAX + b * V_ABSMAX_SLOTS + tl.arange(0, V_ABSMAX_SLOTS)), 0)
+        row_scale = tl.maximum(v_absmax / 448.0, 1e-12)
+        # the clamp only catches rounding: |out| <= max |v| holds up to the last bit of the fp32 normalisation
+        out = tl.minimum(tl.maximum(out * (1.0 / row_scale), -448.0), 448.0)
+        if h == 0:  # one head's programs write the rows' scales
+            tl.store(ROW_SCALE + b * S + offs_m, tl.zeros([BLOCK_M], tl.float32) + row_scale, mask=offs_m < S)
     o_ptrs = OUT + b * stride_ob + h * HEAD_DIM + offs_m[:, None] * stride_os + offs_d[None, :]
     tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=rows_ok)
 
@@ -141,42 +157,81 @@ def _output(out: Tensor | None, B: int, S: int, HD: int, dtype: torch.dtype, dev
     return out
 
 
-def _launch(q, k, v, v_stride_s, v_stride_d, out, scales, is_fp8):
+def _launch(q, k, v, v_stride_s, v_stride_d, out, scales, is_fp8, v_absmax=None, row_scale=None):
     B, H, S, D = q.shape
     if D not in HEAD_DIMS:
         raise ValueError(f"head_dim {D} is not supported by the Triton kernel (supported: {HEAD_DIMS}); "
                          "use backend='torch'")
     dummy = out  # scale pointers are read only when IS_FP8
     args = (
-        q, k, v, out, *(scales or (dummy, dummy, dummy)), LOG2E / math.sqrt(D), S, H,
+        q, k, v, out, *(scales or (dummy, dummy, dummy)), dummy if v_absmax is None else v_absmax,
+        dummy if row_scale is None else row_scale, LOG2E / math.sqrt(D), S, H,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v_stride_s, v_stride_d, out.stride(0), out.stride(1),
         triton.next_power_of_2(S),
     )
     precision = "ieee" if q.dtype == torch.float32 else "tf32"  # fp32 stays fp32; 8/16-bit dots ignore it
+    flags = dict(IS_FP8=is_fp8, V_ABSMAX_SLOTS=0 if v_absmax is None else v_absmax.shape[1])
     if q.is_cuda and q.dtype != torch.float32:
         grid = lambda meta: (triton.cdiv(S, meta["BLOCK_M"]), B * H)  # noqa: E731
-        _joint_attention_tuned[grid](*args, HEAD_DIM=D, DOT_PRECISION=precision, IS_FP8=is_fp8)
+        _joint_attention_tuned[grid](*args, HEAD_DIM=D, DOT_PRECISION=precision, **flags)
     elif q.is_cuda:
         grid = (triton.cdiv(S, _FP32_CONFIG["BLOCK_M"]), B * H)
-        _joint_attention_kernel[grid](*args, HEAD_DIM=D, DOT_PRECISION=precision, IS_FP8=False, **_FP32_CONFIG)
+        _joint_attention_kernel[grid](*args, HEAD_DIM=D, DOT_PRECISION=precision, **flags, **_FP32_CONFIG)
     else:  # Triton's interpreter: one fixed config
         _joint_attention_kernel[(triton.cdiv(S, 32), B * H)](*args, HEAD_DIM=D, BLOCK_M=32, BLOCK_N=16,
-                                                              DOT_PRECISION=precision, IS_FP8=is_fp8)
+                                                              DOT_PRECISION=precision, **flags)
     return out
 
 
-def joint_attention(q: Tensor, k: Tensor, v: Tensor, out: Tensor | None = None) -> Tensor:
-    """Attention over the joint sequence; q, k, v [B, H, S, D] -> [B, S, H*D] (see the module docstring)."""
+def _check_qkv(q: Tensor, k: Tensor, v: Tensor) -> None:
     if q.ndim != 4 or k.shape != q.shape or v.shape != q.shape:
         raise ValueError(f"q, k, v must all be [B, H, S, D], got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32) or k.dtype != q.dtype or v.dtype != q.dtype:
         raise ValueError(f"q, k, v must share one of float16/bfloat16/float32, got {q.dtype}, {k.dtype}, {v.dtype}")
     if any(t.stride(-1) != 1 for t in (q, k, v)) or not (q.device == k.device == v.device):
         raise ValueError("q, k, v must be on one device with a contiguous last dim")
+
+
+def joint_attention(q: Tensor, k: Tensor, v: Tensor, out: Tensor | None = None) -> Tensor:
+    """Attention over the joint sequence; q, k, v [B, H, S, D] -> [B, S, H*D] (see the module docstring)."""
+    _check_qkv(q, k, v)
     B, H, S, D = q.shape
     out = _output(out, B, S, H * D, q.dtype, q.device)
     return _launch(q, k, v, v.stride(2), 1, out, None, is_fp8=False)
+
+
+# ---- attention with e4m3 output rows for a W8A8 projection (see the module docstring) ----
+
+
+def _check_v_absmax(v_absmax: Tensor, B: int, device) -> None:
+    n = v_absmax.shape[-1] if v_absmax.ndim == 2 else 0
+    if v_absmax.shape != (B, n) or n < 1 or n & (n - 1) or v_absmax.dtype != torch.float32 \
+            or not v_absmax.is_contiguous() or v_absmax.device != device:
+        raise ValueError(f"v_absmax must be a contiguous float32 [{B}, n] tensor on {device} (n a power of two) "
+                         f"whose row b bounds |v[b]|, got {tuple(v_absmax.shape)} {v_absmax.dtype}")
+
+
+def joint_attention_fp8_out_ref(q: Tensor, k: Tensor, v: Tensor, v_absmax: Tensor) -> tuple[Tensor, Tensor]:
+    """fp32 attention, then each row of batch item b quantized with scale max(v_absmax[b]) / 448."""
+    B, H, S, D = q.shape
+    out = joint_attention_ref(q.float(), k.float(), v.float())
+    row_scale = (v_absmax.float().amax(dim=1) / 448.0).clamp_min(1e-12)[:, None].expand(B, S).contiguous()
+    out8 = (out / row_scale[..., None]).clamp(-448.0, 448.0).to(torch.float8_e4m3fn)
+    return out8, row_scale
+
+
+def joint_attention_fp8_out(q: Tensor, k: Tensor, v: Tensor, v_absmax: Tensor,
+                            out: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Attention -> (out8 [B, S, H*D] e4m3fn, row_scale [B, S] fp32), out ~ out8 * row_scale; v_absmax [B, n]
+    fp32 with max(v_absmax[b]) >= max |v[b]| (rope_qk_norm_joint's, or v.abs().amax((1, 2, 3))[:, None])."""
+    _check_qkv(q, k, v)
+    B, H, S, D = q.shape
+    _check_v_absmax(v_absmax, B, q.device)
+    out = _output(out, B, S, H * D, torch.float8_e4m3fn, q.device)
+    row_scale = torch.empty(B, S, dtype=torch.float32, device=q.device)
+    _launch(q, k, v, v.stride(2), 1, out, None, is_fp8=False, v_absmax=v_absmax, row_scale=row_scale)
+    return out, row_scale
 
 
 # ---- FP8 (e4m3) attention: off by default; selectable on GPUs with fp8 tensor cores (sm_89+) ----

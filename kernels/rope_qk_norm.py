@@ -73,12 +73,12 @@ def _norm_rope(src, partner_src, scale_ptr, d, cos, sin, eps, HEAD_DIM: tl.const
 
 @triton.jit
 def _rope_qk_norm_kernel(
-    TXT, IMG, TXT_Q_SCALE, TXT_K_SCALE, IMG_Q_SCALE, IMG_K_SCALE, COS, SIN, OUT,
+    TXT, IMG, TXT_Q_SCALE, TXT_K_SCALE, IMG_Q_SCALE, IMG_K_SCALE, COS, SIN, OUT, V_ABSMAX,
     T, S, H,
     stride_txt_b, stride_txt_l, stride_img_b, stride_img_l, stride_cos_b, stride_cos_l, stride_sin_b, stride_sin_l,
     stride_out_k, stride_out_b, stride_out_h, stride_out_l,
     eps,
-    HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, V_ABSMAX_SLOTS: tl.constexpr,
 ):
     # One launch for both streams: joint rows s < T come from TXT (with the txt norm scales), the rest from IMG.
     row = tl.program_id(0)
@@ -111,11 +111,16 @@ def _rope_qk_norm_kernel(
     tl.store(dst + stride_out_k, k.to(dtype), mask=mask)
     v = tl.load(src + 2 * hd + cols, mask=mask, other=0.0)
     tl.store(dst + 2 * stride_out_k, v.to(dtype), mask=mask)
+    if V_ABSMAX_SLOTS > 0:  # max |v| of the batch item, for the attention kernel's fp8 output scale; spread
+        # over slots by token so tens of thousands of programs do not all hit one address
+        tl.atomic_max(V_ABSMAX + b * V_ABSMAX_SLOTS + s % V_ABSMAX_SLOTS, tl.max(tl.max(tl.abs(v.to(tl.float32)), 1), 0))
 
 
 _CONFIGS = [triton.Config({"BLOCK_H": bh}, num_warps=w) for bh in (1, 2, 4, 8) for w in (1, 2, 4)]
 # Autotune on the GPU only (the interpreter cannot run several configs), keyed by head count and head dim.
+# No reset_to_zero for V_ABSMAX: a max is idempotent, so the autotuner's repeated runs leave the same value.
 _rope_qk_norm_tuned = triton.autotune(_CONFIGS, key=["H", "HEAD_DIM"])(_rope_qk_norm_kernel)
+V_ABSMAX_SLOTS = 32  # partial maxima per batch item (atomics spread by token, see the kernel)
 
 
 def _check(qkv: Tensor, q_scale: Tensor, k_scale: Tensor, cos: Tensor, sin: Tensor, num_heads: int) -> int:
@@ -140,25 +145,28 @@ def _check(qkv: Tensor, q_scale: Tensor, k_scale: Tensor, cos: Tensor, sin: Tens
     return head_dim
 
 
-def _launch(txt, img, txt_scales, img_scales, cos, sin, num_heads, out, eps):
-    """txt may be None (single stream); otherwise its T rows come first in out and in cos/sin."""
+def _launch(txt, img, txt_scales, img_scales, cos, sin, num_heads, out, eps, v_absmax=None):
+    """txt may be None (single stream); otherwise its T rows come first in out and in cos/sin. v_absmax: None or
+    a zeroed [B, slots] fp32 tensor whose row max becomes max |v[b]|."""
     T = 0 if txt is None else txt.shape[1]
     txt, txt_scales = (img, img_scales) if txt is None else (txt, txt_scales)
     B, S = out.shape[1], out.shape[3]
     head_dim = out.shape[-1]
     batch_stride = lambda t: t.stride(0) if t.shape[0] > 1 else 0  # noqa: E731 (cos/sin broadcast over batch)
     args = (
-        txt, img, *txt_scales, *img_scales, cos, sin, out, T, S, num_heads,
+        txt, img, *txt_scales, *img_scales, cos, sin, out, out if v_absmax is None else v_absmax, T, S, num_heads,
         txt.stride(0), txt.stride(1), img.stride(0), img.stride(1),
         batch_stride(cos), cos.stride(1), batch_stride(sin), sin.stride(1),
         out.stride(0), out.stride(1), out.stride(2), out.stride(3), eps,
     )
+    slots = 0 if v_absmax is None else v_absmax.shape[1]
     if img.is_cuda:
         grid = lambda meta: (B * S, triton.cdiv(num_heads, meta["BLOCK_H"]))  # noqa: E731
-        _rope_qk_norm_tuned[grid](*args, HEAD_DIM=head_dim)
+        _rope_qk_norm_tuned[grid](*args, HEAD_DIM=head_dim, V_ABSMAX_SLOTS=slots)
     else:  # Triton's interpreter: one fixed config
         block_h = min(4, triton.next_power_of_2(num_heads))
-        _rope_qk_norm_kernel[(B * S, triton.cdiv(num_heads, block_h))](*args, HEAD_DIM=head_dim, BLOCK_H=block_h)
+        _rope_qk_norm_kernel[(B * S, triton.cdiv(num_heads, block_h))](*args, HEAD_DIM=head_dim, BLOCK_H=block_h,
+                                                                           V_ABSMAX_SLOTS=slots)
 
 
 def _output(out: Tensor | None, shape: tuple[int, ...], like: Tensor) -> Tensor:
@@ -180,7 +188,10 @@ def rope_qk_norm(qkv: Tensor, q_scale: Tensor, k_scale: Tensor, cos: Tensor, sin
 
 
 def rope_qk_norm_joint(txt_qkv, img_qkv, txt_q_scale, txt_k_scale, img_q_scale, img_k_scale, cos, sin,
-                       num_heads: int, eps: float = 1e-6, out: Tensor | None = None) -> Tensor:
+                       num_heads: int, eps: float = 1e-6, out: Tensor | None = None,
+                       v_absmax: Tensor | None = None) -> Tensor:
+    """v_absmax: optional zeroed [B, n] fp32 tensor; the kernel leaves max |v[b]| as the max of its row b (the bound
+    joint_attention_fp8_rows needs), taken from the values already in registers instead of another pass over v."""
     T, L = txt_qkv.shape[1], img_qkv.shape[1]
     if txt_qkv.shape[0] != img_qkv.shape[0] or txt_qkv.shape[2] != img_qkv.shape[2] or txt_qkv.dtype != img_qkv.dtype:
         raise ValueError(f"txt_qkv {tuple(txt_qkv.shape)} {txt_qkv.dtype} and img_qkv {tuple(img_qkv.shape)} "
@@ -190,5 +201,11 @@ def rope_qk_norm_joint(txt_qkv, img_qkv, txt_q_scale, txt_k_scale, img_q_scale, 
     head_dim = _check(txt_qkv, txt_q_scale, txt_k_scale, cos[:, :T], sin[:, :T], num_heads)
     _check(img_qkv, img_q_scale, img_k_scale, cos[:, T:], sin[:, T:], num_heads)
     out = _output(out, (3, txt_qkv.shape[0], num_heads, T + L, head_dim), txt_qkv)
-    _launch(txt_qkv, img_qkv, (txt_q_scale, txt_k_scale), (img_q_scale, img_k_scale), cos, sin, num_heads, out, eps)
+    if v_absmax is not None and (v_absmax.ndim != 2 or v_absmax.shape[0] != txt_qkv.shape[0] or
+                                 v_absmax.dtype != torch.float32 or not v_absmax.is_contiguous() or
+                                 v_absmax.shape[1] & (v_absmax.shape[1] - 1)):
+        raise ValueError(f"v_absmax must be a contiguous float32 [{txt_qkv.shape[0]}, n] tensor with n a power of two, "
+                         f"got {tuple(v_absmax.shape)} {v_absmax.dtype}")
+    _launch(txt_qkv, img_qkv, (txt_q_scale, txt_k_scale), (img_q_scale, img_k_scale), cos, sin, num_heads, out, eps,
+            v_absmax)
     return out

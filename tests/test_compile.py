@@ -76,18 +76,30 @@ def test_quantized(quantize):
 def test_w8a8_fused_paths_match_the_unfused_w8a8_model(w8a8_gemm):
     """Same fp8 weights, same per-token activation quantization: the fast model (rows quantized inside the norm
     kernels, GELU fused into the quantization, single-block attention written into linear1's dead v columns) vs
-    the reference forward over the same FP8Linear modules (each input quantized by itself in torch)."""
+    the reference forward over the same FP8Linear modules (each input quantized by itself in torch). With
+    fp8_attention_rows (the default) the double blocks' projection inputs are scaled by the max |v| bound instead
+    of per token: a different quantization of one activation, so that model is held to the quantization bars."""
     import copy
 
     from fluxrt.quantize import quantize as quantize_model
 
-    model, x = model_and_inputs(seed=6)
+    model, x = model_and_inputs(seed=6, B=2, T=9)  # 18 txt rows: W8A8 (<= 16 rows run weight-only)
+    truth = model(**x)
     unfused = copy.deepcopy(model)
+    # both on the torch formulas (w8a8_gemm="triton" then runs the W8A8 GEMM's fp32 ref, with the fused-epilogue
+    # wiring): the interpreter's fp8 conversion defects (DESIGN.md §4) would otherwise add noise to one side only
     quantize_model(unfused, activations="fp8", w8a8_gemm=w8a8_gemm, backend="torch")
-    quantize_model(model, activations="fp8", w8a8_gemm=w8a8_gemm, backend="triton")
+    quantize_model(model, activations="fp8", w8a8_gemm=w8a8_gemm, backend="torch")
     expected = unfused(**x)
     fast = fluxrt.compile(model, backend="torch")
-    assert sqnr_db(fast(**x), expected) >= 80  # fp32: only summation order differs (~128 dB measured)
+    assert fast.fp8_attention_rows
+    bound_rows = fast(**x)
+    fast.fp8_attention_rows = False
+    per_token = fast(**x)
+    assert sqnr_db(per_token, expected) >= 80  # fp32: only summation order differs (~128 dB measured)
+    # the two row scalings differ by quantization noise (not by a bug: not ~0 dB), both hold the model bar
+    assert 25 <= sqnr_db(bound_rows, per_token) < 80
+    assert sqnr_db(bound_rows, truth) >= 20 and sqnr_db(bound_rows, truth) >= sqnr_db(per_token, truth) - 1.5
 
 
 @torch.no_grad()
@@ -96,11 +108,11 @@ def test_w8a8_with_the_triton_kernels():
     interpreter on CPU, whose fp32 -> fp8 conversion is off at binade edges, DESIGN.md §4): the whole-model bar."""
     from fluxrt.quantize import quantize as quantize_model
 
-    model, x = model_and_inputs(seed=6)
+    model, x = model_and_inputs(seed=6, B=2, T=9)  # 18 txt rows: the attention kernel writes fp8 rows
     expected = model(**x)
     quantize_model(model, activations="fp8", w8a8_gemm="triton", backend="triton")
     fast = fluxrt.compile(model, backend="triton")
-    assert sqnr_db(fast(**x), expected) >= 20  # 23.6 dB measured in the interpreter
+    assert sqnr_db(fast(**x), expected) >= 20  # 21.4 dB measured in the interpreter (22.3 with per-token attention rows)
 
 
 @torch.no_grad()

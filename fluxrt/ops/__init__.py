@@ -8,7 +8,7 @@ imported on first use, not by `import fluxrt`.
 from ._backend import BACKENDS
 from .fp8_gemm import fp8_linear, w8a8_linear
 from .group_norm_silu import add_group_norm_silu, group_norm_silu
-from .joint_attention import joint_attention, joint_attention_fp8
+from .joint_attention import joint_attention, joint_attention_fp8, joint_attention_fp8_out
 from .modulated_norm import (
     gated_residual,
     gated_residual_norm,
@@ -17,7 +17,7 @@ from .modulated_norm import (
     modulated_layer_norm_fp8,
 )
 from .quantize_rows import quantize_rows
-from .rope_qk_norm import rope_cos_sin, rope_qk_norm, rope_qk_norm_joint
+from .rope_qk_norm import rope_cos_sin, rope_qk_norm, rope_qk_norm_joint, rope_qk_norm_joint_v_absmax
 
 __all__ = [
     "BACKENDS",
@@ -29,11 +29,13 @@ __all__ = [
     "group_norm_silu",
     "joint_attention",
     "joint_attention_fp8",
+    "joint_attention_fp8_out",
     "modulated_layer_norm",
     "modulated_layer_norm_fp8",
     "quantize_rows",
     "rope_cos_sin",
     "rope_qk_norm",
     "rope_qk_norm_joint",
+    "rope_qk_norm_joint_v_absmax",
     "w8a8_linear",
 ]

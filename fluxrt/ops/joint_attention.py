@@ -44,3 +44,23 @@ def joint_attention_fp8(q8: Tensor, k8: Tensor, vt8: Tensor, q_scale: Tensor, k_
 def _(q8, k8, vt8, q_scale, k_scale, v_scale, out_dtype=torch.bfloat16, backend="auto"):
     B, H, S, D = q8.shape
     return torch.empty(B, S, H * D, dtype=out_dtype, device=q8.device)
+
+
+@torch.library.custom_op("fluxrt::joint_attention_fp8_out", mutates_args=())
+def joint_attention_fp8_out(q: Tensor, k: Tensor, v: Tensor, v_absmax: Tensor,
+                            backend: str = "auto") -> tuple[Tensor, Tensor]:
+    """Attention written as e4m3 rows for a W8A8 projection: q, k, v [B, H, S, D], v_absmax [B, n] (row b's max
+    bounds |v[b]|) -> (out8 [B, S, H*D] e4m3fn, row_scale [B, S] fp32) with row_scale = max |v[b]| / 448.
+    The torch backend is the fp32 formula (joint_attention_fp8_out_ref)."""
+    kern = kernel_module("joint_attention")
+    if use_triton(backend, q, kern):
+        return kern.joint_attention_fp8_out(q, k, v, v_absmax)
+    kern._check_v_absmax(v_absmax, q.shape[0], q.device)
+    return kern.joint_attention_fp8_out_ref(q, k, v, v_absmax)
+
+
+@joint_attention_fp8_out.register_fake
+def _(q, k, v, v_absmax, backend="auto"):
+    B, H, S, D = q.shape
+    return (torch.empty(B, S, H * D, dtype=torch.float8_e4m3fn, device=q.device),
+            torch.empty(B, S, dtype=torch.float32, device=q.device))

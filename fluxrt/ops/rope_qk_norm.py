@@ -54,6 +54,31 @@ def _(txt_qkv, img_qkv, txt_q_scale, txt_k_scale, img_q_scale, img_k_scale, cos,
     return _fake_out(txt_qkv, num_heads, txt_qkv.shape[1] + img_qkv.shape[1])
 
 
+@torch.library.custom_op("fluxrt::rope_qk_norm_joint_v_absmax", mutates_args=())
+def rope_qk_norm_joint_v_absmax(txt_qkv: Tensor, img_qkv: Tensor, txt_q_scale: Tensor, txt_k_scale: Tensor,
+                                img_q_scale: Tensor, img_k_scale: Tensor, cos: Tensor, sin: Tensor, num_heads: int,
+                                eps: float = 1e-6, backend: str = "auto") -> tuple[Tensor, Tensor]:
+    """rope_qk_norm_joint, plus v_absmax [B, n] fp32 whose row b's max is max |v[b]|: the bound
+    joint_attention_fp8_out scales its e4m3 output by (the Triton kernel takes it from v in registers)."""
+    k = _kernels()
+    v_absmax = torch.zeros(txt_qkv.shape[0], k.V_ABSMAX_SLOTS, dtype=torch.float32, device=txt_qkv.device)
+    if use_triton(backend, txt_qkv, k):
+        out = k.rope_qk_norm_joint(txt_qkv, img_qkv, txt_q_scale, txt_k_scale, img_q_scale, img_k_scale,
+                                   cos, sin, num_heads, eps, v_absmax=v_absmax)
+        return out, v_absmax
+    out = k.rope_qk_norm_joint_ref(txt_qkv, img_qkv, txt_q_scale, txt_k_scale, img_q_scale, img_k_scale,
+                                   cos, sin, num_heads, eps).contiguous()
+    v_absmax[:, 0] = out[2].float().abs().amax(dim=(1, 2, 3))
+    return out, v_absmax
+
+
+@rope_qk_norm_joint_v_absmax.register_fake
+def _(txt_qkv, img_qkv, txt_q_scale, txt_k_scale, img_q_scale, img_k_scale, cos, sin, num_heads, eps=1e-6,
+      backend="auto"):
+    return (_fake_out(txt_qkv, num_heads, txt_qkv.shape[1] + img_qkv.shape[1]),
+            torch.empty(txt_qkv.shape[0], _kernels().V_ABSMAX_SLOTS, dtype=torch.float32, device=txt_qkv.device))
+
+
 def rope_cos_sin(pe: Tensor) -> tuple[Tensor, Tensor]:
     """fluxrt.reference's RoPE table [B, 1, S, D/2, 2, 2] (rotation matrices) -> cos, sin [B, S, D/2], the form
     these ops take. Contiguous copies (a few hundred KB, once per forward) so the kernel reads them with unit

@@ -12,7 +12,7 @@ from torch.library import opcheck
 import fluxrt.ops as ops
 from fluxrt.kernels import modulated_norm
 from fluxrt.kernels import quantize_rows as Q
-from fluxrt.testing import sqnr_db
+from fluxrt.testing import e4m3_ulp, interpreter_conversion_defect, sqnr_db
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # GELU's exp(-z) overflows to inf for very negative inputs on purpose (y / inf = -0, as on the GPU); numpy warns.
@@ -22,22 +22,6 @@ pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered in exp:Runt
 def randn(*shape, seed, dtype=torch.float32, device=DEVICE, std=3.0):
     gen = torch.Generator().manual_seed(seed)
     return (std * torch.randn(*shape, generator=gen)).to(device=device, dtype=dtype)
-
-
-def e4m3_ulp(v):
-    """Spacing of e4m3fn values at |v|: 2^(floor(log2|v|) - 3); 2^-9 in the subnormal range (below 2^-6)."""
-    return torch.exp2(torch.floor(torch.log2(v.abs().clamp_min(2.0**-6))) - 3)
-
-
-def interpreter_conversion_defect(got, want):
-    """Where Triton's interpreter converts fp32 -> e4m3fn wrongly (DESIGN.md §4; measured on triton 3.9 over
-    dense fp32 points between all e4m3 values): when rounding carries into an odd exponent the value comes out
-    as half of the power of two it should be (125 -> 64, not 128), and below e4m3's smallest normal (2^-6) it
-    truncates (off by one subnormal step, 2^-9). Only those are set aside; every other value keeps the rule."""
-    pow2 = want.abs() == torch.exp2(torch.log2(want.abs().clamp_min(1e-30)).round())
-    carry = (got * 2 == want) & pow2 & (want != 0)
-    subnormal = (want.abs() <= 2.0**-6) & ((got - want).abs() <= 2.0**-9)
-    return (carry | subnormal) & (got != want)
 
 
 def assert_quantized_match(x8, scale, ref8, ref_scale, min_equal=0.99, scale_rtol=1e-6):

@@ -63,6 +63,27 @@ def test_joint_streams_fill_one_buffer(B, T, img_px, H, D, dtype):
     check(out, K.rope_qk_norm_joint_ref, (txt, img, tq, tk, iq, ik, cos, sin, H), dtype)
 
 
+@pytest.mark.parametrize("B, T, img_px, H, D", CASES)
+def test_joint_v_absmax_is_each_batch_items_max_abs_v(B, T, img_px, H, D):
+    """The optional per-batch max |v| (the fp8 attention output's bound): exact, since it is a max of the values
+    written, and per batch item (item 1 is scaled so the two maxima differ)."""
+    _, cos, sin = rope_table(B, T, *img_px, D)
+    S = cos.shape[1]
+    txt, (tq, tk, iq, ik) = make_qkv(B, T, H, D, torch.float16, seed=T + 1)
+    img, _ = make_qkv(B, S - T, H, D, torch.float16, seed=S + 1)
+    img[-1:] *= 3
+    v_absmax = torch.zeros(B, K.V_ABSMAX_SLOTS, device=DEVICE)
+    out = K.rope_qk_norm_joint(txt, img, tq, tk, iq, ik, cos, sin, H, v_absmax=v_absmax)
+    want = out[2].float().abs().amax(dim=(1, 2, 3))
+    assert torch.equal(v_absmax.amax(dim=1), want)
+    assert (v_absmax[:, : min(S, K.V_ABSMAX_SLOTS)] > 0).all()  # every slot a token reaches was written
+    op_out, op_absmax = ops.rope_qk_norm_joint_v_absmax(txt, img, tq, tk, iq, ik, cos, sin, H, backend="torch")
+    assert torch.equal(op_absmax.amax(dim=1), K.rope_qk_norm_joint_ref(txt, img, tq, tk, iq, ik, cos, sin, H)[2]
+                       .float().abs().amax(dim=(1, 2, 3)))
+    with pytest.raises(ValueError, match="v_absmax must be a contiguous float32"):
+        K.rope_qk_norm_joint(txt, img, tq, tk, iq, ik, cos, sin, H, v_absmax=torch.zeros(B, 3, device=DEVICE))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_ref_is_the_reference_models_qk_norm_and_rope(dtype):
     B, T, H, D = 2, 5, 2, 64
@@ -103,6 +124,7 @@ def test_opcheck_and_compile_without_graph_breaks(backend):
     joint_args = (txt, img, tq, tk, iq, ik, cos, sin, H)
     opcheck(torch.ops.fluxrt.rope_qk_norm.default, (img, iq, ik, cos[:, T:], sin[:, T:], H), {"backend": backend})
     opcheck(torch.ops.fluxrt.rope_qk_norm_joint.default, joint_args, {"backend": backend})
+    opcheck(torch.ops.fluxrt.rope_qk_norm_joint_v_absmax.default, joint_args, {"backend": backend})
 
     def attention_inputs(*args):
         qkv = ops.rope_qk_norm_joint(*args, backend=backend)
@@ -123,5 +145,7 @@ def test_bf16_at_flux_shapes(B):
     out = K.rope_qk_norm(wide, qs, ks, cos, sin, H, out=torch.full((3, B, H, S, D), float("nan"), dtype=dtype, device="cuda"))
     check(out, K.rope_qk_norm_ref, (wide, qs, ks, cos, sin, H), dtype)
     txt, img = wide[:, :T], wide[:, T:]
-    joint = K.rope_qk_norm_joint(txt, img, tq, tk, qs, ks, cos, sin, H)
+    v_absmax = torch.zeros(B, K.V_ABSMAX_SLOTS, device="cuda")
+    joint = K.rope_qk_norm_joint(txt, img, tq, tk, qs, ks, cos, sin, H, v_absmax=v_absmax)
     check(joint, K.rope_qk_norm_joint_ref, (txt, img, tq, tk, qs, ks, cos, sin, H), dtype)
+    assert torch.equal(v_absmax.amax(dim=1), joint[2].float().abs().amax(dim=(1, 2, 3)))
