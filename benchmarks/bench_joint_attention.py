@@ -8,6 +8,11 @@ which is not counted against it. The FP8 path (e4m3 q, k, v with per-(batch, hea
 not timed) is reported with its SQNR against the fp32 reference and against the bf16 kernel. Before timing, the kernel must pass DESIGN.md §4's rule against the fp32
 reference (max error <= 2 x SDPA-bf16's + 1e-2). Median of triton.testing.do_bench.
 
+Every load variant of the kernel (ja.VARIANTS: pointer, TMA descriptors, TMA + warp specialization) is checked
+and timed as `fluxrt[<variant>]`; one that fails to compile or is wrong on this GPU is reported, not fatal.
+`fluxrt` is ja.DEFAULT_VARIANT. Also timed: the W8A8 path's attention with e4m3 output rows
+(joint_attention_fp8_out) against the bf16 kernel followed by quantize_rows, what it replaces.
+
     python benchmarks/bench_joint_attention.py [--seq 4352 4608 8704 16896]
 """
 
@@ -59,6 +64,19 @@ def main() -> None:
         row["fp8_sqnr_db_vs_bf16"] = sqnr_db(out8, out)
         del truth, out, out8
         times = {"fluxrt": _common.bench(lambda: ja.joint_attention(q, k, v))}
+        for variant in ja.VARIANTS:
+            try:
+                got = ja.joint_attention(q, k, v, variant=variant)
+                assert_within_rule(got, ja.sdpa_attention(q, k, v), ja.joint_attention_ref(q.float(), k.float(),
+                                   v.float()), atol=1e-2, what=f"variant {variant} S={S}")
+                times[f"fluxrt[{variant}]"] = _common.bench(lambda: ja.joint_attention(q, k, v, variant=variant))
+            except Exception as err:  # a variant this Triton/GPU cannot compile, or gets wrong: say so, go on
+                row[f"fluxrt[{variant}]_error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
+                print(f"variant {variant} failed at S={S}: {row[f'fluxrt[{variant}]_error']}", file=sys.stderr)
+        from fluxrt.kernels.quantize_rows import quantize_rows
+        v_absmax = v.float().abs().amax(dim=(1, 2, 3))[:, None].contiguous()
+        row["fp8_out_ms"] = _common.bench(lambda: ja.joint_attention_fp8_out(q, k, v, v_absmax))
+        row["bf16_then_quantize_rows_ms"] = _common.bench(lambda: quantize_rows(ja.joint_attention(q, k, v)))
         fp8_ms = _common.bench(lambda: ja.joint_attention_fp8(*fp8_args))  # quantization not included
         for name, backend in backends.items():
             try:
@@ -72,7 +90,7 @@ def main() -> None:
             row[f"{name}_TFLOP/s"] = flops / (ms * 1e-3) / 1e12
         row["fluxrt_fp8_ms"] = fp8_ms
         row["fluxrt_fp8_TFLOP/s"] = flops / (fp8_ms * 1e-3) / 1e12
-        best = min((ms, name) for name, ms in times.items() if name != "fluxrt")
+        best = min((ms, name) for name, ms in times.items() if name.startswith("sdpa"))
         row["best_sdpa"] = best[1]
         row["fluxrt_vs_best_sdpa"] = best[0] / times["fluxrt"]
         row["fluxrt_frac_matmul_peak"] = row["fluxrt_TFLOP/s"] / meta["matmul_bf16_tflops"]

@@ -89,6 +89,7 @@ def _joint_attention_kernel(
     S_BUCKET,  # autotune key only
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
     IS_FP8: tl.constexpr, V_ABSMAX_SLOTS: tl.constexpr,  # > 0: fp8 output rows scaled by the max |v| bound
+    USE_TMA: tl.constexpr = False, WARP_SPECIALIZE: tl.constexpr = False,  # the "tma" / "tma_ws" variants
 ):
     start_m = tl.program_id(0)
     bh = tl.program_id(1)
@@ -98,31 +99,55 @@ def _joint_attention_kernel(
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     rows_ok = offs_m[:, None] < S
-    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qs + offs_d[None, :], mask=rows_ok,
-                other=0.0)
-    kt_ptrs = K + b * stride_kb + h * stride_kh + offs_n[None, :] * stride_ks + offs_d[:, None]  # [D, BLOCK_N]
-    # [BLOCK_N, D]; fp8 V is stored transposed ([B, H, D, S], stride_vs = 1): Hopper's fp8 MMA wants K-major B
-    v_ptrs = V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vs + offs_d[None, :] * stride_vd
     if IS_FP8:  # per-(batch, head) dequantization scales of q and k fold into the score scale
         qk_scale = qk_scale * tl.load(Q_SCALE + bh) * tl.load(K_SCALE + bh)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-
     n_full = (S // BLOCK_N) * BLOCK_N
-    for _ in range(0, n_full, BLOCK_N):
-        k = tl.load(kt_ptrs)
-        v = tl.load(v_ptrs)
-        acc, l_i, m_i = _online_softmax_step(acc, l_i, m_i, q, k, v, qk_scale, False, 0, offs_n, DOT_PRECISION,
-                                             IS_FP8)
-        kt_ptrs += BLOCK_N * stride_ks
-        v_ptrs += BLOCK_N * stride_vs
-    if n_full < S:  # the tail block: masked loads, padded columns get -inf scores
-        n_valid = S - n_full
-        k = tl.load(kt_ptrs, mask=offs_n[None, :] < n_valid, other=0.0)
-        v = tl.load(v_ptrs, mask=offs_n[:, None] < n_valid, other=0.0)
-        acc, l_i, m_i = _online_softmax_step(acc, l_i, m_i, q, k, v, qk_scale, True, n_valid, offs_n, DOT_PRECISION,
-                                             IS_FP8)
+
+    if USE_TMA:
+        # On-device TMA descriptors over this (batch, head)'s [S, D] slices: the copy engine fetches whole tiles
+        # into shared memory asynchronously (no address math in the loop) and fills rows past S with zeros, so the
+        # tail needs only its score mask. Device-side (not host) descriptors: Triton's Hopper warp specialization
+        # works only with those (triton-lang/triton#7658).
+        tl.static_assert(not IS_FP8, "the fp8 path reads its transposed V through pointers")
+        desc_q = tl.make_tensor_descriptor(Q + b * stride_qb + h * stride_qh, shape=[S, HEAD_DIM],
+                                           strides=[stride_qs, 1], block_shape=[BLOCK_M, HEAD_DIM])
+        desc_k = tl.make_tensor_descriptor(K + b * stride_kb + h * stride_kh, shape=[S, HEAD_DIM],
+                                           strides=[stride_ks, 1], block_shape=[BLOCK_N, HEAD_DIM])
+        desc_v = tl.make_tensor_descriptor(V + b * stride_vb + h * stride_vh, shape=[S, HEAD_DIM],
+                                           strides=[stride_vs, 1], block_shape=[BLOCK_N, HEAD_DIM])
+        q = desc_q.load([start_m * BLOCK_M, 0])
+        for start_n in tl.range(0, n_full, BLOCK_N, warp_specialize=WARP_SPECIALIZE):
+            k = desc_k.load([start_n, 0]).T
+            v = desc_v.load([start_n, 0])
+            acc, l_i, m_i = _online_softmax_step(acc, l_i, m_i, q, k, v, qk_scale, False, 0, offs_n, DOT_PRECISION,
+                                                 IS_FP8)
+        if n_full < S:
+            k = desc_k.load([n_full, 0]).T
+            v = desc_v.load([n_full, 0])
+            acc, l_i, m_i = _online_softmax_step(acc, l_i, m_i, q, k, v, qk_scale, True, S - n_full, offs_n,
+                                                 DOT_PRECISION, IS_FP8)
+    else:
+        q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qs + offs_d[None, :], mask=rows_ok,
+                    other=0.0)
+        kt_ptrs = K + b * stride_kb + h * stride_kh + offs_n[None, :] * stride_ks + offs_d[:, None]  # [D, BLOCK_N]
+        # [BLOCK_N, D]; fp8 V is stored transposed ([B, H, D, S], stride_vs = 1): Hopper's fp8 MMA wants K-major B
+        v_ptrs = V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vs + offs_d[None, :] * stride_vd
+        for _ in range(0, n_full, BLOCK_N):
+            k = tl.load(kt_ptrs)
+            v = tl.load(v_ptrs)
+            acc, l_i, m_i = _online_softmax_step(acc, l_i, m_i, q, k, v, qk_scale, False, 0, offs_n, DOT_PRECISION,
+                                                 IS_FP8)
+            kt_ptrs += BLOCK_N * stride_ks
+            v_ptrs += BLOCK_N * stride_vs
+        if n_full < S:  # the tail block: masked loads, padded columns get -inf scores
+            n_valid = S - n_full
+            k = tl.load(kt_ptrs, mask=offs_n[None, :] < n_valid, other=0.0)
+            v = tl.load(v_ptrs, mask=offs_n[:, None] < n_valid, other=0.0)
+            acc, l_i, m_i = _online_softmax_step(acc, l_i, m_i, q, k, v, qk_scale, True, n_valid, offs_n,
+                                                 DOT_PRECISION, IS_FP8)
 
     out = acc / l_i[:, None]
     if IS_FP8:
@@ -144,7 +169,14 @@ _CONFIGS = [
     triton.Config({"BLOCK_M": 128, "BLOCK_N": bn}, num_stages=s, num_warps=w)
     for bn in (64, 128) for s in (2, 3, 4) for w in (4, 8) if w == 4 or bn == 128
 ] + [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_stages=3, num_warps=4)]
-_joint_attention_tuned = triton.autotune(_CONFIGS, key=["S_BUCKET", "HEAD_DIM"])(_joint_attention_kernel)
+# How K/V tiles reach shared memory (kernel flags USE_TMA, WARP_SPECIALIZE), each autotuned on its own:
+#   "pointer"  computed addresses, software-pipelined loads (the measured default: NOTES.md)
+#   "tma"      on-device TMA tensor descriptors
+#   "tma_ws"   TMA + Triton's warp specialization of the K/V loop (producer warps load, consumers compute)
+# benchmarks/bench_joint_attention.py --variants times all three; DEFAULT_VARIANT moves only on a measurement.
+VARIANTS = {"pointer": (False, False), "tma": (True, False), "tma_ws": (True, True)}
+DEFAULT_VARIANT = "pointer"
+_TUNED = {name: triton.autotune(_CONFIGS, key=["S_BUCKET", "HEAD_DIM"])(_joint_attention_kernel) for name in VARIANTS}
 # fp32 (tests and debugging only; FLUX runs bf16/fp16): one modest config, exact "ieee" dots, no tuning.
 _FP32_CONFIG = dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2)
 
@@ -157,11 +189,38 @@ def _output(out: Tensor | None, B: int, S: int, HD: int, dtype: torch.dtype, dev
     return out
 
 
-def _launch(q, k, v, v_stride_s, v_stride_d, out, scales, is_fp8, v_absmax=None, row_scale=None):
+def _tma_allocator(size: int, alignment: int, stream):
+    """Global scratch for on-device TMA descriptors (Triton asks for it at launch; from torch's caching allocator,
+    so CUDA-graph capture takes it from the graph's pool)."""
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def _check_variant(variant: str, q: Tensor, k: Tensor, v: Tensor) -> tuple[bool, bool]:
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {tuple(VARIANTS)}, got {variant!r}")
+    use_tma, warp_specialize = VARIANTS[variant]
+    if use_tma:
+        if q.is_cuda and torch.cuda.get_device_capability(q.device) < (9, 0):
+            raise RuntimeError(f"variant {variant!r} needs TMA (sm_90+); {torch.cuda.get_device_name(q.device)} has "
+                               "none: use variant='pointer'")
+        # TMA: each (batch, head) slice starts 16-byte aligned and its row stride is a multiple of 16 bytes
+        for name, t in (("q", q), ("k", k), ("v", v)):
+            size = t.element_size()
+            if t.data_ptr() % 16 or any(st * size % 16 for st in t.stride()[:3]):
+                raise ValueError(f"variant {variant!r}: {name} must be 16-byte aligned with strides that are "
+                                 f"multiples of 16 bytes (got strides {t.stride()}); use variant='pointer'")
+        if q.is_cuda:
+            triton.set_allocator(_tma_allocator)
+    return use_tma, warp_specialize
+
+
+def _launch(q, k, v, v_stride_s, v_stride_d, out, scales, is_fp8, v_absmax=None, row_scale=None,
+            variant: str = "pointer"):
     B, H, S, D = q.shape
     if D not in HEAD_DIMS:
         raise ValueError(f"head_dim {D} is not supported by the Triton kernel (supported: {HEAD_DIMS}); "
                          "use backend='torch'")
+    use_tma, warp_specialize = _check_variant(variant, q, k, v)
     dummy = out  # scale pointers are read only when IS_FP8
     args = (
         q, k, v, out, *(scales or (dummy, dummy, dummy)), dummy if v_absmax is None else v_absmax,
@@ -171,10 +230,11 @@ def _launch(q, k, v, v_stride_s, v_stride_d, out, scales, is_fp8, v_absmax=None,
         triton.next_power_of_2(S),
     )
     precision = "ieee" if q.dtype == torch.float32 else "tf32"  # fp32 stays fp32; 8/16-bit dots ignore it
-    flags = dict(IS_FP8=is_fp8, V_ABSMAX_SLOTS=0 if v_absmax is None else v_absmax.shape[1])
+    flags = dict(IS_FP8=is_fp8, V_ABSMAX_SLOTS=0 if v_absmax is None else v_absmax.shape[1], USE_TMA=use_tma,
+                 WARP_SPECIALIZE=warp_specialize)
     if q.is_cuda and q.dtype != torch.float32:
         grid = lambda meta: (triton.cdiv(S, meta["BLOCK_M"]), B * H)  # noqa: E731
-        _joint_attention_tuned[grid](*args, HEAD_DIM=D, DOT_PRECISION=precision, **flags)
+        _TUNED[variant][grid](*args, HEAD_DIM=D, DOT_PRECISION=precision, **flags)
     elif q.is_cuda:
         grid = (triton.cdiv(S, _FP32_CONFIG["BLOCK_M"]), B * H)
         _joint_attention_kernel[grid](*args, HEAD_DIM=D, DOT_PRECISION=precision, **flags, **_FP32_CONFIG)
@@ -193,12 +253,13 @@ def _check_qkv(q: Tensor, k: Tensor, v: Tensor) -> None:
         raise ValueError("q, k, v must be on one device with a contiguous last dim")
 
 
-def joint_attention(q: Tensor, k: Tensor, v: Tensor, out: Tensor | None = None) -> Tensor:
-    """Attention over the joint sequence; q, k, v [B, H, S, D] -> [B, S, H*D] (see the module docstring)."""
+def joint_attention(q: Tensor, k: Tensor, v: Tensor, out: Tensor | None = None, variant: str | None = None) -> Tensor:
+    """Attention over the joint sequence; q, k, v [B, H, S, D] -> [B, S, H*D] (see the module docstring).
+    variant: one of VARIANTS (how K/V tiles are loaded), DEFAULT_VARIANT when None."""
     _check_qkv(q, k, v)
     B, H, S, D = q.shape
     out = _output(out, B, S, H * D, q.dtype, q.device)
-    return _launch(q, k, v, v.stride(2), 1, out, None, is_fp8=False)
+    return _launch(q, k, v, v.stride(2), 1, out, None, is_fp8=False, variant=variant or DEFAULT_VARIANT)
 
 
 # ---- attention with e4m3 output rows for a W8A8 projection (see the module docstring) ----
@@ -221,8 +282,8 @@ def joint_attention_fp8_out_ref(q: Tensor, k: Tensor, v: Tensor, v_absmax: Tenso
     return out8, row_scale
 
 
-def joint_attention_fp8_out(q: Tensor, k: Tensor, v: Tensor, v_absmax: Tensor,
-                            out: Tensor | None = None) -> tuple[Tensor, Tensor]:
+def joint_attention_fp8_out(q: Tensor, k: Tensor, v: Tensor, v_absmax: Tensor, out: Tensor | None = None,
+                            variant: str | None = None) -> tuple[Tensor, Tensor]:
     """Attention -> (out8 [B, S, H*D] e4m3fn, row_scale [B, S] fp32), out ~ out8 * row_scale; v_absmax [B, n]
     fp32 with max(v_absmax[b]) >= max |v[b]| (rope_qk_norm_joint's, or v.abs().amax((1, 2, 3))[:, None])."""
     _check_qkv(q, k, v)
@@ -230,7 +291,8 @@ def joint_attention_fp8_out(q: Tensor, k: Tensor, v: Tensor, v_absmax: Tensor,
     _check_v_absmax(v_absmax, B, q.device)
     out = _output(out, B, S, H * D, torch.float8_e4m3fn, q.device)
     row_scale = torch.empty(B, S, dtype=torch.float32, device=q.device)
-    _launch(q, k, v, v.stride(2), 1, out, None, is_fp8=False, v_absmax=v_absmax, row_scale=row_scale)
+    _launch(q, k, v, v.stride(2), 1, out, None, is_fp8=False, v_absmax=v_absmax, row_scale=row_scale,
+            variant=variant or DEFAULT_VARIANT)
     return out, row_scale
 
 

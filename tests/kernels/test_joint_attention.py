@@ -35,6 +35,17 @@ def test_matches_ref(S, D, dtype):
     check(K.joint_attention(q, k, v, out=poisoned), q, k, v)
 
 
+@pytest.mark.parametrize("variant", ["tma", "tma_ws"])
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("S", [52, 7])
+def test_tma_variants_match_ref(S, D, variant):
+    """The TMA-descriptor loads (rows past S arrive as zeros; only the score mask handles the tail) and the warp-
+    specialized loop compute the same attention as the pointer kernel."""
+    q, k, v = make_qkv(2, 3, S, D, torch.float16, seed=S + D + 2)
+    poisoned = torch.full((2, S, 3 * D), float("nan"), dtype=torch.float16, device=DEVICE)
+    check(K.joint_attention(q, k, v, out=poisoned, variant=variant), q, k, v)
+
+
 def test_writes_into_a_wider_row_buffer():
     q, k, v = make_qkv(1, 2, 20, 64, torch.float32, seed=1)
     wide = torch.full((1, 20, 200), float("nan"), device=DEVICE)
@@ -51,6 +62,11 @@ def test_bad_inputs_are_rejected():
         K.joint_attention(q, k[:, :1], v)
     with pytest.raises(ValueError, match="share one of"):
         K.joint_attention(q, k.half(), v)
+    with pytest.raises(ValueError, match="variant must be one of"):
+        K.joint_attention(q, k, v, variant="cudnn")
+    odd = torch.randn(1 * 2 * 9 * 64 + 1, device=DEVICE)[1:].view(1, 2, 9, 64)  # 4-byte, not 16-byte, aligned
+    with pytest.raises(ValueError, match="must be 16-byte aligned"):
+        K.joint_attention(odd, k, v, variant="tma")
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
@@ -67,11 +83,12 @@ def test_opcheck_and_compile_without_graph_breaks(backend):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("S", [4608, 16896])
-def test_bf16_at_flux_lengths(S):
+@pytest.mark.parametrize("variant", list(K.VARIANTS))
+@pytest.mark.parametrize("S", [4608, 4357, 16896])  # 4357: a tail block
+def test_bf16_at_flux_lengths(S, variant):
     q, k, v = make_qkv(1, 24, S, 128, torch.bfloat16, seed=S, device="cuda")
     poisoned = torch.full((1, S, 24 * 128), float("nan"), dtype=torch.bfloat16, device="cuda")
-    check(K.joint_attention(q, k, v, out=poisoned), q, k, v)
+    check(K.joint_attention(q, k, v, out=poisoned, variant=variant), q, k, v)
 
 
 # ---- FP8 path (off by default). On the CPU the interpreter's fp32 -> fp8 conversion of P is slightly off at
