@@ -55,7 +55,7 @@ case "$stage" in
     ;;
   step)
     python3 -m fluxrt bench --model flux-dev --size 1024x1024 --batch 1 \
-      --impl diffusers-eager diffusers-compile fluxrt-bf16 fluxrt-fp8 fluxrt-fp8-weight
+      --impl diffusers-eager diffusers-compile fluxrt-bf16 fluxrt-fp8 fluxrt-fp8-weight fluxrt-fp8-attn
     copy_out benchmarks/results/step_*
     ;;
   *)

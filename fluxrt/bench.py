@@ -1,4 +1,5 @@
-"""Per-step latency of the FLUX transformer: diffusers (eager, torch.compile) vs fluxrt (bf16, fp8, fp8-weight).
+"""Per-step latency of the FLUX transformer: diffusers (eager, torch.compile) vs fluxrt (bf16, fp8, fp8-weight,
+fp8-attn = W8A8 + FP8 attention).
 
 One "step" is one transformer call at a given resolution and batch (the denoising loop's unit of work), with
 random weights at the preset's real widths (flux-dev: ~24 GB in bf16 on the GPU) and real position ids, T5
@@ -25,7 +26,7 @@ from . import sampling
 from .config import FluxConfig
 from .testing import randomize_parameters_
 
-IMPLS = ("diffusers-eager", "diffusers-compile", "fluxrt-bf16", "fluxrt-fp8", "fluxrt-fp8-weight")
+IMPLS = ("diffusers-eager", "diffusers-compile", "fluxrt-bf16", "fluxrt-fp8", "fluxrt-fp8-weight", "fluxrt-fp8-attn")
 
 
 def _diffusers_model(cfg: FluxConfig, dtype: torch.dtype, device: torch.device, seed: int):
@@ -76,8 +77,9 @@ def _build(impl: str, cfg: FluxConfig, dtype, device, seed: int):
         return model
     if impl == "diffusers-compile":
         return torch.compile(model)
-    quantize = {"fluxrt-bf16": None, "fluxrt-fp8": "fp8", "fluxrt-fp8-weight": "fp8-weight"}[impl]
-    return fluxrt.compile(model, quantize=quantize)
+    quantize = {"fluxrt-bf16": None, "fluxrt-fp8": "fp8", "fluxrt-fp8-weight": "fp8-weight",
+                "fluxrt-fp8-attn": "fp8"}[impl]
+    return fluxrt.compile(model, quantize=quantize, attention="fp8" if impl == "fluxrt-fp8-attn" else "bf16")
 
 
 def run(model: str = "tiny", sizes=((64, 64),), batches=(1,), impls=IMPLS, iters: int = 10, warmup: int = 3,

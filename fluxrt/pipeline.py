@@ -127,15 +127,17 @@ class FluxPipeline:
         return cls(load_transformer(transformer, dtype=dtype, device=device),
                    load_autoencoder(autoencoder, dtype=dtype, device=device), *text, **pipeline_kwargs)
 
-    def accelerate(self, quantize: str | None = None, backend: str = "auto") -> None:
-        """Swap in the fluxrt-compiled models (in place: weights are reused, not copied). The one acceleration step."""
+    def accelerate(self, quantize: str | None = None, backend: str = "auto", attention: str = "bf16") -> None:
+        """Swap in the fluxrt-compiled models (in place: weights are reused, not copied). The one acceleration step.
+        quantize and attention as fluxrt.compile's."""
         with self._lock:
             if self.plan is not None:
                 raise RuntimeError("this pipeline is already compiled")
             if quantize == "fp8" and self.device.type != "cuda":
                 raise ValueError(f"quantize='fp8' (W8A8) needs an FP8-capable CUDA GPU (sm_89+: Ada, Hopper, "
                                  f"Blackwell) and this pipeline is on {self.device}; use quantize='fp8-weight' or none")
-            self.transformer = compile_transformer(self.transformer, quantize=quantize, backend=backend)
+            self.transformer = compile_transformer(self.transformer, quantize=quantize, backend=backend,
+                                                   attention=attention)
             self.autoencoder = compile_transformer(self.autoencoder, backend=backend)  # fluxrt.vae.FastAutoEncoder
             self.plan = {"transformer": self.transformer.plan, "autoencoder": self.autoencoder.plan}
 

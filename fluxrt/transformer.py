@@ -31,8 +31,12 @@ from .reference.model import DoubleStreamBlock, Flux, SingleStreamBlock, timeste
 log = logging.getLogger("fluxrt")
 
 
-def _attention(qkv: Tensor, backend: str) -> Tensor:
-    """[3, B, H, S, D] as rope_qk_norm writes it -> [B, S, H*D] as the projection reads it (no transpose copy)."""
+def _attention(qkv: Tensor, backend: str, fp8: bool = False) -> Tensor:
+    """[3, B, H, S, D] as rope_qk_norm writes it -> [B, S, H*D] as the projection reads it (no transpose copy).
+    fp8: e4m3 q, k, v with per-(batch, head) scales (compile(attention="fp8")), the output in qkv's dtype."""
+    if fp8:
+        q8, k8, vt8, q_scale, k_scale, v_scale = ops.quantize_qkv_fp8(qkv[0], qkv[1], qkv[2])
+        return ops.joint_attention_fp8(q8, k8, vt8, q_scale, k_scale, v_scale, out_dtype=qkv.dtype, backend=backend)
     return ops.joint_attention(qkv[0], qkv[1], qkv[2], backend=backend)
 
 
@@ -104,13 +108,14 @@ def _linear_gelu_tanh(linear: nn.Linear, x: Tensor) -> Tensor:
 
 
 def double_block_forward(block: DoubleStreamBlock, img: Tensor, txt: Tensor, img_mod: Tensor, txt_mod: Tensor,
-                         cos: Tensor, sin: Tensor, backend: str = "auto",
-                         fp8_attention_rows: bool = True) -> tuple[Tensor, Tensor]:
+                         cos: Tensor, sin: Tensor, backend: str = "auto", fp8_attention_rows: bool = True,
+                         fp8_attention: bool = False) -> tuple[Tensor, Tensor]:
     """img_mod, txt_mod: the block's modulation outputs [B, 6C] (img_mod.lin / txt_mod.lin of silu(vec)).
 
     fp8_attention_rows: when both attention projections are W8A8, the attention kernel writes their e4m3 input
     rows itself (scaled by the max |v| bound, kernels/joint_attention.py) instead of bf16 rows that are then
-    quantized per token; False keeps the per-token path."""
+    quantized per token; False keeps the per-token path. fp8_attention: the FP8 attention kernel (its output
+    then goes through the projections like a bf16 one)."""
     img_shift1, img_scale1, img_gate1, img_shift2, img_scale2, img_gate2 = _chunks(img_mod, 6)
     txt_shift1, txt_scale1, txt_gate1, txt_shift2, txt_scale2, txt_gate2 = _chunks(txt_mod, 6)
     img_qkv = _norm_linear(block.img_attn.qkv, img, img_scale1, img_shift1, backend)
@@ -120,13 +125,13 @@ def double_block_forward(block: DoubleStreamBlock, img: Tensor, txt: Tensor, img
                  img_norm.key_norm.scale, cos, sin, block.num_heads)
     T = txt.shape[1]
     img_proj, txt_proj = block.img_attn.proj, block.txt_attn.proj
-    if fp8_attention_rows and _is_w8a8(img_proj, img) and _is_w8a8(txt_proj, txt):
+    if fp8_attention_rows and not fp8_attention and _is_w8a8(img_proj, img) and _is_w8a8(txt_proj, txt):
         qkv, v_absmax = ops.rope_qk_norm_joint_v_absmax(*rope_args, backend=backend)
         attn8, row_scale = ops.joint_attention_fp8_out(qkv[0], qkv[1], qkv[2], v_absmax, backend=backend)
         img_attn_out = img_proj.forward_fp8(attn8[:, T:], row_scale[:, T:], out_dtype=img.dtype)
         txt_attn_out = txt_proj.forward_fp8(attn8[:, :T], row_scale[:, :T], out_dtype=txt.dtype)
     else:
-        attn = _attention(ops.rope_qk_norm_joint(*rope_args, backend=backend), backend)
+        attn = _attention(ops.rope_qk_norm_joint(*rope_args, backend=backend), backend, fp8_attention)
         img_attn_out, txt_attn_out = img_proj(attn[:, T:]), txt_proj(attn[:, :T])
 
     img = _attn_then_mlp(block.img_mlp, img, img_gate1, img_attn_out, img_scale2, img_shift2, img_gate2, backend)
@@ -147,7 +152,7 @@ def _attention_and_gelu(attn: Tensor, mlp: Tensor, act: nn.GELU) -> Tensor:
 
 
 def single_block_forward(block: SingleStreamBlock, x: Tensor, mod: Tensor, cos: Tensor, sin: Tensor,
-                         backend: str = "auto") -> Tensor:
+                         backend: str = "auto", fp8_attention: bool = False) -> Tensor:
     """mod: the block's modulation output [B, 3C] (modulation.lin of silu(vec))."""
     shift, scale, gate = _chunks(mod, 3)
     hidden = _norm_linear(block.linear1, x, scale, shift, backend)  # [B, S, 3C + mlp]; qkv read in place
@@ -158,11 +163,11 @@ def single_block_forward(block: SingleStreamBlock, x: Tensor, mod: Tensor, cos: 
         # linear2 reads [attention | gelu(mlp)]. hidden's v columns are dead once rope_qk_norm has copied q, k, v
         # out, so the attention output goes there and hidden[..., 2C:] is that row already: one pass quantizes
         # it, GELU-ing the mlp columns on the way, and no bf16 [attention | gelu(mlp)] buffer is ever written.
-        hidden[..., 2 * C : 3 * C] = _attention(qkv, backend)
+        hidden[..., 2 * C : 3 * C] = _attention(qkv, backend, fp8_attention)
         x8, x_scale = ops.quantize_rows(hidden[..., 2 * C :], gelu_from=C, backend=backend)
         return block.linear2.forward_fp8(x8, x_scale, residual=x, gate=gate, epilogue="gated_residual",
                                          out_dtype=x.dtype)
-    joined = _attention_and_gelu(_attention(qkv, backend), hidden[..., 3 * C :], block.mlp_act)
+    joined = _attention_and_gelu(_attention(qkv, backend, fp8_attention), hidden[..., 3 * C :], block.mlp_act)
     return _gated_down(block.linear2, joined, x, gate, backend)
 
 
@@ -195,10 +200,11 @@ def _batch_linears(linears: list[nn.Module]) -> nn.Module:
 class FastFlux(nn.Module):
     """A fluxrt.reference.Flux run on fluxrt.ops; same forward signature (BFL's) and output."""
 
-    def __init__(self, model: Flux, backend: str = "auto", cuda_graphs: bool = False):
+    def __init__(self, model: Flux, backend: str = "auto", cuda_graphs: bool = False, attention: str = "bf16"):
         super().__init__()
         self.model = model
         self.backend = backend
+        self.fp8_attention = attention == "fp8"
         self.fp8_attention_rows = True  # W8A8: attention writes the projections' fp8 rows (double_block_forward)
         self.graphs = GraphedCall(self._forward) if cuda_graphs else None
         mod_linears = [lin for b in model.double_blocks for lin in (b.img_mod.lin, b.txt_mod.lin)]
@@ -229,18 +235,21 @@ class FastFlux(nn.Module):
         mods = iter(self.modulation(F.silu(vec)).split(self.mod_sizes, dim=1)) if self.modulation else iter(())
         for block in m.double_blocks:
             img, txt = double_block_forward(block, img, txt, next(mods), next(mods), cos, sin, self.backend,
-                                            self.fp8_attention_rows)
+                                            self.fp8_attention_rows, self.fp8_attention)
         x = torch.cat((txt, img), dim=1)
         for block in m.single_blocks:
-            x = single_block_forward(block, x, next(mods), cos, sin, self.backend)
+            x = single_block_forward(block, x, next(mods), cos, sin, self.backend, self.fp8_attention)
         return m.final_layer(x[:, txt.shape[1] :], vec)
 
 
-def compile(obj, quantize: str | None = None, backend: str = "auto", cuda_graphs="auto") -> nn.Module:
+def compile(obj, quantize: str | None = None, backend: str = "auto", cuda_graphs="auto",
+            attention: str = "bf16") -> nn.Module:
     """Accelerate a FLUX transformer; returns a module with the same call signature (see the module docstring).
 
     quantize: None | "fp8-weight" (FP8 weights, any GPU) | "fp8" (W8A8, sm_89+). The model is modified in place
     (its parameters are reused, batched or quantized, never duplicated): keep using the returned object.
+    attention: "bf16" (the model's dtype) | "fp8" (e4m3 q, k, v with per-(batch, head) scales, sm_89+; off by
+    default: benchmarks/NOTES.md has its accuracy).
     """
     if backend not in ops.BACKENDS:
         raise ValueError(f"backend must be one of {ops.BACKENDS}, got {backend!r}")
@@ -248,6 +257,8 @@ def compile(obj, quantize: str | None = None, backend: str = "auto", cuda_graphs
         raise ValueError(f"quantize must be None, 'fp8' (W8A8) or 'fp8-weight', got {quantize!r}")
     if cuda_graphs not in ("auto", False, True):
         raise ValueError(f"cuda_graphs must be 'auto', True or False, got {cuda_graphs!r}")
+    if attention not in ("bf16", "fp8"):
+        raise ValueError(f"attention must be 'bf16' or 'fp8', got {attention!r}")
     from .diffusers_adapter import (
         FastFluxTransformer,
         flux_from_diffusers,
@@ -258,12 +269,14 @@ def compile(obj, quantize: str | None = None, backend: str = "auto", cuda_graphs
     from .vae import compile_autoencoder, is_diffusers_autoencoder_kl
 
     if is_diffusers_flux_pipeline(obj):  # its transformer and VAE are replaced in place
-        obj.transformer = compile(obj.transformer, quantize=quantize, backend=backend, cuda_graphs=cuda_graphs)
+        obj.transformer = compile(obj.transformer, quantize=quantize, backend=backend, cuda_graphs=cuda_graphs,
+                                  attention=attention)
         obj.vae = compile_autoencoder(obj.vae, backend=backend)
         return obj
     if isinstance(obj, AutoEncoder) or is_diffusers_autoencoder_kl(obj):
-        if quantize is not None:
-            raise ValueError(f"quantize={quantize!r} applies to the transformer; the autoencoder runs in its own dtype")
+        if quantize is not None or attention != "bf16":
+            raise ValueError(f"quantize={quantize!r} / attention={attention!r} apply to the transformer; the "
+                             "autoencoder runs in its own dtype")
         return compile_autoencoder(obj, backend=backend)
     diffusers_config = None
     if is_diffusers_flux(obj):
@@ -275,12 +288,15 @@ def compile(obj, quantize: str | None = None, backend: str = "auto", cuda_graphs
     device = next(obj.parameters()).device
     if quantize == "fp8":
         require_fp8_tensor_cores(device)
+    if attention == "fp8" and device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
+        raise RuntimeError(f"attention='fp8' needs fp8 tensor cores (sm_89+); {torch.cuda.get_device_name(device)} "
+                           "has none: use attention='bf16'")
     if cuda_graphs is True and device.type != "cuda":
         raise ValueError(f"cuda_graphs=True needs the model on a CUDA device; it is on {device}")
     graphs = device.type == "cuda" if cuda_graphs == "auto" else cuda_graphs
     if quantize is not None:
         quantize_model(obj, backend=backend, activations="fp8" if quantize == "fp8" else "bf16")
-    fast = FastFlux(obj, backend=backend, cuda_graphs=graphs)
+    fast = FastFlux(obj, backend=backend, cuda_graphs=graphs, attention=attention)
     kernels = "triton" if backend == "triton" or (backend == "auto" and device.type == "cuda") else "torch"
     fast.plan = {
         "device": str(device),
@@ -290,6 +306,7 @@ def compile(obj, quantize: str | None = None, backend: str = "auto", cuda_graphs
                     "fp8": "fp8 W8A8 (torch._scaled_mm; rows quantized in the norm kernels, attention output rows "
                            "in the attention kernel; <= 16 rows weight-only)"}[quantize],
         "modulation": f"{len(fast.mod_sizes)} linears batched into one GEMV",
+        "attention": "fp8 (e4m3 q, k, v; per-(batch, head) scales)" if attention == "fp8" else "model dtype",
         "mlp_gelu": {None: "in the cuBLASLt GEMM epilogue" if device.type == "cuda" else "separate op (CPU)",
                      "fp8-weight": "in the fp8 GEMM's epilogue",
                      "fp8": "separate op after torch._scaled_mm (in the epilogue with w8a8_gemm='triton')"}[quantize],

@@ -8,7 +8,7 @@ imported on first use, not by `import fluxrt`.
 from ._backend import BACKENDS
 from .fp8_gemm import fp8_linear, w8a8_linear
 from .group_norm_silu import add_group_norm_silu, group_norm_silu
-from .joint_attention import joint_attention, joint_attention_fp8, joint_attention_fp8_out
+from .joint_attention import joint_attention, joint_attention_fp8, joint_attention_fp8_out, quantize_qkv_fp8
 from .modulated_norm import (
     gated_residual,
     gated_residual_norm,
@@ -32,6 +32,7 @@ __all__ = [
     "joint_attention_fp8_out",
     "modulated_layer_norm",
     "modulated_layer_norm_fp8",
+    "quantize_qkv_fp8",
     "quantize_rows",
     "rope_cos_sin",
     "rope_qk_norm",

@@ -27,6 +27,12 @@ def _(q, k, v, backend="auto"):
     return torch.empty(B, S, H * D, dtype=q.dtype, device=q.device)
 
 
+def quantize_qkv_fp8(q: Tensor, k: Tensor, v: Tensor):
+    """Per-(batch, head) absmax e4m3 quantization for joint_attention_fp8: (q8, k8 [B, H, S, D], vt8 [B, H, D, S],
+    q_scale, k_scale, v_scale [B, H] fp32). Plain torch ops (torch.compile fuses them)."""
+    return kernel_module("joint_attention").quantize_qkv_fp8(q, k, v)
+
+
 @torch.library.custom_op("fluxrt::joint_attention_fp8", mutates_args=())
 def joint_attention_fp8(q8: Tensor, k8: Tensor, vt8: Tensor, q_scale: Tensor, k_scale: Tensor, v_scale: Tensor,
                         out_dtype: torch.dtype = torch.bfloat16, backend: str = "auto") -> Tensor:
