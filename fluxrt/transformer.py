@@ -274,9 +274,9 @@ def compile(obj, quantize: str | None = None, backend: str = "auto", cuda_graphs
         obj.vae = compile_autoencoder(obj.vae, backend=backend)
         return obj
     if isinstance(obj, AutoEncoder) or is_diffusers_autoencoder_kl(obj):
-        if quantize is not None or attention != "bf16":
-            raise ValueError(f"quantize={quantize!r} / attention={attention!r} apply to the transformer; the "
-                             "autoencoder runs in its own dtype")
+        for name, value, default in (("quantize", quantize, None), ("attention", attention, "bf16")):
+            if value != default:
+                raise ValueError(f"{name}={value!r} applies to the transformer; the autoencoder runs in its own dtype")
         return compile_autoencoder(obj, backend=backend)
     diffusers_config = None
     if is_diffusers_flux(obj):

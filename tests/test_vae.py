@@ -76,6 +76,8 @@ def test_input_errors():
         fast.decode(latents().double())
     with pytest.raises(ValueError, match="quantize='fp8' applies to the transformer"):
         fluxrt.compile(small_ae(), quantize="fp8")
+    with pytest.raises(ValueError, match="attention='fp8' applies to the transformer"):
+        fluxrt.compile(small_ae(), attention="fp8")
     with pytest.raises(ValueError, match="tiling must be"):
         FastAutoEncoder(small_ae(), tiling="always")
 
