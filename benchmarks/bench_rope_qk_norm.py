@@ -5,6 +5,8 @@ then a 1024x1024 image's 4096 tokens: S = 4608) through fluxrt.reference.EmbedND
   single      rope_qk_norm on a contiguous [B, S, 9216] qkv
   single-in-place  the same on the first 9216 columns of the single block's linear1 output [B, S, 21504]
   double      rope_qk_norm_joint on txt_qkv [B, 512, 9216] and img_qkv [B, 4096, 9216]
+  double+v_absmax  the same also taking max |v| per batch item (atomics; the W8A8 attention rows' bound),
+              the zeroed [B, 32] buffer's allocation included, as the op does it
 Each: the Triton kernel vs its eager `_ref` vs torch.compile(_ref), do_bench's median ms (L2 flushed between
 repetitions; compile time reported apart). GB/s counts the bytes the op must move: qkv read once, q, k, v
 written once (3*H*D elements per token each way), cos and sin (fp32) and the RMSNorm scales; the Triton kernel
@@ -59,6 +61,9 @@ def main() -> None:
             ("single-in-place", rq.rope_qk_norm, rq.rope_qk_norm_ref,
              (linear1[..., :C], *scales[:2], cos, sin, H), single),
             ("double", rq.rope_qk_norm_joint, rq.rope_qk_norm_joint_ref,
+             (txt_qkv, img_qkv, *scales, cos, sin, H), single + 2 * D * elt),
+            ("double+v_absmax", lambda *a: rq.rope_qk_norm_joint(*a, v_absmax=torch.zeros(
+                B, rq.V_ABSMAX_SLOTS, device=dev)), rq.rope_qk_norm_joint_ref,
              (txt_qkv, img_qkv, *scales, cos, sin, H), single + 2 * D * elt),
         ]
         for case, fn, ref, fargs, nbytes in cases:

@@ -173,7 +173,7 @@ _CONFIGS = [
 #   "pointer"  computed addresses, software-pipelined loads (the measured default: NOTES.md)
 #   "tma"      on-device TMA tensor descriptors
 #   "tma_ws"   TMA + Triton's warp specialization of the K/V loop (producer warps load, consumers compute)
-# benchmarks/bench_joint_attention.py --variants times all three; DEFAULT_VARIANT moves only on a measurement.
+# benchmarks/bench_joint_attention.py checks and times all three; DEFAULT_VARIANT moves only on a measurement.
 VARIANTS = {"pointer": (False, False), "tma": (True, False), "tma_ws": (True, True)}
 DEFAULT_VARIANT = "pointer"
 _TUNED = {name: triton.autotune(_CONFIGS, key=["S_BUCKET", "HEAD_DIM"])(_joint_attention_kernel) for name in VARIANTS}

@@ -29,7 +29,8 @@ def _(q, k, v, backend="auto"):
 
 def quantize_qkv_fp8(q: Tensor, k: Tensor, v: Tensor):
     """Per-(batch, head) absmax e4m3 quantization for joint_attention_fp8: (q8, k8 [B, H, S, D], vt8 [B, H, D, S],
-    q_scale, k_scale, v_scale [B, H] fp32). Plain torch ops (torch.compile fuses them)."""
+    q_scale, k_scale, v_scale [B, H] fp32). Plain torch ops: separate passes in eager (benchmarks/NOTES.md has
+    their cost), fused under torch.compile."""
     return kernel_module("joint_attention").quantize_qkv_fp8(q, k, v)
 
 
