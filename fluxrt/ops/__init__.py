@@ -5,7 +5,7 @@ Every op is a torch.library custom op (schema + fake, so torch.compile traces it
 imported on first use, not by `import fluxrt`.
 """
 
-from ._backend import BACKENDS
+from ._backend import BACKENDS, Trace, record, trace
 from .fp8_gemm import fp8_linear, w8a8_linear
 from .group_norm_silu import add_group_norm_silu, group_norm_silu
 from .joint_attention import joint_attention, joint_attention_fp8, joint_attention_fp8_out, quantize_qkv_fp8
@@ -21,6 +21,7 @@ from .rope_qk_norm import rope_cos_sin, rope_qk_norm, rope_qk_norm_joint, rope_q
 
 __all__ = [
     "BACKENDS",
+    "Trace",
     "add_group_norm_silu",
     "fp8_linear",
     "gated_residual",
@@ -38,5 +39,7 @@ __all__ = [
     "rope_qk_norm",
     "rope_qk_norm_joint",
     "rope_qk_norm_joint_v_absmax",
+    "record",
+    "trace",
     "w8a8_linear",
 ]

@@ -8,12 +8,52 @@ torch   the reference formula, on any device.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
+import threading
+from collections.abc import Iterator
 
 from torch import Tensor
 
 BACKENDS = ("auto", "triton", "torch")
+
+_local = threading.local()  # this thread's open traces (a stack: traces nest)
+
+
+class Trace(list):
+    """What fluxrt ops actually ran, in call order: (op name, backend) pairs, backend one of "triton", "ext",
+    "torch" (the reference formula) or "scaled_mm" (torch._scaled_mm). Recorded when an op's Python body runs:
+    eagerly, and while torch.compile traces or a CUDA graph is captured; a CUDA graph replay records nothing."""
+
+    def backends(self) -> dict[str, set[str]]:
+        """op name -> the set of backends it ran on."""
+        out: dict[str, set[str]] = {}
+        for op, backend in self:
+            out.setdefault(op, set()).add(backend)
+        return out
+
+    def ran_on(self, backend: str) -> set[str]:
+        """The ops that ran (at least once) on `backend`."""
+        return {op for op, b in self if b == backend}
+
+
+@contextlib.contextmanager
+def trace() -> Iterator[Trace]:
+    """`with fluxrt.ops.trace() as ran: ...` -> `ran`, a Trace of every op run in this thread inside the block."""
+    stack = _local.__dict__.setdefault("stack", [])
+    ran = Trace()
+    stack.append(ran)
+    try:
+        yield ran
+    finally:
+        stack.remove(ran)
+
+
+def record(op: str, backend: str) -> None:
+    """Note that `op` ran on `backend` in every open trace of this thread (called by each op where it dispatches)."""
+    for ran in getattr(_local, "stack", ()):
+        ran.append((op, backend))
 
 
 def kernel_module(name: str):
