@@ -182,16 +182,24 @@ def check_batch_size(max_batch_size, what: str = "max_batch_size") -> int:
 # ---- pipeline construction ----
 
 
+def check_quantize(quantize, what: str = "quantize") -> None:
+    if quantize not in QUANTIZE_CHOICES:
+        raise ValueError(f"{what} must be None, 'fp8' (W8A8) or 'fp8-weight' (weight-only), got {quantize!r}")
+
+
+def check_backend(backend, what: str = "backend") -> None:
+    if backend not in BACKENDS:
+        raise ValueError(f"{what} must be one of {BACKENDS}, got {backend!r}")
+
+
 def check_pipeline_options(device: torch.device, compile, quantize, backend, offload_text_encoders,
                            progress) -> bool:
     """FluxPipeline's switches, checked before any weight is loaded; returns whether to compile (compile=None: on a
     CUDA device only). `device` is already resolved (fluxrt.devices.resolve_device)."""
     if compile is not None:
         check_flag(compile, "compile")
-    if quantize not in QUANTIZE_CHOICES:
-        raise ValueError(f"quantize must be None, 'fp8' (W8A8) or 'fp8-weight' (weight-only), got {quantize!r}")
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    check_quantize(quantize)
+    check_backend(backend)
     check_flag(offload_text_encoders, "offload_text_encoders")
     check_flag(progress, "progress")
     compiled = device.type == "cuda" if compile is None else compile
@@ -199,9 +207,18 @@ def check_pipeline_options(device: torch.device, compile, quantize, backend, off
         why = "compile=False was passed" if compile is False else f"compilation is off by default on {device}"
         raise ValueError(f"quantize={quantize!r} is applied by compilation and {why}: pass compile=True, or "
                          "quantize=None")
+    if compiled:
+        check_acceleration(device, quantize, backend)
+    return compiled
+
+
+def check_acceleration(device: torch.device, quantize, backend) -> None:
+    """The arguments of compiling a pipeline on `device` (FluxPipeline.accelerate): quantize and backend. W8A8 needs
+    fp8 tensor cores: the pipeline refuses it on a CPU (torch's fp8 CPU kernels would take hours for a 12B model)."""
+    check_quantize(quantize)
+    check_backend(backend)
     if quantize == "fp8":
         if device.type != "cuda":
             raise ValueError(f"quantize='fp8' (W8A8) needs an FP8-capable CUDA GPU (sm_89+: Ada, Hopper, Blackwell) "
                              f"and this pipeline is on {device}; use quantize='fp8-weight' or none")
         devices.require_fp8_tensor_cores(device, "quantize='fp8' (W8A8)", "use quantize='fp8-weight' on this GPU")
-    return compiled
