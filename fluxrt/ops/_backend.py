@@ -13,11 +13,13 @@ import importlib
 import os
 import threading
 from collections.abc import Iterator
+from typing import TypeVar
 
 from torch import Tensor
 
 BACKENDS = ("auto", "triton", "torch")
 
+T = TypeVar("T")
 _local = threading.local()  # this thread's open traces (a stack: traces nest)
 
 
@@ -47,13 +49,21 @@ def trace() -> Iterator[Trace]:
     try:
         yield ran
     finally:
-        stack.remove(ran)
+        # by identity: list.remove compares by value, and an outer trace equal to this one (both empty) would go
+        del stack[next(i for i, t in enumerate(stack) if t is ran)]
 
 
 def record(op: str, backend: str) -> None:
     """Note that `op` ran on `backend` in every open trace of this thread (called by each op where it dispatches)."""
     for ran in getattr(_local, "stack", ()):
         ran.append((op, backend))
+
+
+def ran(op: str, backend: str, out: T) -> T:
+    """record(op, backend), then return `out`: an op's branch ends `return ran(op, "triton", kernel(...))`, so the
+    record is made after the backend returned, and a call that raised records nothing."""
+    record(op, backend)
+    return out
 
 
 def kernel_module(name: str):

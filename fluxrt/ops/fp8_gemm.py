@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ._backend import kernel_module, use_triton
+from ._backend import kernel_module, ran, use_triton
 
 
 @torch.library.custom_op("fluxrt::fp8_linear", mutates_args=())
@@ -22,8 +22,9 @@ def fp8_linear(x: Tensor, weight: Tensor, weight_scale: Tensor, bias: Optional[T
     "gated_residual" (residual + gate * y; x [B, L, K], residual [B, L, N], gate [B, N] or [B, 1, N])."""
     kern = kernel_module("fp8_gemm")
     if use_triton(backend, x, kern):
-        return kern.fp8_linear(x, weight, weight_scale, bias, residual, gate, epilogue)
-    return kern.fp8_linear_ref(x, weight, weight_scale, bias, residual, gate, epilogue).contiguous()
+        return ran("fp8_linear", "triton", kern.fp8_linear(x, weight, weight_scale, bias, residual, gate, epilogue))
+    return ran("fp8_linear", "torch",
+               kern.fp8_linear_ref(x, weight, weight_scale, bias, residual, gate, epilogue).contiguous())
 
 
 @fp8_linear.register_fake
@@ -39,9 +40,10 @@ def w8a8_linear(x8: Tensor, x_scale: Tensor, weight: Tensor, weight_scale: Tenso
     (as fp8_linear's), in out_dtype: the Triton fp8 x fp8 GEMM; the torch backend is w8a8_linear_ref (fp32)."""
     kern = kernel_module("fp8_gemm")
     if use_triton(backend, x8, kern):
-        return kern.w8a8_linear(x8, x_scale, weight, weight_scale, bias, residual, gate, epilogue, out_dtype)
-    return kern.w8a8_linear_ref(x8, x_scale, weight, weight_scale, bias, residual, gate, epilogue,
-                                out_dtype).contiguous()
+        return ran("w8a8_linear", "triton",
+                   kern.w8a8_linear(x8, x_scale, weight, weight_scale, bias, residual, gate, epilogue, out_dtype))
+    return ran("w8a8_linear", "torch", kern.w8a8_linear_ref(x8, x_scale, weight, weight_scale, bias, residual, gate,
+                                                            epilogue, out_dtype).contiguous())
 
 
 @w8a8_linear.register_fake

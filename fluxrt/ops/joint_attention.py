@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._backend import kernel_module, use_triton
+from ._backend import kernel_module, ran, use_triton
 
 
 @torch.library.custom_op("fluxrt::joint_attention", mutates_args=())
@@ -17,8 +17,8 @@ def joint_attention(q: Tensor, k: Tensor, v: Tensor, backend: str = "auto") -> T
     """q, k, v [B, H, S, D] -> [B, S, H*D], softmax(q k^T / sqrt(D)) v, no mask."""
     kern = kernel_module("joint_attention")
     if use_triton(backend, q, kern):
-        return kern.joint_attention(q, k, v)
-    return kern.sdpa_attention(q, k, v).contiguous()
+        return ran("joint_attention", "triton", kern.joint_attention(q, k, v))
+    return ran("joint_attention", "torch", kern.sdpa_attention(q, k, v).contiguous())
 
 
 @joint_attention.register_fake
@@ -42,9 +42,11 @@ def joint_attention_fp8(q8: Tensor, k8: Tensor, vt8: Tensor, q_scale: Tensor, k_
     Off by default in fluxrt; the torch backend dequantizes and runs SDPA in out_dtype."""
     kern = kernel_module("joint_attention")
     if use_triton(backend, q8, kern):
-        return kern.joint_attention_fp8(q8, k8, vt8, q_scale, k_scale, v_scale, out_dtype)
+        return ran("joint_attention_fp8", "triton",
+                   kern.joint_attention_fp8(q8, k8, vt8, q_scale, k_scale, v_scale, out_dtype))
     deq = lambda x, s: (x.float() * s[:, :, None, None]).to(out_dtype)  # noqa: E731
-    return kern.sdpa_attention(deq(q8, q_scale), deq(k8, k_scale), deq(vt8.transpose(2, 3), v_scale)).contiguous()
+    return ran("joint_attention_fp8", "torch", kern.sdpa_attention(deq(q8, q_scale), deq(k8, k_scale),
+                                                                   deq(vt8.transpose(2, 3), v_scale)).contiguous())
 
 
 @joint_attention_fp8.register_fake
@@ -61,9 +63,9 @@ def joint_attention_fp8_out(q: Tensor, k: Tensor, v: Tensor, v_absmax: Tensor,
     The torch backend is the fp32 formula (joint_attention_fp8_out_ref)."""
     kern = kernel_module("joint_attention")
     if use_triton(backend, q, kern):
-        return kern.joint_attention_fp8_out(q, k, v, v_absmax)
+        return ran("joint_attention_fp8_out", "triton", kern.joint_attention_fp8_out(q, k, v, v_absmax))
     kern._check_v_absmax(v_absmax, q.shape[0], q.device)
-    return kern.joint_attention_fp8_out_ref(q, k, v, v_absmax)
+    return ran("joint_attention_fp8_out", "torch", kern.joint_attention_fp8_out_ref(q, k, v, v_absmax))
 
 
 @joint_attention_fp8_out.register_fake

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._backend import kernel_module, use_triton
+from ._backend import kernel_module, ran, use_triton
 
 
 def _kernels():
@@ -20,8 +20,8 @@ def modulated_layer_norm(x: Tensor, scale: Tensor, shift: Tensor, eps: float = 1
     """LN(x) * (1 + scale) + shift; x [B, L, D], scale/shift [B, D] or [B, 1, D]."""
     k = _kernels()
     if use_triton(backend, x, k):
-        return k.modulated_layer_norm(x, scale, shift, eps)
-    return k.modulated_layer_norm_ref(x, scale, shift, eps).contiguous()
+        return ran("modulated_layer_norm", "triton", k.modulated_layer_norm(x, scale, shift, eps))
+    return ran("modulated_layer_norm", "torch", k.modulated_layer_norm_ref(x, scale, shift, eps).contiguous())
 
 
 @modulated_layer_norm.register_fake
@@ -35,9 +35,9 @@ def gated_residual_norm(x: Tensor, gate: Tensor, y: Tensor, scale: Tensor, shift
     """h = x + gate * y and LN(h) * (1 + scale) + shift in one pass; returns (h, normed)."""
     k = _kernels()
     if use_triton(backend, x, k):
-        return k.gated_residual_norm(x, gate, y, scale, shift, eps)
+        return ran("gated_residual_norm", "triton", k.gated_residual_norm(x, gate, y, scale, shift, eps))
     h, out = k.gated_residual_norm_ref(x, gate, y, scale, shift, eps)
-    return h.contiguous(), out.contiguous()
+    return ran("gated_residual_norm", "torch", (h.contiguous(), out.contiguous()))
 
 
 @gated_residual_norm.register_fake
@@ -50,8 +50,8 @@ def gated_residual(x: Tensor, gate: Tensor, y: Tensor, backend: str = "auto") ->
     """x + gate * y; x, y [B, L, D], gate [B, D] or [B, 1, D]."""
     k = _kernels()
     if use_triton(backend, x, k):
-        return k.gated_residual(x, gate, y)
-    return k.gated_residual_ref(x, gate, y).contiguous()
+        return ran("gated_residual", "triton", k.gated_residual(x, gate, y))
+    return ran("gated_residual", "torch", k.gated_residual_ref(x, gate, y).contiguous())
 
 
 @gated_residual.register_fake
@@ -74,8 +74,8 @@ def modulated_layer_norm_fp8(x: Tensor, scale: Tensor, shift: Tensor, eps: float
     """(LN(x) * (1 + scale) + shift) quantized per row: (out8 e4m3fn [B, L, D], row scale fp32 [B, L])."""
     k = _kernels()
     if use_triton(backend, x, k):
-        return k.modulated_layer_norm_fp8(x, scale, shift, eps)
-    return k.modulated_layer_norm_fp8_ref(x, scale, shift, eps)
+        return ran("modulated_layer_norm_fp8", "triton", k.modulated_layer_norm_fp8(x, scale, shift, eps))
+    return ran("modulated_layer_norm_fp8", "torch", k.modulated_layer_norm_fp8_ref(x, scale, shift, eps))
 
 
 @modulated_layer_norm_fp8.register_fake
@@ -89,9 +89,9 @@ def gated_residual_norm_fp8(x: Tensor, gate: Tensor, y: Tensor, scale: Tensor, s
     """h = x + gate * y and LN(h) * (1 + scale) + shift quantized per row: (h, out8, row scale)."""
     k = _kernels()
     if use_triton(backend, x, k):
-        return k.gated_residual_norm_fp8(x, gate, y, scale, shift, eps)
+        return ran("gated_residual_norm_fp8", "triton", k.gated_residual_norm_fp8(x, gate, y, scale, shift, eps))
     h, out8, row_scale = k.gated_residual_norm_fp8_ref(x, gate, y, scale, shift, eps)
-    return h.contiguous(), out8, row_scale
+    return ran("gated_residual_norm_fp8", "torch", (h.contiguous(), out8, row_scale))
 
 
 @gated_residual_norm_fp8.register_fake

@@ -11,7 +11,7 @@ from typing import Optional  # not `int | None`: torch.library schema inference 
 import torch
 from torch import Tensor
 
-from ._backend import kernel_module, use_triton
+from ._backend import kernel_module, ran, use_triton
 
 
 @torch.library.custom_op("fluxrt::quantize_rows", mutates_args=())
@@ -19,8 +19,8 @@ def quantize_rows(x: Tensor, gelu_from: Optional[int] = None, backend: str = "au
     """x [..., K] -> (x8 e4m3fn [..., K], scale fp32 [...]) with x ~ x8 * scale (GELU'd columns: gelu(x))."""
     k = kernel_module("quantize_rows")
     if use_triton(backend, x, k):
-        return k.quantize_rows(x, gelu_from)
-    return k.quantize_rows_ref(x, gelu_from)
+        return ran("quantize_rows", "triton", k.quantize_rows(x, gelu_from))
+    return ran("quantize_rows", "torch", k.quantize_rows_ref(x, gelu_from))
 
 
 @quantize_rows.register_fake

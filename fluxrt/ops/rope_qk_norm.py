@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._backend import kernel_module, use_triton
+from ._backend import kernel_module, ran, use_triton
 
 
 def _kernels():
@@ -26,8 +26,9 @@ def rope_qk_norm(qkv: Tensor, q_scale: Tensor, k_scale: Tensor, cos: Tensor, sin
     """qkv [B, L, 3*H*D] (a column slice of a wider tensor is fine) -> [3, B, H, L, D] = rope(rms(q)), rope(rms(k)), v."""
     k = _kernels()
     if use_triton(backend, qkv, k):
-        return k.rope_qk_norm(qkv, q_scale, k_scale, cos, sin, num_heads, eps)
-    return k.rope_qk_norm_ref(qkv, q_scale, k_scale, cos, sin, num_heads, eps).contiguous()
+        return ran("rope_qk_norm", "triton", k.rope_qk_norm(qkv, q_scale, k_scale, cos, sin, num_heads, eps))
+    out = k.rope_qk_norm_ref(qkv, q_scale, k_scale, cos, sin, num_heads, eps).contiguous()
+    return ran("rope_qk_norm", "torch", out)
 
 
 @rope_qk_norm.register_fake
@@ -42,10 +43,10 @@ def rope_qk_norm_joint(txt_qkv: Tensor, img_qkv: Tensor, txt_q_scale: Tensor, tx
     """Both streams of a double block into one joint [3, B, H, T+L, D] buffer (txt rows first), no concat."""
     k = _kernels()
     if use_triton(backend, txt_qkv, k):
-        return k.rope_qk_norm_joint(txt_qkv, img_qkv, txt_q_scale, txt_k_scale, img_q_scale, img_k_scale,
-                                    cos, sin, num_heads, eps)
-    return k.rope_qk_norm_joint_ref(txt_qkv, img_qkv, txt_q_scale, txt_k_scale, img_q_scale, img_k_scale,
-                                    cos, sin, num_heads, eps).contiguous()
+        return ran("rope_qk_norm_joint", "triton", k.rope_qk_norm_joint(
+            txt_qkv, img_qkv, txt_q_scale, txt_k_scale, img_q_scale, img_k_scale, cos, sin, num_heads, eps))
+    return ran("rope_qk_norm_joint", "torch", k.rope_qk_norm_joint_ref(
+        txt_qkv, img_qkv, txt_q_scale, txt_k_scale, img_q_scale, img_k_scale, cos, sin, num_heads, eps).contiguous())
 
 
 @rope_qk_norm_joint.register_fake
@@ -65,11 +66,11 @@ def rope_qk_norm_joint_v_absmax(txt_qkv: Tensor, img_qkv: Tensor, txt_q_scale: T
     if use_triton(backend, txt_qkv, k):
         out = k.rope_qk_norm_joint(txt_qkv, img_qkv, txt_q_scale, txt_k_scale, img_q_scale, img_k_scale,
                                    cos, sin, num_heads, eps, v_absmax=v_absmax)
-        return out, v_absmax
+        return ran("rope_qk_norm_joint_v_absmax", "triton", (out, v_absmax))
     out = k.rope_qk_norm_joint_ref(txt_qkv, img_qkv, txt_q_scale, txt_k_scale, img_q_scale, img_k_scale,
                                    cos, sin, num_heads, eps).contiguous()
     v_absmax[:, 0] = out[2].float().abs().amax(dim=(1, 2, 3))
-    return out, v_absmax
+    return ran("rope_qk_norm_joint_v_absmax", "torch", (out, v_absmax))
 
 
 @rope_qk_norm_joint_v_absmax.register_fake
