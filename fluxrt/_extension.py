@@ -1,7 +1,8 @@
 """fluxrt._C, the C++/CUDA extension built from csrc/ (DESIGN.md §5): optional, loaded once on first use.
 
-Importing it registers the torch.ops.fluxrt_C ops. Without it fluxrt runs the torch formulas instead and says so
-once (`announce_once`); `require()` is for callers that must have it.
+Importing it registers the torch.ops.fluxrt_C ops; `on_load` hooks (their fake impls) run right after. `import
+fluxrt` does not load it: the first `available()` / `require()` / `has_kernels()` call does. Without it fluxrt runs
+the torch formulas instead and says so once (`announce_once`); `require()` is for callers that must have it.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+from collections.abc import Callable
 
 import torch
 
@@ -17,6 +19,7 @@ log = logging.getLogger("fluxrt")
 _module = None
 _error: str | None = None
 _announced: set[str] = set()
+_hooks: list[Callable[[], None]] = []  # run once, right after fluxrt._C is imported
 
 
 def _load():
@@ -26,7 +29,18 @@ def _load():
             _module = importlib.import_module("fluxrt._C")
         except ImportError as err:  # not built, or built against another torch (undefined symbols)
             _error = str(err)
+        else:
+            for hook in _hooks:
+                hook()
     return _module
+
+
+def on_load(hook: Callable[[], None]) -> None:
+    """Run `hook()` once fluxrt._C is loaded (now, if it already is): what needs its ops registered (fake impls)
+    waits for the first use instead of importing it at `import fluxrt`."""
+    _hooks.append(hook)
+    if _module is not None:
+        hook()
 
 
 def available() -> bool:

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import _extension
+from ._backend import ran
 
 BACKENDS = ("auto", "ext", "torch")
 
@@ -73,8 +74,9 @@ def group_norm_silu(x: Tensor, weight: Tensor, bias: Tensor, num_groups: int, ep
                     backend: str = "auto") -> Tensor:
     """SiLU(GroupNorm(x)) (no SiLU when silu=False); x [N, C, H, W], weight/bias [C] in x's dtype or fp32."""
     if _use_extension(backend, x):
-        return torch.ops.fluxrt_C.group_norm_silu(x, weight, bias, num_groups, eps, silu)
-    return group_norm_silu_ref(x, weight, bias, num_groups, eps, silu).contiguous(memory_format=_memory_format(x))
+        return ran("group_norm_silu", "ext", torch.ops.fluxrt_C.group_norm_silu(x, weight, bias, num_groups, eps, silu))
+    out = group_norm_silu_ref(x, weight, bias, num_groups, eps, silu).contiguous(memory_format=_memory_format(x))
+    return ran("group_norm_silu", "torch", out)
 
 
 @group_norm_silu.register_fake
@@ -88,10 +90,11 @@ def add_group_norm_silu(x: Tensor, y: Tensor, weight: Tensor, bias: Tensor, num_
     """(s, SiLU(GroupNorm(s))) with s = x + y rounded to x's dtype: a ResNet block's residual add fused with the
     next block's norm, saving a re-read of s. x and y: same shape, dtype and memory format."""
     if _use_extension(backend, x):
-        return torch.ops.fluxrt_C.add_group_norm_silu(x, y, weight, bias, num_groups, eps, silu)
+        return ran("add_group_norm_silu", "ext",
+                   torch.ops.fluxrt_C.add_group_norm_silu(x, y, weight, bias, num_groups, eps, silu))
     fmt = _memory_format(x)
     s, out = add_group_norm_silu_ref(x, y, weight, bias, num_groups, eps, silu)
-    return s.contiguous(memory_format=fmt), out.contiguous(memory_format=fmt)
+    return ran("add_group_norm_silu", "torch", (s.contiguous(memory_format=fmt), out.contiguous(memory_format=fmt)))
 
 
 @add_group_norm_silu.register_fake
@@ -99,9 +102,10 @@ def _(x, y, weight, bias, num_groups, eps=1e-6, silu=True, backend="auto"):
     return _empty_like_layout(x), _empty_like_layout(x)
 
 
-# The extension's own ops need fakes too (torch.compile / opcheck on torch.ops.fluxrt_C.*); csrc names this module
-# as where they live (set_python_module), so they must be registered here.
-if _extension.available():
+def _register_extension_fakes() -> None:
+    """The extension's own ops need fakes too (torch.compile / opcheck on torch.ops.fluxrt_C.*). csrc names this
+    module as where they live (set_python_module), so they are registered here, when fluxrt._C is first loaded:
+    the ops must exist first, and `import fluxrt` must not load the extension."""
 
     @torch.library.register_fake("fluxrt_C::group_norm_silu")
     def _(x, weight, bias, num_groups, eps, silu):
@@ -110,3 +114,6 @@ if _extension.available():
     @torch.library.register_fake("fluxrt_C::add_group_norm_silu")
     def _(x, y, weight, bias, num_groups, eps, silu):
         return _empty_like_layout(x), _empty_like_layout(x)
+
+
+_extension.on_load(_register_extension_fakes)
