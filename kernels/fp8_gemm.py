@@ -51,15 +51,15 @@ from __future__ import annotations
 import functools
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 from torch import Tensor
 
+from ._common import gelu_tanh, gelu_tanh_ref, output
+
 EPILOGUES = {"none": 0, "gelu_tanh": 1, "gated_residual": 2}
 ACT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 SMALL_M = 16  # up to this many rows: the split-K GEMV path
-FP8_MAX = 448.0
 
 
 # ---- reference formulas ----
@@ -78,7 +78,7 @@ def fp8_linear_ref(x: Tensor, weight: Tensor, weight_scale: Tensor, bias: Tensor
     if bias is not None:
         y = y + bias.float()
     if epilogue == "gelu_tanh":
-        y = F.gelu(y, approximate="tanh")
+        y = gelu_tanh_ref(y)
     elif epilogue == "gated_residual":
         y = residual.float() + _per_batch(gate).float() * y
     return y.to(x.dtype)
@@ -94,7 +94,7 @@ def fp8_linear_eager(x: Tensor, weight: Tensor, weight_scale: Tensor, bias: Tens
     if bias is not None:
         y = y + bias.to(dt)
     if epilogue == "gelu_tanh":
-        y = F.gelu(y, approximate="tanh")
+        y = gelu_tanh_ref(y)
     elif epilogue == "gated_residual":
         y = residual.to(dt) + _per_batch(gate).to(dt) * y
     return y
@@ -135,9 +135,8 @@ def _epilogue_store(acc, offs_n, offs_m, M, N, L, SCALE, XSCALE, BIAS, RES, GATE
         y = y * tl.load(XSCALE + offs_m, mask=offs_m < M, other=0.0)[None, :]
     if HAS_BIAS:
         y += tl.load(BIAS + offs_n, mask=n_ok, other=0.0).to(tl.float32)[:, None]
-    if EPILOGUE == 1:  # gelu(y, tanh) = y * sigmoid(2 * sqrt(2/pi) * (y + 0.044715 y^3)); no cancellation
-        z = 1.5957691216057308 * (y + 0.044715 * y * y * y)
-        y = y / (1.0 + tl.exp(-z))
+    if EPILOGUE == 1:
+        y = gelu_tanh(y)
     elif EPILOGUE == 2:  # residual + gate * y, gate per batch (row // L)
         gate = tl.load(GATE + (rows // L)[None, :] * stride_gb + offs_n[:, None], mask=mask, other=0.0)
         res = tl.load(RES + rows[None, :] * stride_rm + offs_n[:, None], mask=mask, other=0.0)
@@ -331,18 +330,12 @@ def _check_args(x, weight, weight_scale, bias, residual, gate, epilogue, act_dty
         raise ValueError(f"all inputs must be on x's device {x.device}, got {[str(t.device) for t in tensors]}")
 
 
-def _output(out: Tensor | None, x: Tensor, N: int) -> tuple[Tensor, Tensor]:
-    """(out [..., N], its [M, N] view)."""
-    shape = (*x.shape[:-1], N)
-    if out is None:
-        out = torch.empty(shape, dtype=x.dtype, device=x.device)
-    elif out.shape != shape or out.dtype != x.dtype or out.device != x.device or out.stride(-1) != 1:
-        raise ValueError(f"out must be {shape} {x.dtype} on {x.device} with a contiguous last dim, got "
-                         f"{tuple(out.shape)} {out.dtype} on {out.device} strides {out.stride()}")
+def _rows(out: Tensor) -> Tensor:
+    """out [..., N] as the [M, N] matrix the kernels address with one row stride."""
     try:
-        return out, out.view(-1, N)
+        return out.view(-1, out.shape[-1])
     except RuntimeError:
-        raise ValueError(f"out's leading dims must merge into one row stride (a view [M, {N}]); strides "
+        raise ValueError(f"out's leading dims must merge into one row stride (a view [M, {out.shape[-1]}]); strides "
                          f"{out.stride()}") from None
 
 
@@ -356,7 +349,8 @@ def fp8_linear(x: Tensor, weight: Tensor, weight_scale: Tensor, bias: Tensor | N
     if bad:
         raise ValueError(f"{', '.join(bad)} must have a contiguous last dim (rows may be strided)")
     N, K = weight.shape
-    out, out2 = _output(out, x, N)
+    out = output(out, (*x.shape[:-1], N), x.dtype, x.device)
+    out2 = _rows(out)
     x2 = x.reshape(-1, K)  # a view whenever the leading dims merge (strided rows included)
     M = x2.shape[0]
     if M == 0 or N == 0:

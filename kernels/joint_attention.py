@@ -26,13 +26,18 @@ softmax and accumulator; the probabilities are scaled by 448 into e4m3 for the P
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
 from torch import Tensor
+from triton.runtime import _allocation
+
+from ._common import e4m3_clamp, e4m3_scale, e4m3_scale_ref, from_e4m3_range, output, to_e4m3_range, to_e4m3_ref
 
 HEAD_DIMS = (64, 128)
 LOG2E = 1.4426950408889634
@@ -73,8 +78,8 @@ def _online_softmax_step(acc, l_i, m_i, q, k, v, qk_scale, mask_cols, n_valid, o
     alpha = tl.math.exp2(m_i - m_ij)
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None]
-    if IS_FP8:  # p in (0, 1] scaled by 448 onto e4m3's range; the epilogue divides it back out
-        acc = tl.dot((p * 448.0).to(v.dtype), v, acc)
+    if IS_FP8:  # p in (0, 1] spread over e4m3's range; the epilogue takes the factor back out
+        acc = tl.dot(to_e4m3_range(p).to(v.dtype), v, acc)
     else:
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
     return acc, l_i, m_ij
@@ -151,12 +156,12 @@ def _joint_attention_kernel(
 
     out = acc / l_i[:, None]
     if IS_FP8:
-        out = out * (tl.load(V_SCALE + bh) / 448.0)
+        out = out * from_e4m3_range(tl.load(V_SCALE + bh))
     if V_ABSMAX_SLOTS > 0:
         v_absmax = tl.max(tl.load(V_ABSMAX + b * V_ABSMAX_SLOTS + tl.arange(0, V_ABSMAX_SLOTS)), 0)
-        row_scale = tl.maximum(v_absmax / 448.0, 1e-12)
+        row_scale = e4m3_scale(v_absmax)
         # the clamp only catches rounding: |out| <= max |v| holds up to the last bit of the fp32 normalisation
-        out = tl.minimum(tl.maximum(out * (1.0 / row_scale), -448.0), 448.0)
+        out = e4m3_clamp(out * (1.0 / row_scale))
         if h == 0:  # one head's programs write the rows' scales
             tl.store(ROW_SCALE + b * S + offs_m, tl.zeros([BLOCK_M], tl.float32) + row_scale, mask=offs_m < S)
     o_ptrs = OUT + b * stride_ob + h * HEAD_DIM + offs_m[:, None] * stride_os + offs_d[None, :]
@@ -181,18 +186,31 @@ _TUNED = {name: triton.autotune(_CONFIGS, key=["S_BUCKET", "HEAD_DIM"])(_joint_a
 _FP32_CONFIG = dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2)
 
 
-def _output(out: Tensor | None, B: int, S: int, HD: int, dtype: torch.dtype, device) -> Tensor:
-    if out is None:
-        return torch.empty(B, S, HD, dtype=dtype, device=device)
-    if out.shape != (B, S, HD) or out.dtype != dtype or out.stride(-1) != 1 or out.stride(1) < HD:
-        raise ValueError(f"out must be [{B}, {S}, {HD}] {dtype} with a contiguous last dim")
-    return out
-
-
-def _tma_allocator(size: int, alignment: int, stream):
+class _TorchScratch:
     """Global scratch for on-device TMA descriptors (Triton asks for it at launch; from torch's caching allocator,
     so CUDA-graph capture takes it from the graph's pool)."""
-    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def __call__(self, size: int, alignment: int, stream) -> Tensor:
+        return torch.empty(size, dtype=torch.int8, device=self.device)
+
+
+@contextlib.contextmanager
+def _scratch_allocator(device: torch.device) -> Iterator[None]:
+    """An allocator for one TMA launch, without taking over Triton's: triton.set_allocator sets one for the whole
+    context (a ContextVar, triton/runtime/_allocation.py in triton 3.6-3.9) that the user or another library may
+    have set. Theirs stays and serves this launch too; only when none is set is ours installed, and none is put
+    back after."""
+    if not isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
+        yield
+        return
+    token = _allocation._allocator.set(_TorchScratch(device))
+    try:
+        yield
+    finally:
+        _allocation._allocator.reset(token)
 
 
 def _check_variant(variant: str, q: Tensor, k: Tensor, v: Tensor) -> tuple[bool, bool]:
@@ -209,8 +227,6 @@ def _check_variant(variant: str, q: Tensor, k: Tensor, v: Tensor) -> tuple[bool,
             if t.data_ptr() % 16 or any(st * size % 16 for st in t.stride()[:3]):
                 raise ValueError(f"variant {variant!r}: {name} must be 16-byte aligned with strides that are "
                                  f"multiples of 16 bytes (got strides {t.stride()}); use variant='pointer'")
-        if q.is_cuda:
-            triton.set_allocator(_tma_allocator)
     return use_tma, warp_specialize
 
 
@@ -232,15 +248,16 @@ def _launch(q, k, v, v_stride_s, v_stride_d, out, scales, is_fp8, v_absmax=None,
     precision = "ieee" if q.dtype == torch.float32 else "tf32"  # fp32 stays fp32; 8/16-bit dots ignore it
     flags = dict(IS_FP8=is_fp8, V_ABSMAX_SLOTS=0 if v_absmax is None else v_absmax.shape[1], USE_TMA=use_tma,
                  WARP_SPECIALIZE=warp_specialize)
-    if q.is_cuda and q.dtype != torch.float32:
-        grid = lambda meta: (triton.cdiv(S, meta["BLOCK_M"]), B * H)  # noqa: E731
-        _TUNED[variant][grid](*args, HEAD_DIM=D, DOT_PRECISION=precision, **flags)
-    elif q.is_cuda:
-        grid = (triton.cdiv(S, _FP32_CONFIG["BLOCK_M"]), B * H)
-        _joint_attention_kernel[grid](*args, HEAD_DIM=D, DOT_PRECISION=precision, **flags, **_FP32_CONFIG)
-    else:  # Triton's interpreter: one fixed config
-        _joint_attention_kernel[(triton.cdiv(S, 32), B * H)](*args, HEAD_DIM=D, BLOCK_M=32, BLOCK_N=16,
-                                                              DOT_PRECISION=precision, **flags)
+    with _scratch_allocator(q.device) if use_tma else contextlib.nullcontext():
+        if q.is_cuda and q.dtype != torch.float32:
+            grid = lambda meta: (triton.cdiv(S, meta["BLOCK_M"]), B * H)  # noqa: E731
+            _TUNED[variant][grid](*args, HEAD_DIM=D, DOT_PRECISION=precision, **flags)
+        elif q.is_cuda:
+            grid = (triton.cdiv(S, _FP32_CONFIG["BLOCK_M"]), B * H)
+            _joint_attention_kernel[grid](*args, HEAD_DIM=D, DOT_PRECISION=precision, **flags, **_FP32_CONFIG)
+        else:  # Triton's interpreter: one fixed config
+            _joint_attention_kernel[(triton.cdiv(S, 32), B * H)](*args, HEAD_DIM=D, BLOCK_M=32, BLOCK_N=16,
+                                                                  DOT_PRECISION=precision, **flags)
     return out
 
 
@@ -258,7 +275,7 @@ def joint_attention(q: Tensor, k: Tensor, v: Tensor, out: Tensor | None = None, 
     variant: one of VARIANTS (how K/V tiles are loaded), DEFAULT_VARIANT when None."""
     _check_qkv(q, k, v)
     B, H, S, D = q.shape
-    out = _output(out, B, S, H * D, q.dtype, q.device)
+    out = output(out, (B, S, H * D), q.dtype, q.device)
     return _launch(q, k, v, v.stride(2), 1, out, None, is_fp8=False, variant=variant or DEFAULT_VARIANT)
 
 
@@ -277,9 +294,8 @@ def joint_attention_fp8_out_ref(q: Tensor, k: Tensor, v: Tensor, v_absmax: Tenso
     """fp32 attention, then each row of batch item b quantized with scale max(v_absmax[b]) / 448."""
     B, H, S, D = q.shape
     out = joint_attention_ref(q.float(), k.float(), v.float())
-    row_scale = (v_absmax.float().amax(dim=1) / 448.0).clamp_min(1e-12)[:, None].expand(B, S).contiguous()
-    out8 = (out / row_scale[..., None]).clamp(-448.0, 448.0).to(torch.float8_e4m3fn)
-    return out8, row_scale
+    row_scale = e4m3_scale_ref(v_absmax.float().amax(dim=1))[:, None].expand(B, S).contiguous()
+    return to_e4m3_ref(out, row_scale[..., None]), row_scale
 
 
 def joint_attention_fp8_out(q: Tensor, k: Tensor, v: Tensor, v_absmax: Tensor, out: Tensor | None = None,
@@ -289,7 +305,7 @@ def joint_attention_fp8_out(q: Tensor, k: Tensor, v: Tensor, v_absmax: Tensor, o
     _check_qkv(q, k, v)
     B, H, S, D = q.shape
     _check_v_absmax(v_absmax, B, q.device)
-    out = _output(out, B, S, H * D, torch.float8_e4m3fn, q.device)
+    out = output(out, (B, S, H * D), torch.float8_e4m3fn, q.device)
     row_scale = torch.empty(B, S, dtype=torch.float32, device=q.device)
     _launch(q, k, v, v.stride(2), 1, out, None, is_fp8=False, v_absmax=v_absmax, row_scale=row_scale,
             variant=variant or DEFAULT_VARIANT)
@@ -303,8 +319,8 @@ def quantize_qkv_fp8(q: Tensor, k: Tensor, v: Tensor):
     """Per-(batch, head) absmax e4m3 quantization: returns q8, k8 [B, H, S, D], vt8 [B, H, D, S] (V transposed
     for Hopper's fp8 MMA) and the fp32 dequantization scales q_scale, k_scale, v_scale [B, H]."""
     def quantize(x: Tensor):
-        scale = (x.float().abs().amax(dim=(2, 3)) / 448.0).clamp_min(1e-12)
-        return (x.float() / scale[:, :, None, None]).to(torch.float8_e4m3fn), scale
+        scale = e4m3_scale_ref(x.float().abs().amax(dim=(2, 3)))
+        return to_e4m3_ref(x.float(), scale[:, :, None, None]), scale
 
     (q8, qs), (k8, ks), (v8, vs) = quantize(q), quantize(k), quantize(v)
     return q8, k8, v8.transpose(2, 3).contiguous(), qs, ks, vs
@@ -333,5 +349,5 @@ def joint_attention_fp8(q8: Tensor, k8: Tensor, vt8: Tensor, q_scale: Tensor, k_
                            f"{torch.cuda.get_device_name(q8.device)} has none. Use the bf16 path.")
     if any(t.stride(-1) != 1 for t in (q8, k8, vt8)):
         raise ValueError("q8, k8, vt8 must have a contiguous last dim")
-    out = _output(out, B, S, H * D, out_dtype, q8.device)
+    out = output(out, (B, S, H * D), out_dtype, q8.device)
     return _launch(q8, k8, vt8, 1, vt8.stride(2), out, (q_scale, k_scale, v_scale), is_fp8=True)

@@ -25,6 +25,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ._common import e4m3_clamp, e4m3_scale, output
 from .quantize_rows import quantize_rows_ref  # the fp8 refs below quantize their normalized rows with it
 
 MAX_D = 8192
@@ -93,9 +94,9 @@ def _modulated_norm_kernel(
         shift = tl.load(SHIFT + b * stride_shift_b + cols, mask=mask, other=0.0).to(tl.float32)
         out = xc * rstd * (1.0 + scale) + shift
         if QUANT_OUT:  # W8A8: the row is in registers, so its absmax scale costs no extra pass
-            row_scale = tl.maximum(tl.max(tl.where(mask, tl.abs(out), 0.0), axis=0) / 448.0, 1e-12)
+            row_scale = e4m3_scale(tl.max(tl.where(mask, tl.abs(out), 0.0), axis=0))
             tl.store(ROW_SCALE + row, row_scale)
-            out = tl.minimum(tl.maximum(out / row_scale, -448.0), 448.0)
+            out = e4m3_clamp(out / row_scale)
         tl.store(OUT + b * stride_ob + l * stride_ol + cols, out.to(OUT.dtype.element_ty), mask=mask)
 
 
@@ -141,17 +142,14 @@ def _launch(x, gate, y, scale, shift, h, out, eps, has_residual, has_norm, row_s
         _modulated_norm_kernel[(B * L,)](*args, **meta, num_warps=4)
 
 
-def _output(x: Tensor, out: Tensor | None) -> Tensor:
-    if out is None:
-        return torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    if out.shape != x.shape or out.dtype != x.dtype or out.device != x.device or out.stride(-1) != 1:
-        raise ValueError(f"out must be {tuple(x.shape)} {x.dtype} on {x.device} with a contiguous last dim")
-    return out
+def _like_x(x: Tensor, out: Tensor | None) -> Tensor:
+    """out (checked) or a new tensor, with x's shape, dtype and device."""
+    return output(out, x.shape, x.dtype, x.device)
 
 
 def modulated_layer_norm(x: Tensor, scale: Tensor, shift: Tensor, eps: float = 1e-6, out: Tensor | None = None) -> Tensor:
     _check(x, scale, shift)
-    out = _output(x, out)
+    out = _like_x(x, out)
     _launch(x, None, None, scale, shift, None, out, eps, has_residual=False, has_norm=True)
     return out
 
@@ -159,7 +157,8 @@ def modulated_layer_norm(x: Tensor, scale: Tensor, shift: Tensor, eps: float = 1
 def gated_residual_norm(x: Tensor, gate: Tensor, y: Tensor, scale: Tensor, shift: Tensor, eps: float = 1e-6,
                         out: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
     _check(x, gate, scale, shift, y=y)
-    h, out = (_output(x, None), _output(x, None)) if out is None else (_output(x, out[0]), _output(x, out[1]))
+    h_out, norm_out = (None, None) if out is None else out
+    h, out = _like_x(x, h_out), _like_x(x, norm_out)
     _launch(x, gate, y, scale, shift, h, out, eps, has_residual=True, has_norm=True)
     return h, out
 
@@ -182,7 +181,7 @@ def gated_residual_norm_fp8(x: Tensor, gate: Tensor, y: Tensor, scale: Tensor, s
                             eps: float = 1e-6) -> tuple[Tensor, Tensor, Tensor]:
     """h = x + gate * y (in x's dtype) and LN(h) * (1 + scale) + shift quantized per row: (h, out8, row scale)."""
     _check(x, gate, scale, shift, y=y)
-    h = _output(x, None)
+    h = _like_x(x, None)
     out8, row_scale = _fp8_outputs(x)
     _launch(x, gate, y, scale, shift, h, out8, eps, has_residual=True, has_norm=True, row_scale=row_scale)
     return h, out8, row_scale
@@ -190,6 +189,6 @@ def gated_residual_norm_fp8(x: Tensor, gate: Tensor, y: Tensor, scale: Tensor, s
 
 def gated_residual(x: Tensor, gate: Tensor, y: Tensor, out: Tensor | None = None) -> Tensor:
     _check(x, gate, y=y)
-    h = _output(x, out)
+    h = _like_x(x, out)
     _launch(x, gate, y, None, None, h, None, 0.0, has_residual=True, has_norm=False)
     return h

@@ -19,12 +19,11 @@ GPU the result is the reference's bit for bit when there is no GELU.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 from torch import Tensor
 
-FP8_MAX = 448.0  # largest finite float8_e4m3fn
+from ._common import e4m3_clamp, e4m3_scale, e4m3_scale_ref, gelu_tanh, gelu_tanh_ref, to_e4m3_ref
 
 
 def _check_gelu_from(gelu_from: int | None, K: int) -> None:
@@ -37,9 +36,9 @@ def quantize_rows_ref(x: Tensor, gelu_from: int | None = None) -> tuple[Tensor, 
     _check_gelu_from(gelu_from, x.shape[-1])
     x = x.float()
     if gelu_from is not None:
-        x = torch.cat([x[..., :gelu_from], F.gelu(x[..., gelu_from:], approximate="tanh")], dim=-1)
-    scale = (x.abs().amax(dim=-1) / FP8_MAX).clamp_min(1e-12)
-    return (x / scale[..., None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).contiguous(), scale
+        x = torch.cat([x[..., :gelu_from], gelu_tanh_ref(x[..., gelu_from:])], dim=-1)
+    scale = e4m3_scale_ref(x.abs().amax(dim=-1))
+    return to_e4m3_ref(x, scale[..., None]).contiguous(), scale
 
 
 # ---- kernel ----
@@ -49,9 +48,8 @@ def quantize_rows_ref(x: Tensor, gelu_from: int | None = None) -> tuple[Tensor, 
 def _load_row_block(x_row, cols, K, GELU_FROM, HAS_GELU: tl.constexpr):
     # Convert right after loading: Triton's interpreter does bf16 arithmetic wrongly (DESIGN.md §4).
     x = tl.load(x_row + cols, mask=cols < K, other=0.0).to(tl.float32)
-    if HAS_GELU:  # the fp8_gemm epilogue's formula: y * sigmoid(2 sqrt(2/pi) (y + 0.044715 y^3)), no cancellation
-        z = 1.5957691216057308 * (x + 0.044715 * x * x * x)
-        x = tl.where(cols >= GELU_FROM, x / (1.0 + tl.exp(-z)), x)
+    if HAS_GELU:
+        x = tl.where(cols >= GELU_FROM, gelu_tanh(x), x)
     return x
 
 
@@ -67,12 +65,11 @@ def _quantize_rows_kernel(
     absmax = tl.zeros([BLOCK_K], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         absmax = tl.maximum(absmax, tl.abs(_load_row_block(x_row, k0 + cols, K, GELU_FROM, HAS_GELU)))
-    scale = tl.maximum(tl.math.div_rn(tl.max(absmax, axis=0), 448.0), 1e-12)
+    scale = e4m3_scale(tl.max(absmax, axis=0))
     tl.store(SCALE + row, scale)
     x8_row = X8 + row * K
     for k0 in range(0, K, BLOCK_K):
-        y = tl.math.div_rn(_load_row_block(x_row, k0 + cols, K, GELU_FROM, HAS_GELU), scale)
-        y = tl.minimum(tl.maximum(y, -448.0), 448.0)
+        y = e4m3_clamp(tl.math.div_rn(_load_row_block(x_row, k0 + cols, K, GELU_FROM, HAS_GELU), scale))
         tl.store(x8_row + k0 + cols, y.to(X8.dtype.element_ty), mask=k0 + cols < K)
 
 

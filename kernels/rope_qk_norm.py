@@ -20,6 +20,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ._common import output
+
 
 # ---- reference formulas (what fluxrt.reference's QKNorm + apply_rope compute) ----
 
@@ -169,20 +171,11 @@ def _launch(txt, img, txt_scales, img_scales, cos, sin, num_heads, out, eps, v_a
                                                                            V_ABSMAX_SLOTS=slots)
 
 
-def _output(out: Tensor | None, shape: tuple[int, ...], like: Tensor) -> Tensor:
-    if out is None:
-        return torch.empty(shape, dtype=like.dtype, device=like.device)
-    if tuple(out.shape) != shape or out.dtype != like.dtype or out.device != like.device or out.stride(-1) != 1:
-        raise ValueError(f"out must be {shape} {like.dtype} on {like.device} with a contiguous last dim, got "
-                         f"{tuple(out.shape)} {out.dtype} on {out.device}")
-    return out
-
-
 def rope_qk_norm(qkv: Tensor, q_scale: Tensor, k_scale: Tensor, cos: Tensor, sin: Tensor, num_heads: int,
                  eps: float = 1e-6, out: Tensor | None = None) -> Tensor:
     head_dim = _check(qkv, q_scale, k_scale, cos, sin, num_heads)
     B, L, _ = qkv.shape
-    out = _output(out, (3, B, num_heads, L, head_dim), qkv)
+    out = output(out, (3, B, num_heads, L, head_dim), qkv.dtype, qkv.device)
     _launch(None, qkv, None, (q_scale, k_scale), cos, sin, num_heads, out, eps)
     return out
 
@@ -200,7 +193,7 @@ def rope_qk_norm_joint(txt_qkv, img_qkv, txt_q_scale, txt_k_scale, img_q_scale, 
         raise ValueError(f"cos and sin must cover the {T} + {L} joint tokens, got {tuple(cos.shape)}, {tuple(sin.shape)}")
     head_dim = _check(txt_qkv, txt_q_scale, txt_k_scale, cos[:, :T], sin[:, :T], num_heads)
     _check(img_qkv, img_q_scale, img_k_scale, cos[:, T:], sin[:, T:], num_heads)
-    out = _output(out, (3, txt_qkv.shape[0], num_heads, T + L, head_dim), txt_qkv)
+    out = output(out, (3, txt_qkv.shape[0], num_heads, T + L, head_dim), txt_qkv.dtype, txt_qkv.device)
     if v_absmax is not None and (v_absmax.ndim != 2 or v_absmax.shape[0] != txt_qkv.shape[0] or
                                  v_absmax.dtype != torch.float32 or not v_absmax.is_contiguous() or
                                  v_absmax.shape[1] & (v_absmax.shape[1] - 1)):
