@@ -90,6 +90,21 @@ def _partial(entry_keys, present, naming: str) -> CheckpointError:
     )
 
 
+def _check_fusable(keys: tuple[str, ...], parts: list[Tensor]) -> None:
+    """The q|k|v(|mlp) parts BFL fuses must stack along dim 0: same rank, same trailing dims."""
+    shapes = [tuple(p.shape) for p in parts]
+    if len(shapes[0]) == 0 or any(len(s) != len(shapes[0]) or s[1:] != shapes[0][1:] for s in shapes):
+        shown = ", ".join(f"{k} {s}" for k, s in zip(keys, shapes))
+        raise CheckpointError(f"the parts of one fused weight do not fit together: {shown}; the checkpoint is "
+                              "damaged or not a FLUX transformer")
+
+
+def _check_halves(key: str, x: Tensor) -> None:
+    if x.ndim == 0 or x.shape[0] % 2:
+        raise CheckpointError(f"{key} has shape {tuple(x.shape)}; it must have an even number of rows (shift and "
+                              "scale halves): the checkpoint is damaged or not a FLUX transformer")
+
+
 def diffusers_to_bfl(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """Convert a diffusers FluxTransformer2DModel state dict to BFL names (fusing q|k|v, swapping norm_out)."""
     keys = set(state_dict.keys())
@@ -105,8 +120,10 @@ def diffusers_to_bfl(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
         parts = [state_dict[k] for k in entry.diffusers]
         used.update(entry.diffusers)
         if entry.op == "cat":
+            _check_fusable(entry.diffusers, parts)
             out[entry.bfl] = torch.cat(parts, dim=0)
         elif entry.op == "swap":
+            _check_halves(entry.diffusers[0], parts[0])
             out[entry.bfl] = _swap_halves(parts[0])
         else:
             out[entry.bfl] = parts[0]
@@ -131,13 +148,18 @@ def bfl_to_diffusers(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
             weight_key = entry.bfl.rsplit(".", 1)[0] + ".weight"
             if weight_key not in keys:
                 raise CheckpointError(f"BFL checkpoint has {entry.bfl} but not {weight_key}")
-            hidden = state_dict[weight_key].shape[1] if weight_key != entry.bfl else x.shape[1]
+            weight = x if weight_key == entry.bfl else state_dict[weight_key]
+            if weight.ndim != 2 or x.ndim == 0:
+                raise CheckpointError(f"{weight_key} has shape {tuple(weight.shape)} and {entry.bfl} "
+                                      f"{tuple(x.shape)}; a fused linear has a 2-dim weight")
+            hidden = weight.shape[1]
             sizes = [hidden] * 3 + ([x.shape[0] - 3 * hidden] if len(entry.diffusers) == 4 else [])
             if sum(sizes) != x.shape[0] or min(sizes) <= 0:
                 raise CheckpointError(f"{entry.bfl} has {x.shape[0]} rows, which cannot split into {len(sizes)} parts of hidden size {hidden}")
             for name, part in zip(entry.diffusers, torch.split(x, sizes, dim=0)):
                 out[name] = part.clone()  # own storage, so the result can be saved with safetensors
         elif entry.op == "swap":
+            _check_halves(entry.bfl, x)
             out[entry.diffusers[0]] = _swap_halves(x)
         else:
             out[entry.diffusers[0]] = x

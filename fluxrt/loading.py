@@ -1,16 +1,20 @@
-"""load_transformer: a FLUX.1 transformer from safetensors in any of the formats people actually hold.
+"""load_transformer / load_autoencoder: FLUX.1 checkpoints from safetensors in the formats people actually hold.
 
 Formats (detected from the keys, never from file names):
   BFL single file        flux1-dev.safetensors: double_blocks.*, single_blocks.*, ...
   diffusers              a transformer folder (config.json + shards + index) or one diffusers-named file
   Comfy all-in-one       BFL keys under model.diffusion_model.; VAE / text-encoder keys ignored and reported
   FP8 e4m3fn / e5m2      any of the above stored in fp8, with per-tensor or per-channel `scale_weight` /
-                         `weight_scale` when the file has them: e4m3fn linear weights in BFL naming stay FP8
-                         (fluxrt.quantize.FP8Linear), everything else is upcast to `dtype` (or all: fp8="upcast")
+                         `weight_scale`: e4m3fn linear weights in BFL naming stay FP8 (fluxrt.quantize.FP8Linear),
+                         everything else is upcast to `dtype` (or all: fp8="upcast", which also takes plain-cast
+                         fp8 files that have no scales at all)
 
-Everything is checked before a byte of weights is read: the keys and shapes are converted as meta tensors,
-compared with a meta-device model, and any problem raises one CheckpointError. Then each tensor is read
-straight onto `device`, converted, and assigned into the model (no second copy, no random init).
+Order of work, so that a bad input costs nothing and leaves nothing behind:
+  1. the arguments (path type, device, dtype, config, fp8 mode), before any file is opened;
+  2. the files' headers: readable safetensors, index and shard names, format, tensor dtypes, fp8 scales, and the
+     keys and shapes converted as meta tensors against a meta-device model; any problem is one CheckpointError;
+  3. the weights, read straight onto `device` and converted (no second copy, no random init), then checked for
+     NaN/inf with one device sync for the whole checkpoint before the model is returned.
 Pickles are never loaded.
 """
 
@@ -22,6 +26,7 @@ import os
 import re
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -29,6 +34,7 @@ from torch import Tensor
 
 from .config import FluxConfig, default_axes_dim
 from .convert import CheckpointError, diffusers_to_bfl, vae_diffusers_to_bfl
+from .devices import resolve_device, resolve_dtype
 from .reference import AutoEncoder, AutoEncoderParams, Flux
 
 log = logging.getLogger("fluxrt")
@@ -37,10 +43,33 @@ COMFY_PREFIX = "model.diffusion_model."
 _FP8_SCALE_SUFFIXES = (".scale_weight", ".weight_scale")  # Comfy "scaled fp8" (old and new names)
 _IGNORED_SUFFIXES = (".scale_input", ".input_scale")  # activation scales: meaningful only for FP8 matmuls
 _IGNORED_KEYS = ("scaled_fp8", "_quantization_metadata")  # format markers
+_FLOAT_DTYPES = ("F32", "F16", "BF16", "F64")  # safetensors header names
 _FP8_DTYPES = ("F8_E4M3", "F8_E5M2")
+_FP8_MODES = ("keep", "upcast")
 _BFL_MARKERS = ("double_blocks.", "single_blocks.", "img_in.", "final_layer.")
 _DIFFUSERS_MARKERS = ("transformer_blocks.", "single_transformer_blocks.", "x_embedder.", "proj_out.")
+_VAE_MARKERS = ("encoder.", "decoder.")
+_VAE_PREFIXES = ("first_stage_model.", "vae.")  # LDM/Comfy all-in-one files
 _PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
+_BFL_AE_FILE = "ae.safetensors"  # BFL's repos keep the autoencoder beside flux1-*.safetensors
+
+
+class _Kind(NamedTuple):
+    name: str  # for messages
+    subfolder: str  # its folder in a diffusers pipeline folder
+    config_class: str  # the diffusers class its config.json names
+
+
+_TRANSFORMER = _Kind("transformer", "transformer", "FluxTransformer2DModel")
+_AUTOENCODER = _Kind("autoencoder", "vae", "AutoencoderKL")
+
+
+class _Checkpoint(NamedTuple):
+    files: list[Path]
+    config: dict | None = None  # the diffusers config.json beside the weights
+    config_file: Path | None = None
+    index: Path | None = None
+    weight_map: dict[str, str] = {}  # the index's tensor key -> shard file name
 
 
 class _Source:
@@ -56,8 +85,9 @@ class _Source:
                 keys = list(handle.keys())
             except (SafetensorError, OSError, ValueError) as err:
                 raise CheckpointError(
-                    f"{f} is not a readable safetensors file ({err}). fluxrt reads weights only from safetensors "
-                    "and never unpickles .ckpt/.pt/.bin files; convert it with safetensors.torch.save_file."
+                    f"{f} is not a readable safetensors file ({err}): empty, cut short or not safetensors; download "
+                    "it again. fluxrt reads weights only from safetensors and never unpickles .ckpt/.pt/.bin files; "
+                    "convert those with safetensors.torch.save_file."
                 ) from None
             self.handles[f] = handle
             for k in keys:
@@ -105,77 +135,181 @@ def _safetensors_device(device: torch.device) -> str:
     return device.type
 
 
-def _resolve(path: str | os.PathLike, subfolder: str = "transformer",
-             config_class: str = "FluxTransformer2DModel") -> tuple[list[Path], dict | None]:
-    """The safetensors files of a checkpoint path, and the diffusers config.json next to them if any."""
-    p = Path(path)
-    if not p.exists():
-        raise FileNotFoundError(f"checkpoint path {str(p)!r} does not exist")
-    if p.is_file():
-        if p.suffix in _PICKLE_SUFFIXES:
-            raise CheckpointError(
-                f"{p} looks like a pickle checkpoint ({p.suffix}); fluxrt loads only safetensors and never "
-                "unpickles (arbitrary code). Convert it to .safetensors first."
-            )
-        return [p], None
-    if (p / subfolder).is_dir() and not list(p.glob("*.safetensors")):
-        p = p / subfolder  # a whole diffusers pipeline folder
-    config = None
-    if (p / "config.json").is_file():
-        config = json.loads((p / "config.json").read_text())
-        cls = config.get("_class_name", config_class)
-        if cls != config_class:
-            raise CheckpointError(f"{p / 'config.json'} describes a {cls}, not a {config_class}")
-    indexes = sorted(p.glob("*.safetensors.index.json"))
+# ---- 1. arguments ----
+
+
+def _check_arguments(what: str, path, device, dtype) -> tuple[Path, torch.device, torch.dtype]:
+    """The loaders' common arguments, checked and resolved before any file is opened."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise ValueError(f"{what}: path must be a file or folder path (str or os.PathLike), got "
+                         f"{type(path).__name__} {path!r}")
+    device = resolve_device(device, f"{what}: device")
+    if device.type == "meta":
+        raise ValueError(f"{what}: device 'meta' holds no data; load onto 'cpu' or 'cuda'")
+    return Path(path), device, resolve_dtype(dtype, device, f"{what}: dtype")
+
+
+def _check_config_argument(config) -> None:
+    if config is not None and not isinstance(config, FluxConfig):
+        hint = " (the second positional argument is config; pass dtype= by keyword)" \
+            if isinstance(config, (torch.dtype, str, torch.device)) else ""
+        raise ValueError(f"load_transformer: config must be a fluxrt.FluxConfig or None, got "
+                         f"{type(config).__name__} {config!r}{hint}")
+
+
+# ---- 2. files, headers, keys, shapes ----
+
+
+def _resolve(path: Path, kind: _Kind) -> _Checkpoint:
+    """The safetensors files of a checkpoint path, with the diffusers config.json and index beside them if any."""
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint path {str(path)!r} does not exist")
+    if path.is_dir():
+        path = _locate(path, kind)
+    if path.is_dir():
+        return _folder(path, kind)
+    if path.suffix in _PICKLE_SUFFIXES:
+        raise CheckpointError(
+            f"{path} looks like a pickle checkpoint ({path.suffix}); fluxrt loads only safetensors and never "
+            "unpickles (arbitrary code). Convert it to .safetensors first."
+        )
+    return _Checkpoint([path])
+
+
+def _locate(folder: Path, kind: _Kind) -> Path:
+    """In a diffusers pipeline folder or a BFL repo folder, where `kind` lives: its subfolder (transformer/, vae/),
+    else BFL's ae.safetensors for the autoencoder, else the folder itself."""
+    if (folder / kind.subfolder).is_dir():
+        return folder / kind.subfolder
+    if kind is _AUTOENCODER and (folder / _BFL_AE_FILE).is_file():
+        return folder / _BFL_AE_FILE
+    return folder
+
+
+def _folder(folder: Path, kind: _Kind) -> _Checkpoint:
+    config_file = folder / "config.json"
+    config = _read_config(config_file, kind) if config_file.is_file() else None
+    indexes = sorted(folder.glob("*.safetensors.index.json"))
     if len(indexes) > 1:
-        raise CheckpointError(f"{p} holds several safetensors indexes {[i.name for i in indexes]}; keep one")
+        raise CheckpointError(f"{folder} holds several safetensors indexes {[i.name for i in indexes]}; keep one")
     if indexes:
-        weight_map = json.loads(indexes[0].read_text()).get("weight_map", {})
-        files = [p / name for name in sorted(set(weight_map.values()))]
+        weight_map = _read_weight_map(indexes[0])
+        files = [folder / name for name in sorted(set(weight_map.values()))]
         missing = [f.name for f in files if not f.is_file()]
         if missing:
-            raise CheckpointError(f"{indexes[0]} lists shards that are not in {p}: {missing}")
-    else:
-        files = sorted(p.glob("*.safetensors"))
+            raise CheckpointError(f"{indexes[0]} lists shards that are not in {folder}: {missing}")
+        return _Checkpoint(files, config, config_file if config else None, indexes[0], weight_map)
+    files = sorted(folder.glob("*.safetensors"))
+    if kind is _TRANSFORMER and len(files) > 1:
+        files = [f for f in files if f.name != _BFL_AE_FILE]  # BFL folder: flux1-dev.safetensors + ae.safetensors
     if not files:
-        pickles = [f.name for f in p.iterdir() if f.suffix in _PICKLE_SUFFIXES]
+        pickles = [f.name for f in folder.iterdir() if f.suffix in _PICKLE_SUFFIXES]
         hint = f" (found pickle files {pickles}, which fluxrt never loads)" if pickles else ""
-        raise CheckpointError(f"no .safetensors files in folder {p}{hint}")
-    return files, config
+        raise CheckpointError(f"no .safetensors files in folder {folder}{hint}")
+    return _Checkpoint(files, config, config_file if config else None)
 
 
-def _detect(keys: list[str]) -> str:
+def _read_json(file: Path):
+    try:
+        return json.loads(file.read_text(encoding="utf-8"))
+    except ValueError as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise CheckpointError(f"{file} is not valid JSON ({err}); fix the file or download it again") from None
+
+
+def _read_config(file: Path, kind: _Kind) -> dict:
+    config = _read_json(file)
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{file} must hold a JSON object of config fields, got a JSON {type(config).__name__}")
+    class_name = config.get("_class_name", kind.config_class)
+    if class_name != kind.config_class:
+        raise CheckpointError(f"{file} describes a {class_name}, not a {kind.config_class}; pass the {kind.name}'s "
+                              "own folder")
+    return config
+
+
+def _read_weight_map(index: Path) -> dict[str, str]:
+    """The index's weight_map, refused unless it maps tensor names to .safetensors file names in its own folder
+    (a name such as ../../x or /abs/x would make the loader read files outside the model folder)."""
+    data = _read_json(index)
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CheckpointError(f"{index} has no \"weight_map\" object (tensor name -> shard file name); fix the index "
+                              "or download the folder again")
+    for key, name in weight_map.items():
+        if not isinstance(name, str) or Path(name).name != name or not name.endswith(".safetensors"):
+            raise CheckpointError(f"{index} maps {key!r} to {name!r}, which is not the name of a .safetensors file "
+                                  f"in {index.parent}; an index may only name shard files in its own folder")
+    return weight_map
+
+
+def _check_index(source: _Source, ckpt: _Checkpoint) -> None:
+    """Every tensor the index places must be in the shard it names (else the download is incomplete or mixed)."""
+    for key, name in ckpt.weight_map.items():
+        found = source.where.get(key)
+        if found is None or found.name != name:
+            where = f"it is in {found.name}" if found is not None else "no shard has it"
+            raise CheckpointError(f"{ckpt.index} puts {key!r} in {name}, but {where}: the shards do not match their "
+                                  "index (an incomplete or mixed download?); download the folder again")
+
+
+def _check_dtypes(source: _Source, keys: list[str], allowed: tuple[str, ...], what: str) -> None:
+    """Header dtypes, before anything is read: an int or bool tensor is a damaged file or not a checkpoint."""
+    bad = [k for k in keys if source.dtype_name(k) not in allowed]
+    if bad:
+        shown = "; ".join(f"{k} ({source.dtype_name(k)}) in {source.where[k]}" for k in bad[:5])
+        more = f"; ... ({len(bad)} in all)" if len(bad) > 5 else ""
+        raise CheckpointError(f"{what} tensors must be floating point ({', '.join(allowed)}), but these are not: "
+                              f"{shown}{more}. The file is damaged or not a FLUX checkpoint; export it again.")
+
+
+def _detect(keys: list[str], path: Path) -> str:
     if any(k.startswith(COMFY_PREFIX) for k in keys):
         return "comfy"
     if any(k.startswith(_BFL_MARKERS) for k in keys) and not any(k.startswith("transformer_blocks.") for k in keys):
         return "bfl"
     if any(k.startswith(_DIFFUSERS_MARKERS) for k in keys):
         return "diffusers"
+    if any(k.startswith(_VAE_MARKERS + _VAE_PREFIXES) for k in keys):
+        raise CheckpointError(
+            f"{path} is a FLUX autoencoder (VAE) checkpoint, not a transformer (keys like {sorted(keys)[:3]}); pass "
+            "the transformer file (e.g. flux1-dev.safetensors) or the transformer/ folder, and give this one to "
+            "fluxrt.load_autoencoder"
+        )
     raise CheckpointError(
-        "unrecognized checkpoint layout: expected a FLUX transformer in BFL (double_blocks.*), diffusers "
+        f"unrecognized checkpoint layout in {path}: expected a FLUX transformer in BFL (double_blocks.*), diffusers "
         f"(transformer_blocks.*) or Comfy (model.diffusion_model.*) naming; found keys like {sorted(keys)[:5]}"
     )
 
 
+def _shape_reader(shapes: Mapping[str, tuple[int, ...]], what: str, fix: str) -> Callable[[str, int], tuple]:
+    """shape(key, rank): a tensor's shape, refused unless it has `rank` dims, none of them zero."""
+
+    def shape(key: str, rank: int) -> tuple[int, ...]:
+        if key not in shapes:
+            raise CheckpointError(f"cannot infer the {what} config: missing key {key!r}; {fix}")
+        found = tuple(shapes[key])
+        if len(found) != rank or 0 in found:
+            raise CheckpointError(f"cannot infer the {what} config: {key!r} has shape {found}, expected {rank} "
+                                  f"non-zero dims; {fix}")
+        return found
+
+    return shape
+
+
 def infer_config(shapes: Mapping[str, tuple[int, ...]]) -> FluxConfig:
     """A FluxConfig from the shapes of a BFL-named state dict (axes_dim by FLUX's rule for the head dim)."""
-
-    def shape(key: str) -> tuple[int, ...]:
-        if key not in shapes:
-            raise CheckpointError(f"cannot infer the model config: missing key {key!r}")
-        return tuple(shapes[key])
-
+    shape = _shape_reader(shapes, "model", "the checkpoint is damaged or not a FLUX.1 transformer (or pass config=)")
     keys = list(shapes)
     depth = len({int(m.group(1)) for k in keys if (m := re.match(r"double_blocks\.(\d+)\.", k))})
     depth_single = len({int(m.group(1)) for k in keys if (m := re.match(r"single_blocks\.(\d+)\.", k))})
-    hidden, in_channels = shape("img_in.weight")
+    hidden, in_channels = shape("img_in.weight", 2)
     if depth:
-        head_dim = shape("double_blocks.0.img_attn.norm.query_norm.scale")[0]
-        mlp_hidden = shape("double_blocks.0.img_mlp.0.weight")[0]
+        (head_dim,) = shape("double_blocks.0.img_attn.norm.query_norm.scale", 1)
+        mlp_hidden = shape("double_blocks.0.img_mlp.0.weight", 2)[0]
         qkv_bias = "double_blocks.0.img_attn.qkv.bias" in shapes
     elif depth_single:
-        head_dim = shape("single_blocks.0.norm.query_norm.scale")[0]
-        mlp_hidden = shape("single_blocks.0.linear1.weight")[0] - 3 * hidden
+        (head_dim,) = shape("single_blocks.0.norm.query_norm.scale", 1)
+        mlp_hidden = shape("single_blocks.0.linear1.weight", 2)[0] - 3 * hidden
         qkv_bias = True
     else:
         raise CheckpointError("cannot infer the model config: the checkpoint has no double or single blocks")
@@ -184,9 +318,9 @@ def infer_config(shapes: Mapping[str, tuple[int, ...]]) -> FluxConfig:
     try:
         return FluxConfig(
             in_channels=in_channels,
-            out_channels=shape("final_layer.linear.weight")[0],
-            vec_in_dim=shape("vector_in.in_layer.weight")[1],
-            context_in_dim=shape("txt_in.weight")[1],
+            out_channels=shape("final_layer.linear.weight", 2)[0],
+            vec_in_dim=shape("vector_in.in_layer.weight", 2)[1],
+            context_in_dim=shape("txt_in.weight", 2)[1],
             hidden_size=hidden,
             mlp_ratio=mlp_hidden / hidden,
             num_heads=hidden // head_dim,
@@ -219,69 +353,79 @@ def _check_against_model(model: torch.nn.Module, shapes: Mapping[str, tuple[int,
         )
 
 
-def _scale_vector(scale: Tensor, rows: int, key: str) -> Tensor:
-    """A file's fp8 scale (scalar, [1] or per-channel [N] / [N, 1]) as the fp32 [N] FP8Linear stores."""
-    scale = scale.float().reshape(-1)
-    if scale.numel() == 1:
-        return scale.expand(rows).clone()
-    if scale.numel() != rows:
-        raise CheckpointError(f"fp8 scale {key!r} has {scale.numel()} values for a weight of {rows} rows")
-    return scale
+# ---- 3. weights: read, converted, checked for NaN/inf ----
+
+
+def _all_finite(x: Tensor) -> Tensor:
+    """A 0-dim bool tensor on x's device (no host sync). torch has no isfinite for e4m3fn; its only non-finite
+    value is NaN: every exponent and mantissa bit set."""
+    if x.dtype == torch.float8_e4m3fn:
+        return ((x.view(torch.uint8) & 0x7F) != 0x7F).all()
+    return torch.isfinite(x).all()
+
+
+class _FiniteCheck:
+    """Records an all-finite flag per loaded tensor and looks at them once at the end: one device sync for the
+    whole checkpoint instead of one per tensor."""
+
+    def __init__(self, source: _Source):
+        self.source, self.keys, self.flags = source, [], []
+
+    def add(self, key: str, x: Tensor) -> Tensor:
+        self.keys.append(key)
+        self.flags.append(_all_finite(x))
+        return x
+
+    def raise_if_any(self, dtype: torch.dtype) -> None:
+        if not self.flags:
+            return
+        ok = torch.stack(self.flags).cpu()
+        if bool(ok.all()):
+            return
+        key = self.keys[int(ok.logical_not().nonzero()[0, 0])]  # the first bad one in load order
+        hint = " (or its values overflow float16: load with dtype=torch.bfloat16)" if dtype == torch.float16 else ""
+        raise CheckpointError(f"{key!r} in {self.source.where[key]} has NaN or infinite values as loaded ({dtype}): "
+                              f"the file is damaged{hint}; download or export it again")
+
+
+# ---- load_transformer ----
 
 
 def load_transformer(
     path: str | os.PathLike,
     config: FluxConfig | None = None,
-    dtype: torch.dtype = torch.bfloat16,
-    device: torch.device | str = "cpu",
+    dtype: torch.dtype | str | None = torch.bfloat16,
+    device: torch.device | str | None = "cpu",
     fp8: str = "keep",
 ) -> Flux:
     """Load a FLUX.1 transformer (BFL file, diffusers folder/file, Comfy file, FP8 file) as a reference Flux.
 
     The config comes from `config=`, else a fluxrt file's metadata, else config.json (diffusers folders),
     else the tensor shapes. The model is returned in eval mode with requires_grad off, on `device`, with its
-    floating tensors in `dtype` — except fp8 e4m3fn linear weights of a BFL/Comfy-named file, which stay in
-    FP8 as fluxrt.quantize.FP8Linear layers (their scales from `*.scale_weight` / `*.weight_scale`, else 1)
-    unless fp8="upcast". fp8 weights in diffusers naming are always upcast.
+    floating tensors in `dtype` (a torch dtype or a name such as "bf16"; None: bf16 on CUDA, fp32 on the CPU) —
+    except fp8 e4m3fn linear weights of a BFL/Comfy-named file, which stay in FP8 as fluxrt.quantize.FP8Linear
+    layers with their scales (`*.scale_weight` / `*.weight_scale`) unless fp8="upcast". fp8 weights in diffusers
+    naming are always upcast. An fp8 file without scales is refused, unless fp8="upcast" says it is a plain cast
+    (values stored as they are). A folder may be a diffusers pipeline (its transformer/ is used) or a BFL folder
+    (ae.safetensors beside the transformer is left out).
     """
-    if fp8 not in ("keep", "upcast"):
-        raise ValueError(f"fp8 must be 'keep' or 'upcast', got {fp8!r}")
-    device = torch.device(device)
-    files, diffusers_config = _resolve(path)
-    source = _Source(files, device)
-    all_keys = list(source.where)
-    fmt = _detect(all_keys)
-
-    keys, ignored, scales = [], [], {}
+    path, device, dtype = _check_arguments("load_transformer", path, device, dtype)
+    _check_config_argument(config)
+    if fp8 not in _FP8_MODES:
+        raise ValueError(f"load_transformer: fp8 must be 'keep' or 'upcast', got {fp8!r}")
+    ckpt = _resolve(path, _TRANSFORMER)
+    source = _Source(ckpt.files, device)
+    _check_index(source, ckpt)
+    fmt = _detect(list(source.where), path)
     prefix = COMFY_PREFIX if fmt == "comfy" else ""
-    for k in all_keys:
-        if not k.startswith(prefix):
-            ignored.append(k)
-            continue
-        name = k[len(prefix):]
-        if name in _IGNORED_KEYS or name.endswith(_IGNORED_SUFFIXES):
-            ignored.append(k)
-        elif name.endswith(_FP8_SCALE_SUFFIXES):
-            scales[name.rsplit(".", 1)[0] + ".weight"] = k
-        else:
-            keys.append(name)
+    keys, scales = _transformer_keys(source, prefix, path)
     if fmt == "comfy":
         fmt = "bfl" if not any(k.startswith("transformer_blocks.") for k in keys) else "diffusers"
-    if ignored:
-        log.warning("load_transformer: ignored %d non-transformer keys in %s (e.g. %s)", len(ignored), path, ignored[:3])
-    stray = sorted(set(scales) - set(keys))
-    if stray:
-        raise CheckpointError(f"fp8 scales without a weight: {[scales[k] for k in stray]}")
-    fp8_keys = [k for k in keys if source.dtype_name(prefix + k) in _FP8_DTYPES]
-    # kept in FP8: e4m3fn matrices named like a Linear's weight, in BFL naming (fused q|k|v need no re-scaling)
-    kept = set() if fp8 == "upcast" or fmt == "diffusers" else {
-        k for k in fp8_keys
-        if k.endswith(".weight") and len(source.shape(prefix + k)) == 2 and source.dtype_name(prefix + k) == "F8_E4M3"
-    }
-    if fp8_keys:
-        log.info("load_transformer: %d fp8 tensors (%d with scales): %d kept in fp8, the rest upcast to %s",
-                 len(fp8_keys), len(scales), len(kept), dtype)
+    _check_dtypes(source, [prefix + k for k in keys], _FLOAT_DTYPES + _FP8_DTYPES, "transformer")
+    _check_dtypes(source, list(scales.values()), _FLOAT_DTYPES, "fp8 scale")
+    kept = _plan_fp8(source, prefix, keys, scales, fp8 == "keep" and fmt != "diffusers", fp8, path, dtype)
     scale_keys = {k[: -len("weight")] + "weight_scale": k for k in kept}  # FP8Linear's scale -> its weight
+    finite = _FiniteCheck(source)
 
     def meta(name: str) -> Tensor:
         if name in scale_keys:
@@ -291,47 +435,129 @@ def load_transformer(
     def real(name: str) -> Tensor:
         if name in scale_keys:
             weight = scale_keys[name]
-            rows = source.shape(prefix + weight)[0]
-            if weight in scales:
-                return _scale_vector(source.read(scales[weight]), rows, scales[weight])
-            return torch.ones(rows, dtype=torch.float32, device=device)
+            scale = _scale_vector(source.read(scales[weight]), source.shape(prefix + weight)[0])
+            return finite.add(scales[weight], scale)
         x = source.read(prefix + name)
         if name in kept:
-            return x
+            return finite.add(prefix + name, x)
         if name in scales:
             s = source.read(scales[name]).float()
-            if s.ndim == 1 and s.numel() == x.shape[0] and x.ndim == 2:
-                s = s[:, None]  # per-output-channel scale
-            x = x.float() * s
-        return x.to(dtype) if x.is_floating_point() else x
+            x = x.float() * (s.reshape(-1, 1) if s.numel() > 1 else s.reshape(()))  # per-row or per-tensor
+        return finite.add(prefix + name, x.to(dtype))
 
-    all_names = keys + list(scale_keys)
+    names = keys + list(scale_keys)
     convert = diffusers_to_bfl if fmt == "diffusers" else dict
-    shapes = {k: tuple(v.shape) for k, v in convert(_View(all_names, meta)).items()}
+    shapes = {k: tuple(v.shape) for k, v in convert(_View(names, meta)).items()}
     if config is None:
-        config = (_metadata_config(source) or
-                  (FluxConfig.from_diffusers(diffusers_config) if diffusers_config else infer_config(shapes)))
+        config = _checkpoint_config(source, ckpt, shapes)
     with torch.device("meta"):
         model = Flux(config)
         _swap_in_fp8_linears(model, kept, dtype)
     _check_against_model(model, shapes, fmt)
 
-    state_dict = convert(_View(all_names, real))
+    state_dict = convert(_View(names, real))
+    finite.raise_if_any(dtype)
     model.load_state_dict(state_dict, strict=True, assign=True)
     model.requires_grad_(False).eval()
-    log.info("load_transformer: %s (%s format, %d files) -> %s", path, fmt, len(files), config)
+    log.info("load_transformer: %s (%s format, %d files) -> %s", path, fmt, len(ckpt.files), config)
     return model
+
+
+def _transformer_keys(source: _Source, prefix: str, path: Path) -> tuple[list[str], dict[str, str]]:
+    """The transformer's tensor names (prefix removed) and its fp8 scales (weight name -> scale's file key);
+    other keys (another model's in an all-in-one file, activation scales, format markers) are ignored, logged."""
+    keys, ignored, scales = [], [], {}
+    for k in source.where:
+        name = k[len(prefix):]
+        if not k.startswith(prefix) or name in _IGNORED_KEYS or name.endswith(_IGNORED_SUFFIXES):
+            ignored.append(k)
+        elif name.endswith(_FP8_SCALE_SUFFIXES):
+            weight = name.rsplit(".", 1)[0] + ".weight"
+            if weight in scales:
+                raise CheckpointError(f"{path}: {weight!r} has two fp8 scales, {scales[weight]!r} and {k!r}; keep one")
+            scales[weight] = k
+        else:
+            keys.append(name)
+    if ignored:
+        log.warning("load_transformer: ignored %d non-transformer keys in %s (e.g. %s)", len(ignored), path, ignored[:3])
+    stray = sorted(set(scales) - set(keys))
+    if stray:
+        raise CheckpointError(f"fp8 scales without a weight: {[scales[k] for k in stray]}")
+    return keys, scales
+
+
+def _plan_fp8(source: _Source, prefix: str, keys: list[str], scales: dict[str, str], keep: bool, fp8: str,
+              path: Path, dtype: torch.dtype) -> set[str]:
+    """The e4m3fn weights that stay in FP8 (FP8Linear), after checking that every fp8 matrix has a scale that fits
+    it. A missing scale is refused rather than taken as 1: a scaled file's weights are stored ~1000x too large
+    (scales ~6e-4), and nothing in the header tells a lost scale from a plain cast, except fp8="upcast"."""
+    for weight, scale_key in scales.items():
+        shape = source.shape(prefix + weight)
+        rows = shape[0] if len(shape) == 2 else 1
+        if _numel(source.shape(scale_key)) not in (1, rows):
+            raise CheckpointError(f"fp8 scale {scale_key!r} has shape {source.shape(scale_key)}, which fits neither "
+                                  f"a per-tensor scale nor the {rows} rows of {prefix + weight} {shape}")
+    fp8_keys = [k for k in keys if source.dtype_name(prefix + k) in _FP8_DTYPES]
+    matrices = [k for k in fp8_keys if k.endswith(".weight") and len(source.shape(prefix + k)) == 2]
+    unscaled = [prefix + k for k in matrices if k not in scales]
+    if unscaled and scales:
+        raise CheckpointError(f"{path}: fp8 weights {unscaled[:5]} ({len(unscaled)} in all) have no scale while "
+                              f"{len(scales)} others have one: the file lost some of its scales; load the original "
+                              "file")
+    if unscaled and fp8 == "keep":
+        raise CheckpointError(
+            f"{path}: {len(unscaled)} fp8 weights have no scale (`<layer>.scale_weight` or `.weight_scale`), e.g. "
+            f"{unscaled[:3]}. A scale of 1 is right only for a plain cast to fp8 (values stored as they are); for a "
+            "scaled-fp8 file that lost its scales it is wrong by orders of magnitude. If this file is a plain cast, "
+            "pass fp8=\"upcast\" (its fp8 tensors are upcast to dtype); else load the original file with its scales."
+        )
+    if unscaled:
+        log.warning("load_transformer: %s has no fp8 scales; fp8=\"upcast\" reads its %d fp8 tensors as a plain cast "
+                    "(scale 1)", path, len(fp8_keys))
+    kept = {k for k in matrices if source.dtype_name(prefix + k) == "F8_E4M3"} if keep else set()
+    if fp8_keys:
+        log.info("load_transformer: %d fp8 tensors (%d with scales): %d kept in fp8, the rest upcast to %s",
+                 len(fp8_keys), len(scales), len(kept), dtype)
+    return kept
+
+
+def _numel(shape: list[int]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def _scale_vector(scale: Tensor, rows: int) -> Tensor:
+    """A file's fp8 scale (scalar, [1] or per-channel [N] / [N, 1]; sizes checked in _plan_fp8) as the fp32 [N]
+    FP8Linear stores."""
+    scale = scale.float().reshape(-1)
+    return scale.expand(rows).clone() if scale.numel() == 1 else scale
+
+
+def _checkpoint_config(source: _Source, ckpt: _Checkpoint, shapes: Mapping[str, tuple[int, ...]]) -> FluxConfig:
+    """Without config=: a fluxrt file's metadata, else the folder's config.json, else the tensor shapes."""
+    config = _metadata_config(source)
+    if config is not None:
+        return config
+    if ckpt.config is not None:
+        try:
+            return FluxConfig.from_diffusers(ckpt.config)
+        except ValueError as err:
+            raise CheckpointError(f"{ckpt.config_file}: {err}; fix the file or pass config=") from None
+    return infer_config(shapes)
 
 
 def _metadata_config(source: _Source) -> FluxConfig | None:
     """The FluxConfig a fluxrt-written file carries in its safetensors metadata (save_transformer)."""
-    for handle in source.handles.values():
+    for file, handle in source.handles.items():
         text = (handle.metadata() or {}).get("fluxrt_config")
         if text:
             try:
                 return FluxConfig(**json.loads(text))
             except (TypeError, ValueError) as err:
-                raise CheckpointError(f"the file's fluxrt_config metadata is not a valid FluxConfig: {err}") from None
+                raise CheckpointError(f"the fluxrt_config metadata of {file} is not a valid FluxConfig ({err}); "
+                                      "pass config=") from None
     return None
 
 
@@ -351,71 +577,106 @@ def _swap_in_fp8_linears(model: torch.nn.Module, weight_keys: set[str], bias_dty
                                              bias_dtype=bias_dtype))
 
 
-_VAE_PREFIXES = ("first_stage_model.", "vae.")  # LDM/Comfy all-in-one files
+# ---- load_autoencoder ----
 
 
-def infer_autoencoder_params(shapes: Mapping[str, tuple[int, ...]], diffusers_config: dict | None) -> AutoEncoderParams:
-    """AutoEncoderParams from a BFL-named autoencoder state dict's shapes (scale/shift from config.json if any)."""
-
-    def shape(key: str) -> tuple[int, ...]:
-        if key not in shapes:
-            raise CheckpointError(f"cannot infer the autoencoder config: missing key {key!r}")
-        return tuple(shapes[key])
-
-    ch, in_channels = shape("encoder.conv_in.weight")[:2]
+def infer_autoencoder_params(shapes: Mapping[str, tuple[int, ...]], diffusers_config: Mapping | None,
+                             config_source: str = "the diffusers AutoencoderKL config") -> AutoEncoderParams:
+    """AutoEncoderParams from a BFL-named autoencoder state dict's shapes (scale/shift/groups from the diffusers
+    config if any; `config_source` names it in errors)."""
+    shape = _shape_reader(shapes, "autoencoder", "the checkpoint is damaged or not FLUX's autoencoder")
+    ch, in_channels = shape("encoder.conv_in.weight", 4)[:2]
     levels = len({int(m.group(1)) for k in shapes if (m := re.match(r"encoder\.down\.(\d+)\.", k))})
     blocks = len({int(m.group(1)) for k in shapes if (m := re.match(r"encoder\.down\.0\.block\.(\d+)\.", k))})
-    config = diffusers_config or {}
+    scale_factor, shift_factor, norm_groups = _vae_config_settings(diffusers_config or {}, config_source)
     return AutoEncoderParams(
         in_channels=in_channels,
         ch=ch,
-        out_ch=shape("decoder.conv_out.weight")[0],
-        ch_mult=tuple(shape(f"encoder.down.{i}.block.0.conv1.weight")[0] // ch for i in range(levels)),
+        out_ch=shape("decoder.conv_out.weight", 4)[0],
+        ch_mult=tuple(shape(f"encoder.down.{i}.block.0.conv1.weight", 4)[0] // ch for i in range(levels)),
         num_res_blocks=blocks,
-        z_channels=shape("decoder.conv_in.weight")[1],
-        scale_factor=config.get("scaling_factor") or AutoEncoderParams.scale_factor,
-        shift_factor=config.get("shift_factor") if config.get("shift_factor") is not None else AutoEncoderParams.shift_factor,
-        norm_groups=config.get("norm_num_groups") or AutoEncoderParams.norm_groups,  # not in the shapes: FLUX's 32
+        z_channels=shape("decoder.conv_in.weight", 4)[1],
+        scale_factor=scale_factor,
+        shift_factor=shift_factor,
+        norm_groups=norm_groups,
     )
 
 
-def load_autoencoder(path: str | os.PathLike, dtype: torch.dtype = torch.bfloat16,
-                     device: torch.device | str = "cpu") -> AutoEncoder:
-    """Load the FLUX autoencoder: BFL ae.safetensors, a diffusers AutoencoderKL folder/file (16 latent channels,
-    no quant convs), or an all-in-one file with `first_stage_model.` / `vae.` keys. Same checks as
-    load_transformer: everything validated on meta tensors before weights are read."""
-    device = torch.device(device)
-    files, diffusers_config = _resolve(path, subfolder="vae", config_class="AutoencoderKL")
-    source = _Source(files, device)
+def _vae_config_settings(config: Mapping, source: str) -> tuple[float, float, int]:
+    """(scaling_factor, shift_factor, norm_num_groups) from a diffusers AutoencoderKL config; a field left out or
+    null takes FLUX's value (norm groups are not in the shapes: FLUX's 32)."""
+    if not isinstance(config, Mapping):
+        raise CheckpointError(f"{source} must be a JSON object of config fields, got a {type(config).__name__}")
+
+    def field(name: str, default, valid: Callable[[object], bool], want: str):
+        value = config.get(name)
+        if value is None:
+            return default
+        if isinstance(value, bool) or not valid(value):
+            raise CheckpointError(f"{source}: field {name!r} must be {want}, got {value!r}; fix the file")
+        return value
+
+    def is_number(v) -> bool:
+        return isinstance(v, (int, float)) and abs(v) < float("inf")
+
+    return (
+        field("scaling_factor", AutoEncoderParams.scale_factor, lambda v: is_number(v) and v > 0, "a number > 0"),
+        field("shift_factor", AutoEncoderParams.shift_factor, is_number, "a finite number or null"),
+        field("norm_num_groups", AutoEncoderParams.norm_groups, lambda v: isinstance(v, int) and v > 0,
+              "a positive int"),
+    )
+
+
+def load_autoencoder(path: str | os.PathLike, dtype: torch.dtype | str | None = torch.bfloat16,
+                     device: torch.device | str | None = "cpu") -> AutoEncoder:
+    """Load the FLUX autoencoder: BFL ae.safetensors (or a BFL folder holding it), a diffusers AutoencoderKL
+    folder/file or pipeline folder (16 latent channels, no quant convs), or an all-in-one file with
+    `first_stage_model.` / `vae.` keys. Same checks as load_transformer: arguments first, then everything
+    validated on meta tensors before weights are read, then NaN/inf."""
+    path, device, dtype = _check_arguments("load_autoencoder", path, device, dtype)
+    ckpt = _resolve(path, _AUTOENCODER)
+    source = _Source(ckpt.files, device)
+    _check_index(source, ckpt)
     all_keys = list(source.where)
     prefix = next((p for p in _VAE_PREFIXES if any(k.startswith(p) for k in all_keys)), "")
     keys = [k[len(prefix):] for k in all_keys if k.startswith(prefix)]
-    ignored = len(all_keys) - len(keys)
-    if ignored:
-        log.warning("load_autoencoder: ignored %d non-autoencoder keys in %s", ignored, path)
-    if any(k.startswith(("quant_conv.", "post_quant_conv.")) for k in keys):
-        raise CheckpointError(f"{path} has quant_conv / post_quant_conv weights: an SD-style VAE, not FLUX's")
-    if any(k.startswith(("encoder.down_blocks.", "decoder.up_blocks.")) for k in keys):
-        convert, fmt = vae_diffusers_to_bfl, "diffusers"
-    elif any(k.startswith(("encoder.down.", "decoder.up.")) for k in keys):
-        convert, fmt = dict, "bfl"
-    else:
-        raise CheckpointError(f"unrecognized autoencoder layout in {path}: expected BFL (encoder.down.*) or diffusers "
-                              f"(encoder.down_blocks.*) naming; found keys like {sorted(keys)[:5]}")
+    if len(all_keys) > len(keys):
+        log.warning("load_autoencoder: ignored %d non-autoencoder keys in %s", len(all_keys) - len(keys), path)
+    convert, fmt = _autoencoder_format(keys, path)
+    _check_dtypes(source, [prefix + k for k in keys], _FLOAT_DTYPES, "autoencoder")
+    finite = _FiniteCheck(source)
 
     def meta(name: str) -> Tensor:
         return torch.empty(source.shape(prefix + name), device="meta")
 
     def real(name: str) -> Tensor:
-        x = source.read(prefix + name)
-        return x.to(dtype) if x.is_floating_point() else x
+        return finite.add(prefix + name, source.read(prefix + name).to(dtype))
 
     shapes = {k: tuple(v.shape) for k, v in convert(_View(keys, meta)).items()}
-    params = infer_autoencoder_params(shapes, diffusers_config)
+    params = infer_autoencoder_params(shapes, ckpt.config, str(ckpt.config_file))
     if params.z_channels != 16:
         raise CheckpointError(f"{path} has {params.z_channels} latent channels; FLUX's autoencoder has 16")
-    with torch.device("meta"):
-        model = AutoEncoder(params)
+    try:
+        with torch.device("meta"):
+            model = AutoEncoder(params)
+    except ValueError as err:  # e.g. GroupNorm: channels not divisible by norm_num_groups
+        raise CheckpointError(f"{path}: the autoencoder config {params} does not build ({err})") from None
     _check_against_model(model, shapes, fmt)
-    model.load_state_dict(convert(_View(keys, real)), strict=True, assign=True)
+    state_dict = convert(_View(keys, real))
+    finite.raise_if_any(dtype)
+    model.load_state_dict(state_dict, strict=True, assign=True)
     return model.requires_grad_(False).eval()
+
+
+def _autoencoder_format(keys: list[str], path: Path) -> tuple[Callable, str]:
+    if any(k.startswith(("quant_conv.", "post_quant_conv.")) for k in keys):
+        raise CheckpointError(f"{path} has quant_conv / post_quant_conv weights: an SD-style VAE, not FLUX's")
+    if any(k.startswith(("encoder.down_blocks.", "decoder.up_blocks.")) for k in keys):
+        return vae_diffusers_to_bfl, "diffusers"
+    if any(k.startswith(("encoder.down.", "decoder.up.")) for k in keys):
+        return dict, "bfl"
+    if any(k.startswith(_BFL_MARKERS + _DIFFUSERS_MARKERS + (COMFY_PREFIX,)) for k in keys):
+        raise CheckpointError(f"{path} is a FLUX transformer checkpoint, not an autoencoder; pass ae.safetensors or "
+                              "the vae/ folder (and give this one to fluxrt.load_transformer)")
+    raise CheckpointError(f"unrecognized autoencoder layout in {path}: expected BFL (encoder.down.*) or diffusers "
+                          f"(encoder.down_blocks.*) naming; found keys like {sorted(keys)[:5]}")

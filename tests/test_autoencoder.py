@@ -100,8 +100,11 @@ def test_load_errors(tmp_path, small_ae):
     with pytest.raises(fluxrt.CheckpointError, match=r"missing keys: decoder\.up\.1\.block\.0\.conv2\.bias"):
         fluxrt.load_autoencoder(tmp_path / "missing.safetensors")
     save_file({"double_blocks.0.img_mod.lin.weight": torch.randn(4, 4)}, tmp_path / "flux.safetensors")
-    with pytest.raises(fluxrt.CheckpointError, match="unrecognized autoencoder layout"):
+    with pytest.raises(fluxrt.CheckpointError, match="is a FLUX transformer checkpoint, not an autoencoder"):
         fluxrt.load_autoencoder(tmp_path / "flux.safetensors")
+    save_file({"text_model.final_layer_norm.weight": torch.randn(4)}, tmp_path / "clip.safetensors")
+    with pytest.raises(fluxrt.CheckpointError, match="unrecognized autoencoder layout.*final_layer_norm"):
+        fluxrt.load_autoencoder(tmp_path / "clip.safetensors")
     sd = dict(small_ae.state_dict())
     sd["quant_conv.weight"] = torch.randn(32, 32, 1, 1)
     save_file(sd, tmp_path / "sd-vae.safetensors")

@@ -150,9 +150,9 @@ def test_not_safetensors(tmp_path):
 
 
 def test_unknown_layout(tmp_path):
-    save_file({"encoder.conv_in.weight": torch.randn(4, 3, 3, 3)}, tmp_path / "ae.safetensors")
-    with pytest.raises(CheckpointError, match="unrecognized checkpoint layout.*encoder.conv_in.weight"):
-        fluxrt.load_transformer(tmp_path / "ae.safetensors")
+    save_file({"model.embed_tokens.weight": torch.randn(4, 3)}, tmp_path / "llm.safetensors")
+    with pytest.raises(CheckpointError, match=r"unrecognized checkpoint layout in .*llm\.safetensors.*embed_tokens"):
+        fluxrt.load_transformer(tmp_path / "llm.safetensors")
 
 
 def test_missing_key_is_named(tmp_path, model):
