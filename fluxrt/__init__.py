@@ -34,7 +34,7 @@ from .loading import load_autoencoder, load_transformer  # noqa: E402
 from .pipeline import FluxPipeline  # noqa: E402
 from .quantize import save_transformer  # noqa: E402
 from .serving import GenerationRequest, GenerationResult  # noqa: E402
-from .transformer import compile  # noqa: E402
+from .compiler import compile  # noqa: E402
 
 __version__ = "0.1.0"
 

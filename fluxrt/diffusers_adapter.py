@@ -1,31 +1,89 @@
 """fluxrt.compile for a diffusers FluxTransformer2DModel: the same call, kwargs and return type back.
 
-The diffusers weights are converted to a fluxrt.reference.Flux by moving tensors (renames keep the storage;
-q|k|v are fused into one new tensor and their sources are released at once), so peak memory stays about one
-copy of the weights. The diffusers model is consumed: its parameters are left empty afterwards.
+Check, then move. check_flux_conversion runs the whole diffusers -> BFL conversion on meta tensors first (every
+parameter and buffer accounted for, nothing unknown: an unfused LoRA, fuse_qkv_projections' fused layers, extra
+parameters or modules; one floating dtype, one device, shapes that fit the config) and raises CheckpointError with
+the model untouched. Only then are the weights moved: renames keep the storage, q|k|v are fused into one new
+tensor and their sources are released at once, so peak memory stays about one copy of the weights, and the
+diffusers model is left with empty (meta) parameters. The move phase allocates only the fused q|k|v tensors:
+running out of memory there is the one failure that can interrupt it.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 
 import torch
 from torch import Tensor, nn
 
 from .config import FluxConfig
-from .convert import diffusers_to_bfl
+from .convert import CheckpointError, diffusers_to_bfl
 from .reference import Flux
+
+# Names that only adapter libraries put into a diffusers model: peft's LoRA layers wrap a linear as `base_layer`
+# beside `lora_A` / `lora_B` (and `lora_embedding_*`, `lora_magnitude_vector` for DoRA).
+_LORA_MARKERS = (".base_layer.", ".lora_A.", ".lora_B.", ".lora_embedding_", ".lora_magnitude_vector")
+_FUSED_QKV_MARKERS = (".to_qkv.", ".to_added_qkv.")  # diffusers' fuse_qkv_projections()
+
+
+def check_diffusers_parameters(model: nn.Module, what: str) -> dict[str, Tensor]:
+    """The model's state dict as meta tensors (shape, dtype) after the checks every diffusers conversion needs:
+    not consumed already, no adapter or fused-projection layers, every tensor a parameter of one floating dtype on
+    one device. Raises CheckpointError naming what is wrong and what to do; nothing is changed."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    state = model.state_dict(keep_vars=True)
+    keys = [f".{k}" for k in state]  # a leading dot, so markers match at the top level too
+    if any(marker in key for key in keys for marker in _LORA_MARKERS):
+        raise CheckpointError(f"an unfused LoRA (peft adapter layers) is loaded into this {what}: fluxrt.compile runs "
+                              "the base weights only. Call pipe.fuse_lora(); pipe.unload_lora_weights() first (or "
+                              "unload the LoRA)")
+    if any(marker in key for key in keys for marker in _FUSED_QKV_MARKERS):
+        raise CheckpointError(f"fuse_qkv_projections() was called on this {what}: call unfuse_qkv_projections() "
+                              "first (fluxrt.compile fuses q, k and v itself)")
+    buffers = sorted(set(state) - set(params))
+    if buffers:
+        raise CheckpointError(f"this {what} has buffers fluxrt does not know ({', '.join(buffers[:5])}): it is not a "
+                              "FLUX model as diffusers builds it")
+    if any(p.is_meta for p in params.values()):
+        raise CheckpointError(f"this {what} has meta (empty) parameters: an earlier fluxrt.compile consumed it (keep "
+                              "using the model it returned) or its weights were never loaded")
+    dtypes = sorted({str(p.dtype) for p in params.values()})
+    if len(dtypes) != 1 or not next(iter(params.values())).is_floating_point():
+        raise CheckpointError(f"this {what} mixes parameter dtypes ({', '.join(dtypes)}): cast it to one floating "
+                              "dtype (model.to(torch.bfloat16)) before fluxrt.compile")
+    devices = sorted({str(p.device) for p in params.values()})
+    if len(devices) != 1:
+        raise CheckpointError(f"this {what} has parameters on several devices ({', '.join(devices)}): move it to one "
+                              "(model.to(device)) before fluxrt.compile")
+    return {k: torch.empty(v.shape, dtype=v.dtype, device="meta") for k, v in state.items()}
+
+
+def check_fits(model: nn.Module, converted: Mapping[str, Tensor], what: str) -> None:
+    """CheckpointError unless the converted (meta) state dict has exactly `model`'s keys and shapes."""
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    got = {k: tuple(v.shape) for k, v in converted.items()}
+    problems = [f"missing {k}" for k in sorted(set(expected) - set(got))]
+    problems += [f"unexpected {k}" for k in sorted(set(got) - set(expected))]
+    problems += [f"{k}: {got[k]} vs {expected[k]}" for k in sorted(set(got) & set(expected)) if got[k] != expected[k]]
+    if problems:
+        shown = "; ".join(problems[:8]) + (f"; ... ({len(problems)} in all)" if len(problems) > 8 else "")
+        raise CheckpointError(f"this {what}'s weights do not fit its own config ({shown}): it has been modified "
+                              "after diffusers built it; fluxrt.compile converts an unmodified FLUX model")
+
+
+def _conversion_error(err: CheckpointError, what: str) -> CheckpointError:
+    return CheckpointError(f"fluxrt.compile cannot convert this {what}: {err}. Remove the modules or parameters "
+                           "added to it (fluxrt runs FLUX's own layers only)")
 
 
 class _Consuming(Mapping):
-    """A diffusers model's parameters by state-dict key; reading one detaches it from the model."""
+    """A checked model's parameters by state-dict key; reading one detaches it from the model (the move phase)."""
 
     def __init__(self, model: nn.Module):
         self._model = model
-        self._keys = [k for k, _ in model.named_parameters()]
-        if len(self._keys) != len(model.state_dict()):
-            raise TypeError("the diffusers transformer has buffers fluxrt does not know; refusing to convert it")
+        self._keys = list(model.state_dict().keys())
+        self._keyset = set(self._keys)
 
     def __getitem__(self, key: str) -> Tensor:
         module_name, _, name = key.rpartition(".")
@@ -34,6 +92,9 @@ class _Consuming(Mapping):
         setattr(module, name, nn.Parameter(torch.empty(0, device="meta"), requires_grad=False))
         return value
 
+    def __contains__(self, key) -> bool:  # Mapping's default would read (and so consume) the entry
+        return key in self._keyset
+
     def __iter__(self) -> Iterator[str]:
         return iter(self._keys)
 
@@ -41,14 +102,39 @@ class _Consuming(Mapping):
         return len(self._keys)
 
 
-def flux_from_diffusers(model: nn.Module) -> Flux:
-    config = FluxConfig.from_diffusers(dict(model.config))
-    dtype = next(model.parameters()).dtype
-    state_dict = diffusers_to_bfl(_Consuming(model))
+def check_flux_conversion(model: nn.Module) -> Callable[[], Flux]:
+    """Check the whole conversion of a diffusers FluxTransformer2DModel (on meta tensors; raises CheckpointError with
+    the model untouched), and return the move: a call that converts it to a fluxrt.reference.Flux by moving its
+    tensors, leaving the diffusers model empty."""
+    what = "FluxTransformer2DModel"
+    try:
+        config = FluxConfig.from_diffusers(dict(model.config))
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"this {what}'s config is not a FLUX.1 transformer's: {err}") from None
+    meta = check_diffusers_parameters(model, what)
+    try:
+        converted = diffusers_to_bfl(meta)
+    except CheckpointError as err:
+        raise _conversion_error(err, what) from None
     with torch.device("meta"):
         flux = Flux(config)
-    flux.load_state_dict(state_dict, strict=True, assign=True)
-    return flux.to(dtype).requires_grad_(False).eval()
+    check_fits(flux, converted, what)
+    dtype = next(iter(meta.values())).dtype
+
+    def move() -> Flux:
+        state_dict = diffusers_to_bfl(_Consuming(model))
+        with torch.device("meta"):
+            flux = Flux(config)
+        flux.load_state_dict(state_dict, strict=True, assign=True)
+        return flux.to(dtype).requires_grad_(False).eval()
+
+    return move
+
+
+def flux_from_diffusers(model: nn.Module) -> Flux:
+    """A diffusers FluxTransformer2DModel as a fluxrt.reference.Flux (checked whole first; the diffusers model is
+    consumed: its tensors move)."""
+    return check_flux_conversion(model)()
 
 
 class FastFluxTransformer(nn.Module):

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from . import sampling
 from .loading import load_autoencoder, load_transformer
 from .reference import AutoEncoder, Flux
-from .transformer import compile as compile_transformer  # also takes the autoencoder (-> fluxrt.vae)
+from .compiler import compile as compile_transformer  # also takes the autoencoder (-> fluxrt.vae)
 
 MIN_SIDE, MAX_SIDE = 16, 4096  # one latent token; 65k image tokens is past any FLUX training resolution
 CLIP_LENGTH = 77

@@ -18,13 +18,14 @@ import json
 import logging
 import os
 import re
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from . import ops
+from . import devices, ops
 
 log = logging.getLogger("fluxrt")
 
@@ -44,11 +45,9 @@ def quantize_weight(weight: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def require_fp8_tensor_cores(device: torch.device) -> None:
-    """W8A8 needs fp8 tensor cores on a GPU (sm_89+: Ada, Hopper, Blackwell); the CPU runs torch's own kernel."""
-    if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
-        major, minor = torch.cuda.get_device_capability(device)
-        raise RuntimeError(f"quantize='fp8' (W8A8) needs fp8 tensor cores (sm_89+), but {torch.cuda.get_device_name(device)} "
-                           f"is sm_{major}{minor}; use quantize='fp8-weight' (weight-only FP8) on this GPU")
+    """W8A8 needs fp8 tensor cores on a GPU (sm_89+); the CPU runs torch's own kernel (fluxrt.devices' check)."""
+    devices.require_fp8_tensor_cores(device, "quantize='fp8' (W8A8)",
+                                     "use quantize='fp8-weight' (weight-only FP8) on this GPU")
 
 
 def scaled_mm_rowwise(x8: Tensor, x_scale: Tensor, weight: Tensor, weight_scale: Tensor, bias: Tensor | None,
@@ -61,7 +60,69 @@ def scaled_mm_rowwise(x8: Tensor, x_scale: Tensor, weight: Tensor, weight_scale:
     return y.reshape(*x8.shape[:-1], N)
 
 
-class FP8Linear(nn.Module):
+class FP8Rows(NamedTuple):
+    """A linear's input already quantized, as a norm or attention kernel emits it for a W8A8 linear: e4m3fn rows
+    x8 [..., K] with fp32 scales [...] (x ~ x8 * scale); dtype is the activations' (and the output's) dtype."""
+
+    x8: Tensor
+    scale: Tensor
+    dtype: torch.dtype
+
+
+def attention_and_gelu(attn: Tensor, mlp: Tensor) -> Tensor:
+    """[attn | gelu_tanh(mlp)] along the last dim, what the single block's linear2 reads. Eager: GELU writes its part
+    of the buffer directly, so only the narrow attention output is copied in (torch.cat would re-read and re-write
+    the 4x-wide MLP activation). Under torch.compile (which rejects a strided `out=`) the cat, which inductor fuses."""
+    if torch.compiler.is_compiling():
+        return torch.cat((attn, F.gelu(mlp, approximate="tanh")), dim=-1)
+    joined = mlp.new_empty(*mlp.shape[:-1], attn.shape[-1] + mlp.shape[-1])
+    torch.ops.aten.gelu.out(mlp, approximate="tanh", out=joined[..., attn.shape[-1] :])
+    joined[..., : attn.shape[-1]] = attn
+    return joined
+
+
+class BlockLinear:
+    """A linear as the fast blocks (fluxrt.transformer) call it: each method is one step of BFL's block forward,
+    fused as far as the linear's kind allows, so the block code reads like BFL's whatever the linears are. This base
+    is a plain linear's behaviour, written with self(x) and self.linear_gelu(x) (fluxrt.transformer.PlainLinear
+    wraps an nn.Linear in it); FP8Linear overrides the steps its weight-only and W8A8 forms fuse further."""
+
+    def reads_fp8_rows(self, x: Tensor) -> bool:
+        """Whether this linear reads an input of x's size as FP8Rows (W8A8), so that its producer may emit them."""
+        return False
+
+    def gelu_in_gemm(self, x: Tensor | FP8Rows) -> bool:
+        """Whether linear_gelu(x) applies the GELU inside its GEMM; where not, a consumer that quantizes its input
+        rows anyway can take the GELU into that pass instead (gated_gelu)."""
+        return True
+
+    def after_norm(self, x: Tensor, scale: Tensor, shift: Tensor, backend: str) -> Tensor:
+        """self(LN(x) * (1 + scale) + shift)."""
+        return self(ops.modulated_layer_norm(x, scale, shift, backend=backend))
+
+    def after_residual_norm(self, h: Tensor, gate: Tensor, y: Tensor, scale: Tensor, shift: Tensor,
+                            backend: str) -> tuple[Tensor, Tensor | FP8Rows]:
+        """(h + gate * y, LN(h + gate * y) * (1 + scale) + shift in the form this linear reads), in one pass."""
+        return ops.gated_residual_norm(h, gate, y, scale, shift, backend=backend)
+
+    def linear_gelu(self, x: Tensor | FP8Rows) -> Tensor:
+        """gelu_tanh(self(x))."""
+        return F.gelu(self(x), approximate="tanh")
+
+    def gated(self, x: Tensor, residual: Tensor, gate: Tensor, backend: str) -> Tensor:
+        """residual + gate * self(x)."""
+        return ops.gated_residual(residual, gate, self(x), backend=backend)
+
+    def gated_attention_mlp(self, attention: Tensor, hidden: Tensor, residual: Tensor, gate: Tensor,
+                            backend: str) -> Tensor:
+        """The single block's linear2: residual + gate * self([attention | gelu_tanh(mlp)]). hidden is linear1's
+        output [q | k | v | mlp] ([..., 3C + mlp], attention [..., C]); its v columns are dead once rope_qk_norm
+        has copied q, k, v out, so an implementation may overwrite them."""
+        C = attention.shape[-1]
+        return self.gated(attention_and_gelu(attention, hidden[..., 3 * C :]), residual, gate, backend)
+
+
+class FP8Linear(BlockLinear, nn.Module):
     def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None,
                  bias_dtype: torch.dtype = torch.bfloat16, backend: str = "auto", activations: str = "bf16",
                  w8a8_gemm: str = "scaled_mm"):
@@ -91,7 +152,9 @@ class FP8Linear(nn.Module):
             q.bias.data = linear.bias.detach().clone()
         return q
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor | FP8Rows) -> Tensor:
+        if isinstance(x, FP8Rows):
+            return self.forward_fp8(x.x8, x.scale, out_dtype=x.dtype)
         if self.uses_fp8_activations(x):
             return self.forward_fp8(*ops.quantize_rows(x, backend=self.backend), out_dtype=x.dtype)
         return ops.fp8_linear(x, self.weight, self.weight_scale, self.bias, backend=self.backend)
@@ -115,6 +178,61 @@ class FP8Linear(nn.Module):
         if epilogue == "gated_residual":
             return ops.gated_residual(residual, gate, y, backend=self.backend)
         return y
+
+    # --- the fast blocks' steps (BlockLinear), fused where fp8 allows ----------------------------------------------
+    def reads_fp8_rows(self, x: Tensor) -> bool:
+        return self.uses_fp8_activations(x)
+
+    def gelu_in_gemm(self, x: Tensor | FP8Rows) -> bool:
+        # weight-only: fp8_linear's epilogue; W8A8: only the Triton GEMM has an epilogue (torch._scaled_mm has none)
+        return not isinstance(x, FP8Rows) or self.w8a8_gemm == "triton"
+
+    def after_norm(self, x: Tensor, scale: Tensor, shift: Tensor, backend: str) -> Tensor:
+        if self.reads_fp8_rows(x):  # the LN kernel emits the fp8 rows and their scales: no separate quantize pass
+            return self(FP8Rows(*ops.modulated_layer_norm_fp8(x, scale, shift, backend=backend), x.dtype))
+        return super().after_norm(x, scale, shift, backend)
+
+    def after_residual_norm(self, h: Tensor, gate: Tensor, y: Tensor, scale: Tensor, shift: Tensor,
+                            backend: str) -> tuple[Tensor, Tensor | FP8Rows]:
+        if self.reads_fp8_rows(h):
+            h, x8, x_scale = ops.gated_residual_norm_fp8(h, gate, y, scale, shift, backend=backend)
+            return h, FP8Rows(x8, x_scale, h.dtype)
+        return super().after_residual_norm(h, gate, y, scale, shift, backend)
+
+    def linear_gelu(self, x: Tensor | FP8Rows) -> Tensor:
+        if isinstance(x, FP8Rows):
+            return self.forward_fp8(x.x8, x.scale, epilogue="gelu_tanh", out_dtype=x.dtype)
+        return ops.fp8_linear(x, self.weight, self.weight_scale, self.bias, epilogue="gelu_tanh", backend=self.backend)
+
+    def gated(self, x: Tensor, residual: Tensor, gate: Tensor, backend: str) -> Tensor:
+        if self.reads_fp8_rows(x):
+            return self._gated_rows(x, None, residual, gate, backend)
+        # weight-only (or W8A8 at <= 16 rows, which runs weight-only): the gated residual in the GEMM's epilogue
+        return ops.fp8_linear(x, self.weight, self.weight_scale, self.bias, residual=residual, gate=gate,
+                              epilogue="gated_residual", backend=self.backend)
+
+    def gated_gelu(self, hidden: Tensor, residual: Tensor, gate: Tensor, backend: str) -> Tensor:
+        """residual + gate * self(gelu_tanh(hidden)) for a W8A8 linear (reads_fp8_rows(hidden)): the GELU rides in
+        the pass that quantizes hidden's rows, so the 4x-wide activation is not written twice."""
+        return self._gated_rows(hidden, 0, residual, gate, backend)
+
+    def gated_attention_mlp(self, attention: Tensor, hidden: Tensor, residual: Tensor, gate: Tensor,
+                            backend: str) -> Tensor:
+        if self.reads_fp8_rows(residual):
+            # the attention goes into hidden's dead v columns, so hidden[..., 2C:] is linear2's input row already:
+            # one pass quantizes it, GELU-ing the mlp columns on the way, and no [attention | gelu(mlp)] buffer is
+            # ever written
+            C = attention.shape[-1]
+            hidden[..., 2 * C : 3 * C] = attention
+            return self._gated_rows(hidden[..., 2 * C :], C, residual, gate, backend)
+        return super().gated_attention_mlp(attention, hidden, residual, gate, backend)
+
+    def _gated_rows(self, x: Tensor, gelu_from: int | None, residual: Tensor, gate: Tensor, backend: str) -> Tensor:
+        """W8A8 residual + gate * self(x), x's columns gelu_from: GELU'd in the quantization pass, the gated residual
+        in the GEMM's epilogue."""
+        x8, x_scale = ops.quantize_rows(x, gelu_from=gelu_from, backend=backend)
+        return self.forward_fp8(x8, x_scale, residual=residual, gate=gate, epilogue="gated_residual",
+                                out_dtype=x.dtype)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "

@@ -1,7 +1,7 @@
-"""The accelerated FLUX transformer, built from fluxrt.ops only (DESIGN.md §2), and fluxrt.compile.
+"""The accelerated FLUX transformer (FastFlux), built from fluxrt.ops only (DESIGN.md §2).
 
-    fast = fluxrt.compile(model)            # model: fluxrt.reference.Flux; same call signature back
-    fast.plan                               # what runs where (backend per op, quantization, graphs)
+    fast = fluxrt.compile(model)            # fluxrt.compiler: checks, converts, then builds a FastFlux
+    fast.plan                               # what runs where (backend per op, quantization, graphs, last call)
 
 FastFlux reuses the reference model's parameters (no copy) and runs its blocks on the fused ops: modulated
 LayerNorm, QK-RMSNorm + RoPE straight into the joint attention layout, joint attention writing the
@@ -9,9 +9,10 @@ projection's layout, gated residual fused with the next norm. All 57 modulation 
 11.9 B parameters, GEMVs with M = batch) run as one batched GEMV per step: their weights are concatenated
 once and each block's parameters become views into the concatenation, so memory stays one copy.
 
-A diffusers FluxTransformer2DModel is converted (fluxrt.diffusers_adapter) and wrapped so its call stays
-diffusers'; a FluxPipeline gets its transformer and VAE replaced in place. On a GPU the step runs through CUDA
-graphs (fluxrt.graphs; cuda_graphs="auto"). Autoencoders (reference or diffusers) go to fluxrt.vae.
+The block code reads like BFL's forward: each linear is called through the steps of fluxrt.quantize.BlockLinear
+(after_norm, after_residual_norm, linear_gelu, gated, ...), which FP8Linear fuses further than a plain linear does
+(norms emitting fp8 rows, GELU and gated residuals in GEMM epilogues). On a GPU the step runs through CUDA graphs
+(fluxrt.graphs).
 """
 
 from __future__ import annotations
@@ -23,9 +24,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import ops
+from .convert import CheckpointError
 from .graphs import GraphedCall
-from .quantize import FP8Linear, quantize as quantize_model, require_fp8_tensor_cores
-from .reference.autoencoder import AutoEncoder
+from .quantize import BlockLinear, FP8Linear, FP8Rows
 from .reference.model import DoubleStreamBlock, Flux, SingleStreamBlock, timestep_embedding
 
 log = logging.getLogger("fluxrt")
@@ -45,55 +46,21 @@ def _chunks(mod: Tensor, n: int) -> tuple[Tensor, ...]:
     return mod[:, None, :].chunk(n, dim=-1)
 
 
-def _is_w8a8(linear: nn.Module, x: Tensor) -> bool:
-    return isinstance(linear, FP8Linear) and linear.uses_fp8_activations(x)
+class PlainLinear(BlockLinear):
+    """An unquantized nn.Linear as the fast blocks call it (BlockLinear's plain steps; GELU in cuBLASLt's epilogue)."""
+
+    def __init__(self, linear: nn.Linear):
+        self.linear = linear
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return self.linear(x)
+
+    def linear_gelu(self, x: Tensor) -> Tensor:
+        return _linear_gelu_tanh(self.linear, x)
 
 
-def _norm_linear(linear: nn.Module, x: Tensor, scale: Tensor, shift: Tensor, backend: str) -> Tensor:
-    """linear(LN(x) * (1 + scale) + shift); for a W8A8 linear the LN kernel emits the fp8 rows and their scales
-    itself (no separate quantization pass over the activations)."""
-    if _is_w8a8(linear, x):
-        x8, x_scale = ops.modulated_layer_norm_fp8(x, scale, shift, backend=backend)
-        return linear.forward_fp8(x8, x_scale, out_dtype=x.dtype)
-    return linear(ops.modulated_layer_norm(x, scale, shift, backend=backend))
-
-
-def _gated_down(down: nn.Module, hidden: Tensor, residual: Tensor, gate: Tensor, backend: str) -> Tensor:
-    """residual + gate * down(hidden), the gated residual in the GEMM's epilogue where the linear is FP8."""
-    if _is_w8a8(down, hidden):
-        return down.forward_fp8(*ops.quantize_rows(hidden, backend=backend), residual=residual, gate=gate,
-                                epilogue="gated_residual", out_dtype=hidden.dtype)
-    if isinstance(down, FP8Linear):  # weight-only (or W8A8 at <= 16 rows, which runs weight-only)
-        return ops.fp8_linear(hidden, down.weight, down.weight_scale, down.bias, residual=residual, gate=gate,
-                              epilogue="gated_residual", backend=down.backend)
-    return ops.gated_residual(residual, gate, down(hidden), backend=backend)
-
-
-def _attn_then_mlp(mlp: nn.Sequential, h: Tensor, gate1: Tensor, attn_out: Tensor, scale2: Tensor, shift2: Tensor,
-                   gate2: Tensor, backend: str) -> Tensor:
-    """h += gate1 * attn_out, then h += gate2 * mlp(LN(h) * (1 + scale2) + shift2), the norm fused with the first
-    residual. FP8 linears take the GELU-tanh and the second gated residual in their GEMM epilogues, so the
-    4x-wide hidden activation is written once; W8A8 gets its input rows already quantized by the norm kernel."""
-    up, _, down = mlp
-    if _is_w8a8(up, h) and _is_w8a8(down, h):
-        h, x8, x_scale = ops.gated_residual_norm_fp8(h, gate1, attn_out, scale2, shift2, backend=backend)
-        # the GELU rides in the pass that quantizes the hidden rows for the down projection (in the up GEMM's
-        # epilogue instead when that GEMM is Triton's, which has one)
-        fused_gelu = up.w8a8_gemm == "triton"
-        hidden = up.forward_fp8(x8, x_scale, epilogue="gelu_tanh" if fused_gelu else "none", out_dtype=h.dtype)
-        hidden8, hidden_scale = ops.quantize_rows(hidden, gelu_from=None if fused_gelu else 0, backend=backend)
-        return down.forward_fp8(hidden8, hidden_scale, residual=h, gate=gate2, epilogue="gated_residual",
-                                out_dtype=h.dtype)
-    if _is_w8a8(up, h):
-        h, x8, x_scale = ops.gated_residual_norm_fp8(h, gate1, attn_out, scale2, shift2, backend=backend)
-        hidden = up.forward_fp8(x8, x_scale, epilogue="gelu_tanh", out_dtype=h.dtype)
-    else:
-        h, x = ops.gated_residual_norm(h, gate1, attn_out, scale2, shift2, backend=backend)
-        if isinstance(up, FP8Linear):
-            hidden = ops.fp8_linear(x, up.weight, up.weight_scale, up.bias, epilogue="gelu_tanh", backend=up.backend)
-        else:
-            hidden = _linear_gelu_tanh(up, x)
-    return _gated_down(down, hidden, h, gate2, backend)
+def block_linear(module: nn.Module) -> BlockLinear:
+    return module if isinstance(module, BlockLinear) else PlainLinear(module)
 
 
 def _linear_gelu_tanh(linear: nn.Linear, x: Tensor) -> Tensor:
@@ -107,68 +74,77 @@ def _linear_gelu_tanh(linear: nn.Linear, x: Tensor) -> Tensor:
     return F.gelu(linear(x), approximate="tanh")
 
 
+def _mlp_after_attention(mlp: nn.Sequential, h: Tensor, gate1: Tensor, attn_out: Tensor, scale2: Tensor,
+                         shift2: Tensor, gate2: Tensor, backend: str) -> Tensor:
+    """h += gate1 * attn_out, then h += gate2 * mlp(LN(h) * (1 + scale2) + shift2): the norm fused with the first
+    residual, the second residual with the down projection."""
+    up, down = block_linear(mlp[0]), block_linear(mlp[2])
+    h, x = up.after_residual_norm(h, gate1, attn_out, scale2, shift2, backend)
+    if up.gelu_in_gemm(x) or not down.reads_fp8_rows(h):
+        return down.gated(up.linear_gelu(x), h, gate2, backend)
+    # an up GEMM without an epilogue before a down projection that quantizes its input rows: the GELU rides in that
+    # quantization pass, so the 4x-wide hidden activation is written once
+    return down.gated_gelu(up(x), h, gate2, backend)
+
+
 def double_block_forward(block: DoubleStreamBlock, img: Tensor, txt: Tensor, img_mod: Tensor, txt_mod: Tensor,
                          cos: Tensor, sin: Tensor, backend: str = "auto", fp8_attention_rows: bool = True,
                          fp8_attention: bool = False) -> tuple[Tensor, Tensor]:
     """img_mod, txt_mod: the block's modulation outputs [B, 6C] (img_mod.lin / txt_mod.lin of silu(vec)).
 
-    fp8_attention_rows: when both attention projections are W8A8, the attention kernel writes their e4m3 input
-    rows itself (scaled by the max |v| bound, kernels/joint_attention.py) instead of bf16 rows that are then
-    quantized per token; False keeps the per-token path. fp8_attention: the FP8 attention kernel (its output
+    fp8_attention_rows: when both attention projections read fp8 rows (W8A8), the attention kernel writes their
+    e4m3 input rows itself (scaled by the max |v| bound, kernels/joint_attention.py) instead of bf16 rows that are
+    then quantized per token; False keeps the per-token path. fp8_attention: the FP8 attention kernel (its output
     then goes through the projections like a bf16 one)."""
     img_shift1, img_scale1, img_gate1, img_shift2, img_scale2, img_gate2 = _chunks(img_mod, 6)
     txt_shift1, txt_scale1, txt_gate1, txt_shift2, txt_scale2, txt_gate2 = _chunks(txt_mod, 6)
-    img_qkv = _norm_linear(block.img_attn.qkv, img, img_scale1, img_shift1, backend)
-    txt_qkv = _norm_linear(block.txt_attn.qkv, txt, txt_scale1, txt_shift1, backend)
+    img_qkv = block_linear(block.img_attn.qkv).after_norm(img, img_scale1, img_shift1, backend)
+    txt_qkv = block_linear(block.txt_attn.qkv).after_norm(txt, txt_scale1, txt_shift1, backend)
     img_norm, txt_norm = block.img_attn.norm, block.txt_attn.norm
     rope_args = (txt_qkv, img_qkv, txt_norm.query_norm.scale, txt_norm.key_norm.scale, img_norm.query_norm.scale,
                  img_norm.key_norm.scale, cos, sin, block.num_heads)
     T = txt.shape[1]
-    img_proj, txt_proj = block.img_attn.proj, block.txt_attn.proj
-    if fp8_attention_rows and not fp8_attention and _is_w8a8(img_proj, img) and _is_w8a8(txt_proj, txt):
+    img_proj, txt_proj = block_linear(block.img_attn.proj), block_linear(block.txt_attn.proj)
+    if fp8_attention_rows and not fp8_attention and img_proj.reads_fp8_rows(img) and txt_proj.reads_fp8_rows(txt):
         qkv, v_absmax = ops.rope_qk_norm_joint_v_absmax(*rope_args, backend=backend)
         attn8, row_scale = ops.joint_attention_fp8_out(qkv[0], qkv[1], qkv[2], v_absmax, backend=backend)
-        img_attn_out = img_proj.forward_fp8(attn8[:, T:], row_scale[:, T:], out_dtype=img.dtype)
-        txt_attn_out = txt_proj.forward_fp8(attn8[:, :T], row_scale[:, :T], out_dtype=txt.dtype)
+        img_attn_out = img_proj(FP8Rows(attn8[:, T:], row_scale[:, T:], img.dtype))
+        txt_attn_out = txt_proj(FP8Rows(attn8[:, :T], row_scale[:, :T], txt.dtype))
     else:
         attn = _attention(ops.rope_qk_norm_joint(*rope_args, backend=backend), backend, fp8_attention)
         img_attn_out, txt_attn_out = img_proj(attn[:, T:]), txt_proj(attn[:, :T])
 
-    img = _attn_then_mlp(block.img_mlp, img, img_gate1, img_attn_out, img_scale2, img_shift2, img_gate2, backend)
-    txt = _attn_then_mlp(block.txt_mlp, txt, txt_gate1, txt_attn_out, txt_scale2, txt_shift2, txt_gate2, backend)
+    img = _mlp_after_attention(block.img_mlp, img, img_gate1, img_attn_out, img_scale2, img_shift2, img_gate2, backend)
+    txt = _mlp_after_attention(block.txt_mlp, txt, txt_gate1, txt_attn_out, txt_scale2, txt_shift2, txt_gate2, backend)
     return img, txt
-
-
-def _attention_and_gelu(attn: Tensor, mlp: Tensor, act: nn.GELU) -> Tensor:
-    """[attn | act(mlp)] along the last dim, what linear2 reads. Eager: GELU writes its part of the buffer directly,
-    so only the narrow attention output is copied in (torch.cat would re-read and re-write the 4x-wide MLP
-    activation). Under torch.compile (which rejects a strided `out=`) the cat, which inductor fuses anyway."""
-    if torch.compiler.is_compiling():
-        return torch.cat((attn, act(mlp)), dim=-1)
-    joined = mlp.new_empty(*mlp.shape[:-1], attn.shape[-1] + mlp.shape[-1])
-    torch.ops.aten.gelu.out(mlp, approximate=act.approximate, out=joined[..., attn.shape[-1] :])
-    joined[..., : attn.shape[-1]] = attn
-    return joined
 
 
 def single_block_forward(block: SingleStreamBlock, x: Tensor, mod: Tensor, cos: Tensor, sin: Tensor,
                          backend: str = "auto", fp8_attention: bool = False) -> Tensor:
     """mod: the block's modulation output [B, 3C] (modulation.lin of silu(vec))."""
     shift, scale, gate = _chunks(mod, 3)
-    hidden = _norm_linear(block.linear1, x, scale, shift, backend)  # [B, S, 3C + mlp]; qkv read in place
+    hidden = block_linear(block.linear1).after_norm(x, scale, shift, backend)  # [B, S, 3C + mlp]; qkv read in place
     qkv = ops.rope_qk_norm(hidden[..., : 3 * block.hidden_size], block.norm.query_norm.scale,
                            block.norm.key_norm.scale, cos, sin, block.num_heads, backend=backend)
-    C = block.hidden_size
-    if _is_w8a8(block.linear2, x):
-        # linear2 reads [attention | gelu(mlp)]. hidden's v columns are dead once rope_qk_norm has copied q, k, v
-        # out, so the attention output goes there and hidden[..., 2C:] is that row already: one pass quantizes
-        # it, GELU-ing the mlp columns on the way, and no bf16 [attention | gelu(mlp)] buffer is ever written.
-        hidden[..., 2 * C : 3 * C] = _attention(qkv, backend, fp8_attention)
-        x8, x_scale = ops.quantize_rows(hidden[..., 2 * C :], gelu_from=C, backend=backend)
-        return block.linear2.forward_fp8(x8, x_scale, residual=x, gate=gate, epilogue="gated_residual",
-                                         out_dtype=x.dtype)
-    joined = _attention_and_gelu(_attention(qkv, backend, fp8_attention), hidden[..., 3 * C :], block.mlp_act)
-    return _gated_down(block.linear2, joined, x, gate, backend)
+    attention = _attention(qkv, backend, fp8_attention)
+    return block_linear(block.linear2).gated_attention_mlp(attention, hidden, x, gate, backend)
+
+
+def _concatenation(parts: list[Tensor]) -> Tensor:
+    """torch.cat(parts) along dim 0; when the parts already lie back to back in one storage (the views a previous
+    compile of this model made), the view spanning them instead: compiling a model again must not leave a second
+    copy of its batched modulation weights (6.4 GB at FLUX's size in bf16)."""
+    first = parts[0]
+    offset = first.storage_offset()
+    for part in parts:
+        adjacent = (part.untyped_storage().data_ptr() == first.untyped_storage().data_ptr()
+                    and part.storage_offset() == offset and part.is_contiguous() and part.dtype == first.dtype
+                    and part.shape[1:] == first.shape[1:])
+        if not adjacent:
+            return torch.cat(parts)
+        offset += part.numel()
+    rows = sum(part.shape[0] for part in parts)
+    return first.as_strided((rows, *first.shape[1:]), first.stride(), first.storage_offset())
 
 
 def _batch_linears(linears: list[nn.Module]) -> nn.Module:
@@ -178,7 +154,7 @@ def _batch_linears(linears: list[nn.Module]) -> nn.Module:
         raise TypeError(f"cannot batch modulation linears of types {sorted(t.__name__ for t in {type(m) for m in linears})}")
     names = ["weight", "bias"] + (["weight_scale"] if isinstance(linears[0], FP8Linear) else [])
     with torch.no_grad():
-        joined = {n: torch.cat([getattr(m, n) for m in linears]) for n in names}
+        joined = {n: _concatenation([getattr(m, n) for m in linears]) for n in names}
         first = linears[0]
         if isinstance(first, FP8Linear):
             batched = FP8Linear(first.in_features, joined["weight"].shape[0], device="meta", backend=first.backend,
@@ -197,8 +173,77 @@ def _batch_linears(linears: list[nn.Module]) -> nn.Module:
     return batched
 
 
+def _modulation_linears(model: Flux) -> list[tuple[str, nn.Module]]:
+    names = [f"double_blocks.{i}.{s}_mod.lin" for i in range(len(model.double_blocks)) for s in ("img", "txt")]
+    names += [f"single_blocks.{i}.modulation.lin" for i in range(len(model.single_blocks))]
+    return [(name, model.get_submodule(name)) for name in names]
+
+
+def _block_linears(model: Flux) -> list[tuple[str, nn.Module]]:
+    """The linears FastFlux calls itself (through BlockLinear), the modulation linears excepted."""
+    names = [f"double_blocks.{i}.{s}_{part}" for i in range(len(model.double_blocks)) for s in ("img", "txt")
+             for part in ("attn.qkv", "attn.proj", "mlp.0", "mlp.2")]
+    names += [f"single_blocks.{i}.{lin}" for i in range(len(model.single_blocks)) for lin in ("linear1", "linear2")]
+    return [(name, model.get_submodule(name)) for name in names]
+
+
+def check_compilable(model: Flux, quantize: str | None) -> None:
+    """Raise before anything is changed if FastFlux could not run `model` (quantized first as `quantize` asks):
+    parameters on one device, of one floating dtype (an FP8Linear's fp8 weights and fp32 scales aside), every block
+    linear an nn.Linear or FP8Linear (FastFlux calls their weights itself, so a wrapper such as an unfused LoRA
+    layer would be skipped silently)."""
+    params = dict(model.named_parameters())
+    if any(p.is_meta for p in params.values()):
+        raise CheckpointError("the model has meta (empty) parameters: load its weights before fluxrt.compile")
+    devices = sorted({str(p.device) for p in params.values()})
+    if len(devices) != 1:
+        raise CheckpointError(f"the model's parameters are on several devices ({', '.join(devices)}): move it to one "
+                              "(model.to(device)) before fluxrt.compile")
+    fp8_storage = {f"{name}.{p}" for name, m in model.named_modules() if isinstance(m, FP8Linear)
+                   for p in ("weight", "weight_scale")}
+    by_dtype: dict[torch.dtype, list[str]] = {}
+    for name, p in params.items():
+        if name not in fp8_storage:
+            by_dtype.setdefault(p.dtype, []).append(name)
+    if len(by_dtype) != 1 or not next(iter(by_dtype)).is_floating_point:
+        shown = "; ".join(f"{dtype}: {', '.join(names[:3])}{' ...' if len(names) > 3 else ''}"
+                          for dtype, names in by_dtype.items())
+        raise CheckpointError(f"the model's parameters must share one floating dtype, found {shown}: cast the model "
+                              "to one dtype (model.to(torch.bfloat16)) before quantizing and compiling it")
+    for name, module in _modulation_linears(model) + _block_linears(model):
+        if type(module) is not nn.Linear and not isinstance(module, FP8Linear):
+            raise CheckpointError(f"{name} is a {type(module).__name__}, not an nn.Linear or FP8Linear: fluxrt.compile "
+                                  "runs the blocks' linears itself and would skip what that module adds (an unfused "
+                                  "LoRA: fuse it into the weights first)")
+    kinds = {FP8Linear if quantize is not None else type(m) for _, m in _modulation_linears(model)}
+    if len(kinds) > 1:
+        raise CheckpointError("the modulation linears mix nn.Linear and FP8Linear, which cannot run as one batched "
+                              "GEMV: quantize all of them (fluxrt.quantize.quantize(model)) or none")
+
+
+def _linears_description(model: Flux, kernels: str) -> str:
+    """What the blocks' linears are, from the model itself (it may have been quantized before compile)."""
+    kinds = set()
+    for _, m in _block_linears(model):
+        if not isinstance(m, FP8Linear):
+            kinds.add("torch (bf16/fp32)")
+        elif m.activations == "bf16":
+            kinds.add(f"fp8 weight-only ({kernels})")
+        elif m.w8a8_gemm == "triton":
+            kinds.add("fp8 W8A8 (Triton fp8 GEMM, epilogues fused; rows quantized in the norm kernels, attention output "
+                      "rows in the attention kernel; <= 16 rows weight-only)")
+        else:
+            kinds.add("fp8 W8A8 (torch._scaled_mm; rows quantized in the norm kernels, attention output rows in the "
+                      "attention kernel; <= 16 rows weight-only)")
+    return " + ".join(sorted(kinds))
+
+
 class FastFlux(nn.Module):
-    """A fluxrt.reference.Flux run on fluxrt.ops; same forward signature (BFL's) and output."""
+    """A fluxrt.reference.Flux run on fluxrt.ops; same forward signature (BFL's) and output.
+
+    `plan` says what runs where; plan["last_call"] is what the last call actually ran ({op: sorted backends}, from
+    fluxrt.ops.trace; None before the first call). A CUDA graph replay runs no Python and records nothing, so on a
+    GPU with graphs on it is the record of the last eager call or graph capture."""
 
     def __init__(self, model: Flux, backend: str = "auto", cuda_graphs: bool = False, attention: str = "bf16"):
         super().__init__()
@@ -207,18 +252,48 @@ class FastFlux(nn.Module):
         self.fp8_attention = attention == "fp8"
         self.fp8_attention_rows = True  # W8A8: attention writes the projections' fp8 rows (double_block_forward)
         self.graphs = GraphedCall(self._forward) if cuda_graphs else None
-        mod_linears = [lin for b in model.double_blocks for lin in (b.img_mod.lin, b.txt_mod.lin)]
-        mod_linears += [b.modulation.lin for b in model.single_blocks]
+        mod_linears = [lin for _, lin in _modulation_linears(model)]
         self.mod_sizes = [lin.weight.shape[0] for lin in mod_linears]
         self.modulation = _batch_linears(mod_linears) if mod_linears else None
+        self.plan = self._describe()
+
+    def _describe(self) -> dict:
+        device = self.model.img_in.weight.device
+        kernels = "triton" if self.backend == "triton" or (self.backend == "auto" and device.type == "cuda") else "torch"
+        quantized = [m for _, m in _block_linears(self.model) if isinstance(m, FP8Linear)]
+        if not quantized:
+            gelu = "in the cuBLASLt GEMM epilogue" if device.type == "cuda" else "separate op (CPU)"
+        elif all(m.activations == "bf16" for m in quantized):
+            gelu = "in the fp8 GEMM's epilogue"
+        else:
+            gelu = "separate op after torch._scaled_mm (in the epilogue with w8a8_gemm='triton')"
+        return {
+            "device": str(device),
+            "ops": {op: kernels for op in ("modulated_layer_norm", "gated_residual_norm", "gated_residual",
+                                            "rope_qk_norm", "joint_attention")},
+            "linears": _linears_description(self.model, kernels),
+            "modulation": f"{len(self.mod_sizes)} linears batched into one GEMV",
+            "attention": "fp8 (e4m3 q, k, v; per-(batch, head) scales)" if self.fp8_attention else "model dtype",
+            "mlp_gelu": gelu,
+            "cuda_graphs": (f"on (one graph per input shape, up to {self.graphs.max_graphs} kept)" if self.graphs
+                            else "off"),
+            "last_call": None,
+        }
 
     def forward(self, img: Tensor, img_ids: Tensor, txt: Tensor, txt_ids: Tensor, timesteps: Tensor, y: Tensor,
                 guidance: Tensor | None = None) -> Tensor:
         kwargs = dict(img=img, img_ids=img_ids, txt=txt, txt_ids=txt_ids, timesteps=timesteps, y=y, guidance=guidance)
-        if self.graphs is not None and img.is_cuda and not torch.compiler.is_compiling():
-            self.model._check_inputs(img, img_ids, txt, txt_ids, timesteps, y, guidance)  # errors before capture
-            return self.graphs(**kwargs)
-        return self._forward(**kwargs)
+        if torch.compiler.is_compiling():  # traced into a graph: nothing is recorded at run time
+            return self._forward(**kwargs)
+        with ops.trace() as ran:
+            if self.graphs is not None and img.is_cuda:
+                self.model._check_inputs(img, img_ids, txt, txt_ids, timesteps, y, guidance)  # errors before capture
+                out = self.graphs(**kwargs)
+            else:
+                out = self._forward(**kwargs)
+        if ran:  # empty for a graph replay: keep the capture's record
+            self.plan["last_call"] = {op: sorted(backends) for op, backends in ran.backends().items()}
+        return out
 
     def _forward(self, img: Tensor, img_ids: Tensor, txt: Tensor, txt_ids: Tensor, timesteps: Tensor, y: Tensor,
                  guidance: Tensor | None = None) -> Tensor:
@@ -240,77 +315,3 @@ class FastFlux(nn.Module):
         for block in m.single_blocks:
             x = single_block_forward(block, x, next(mods), cos, sin, self.backend, self.fp8_attention)
         return m.final_layer(x[:, txt.shape[1] :], vec)
-
-
-def compile(obj, quantize: str | None = None, backend: str = "auto", cuda_graphs="auto",
-            attention: str = "bf16") -> nn.Module:
-    """Accelerate a FLUX transformer; returns a module with the same call signature (see the module docstring).
-
-    quantize: None | "fp8-weight" (FP8 weights, any GPU) | "fp8" (W8A8, sm_89+). The model is modified in place
-    (its parameters are reused, batched or quantized, never duplicated): keep using the returned object.
-    attention: "bf16" (the model's dtype) | "fp8" (e4m3 q, k, v with per-(batch, head) scales, sm_89+; off by
-    default: benchmarks/NOTES.md has its accuracy).
-    """
-    if backend not in ops.BACKENDS:
-        raise ValueError(f"backend must be one of {ops.BACKENDS}, got {backend!r}")
-    if quantize not in (None, "fp8", "fp8-weight"):
-        raise ValueError(f"quantize must be None, 'fp8' (W8A8) or 'fp8-weight', got {quantize!r}")
-    if cuda_graphs not in ("auto", False, True):
-        raise ValueError(f"cuda_graphs must be 'auto', True or False, got {cuda_graphs!r}")
-    if attention not in ("bf16", "fp8"):
-        raise ValueError(f"attention must be 'bf16' or 'fp8', got {attention!r}")
-    from .diffusers_adapter import (
-        FastFluxTransformer,
-        flux_from_diffusers,
-        is_diffusers_flux,
-        is_diffusers_flux_pipeline,
-    )
-
-    from .vae import compile_autoencoder, is_diffusers_autoencoder_kl
-
-    if is_diffusers_flux_pipeline(obj):  # its transformer and VAE are replaced in place
-        obj.transformer = compile(obj.transformer, quantize=quantize, backend=backend, cuda_graphs=cuda_graphs,
-                                  attention=attention)
-        obj.vae = compile_autoencoder(obj.vae, backend=backend)
-        return obj
-    if isinstance(obj, AutoEncoder) or is_diffusers_autoencoder_kl(obj):
-        for name, value, default in (("quantize", quantize, None), ("attention", attention, "bf16")):
-            if value != default:
-                raise ValueError(f"{name}={value!r} applies to the transformer; the autoencoder runs in its own dtype")
-        return compile_autoencoder(obj, backend=backend)
-    diffusers_config = None
-    if is_diffusers_flux(obj):
-        diffusers_config = obj.config
-        obj = flux_from_diffusers(obj)
-    elif not isinstance(obj, Flux):
-        raise TypeError(f"fluxrt.compile accepts a fluxrt.reference.Flux or AutoEncoder, a diffusers "
-                        f"FluxTransformer2DModel, AutoencoderKL or FluxPipeline; got {type(obj).__name__}")
-    device = next(obj.parameters()).device
-    if quantize == "fp8":
-        require_fp8_tensor_cores(device)
-    if attention == "fp8" and device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
-        raise RuntimeError(f"attention='fp8' needs fp8 tensor cores (sm_89+); {torch.cuda.get_device_name(device)} "
-                           "has none: use attention='bf16'")
-    if cuda_graphs is True and device.type != "cuda":
-        raise ValueError(f"cuda_graphs=True needs the model on a CUDA device; it is on {device}")
-    graphs = device.type == "cuda" if cuda_graphs == "auto" else cuda_graphs
-    if quantize is not None:
-        quantize_model(obj, backend=backend, activations="fp8" if quantize == "fp8" else "bf16")
-    fast = FastFlux(obj, backend=backend, cuda_graphs=graphs, attention=attention)
-    kernels = "triton" if backend == "triton" or (backend == "auto" and device.type == "cuda") else "torch"
-    fast.plan = {
-        "device": str(device),
-        "ops": {op: kernels for op in ("modulated_layer_norm", "gated_residual_norm", "gated_residual",
-                                        "rope_qk_norm", "joint_attention")},
-        "linears": {None: "torch (bf16/fp32)", "fp8-weight": f"fp8 weight-only ({kernels})",
-                    "fp8": "fp8 W8A8 (torch._scaled_mm; rows quantized in the norm kernels, attention output rows "
-                           "in the attention kernel; <= 16 rows weight-only)"}[quantize],
-        "modulation": f"{len(fast.mod_sizes)} linears batched into one GEMV",
-        "attention": "fp8 (e4m3 q, k, v; per-(batch, head) scales)" if attention == "fp8" else "model dtype",
-        "mlp_gelu": {None: "in the cuBLASLt GEMM epilogue" if device.type == "cuda" else "separate op (CPU)",
-                     "fp8-weight": "in the fp8 GEMM's epilogue",
-                     "fp8": "separate op after torch._scaled_mm (in the epilogue with w8a8_gemm='triton')"}[quantize],
-        "cuda_graphs": f"on (one graph per input shape, up to {fast.graphs.max_graphs} kept)" if graphs else "off",
-    }
-    log.info("fluxrt.compile plan: %s", fast.plan)
-    return fast if diffusers_config is None else FastFluxTransformer(fast, diffusers_config)

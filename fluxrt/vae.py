@@ -16,8 +16,9 @@ above `TILE_AUTO_LATENT_PIXELS` (2048x2048 images and larger) or on request, to 
 
 from __future__ import annotations
 
+import functools
 import logging
-import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +35,7 @@ log = logging.getLogger("fluxrt")
 TILE_LATENT = 128
 TILE_OVERLAP = 32
 TILE_AUTO_LATENT_PIXELS = 2 * TILE_LATENT * TILE_LATENT
+_EXTENSION_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # what fluxrt._C's group-norm kernels take
 
 
 Stage = tuple[str, nn.Module]  # ("conv" | "resnet" | "attn" | "out", module); a net is a flat list of stages
@@ -75,6 +77,20 @@ def _encoder_stages(e: Encoder) -> list[Stage]:
     return stages
 
 
+def _records_last_call(method):
+    """Run a FastAutoEncoder API method inside fluxrt.ops.trace() and keep what ran in plan["last_call"]. Calls
+    nest (decode -> decode_unscaled): the outermost one finishes last, so its whole record is what stays."""
+
+    @functools.wraps(method)
+    def recorded(self, *args, **kwargs):
+        with ops.trace() as ran:
+            out = method(self, *args, **kwargs)
+        self.plan["last_call"] = {op: sorted(backends) for op, backends in ran.backends().items()}
+        return out
+
+    return recorded
+
+
 class FastAutoEncoder(nn.Module):
     """Same API as fluxrt.reference.AutoEncoder (encode / decode / forward), running its (shared) weights fast.
 
@@ -96,13 +112,24 @@ class FastAutoEncoder(nn.Module):
         self.tiling = tiling
         self.tile_latent, self.tile_overlap, self.tile_auto_pixels = TILE_LATENT, TILE_OVERLAP, TILE_AUTO_LATENT_PIXELS
         self.slicing = False  # decode one image of a batch at a time (diffusers' enable_slicing)
-        for block in (ae.encoder.mid.attn_1, ae.decoder.mid.attn_1):
-            _fuse_qkv(block)
+        self._fused_qkv: dict[int, tuple[tuple, Tensor, Tensor]] = {}  # id(AttnBlock) -> (its key, weight, bias)
         if self.channels_last:  # NHWC weights once here, not a format conversion per call
             for conv in (m for m in ae.modules() if isinstance(m, nn.Conv2d)):
                 conv.weight.data = conv.weight.data.contiguous(memory_format=torch.channels_last)
         self._decoder = _decoder_stages(ae.decoder)
         self._encoder = _encoder_stages(ae.encoder)
+        self.plan = self._describe(device)
+
+    def _describe(self, device: torch.device) -> dict:
+        fused = "torch formulas" if self.backend == "torch" else _fused_ops_description(device)
+        return {
+            "device": str(device),
+            "ops": {"group_norm_silu": fused, "add_group_norm_silu": fused},
+            "convolutions": "channels-last" if self.channels_last else "NCHW",
+            "tiling": f"auto (above {TILE_AUTO_LATENT_PIXELS} latent pixels: {TILE_LATENT}^2 tiles, {TILE_OVERLAP} "
+                      "overlap)",
+            "last_call": None,  # what the last encode/decode/forward ran: {op: sorted backends} (fluxrt.ops.trace)
+        }
 
     @property
     def params(self) -> AutoEncoderParams:
@@ -117,24 +144,29 @@ class FastAutoEncoder(nn.Module):
         return self.ae.shift_factor
 
     # --- the reference API -------------------------------------------------------------------------------------
+    @_records_last_call
     def encode(self, x: Tensor) -> Tensor:
         """Images in [-1, 1] -> the scaled posterior mean (as AutoEncoder.encode)."""
         mean, _logvar = torch.chunk(self.encode_moments(x), 2, dim=1)
         return self.ae.scale_factor * (mean - self.ae.shift_factor)
 
+    @_records_last_call
     def decode(self, z: Tensor) -> Tensor:
         """Scaled latents -> images (as AutoEncoder.decode: z / scale + shift first)."""
         return self.decode_unscaled(z / self.ae.scale_factor + self.ae.shift_factor)
 
+    @_records_last_call
     def forward(self, x: Tensor) -> Tensor:
         return self.decode(self.encode(x))
 
     # --- raw encoder / decoder ---------------------------------------------------------------------------------
+    @_records_last_call
     def encode_moments(self, x: Tensor) -> Tensor:
         """[B, 3, H, W] -> [B, 2z, H/8, W/8] (mean | logvar), the encoder's raw output."""
         self._check(x, self.ae.params.in_channels, "images")
         return self._run(self._encoder, self._format(x)).contiguous()
 
+    @_records_last_call
     def decode_unscaled(self, z: Tensor) -> Tensor:
         """Unscaled latents [B, z, h, w] -> images [B, 3, 8h, 8w] (the decoder alone), tiled when configured."""
         self._check(z, self.ae.params.z_channels, "latents")
@@ -180,15 +212,21 @@ class FastAutoEncoder(nn.Module):
                 h, normed = module(h), None
         return h
 
+    def _op_backend(self, x: Tensor) -> str:
+        # fluxrt._C's kernels take fp32/bf16/fp16; "auto" runs an fp64 model (a truth to measure against, which the
+        # reference accepts) on the torch formulas, which compute in fp64 (plan["last_call"] shows it)
+        return "torch" if self.backend == "auto" and x.dtype not in _EXTENSION_DTYPES else self.backend
+
     def _norm(self, x: Tensor, norm: nn.GroupNorm, silu: bool) -> Tensor:
-        return ops.group_norm_silu(x, norm.weight, norm.bias, norm.num_groups, norm.eps, silu, backend=self.backend)
+        return ops.group_norm_silu(x, norm.weight, norm.bias, norm.num_groups, norm.eps, silu,
+                                   backend=self._op_backend(x))
 
     def _add_then_norm(self, x: Tensor, y: Tensor, next_norm: nn.GroupNorm | None, silu: bool):
         """(x + y, the next stage's leading norm of it), the norm fused with the add when there is one."""
         if next_norm is None:
             return x + y, None
         return ops.add_group_norm_silu(x, y, next_norm.weight, next_norm.bias, next_norm.num_groups, next_norm.eps,
-                                       silu, backend=self.backend)
+                                       silu, backend=self._op_backend(x))
 
     def _resnet(self, block: ResnetBlock, x: Tensor, normed: Tensor | None, next_norm, next_silu):
         h = block.conv1(normed if normed is not None else self._norm(x, block.norm1, silu=True))
@@ -197,28 +235,29 @@ class FastAutoEncoder(nn.Module):
         shortcut = block.nin_shortcut(x) if block.in_channels != block.out_channels else x
         return self._add_then_norm(shortcut, h, next_norm, next_silu)
 
+    def _qkv(self, block: AttnBlock) -> tuple[Tensor, Tensor]:
+        """The block's q/k/v 1x1 convs as one (weights concatenated: 3C^2 values, small next to the activations),
+        rebuilt whenever their weights change: a .to(dtype / device) gives them new storage, an in-place write
+        (load_state_dict, copy_) bumps their version counter. Kept off the module tree, so the reference module's
+        state_dict is unchanged and no stale copy is left behind for .to() to miss."""
+        sources = (block.q.weight, block.k.weight, block.v.weight, block.q.bias, block.k.bias, block.v.bias)
+        key = tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in sources)
+        cached = self._fused_qkv.get(id(block))
+        if cached is None or cached[0] != key:
+            with torch.no_grad():
+                cached = (key, torch.cat(sources[:3]), torch.cat(sources[3:]))
+            self._fused_qkv[id(block)] = cached
+        return cached[1], cached[2]
+
     def _attention(self, block: AttnBlock, x: Tensor, normed: Tensor | None, next_norm, next_silu):
         b, c, height, width = x.shape
-        qkv = block.qkv(normed if normed is not None else self._norm(x, block.norm, silu=False))
+        weight, bias = self._qkv(block)
+        qkv = F.conv2d(normed if normed is not None else self._norm(x, block.norm, silu=False), weight, bias)
         # [B, 3C, H, W] -> three [B, 1, HW, C]; for channels-last activations the permute is a free view
         q, k, v = qkv.permute(0, 2, 3, 1).reshape(b, 1, height * width, 3 * c).chunk(3, dim=-1)
         h = F.scaled_dot_product_attention(q, k, v)
         h = h.reshape(b, height, width, c).permute(0, 3, 1, 2)
         return self._add_then_norm(x, block.proj_out(self._format(h)), next_norm, next_silu)
-
-
-def _fuse_qkv(block: AttnBlock) -> None:
-    """Give an AttnBlock one `qkv` 1x1 conv (weights concatenated: 3C^2 values, small next to the activations);
-    its q/k/v convs stay as they are, so the reference forward and state_dict are unchanged."""
-    if hasattr(block, "qkv"):
-        return
-    c = block.q.weight.shape[0]
-    w = block.q.weight
-    qkv = nn.Conv2d(c, 3 * c, kernel_size=1, device=w.device, dtype=w.dtype)
-    qkv.weight.data = torch.cat([block.q.weight, block.k.weight, block.v.weight])
-    qkv.bias.data = torch.cat([block.q.bias, block.k.bias, block.v.bias])
-    # not registered as a submodule: it would add keys to the reference module's state_dict
-    object.__setattr__(block, "qkv", qkv.requires_grad_(False))
 
 
 def _tile_starts(size: int, tile: int, overlap: int) -> list[int]:
@@ -281,7 +320,7 @@ class FastAutoencoderKL(nn.Module):
         super().__init__()
         self.fast = fast
         self.config = config
-        self.plan = {}
+        self.plan = fast.plan  # the same dict: last_call stays current
 
     @property
     def dtype(self) -> torch.dtype:
@@ -326,26 +365,57 @@ def is_diffusers_autoencoder_kl(obj) -> bool:
     return type(obj).__name__ == "AutoencoderKL" and type(obj).__module__.startswith("diffusers")
 
 
-def autoencoder_from_diffusers(vae: nn.Module) -> AutoEncoder:
-    """A FLUX diffusers AutoencoderKL as a fluxrt.reference.AutoEncoder, by moving its tensors (no second copy);
-    the diffusers model is consumed (its parameters are left empty)."""
+def check_autoencoder_conversion(vae: nn.Module) -> Callable[[], AutoEncoder]:
+    """Check the whole conversion of a FLUX diffusers AutoencoderKL to a fluxrt.reference.AutoEncoder on meta
+    tensors (CheckpointError with the model untouched), and return the move: a call that converts it by moving its
+    tensors (renames and views only: nothing is allocated, so nothing can fail half-way), leaving it empty."""
     from .convert import CheckpointError, vae_diffusers_to_bfl
-    from .diffusers_adapter import _Consuming
+    from .diffusers_adapter import _Consuming, check_diffusers_parameters, check_fits
     from .loading import infer_autoencoder_params
 
+    what = "AutoencoderKL"
     config = dict(vae.config)
     problems = [f"{key}={config.get(key)!r} (FLUX: {want!r})" for key, want in
                 (("latent_channels", 16), ("use_quant_conv", False),
                  ("use_post_quant_conv", False)) if config.get(key, want) != want]
     if problems:
         raise CheckpointError(f"fluxrt.compile takes FLUX's autoencoder; this AutoencoderKL has {', '.join(problems)}")
-    dtype = next(vae.parameters()).dtype
-    state_dict = vae_diffusers_to_bfl(_Consuming(vae))
-    params = infer_autoencoder_params({k: tuple(v.shape) for k, v in state_dict.items()}, config)
+    meta = check_diffusers_parameters(vae, what)
+    try:
+        converted = vae_diffusers_to_bfl(meta)
+        params = infer_autoencoder_params({k: tuple(v.shape) for k, v in converted.items()}, config)
+    except CheckpointError as err:
+        raise CheckpointError(f"fluxrt.compile cannot convert this {what}: {err}. Remove the modules or parameters "
+                              "added to it (fluxrt runs FLUX's own layers only)") from None
     with torch.device("meta"):
         ae = AutoEncoder(params)
-    ae.load_state_dict(state_dict, strict=True, assign=True)
-    return ae.to(dtype).requires_grad_(False).eval()
+    check_fits(ae, converted, what)
+    dtype = next(iter(meta.values())).dtype
+
+    def move() -> AutoEncoder:
+        with torch.device("meta"):
+            ae = AutoEncoder(params)
+        ae.load_state_dict(vae_diffusers_to_bfl(_Consuming(vae)), strict=True, assign=True)
+        return ae.to(dtype).requires_grad_(False).eval()
+
+    return move
+
+
+def check_reference_autoencoder(ae: AutoEncoder) -> None:
+    """CheckpointError unless FastAutoEncoder can run `ae`: weights loaded, of one floating dtype, on one device."""
+    from .convert import CheckpointError
+
+    params = list(ae.parameters())
+    if any(p.is_meta for p in params):
+        raise CheckpointError("the autoencoder has meta (empty) parameters: load its weights before fluxrt.compile")
+    dtypes = sorted({str(p.dtype) for p in params})
+    if len(dtypes) != 1 or not params[0].is_floating_point():
+        raise CheckpointError(f"the autoencoder mixes parameter dtypes ({', '.join(dtypes)}): cast it to one floating "
+                              "dtype (ae.to(torch.bfloat16)) before fluxrt.compile")
+    devices = sorted({str(p.device) for p in params})
+    if len(devices) != 1:
+        raise CheckpointError(f"the autoencoder has parameters on several devices ({', '.join(devices)}): move it to "
+                              "one (ae.to(device)) before fluxrt.compile")
 
 
 def _fused_ops_description(device: torch.device) -> str:
@@ -359,29 +429,24 @@ def _fused_ops_description(device: torch.device) -> str:
     return f"fluxrt._C ({device.type.upper()})"
 
 
-def compile_autoencoder(obj, backend: str = "auto") -> nn.Module:
-    """fluxrt.compile for an autoencoder: a FastAutoEncoder for a fluxrt.reference.AutoEncoder, a FastAutoencoderKL
-    for a diffusers AutoencoderKL. backend: "auto" | "torch" (the transformer's "triton" means "auto" here: the VAE
-    ops are C++/CUDA, not Triton)."""
+def check_autoencoder(obj, backend: str = "auto") -> Callable[[], nn.Module]:
+    """fluxrt.compile's autoencoder step, checked first: returns the call that builds a FastAutoEncoder for a
+    fluxrt.reference.AutoEncoder, a FastAutoencoderKL for a diffusers AutoencoderKL. backend: "auto" | "torch"
+    (the transformer's "triton" means "auto" here: the VAE ops are C++/CUDA, not Triton)."""
     vae_backend = "torch" if backend == "torch" else "auto"
-    config = None
     if is_diffusers_autoencoder_kl(obj):
-        config = obj.config
-        obj = autoencoder_from_diffusers(obj)
-    elif not isinstance(obj, AutoEncoder):
+        convert, config = check_autoencoder_conversion(obj), obj.config
+
+        def build() -> nn.Module:
+            return _logged(FastAutoencoderKL(FastAutoEncoder(convert(), backend=vae_backend), config))
+
+        return build
+    if not isinstance(obj, AutoEncoder):
         raise TypeError(f"expected a fluxrt.reference.AutoEncoder or a diffusers AutoencoderKL, got {type(obj).__name__}")
-    fast = FastAutoEncoder(obj, backend=vae_backend)
-    device = next(obj.parameters()).device
-    fused = "torch formulas" if vae_backend == "torch" else _fused_ops_description(device)
-    fast.plan = {
-        "device": str(device),
-        "ops": {"group_norm_silu": fused, "add_group_norm_silu": fused},
-        "convolutions": "channels-last" if fast.channels_last else "NCHW",
-        "tiling": f"auto (above {TILE_AUTO_LATENT_PIXELS} latent pixels: {TILE_LATENT}^2 tiles, {TILE_OVERLAP} overlap)",
-    }
+    check_reference_autoencoder(obj)
+    return lambda: _logged(FastAutoEncoder(obj, backend=vae_backend))
+
+
+def _logged(fast: nn.Module) -> nn.Module:
     log.info("fluxrt.compile plan (autoencoder): %s", fast.plan)
-    if config is None:
-        return fast
-    wrapped = FastAutoencoderKL(fast, config)
-    wrapped.plan = fast.plan
-    return wrapped
+    return fast
