@@ -56,7 +56,11 @@ def test_triton_backend_matches_reference(guidance):
     expected = model(**x)
     fast = fluxrt.compile(model, backend="triton")
     assert set(fast.plan["ops"].values()) == {"triton"}
-    assert rel_error(fast(**x), expected) <= 1e-4
+    with fluxrt.ops.trace() as ran:
+        out = fast(**x)
+    assert rel_error(out, expected) <= 1e-4
+    assert ran.backends() == {op: {"triton"} for op in ("modulated_layer_norm", "rope_qk_norm_joint", "rope_qk_norm",
+                                                         "joint_attention", "gated_residual_norm", "gated_residual")}
 
 
 @pytest.mark.parametrize("quantize", ["fp8-weight", "fp8"])
@@ -93,7 +97,10 @@ def test_w8a8_fused_paths_match_the_unfused_w8a8_model(w8a8_gemm):
     expected = unfused(**x)
     fast = fluxrt.compile(model, backend="torch")
     assert fast.fp8_attention_rows
-    bound_rows = fast(**x)
+    with fluxrt.ops.trace() as ran:
+        bound_rows = fast(**x)
+    assert not ran.ran_on("triton")  # every fluxrt op on its torch formula, the W8A8 GEMM's (w8a8_gemm="triton") too
+    assert ("w8a8_linear" in ran.ran_on("torch")) == (w8a8_gemm == "triton")
     fast.fp8_attention_rows = False
     per_token = fast(**x)
     assert sqnr_db(per_token, expected) >= 80  # fp32: only summation order differs (~128 dB measured)
@@ -112,7 +119,13 @@ def test_w8a8_with_the_triton_kernels():
     expected = model(**x)
     quantize_model(model, activations="fp8", w8a8_gemm="triton", backend="triton")
     fast = fluxrt.compile(model, backend="triton")
-    assert sqnr_db(fast(**x), expected) >= 20  # 21.4 dB measured in the interpreter (22.3 with per-token attention rows)
+    with fluxrt.ops.trace() as ran:
+        out = fast(**x)
+    assert sqnr_db(out, expected) >= 20  # 21.4 dB measured in the interpreter (22.3 with per-token attention rows)
+    # fp8_linear: the modulation GEMVs (<= 16 rows run weight-only); joint_attention: the single blocks'
+    assert ran.backends() == {op: {"triton"} for op in (
+        "modulated_layer_norm_fp8", "w8a8_linear", "fp8_linear", "rope_qk_norm_joint_v_absmax", "rope_qk_norm",
+        "joint_attention_fp8_out", "joint_attention", "gated_residual_norm_fp8", "quantize_rows")}
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])  # dequantize + SDPA formula; the fp8 kernel (interpreter)
@@ -128,7 +141,10 @@ def test_fp8_attention_whole_model(backend):
     w8a8 = copy.deepcopy(model)
     fast = fluxrt.compile(model, backend=backend, attention="fp8")
     assert fast.plan["attention"].startswith("fp8")
-    alone = sqnr_db(fast(**x), expected)
+    with fluxrt.ops.trace() as ran:
+        alone = sqnr_db(fast(**x), expected)
+    assert ran.backends() == {op: {backend} for op in ("modulated_layer_norm", "rope_qk_norm_joint", "rope_qk_norm",
+                                                        "joint_attention_fp8", "gated_residual_norm", "gated_residual")}
     fast.fp8_attention = False
     assert sqnr_db(fast(**x), expected) > alone + 20  # it was the fp8 attention that cost the accuracy
     both = fluxrt.compile(w8a8, quantize="fp8", backend=backend, attention="fp8")
@@ -204,7 +220,11 @@ def test_diffusers_model_triton_backend_and_fp8_weight():
     model, x = diffusers_model_and_inputs(B=2, T=9, seed=11)
     expected = model(**x, return_dict=False)[0]
     fast = fluxrt.compile(model, backend="triton")
-    assert rel_error(fast(**x).sample, expected) <= 1e-4
+    with fluxrt.ops.trace() as ran:
+        out = fast(**x).sample
+    assert rel_error(out, expected) <= 1e-4
+    assert ran.backends() == {op: {"triton"} for op in ("modulated_layer_norm", "rope_qk_norm_joint", "rope_qk_norm",
+                                                         "joint_attention", "gated_residual_norm", "gated_residual")}
     model, x = diffusers_model_and_inputs(B=2, T=9, seed=12)
     expected = model(**x, return_dict=False)[0]
     assert sqnr_db(fluxrt.compile(model, quantize="fp8-weight", backend="torch")(**x).sample, expected) >= 20
@@ -273,7 +293,11 @@ def test_gpu_full_width_two_blocks(quantize, floor_db):
     expected = model(**x)
     fast = fluxrt.compile(model, quantize=quantize, cuda_graphs=False)
     assert fast.plan["ops"]["joint_attention"] == "triton"
-    assert sqnr_db(fast(**x), expected) >= floor_db
+    with fluxrt.ops.trace() as ran:
+        out = fast(**x)
+    assert sqnr_db(out, expected) >= floor_db
+    # auto on a GPU: every fluxrt op on its Triton kernel (the single blocks' among them), none on a torch formula
+    assert {"joint_attention", "rope_qk_norm"} <= ran.ran_on("triton") and not ran.ran_on("torch")
 
 
 @pytest.mark.gpu
@@ -296,6 +320,13 @@ def test_fp8_weight_fused_epilogues_triton_matches_torch():
     # with weight-only FP8 the MLP's GELU and the gated residuals run in fp8_linear's epilogues (the triton path)
     model, x = model_and_inputs(B=2, seed=31)
     other, _ = model_and_inputs(B=2, seed=31)
-    triton_out = fluxrt.compile(model, quantize="fp8-weight", backend="triton")(**x)
-    torch_out = fluxrt.compile(other, quantize="fp8-weight", backend="torch")(**x)
+    with fluxrt.ops.trace() as ran_triton:
+        triton_out = fluxrt.compile(model, quantize="fp8-weight", backend="triton")(**x)
+    with fluxrt.ops.trace() as ran_torch:
+        torch_out = fluxrt.compile(other, quantize="fp8-weight", backend="torch")(**x)
     assert sqnr_db(triton_out, torch_out) >= 60
+    # no gated_residual op: the gated residuals (and the GELU) ran inside fp8_linear's epilogues
+    fused = ("modulated_layer_norm", "fp8_linear", "rope_qk_norm_joint", "rope_qk_norm", "joint_attention",
+             "gated_residual_norm")
+    assert ran_triton.backends() == {op: {"triton"} for op in fused}
+    assert ran_torch.backends() == {op: {"torch"} for op in fused}

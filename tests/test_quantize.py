@@ -10,6 +10,7 @@ from safetensors.torch import save_file
 
 import fluxrt
 from fluxrt import FluxConfig, sampling
+from fluxrt.kernels._common import FP8_E4M3_MAX
 from fluxrt.quantize import FP8Linear, quantize, quantize_weight, save_transformer
 from fluxrt.testing import randomize_parameters_, sqnr_db
 
@@ -37,7 +38,7 @@ def test_quantize_weight_per_channel():
     w = torch.randn(96, 200) * torch.logspace(-3, 1, 96)[:, None]  # rows spanning 4 decades
     w8, scale = quantize_weight(w)
     assert w8.dtype == torch.float8_e4m3fn and scale.dtype == torch.float32 and scale.shape == (96,)
-    torch.testing.assert_close(w8.float().abs().amax(1), torch.full((96,), 448.0), atol=0, rtol=0)
+    torch.testing.assert_close(w8.float().abs().amax(1), torch.full((96,), FP8_E4M3_MAX), atol=0, rtol=0)
     assert sqnr_db(w8.float() * scale[:, None], w) >= 30  # per-op floor on random data
 
 
@@ -79,12 +80,14 @@ def test_triton_backend_matches_torch_backend_in_a_model():
     model = tiny_model(seed=4)
     quantize(model, backend="torch")
     x = inputs(seed=5)
-    with torch.no_grad():
+    with torch.no_grad(), fluxrt.ops.trace() as ran_torch:
         expected = model(**x)
-        for m in model.modules():
-            if isinstance(m, FP8Linear):
-                m.backend = "triton"
+    for m in model.modules():
+        if isinstance(m, FP8Linear):
+            m.backend = "triton"
+    with torch.no_grad(), fluxrt.ops.trace() as ran_triton:
         out = model(**x)
+    assert ran_torch.backends() == {"fp8_linear": {"torch"}} and ran_triton.backends() == {"fp8_linear": {"triton"}}
     assert sqnr_db(out, expected) >= 60  # same fp8 weights; only the fp32 summation order differs
 
 
@@ -113,7 +116,7 @@ def test_comfy_scaled_fp8_file_keeps_fp8_with_its_scales(tmp_path, caplog):
     sd, expected_scales = {}, {}
     for k, v in model.state_dict().items():
         if v.ndim == 2 and k.startswith(("double_blocks", "single_blocks")):
-            scale = v.abs().amax() / 448  # Comfy stores one scale per tensor
+            scale = v.abs().amax() / FP8_E4M3_MAX  # Comfy stores one scale per tensor
             sd[k] = (v / scale).to(torch.float8_e4m3fn)
             sd[k.removesuffix("weight") + "scale_weight"] = scale.reshape(1)
             expected_scales[k.removesuffix("weight") + "weight_scale"] = scale.expand(v.shape[0])
@@ -140,7 +143,8 @@ def test_comfy_scaled_fp8_file_keeps_fp8_with_its_scales(tmp_path, caplog):
 
 def test_unscaled_fp8_file_gets_unit_scales(tmp_path):
     model = tiny_model(seed=8)
-    sd = {k: (v.clamp(-448, 448).to(torch.float8_e4m3fn) if v.ndim == 2 else v) for k, v in model.state_dict().items()}
+    sd = {k: (v.clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(torch.float8_e4m3fn) if v.ndim == 2 else v)
+          for k, v in model.state_dict().items()}
     save_file(sd, tmp_path / "fp8.safetensors")
     loaded = fluxrt.load_transformer(tmp_path / "fp8.safetensors")
     assert isinstance(loaded.img_in, FP8Linear)
@@ -183,12 +187,18 @@ def test_w8a8_gemm_choices_agree(epilogue):
     linear = torch.nn.Linear(80, 96)
     x, residual, gate = torch.randn(2, 20, 80), torch.randn(2, 20, 96), torch.randn(2, 1, 96)
     extra = dict(residual=residual, gate=gate) if epilogue == "gated_residual" else {}
-    outs = []
+    outs, traces = [], []
     for gemm, backend in (("scaled_mm", "torch"), ("triton", "triton")):
         lin = FP8Linear.from_linear(linear, activations="fp8", w8a8_gemm=gemm, backend=backend)
         x8, x_scale = fluxrt.ops.quantize_rows(x)
-        outs.append(lin.forward_fp8(x8, x_scale, epilogue=epilogue, out_dtype=torch.float32, **extra))
+        with fluxrt.ops.trace() as ran:
+            outs.append(lin.forward_fp8(x8, x_scale, epilogue=epilogue, out_dtype=torch.float32, **extra))
+        traces.append(ran)
     torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-5)
+    # scaled_mm: neither the Triton GEMM nor its formula ran (the unfused gated residual is its torch op);
+    # triton: the Triton kernel alone, its epilogue fused
+    assert not traces[0].ran_on("triton") and "w8a8_linear" not in traces[0].ran_on("torch")
+    assert traces[1].backends() == {"w8a8_linear": {"triton"}}
 
 
 def test_w8a8_triton_gemm_whole_model():
@@ -198,5 +208,11 @@ def test_w8a8_triton_gemm_whole_model():
         expected = model(**x)
         quantize(model, activations="fp8", w8a8_gemm="triton", backend="triton")
         fast = fluxrt.compile(model, backend="torch")  # the block ops as torch formulas, the W8A8 GEMMs Triton
-        out = fast(**x)
+        with fluxrt.ops.trace() as ran:
+            out = fast(**x)
     assert sqnr_db(out, expected) >= 20
+    # fp8_linear: the modulation GEMVs (<= 16 rows run weight-only), on the FP8Linear's own backend
+    assert ran.ran_on("triton") == {"w8a8_linear", "fp8_linear"}
+    assert ran.ran_on("torch") == {"modulated_layer_norm_fp8", "rope_qk_norm", "rope_qk_norm_joint_v_absmax",
+                                   "joint_attention", "joint_attention_fp8_out", "gated_residual_norm_fp8",
+                                   "quantize_rows"}

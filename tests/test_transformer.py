@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fluxrt import FluxConfig, sampling
+from fluxrt import FluxConfig, ops, sampling
 from fluxrt.ops import rope_cos_sin
 from fluxrt.reference import DoubleStreamBlock, EmbedND, SingleStreamBlock
 from fluxrt.testing import randomize_parameters_, rel_error
@@ -32,8 +32,12 @@ def test_double_block(backend):
     img, txt, vec, pe = inputs(seed=2)
     expected_img, expected_txt = block(img, txt, vec, pe)
     img_mod, txt_mod = block.img_mod.lin(F.silu(vec)), block.txt_mod.lin(F.silu(vec))
-    out_img, out_txt = double_block_forward(block, img, txt, img_mod, txt_mod, *rope_cos_sin(pe), backend=backend)
+    cos, sin = rope_cos_sin(pe)
+    with ops.trace() as ran:
+        out_img, out_txt = double_block_forward(block, img, txt, img_mod, txt_mod, cos, sin, backend=backend)
     assert rel_error(out_img, expected_img) <= 1e-5 and rel_error(out_txt, expected_txt) <= 1e-5
+    assert ran.backends() == {op: {backend} for op in ("modulated_layer_norm", "rope_qk_norm_joint", "joint_attention",
+                                                        "gated_residual_norm", "gated_residual")}
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
@@ -44,7 +48,11 @@ def test_single_block(backend):
     x = torch.cat([txt, img], 1)
     expected = block(x, vec, pe)
     mod = block.modulation.lin(F.silu(vec))
-    assert rel_error(single_block_forward(block, x, mod, *rope_cos_sin(pe), backend=backend), expected) <= 1e-5
+    with ops.trace() as ran:
+        out = single_block_forward(block, x, mod, *rope_cos_sin(pe), backend=backend)
+    assert rel_error(out, expected) <= 1e-5
+    assert ran.backends() == {op: {backend} for op in ("modulated_layer_norm", "rope_qk_norm", "joint_attention",
+                                                        "gated_residual")}
 
 
 def test_linear_gelu_tanh_on_cpu_is_the_plain_composition():
