@@ -3,6 +3,9 @@ references: CPU kernels here, CUDA kernels in the gpu-marked tests."""
 
 import logging
 import os
+import subprocess
+import sys
+import textwrap
 import zlib
 
 import pytest
@@ -41,11 +44,15 @@ def check_op(op, shape, groups, dtype, layout, seed, device="cpu", silu=True, we
     x, y, w, b = make(shape, dtype, layout, seed, device)
     w, b = w.to(weight_dtype), b.to(weight_dtype)
     fmt = LAYOUTS[layout]
+    with ops.trace() as ran:
+        if op == "group_norm_silu":
+            out = ops.group_norm_silu(x, w, b, groups, 1e-6, silu, backend="ext")
+        else:
+            s, out = ops.add_group_norm_silu(x, y, w, b, groups, 1e-6, silu, backend="ext")
+    assert ran == [(op, "ext")]
     if op == "group_norm_silu":
-        out = ops.group_norm_silu(x, w, b, groups, 1e-6, silu, backend="ext")
         expected = group_norm_silu_ref(x, w, b, groups, 1e-6, silu)
     else:
-        s, out = ops.add_group_norm_silu(x, y, w, b, groups, 1e-6, silu, backend="ext")
         s_ref, expected = add_group_norm_silu_ref(x, y, w, b, groups, 1e-6, silu)
         assert torch.equal(s, s_ref)  # the same single rounding of x + y as torch's add
         assert s.is_contiguous(memory_format=fmt)
@@ -108,14 +115,19 @@ def test_large_mean_statistics_are_stable(op, layout):
 @needs_ext
 def test_backends_agree():
     x, y, w, b = make((2, 32, 9, 11), torch.bfloat16, "channels_last", seed=11)
-    s_torch, out_torch = ops.add_group_norm_silu(x, y, w, b, 8, backend="torch")
-    s_ext, out_ext = ops.add_group_norm_silu(x, y, w, b, 8, backend="ext")
+    with ops.trace() as ran:
+        s_torch, out_torch = ops.add_group_norm_silu(x, y, w, b, 8, backend="torch")
+        s_ext, out_ext = ops.add_group_norm_silu(x, y, w, b, 8, backend="ext")
+    assert ran == [("add_group_norm_silu", "torch"), ("add_group_norm_silu", "ext")]
     assert torch.equal(s_torch, s_ext)
     assert out_torch.is_contiguous(memory_format=torch.channels_last)
     assert out_ext.is_contiguous(memory_format=torch.channels_last)
     assert_close(out_ext, out_torch, torch.bfloat16)
     # "auto" is the extension when it is built: the same (deterministic) bits.
-    assert torch.equal(ops.group_norm_silu(x, w, b, 8), ops.group_norm_silu(x, w, b, 8, backend="ext"))
+    with ops.trace() as ran:
+        auto = ops.group_norm_silu(x, w, b, 8)
+    assert ran == [("group_norm_silu", "ext")]
+    assert torch.equal(auto, ops.group_norm_silu(x, w, b, 8, backend="ext"))
     with pytest.raises(ValueError, match=r"backend must be one of \('auto', 'ext', 'torch'\), got 'cuda'"):
         ops.group_norm_silu(x, w, b, 8, backend="cuda")
 
@@ -126,11 +138,12 @@ def test_missing_extension_falls_back_announced_once(monkeypatch, caplog):
     monkeypatch.setattr(_extension, "_announced", set())
     monkeypatch.setenv("FLUXRT_SKIP_EXT", "1")
     x, y, w, b = make((1, 8, 5, 3), torch.float32, "nchw", seed=3)
-    with caplog.at_level(logging.WARNING, logger="fluxrt"):
+    with caplog.at_level(logging.WARNING, logger="fluxrt"), ops.trace() as ran:
         for _ in range(2):
             out = ops.group_norm_silu(x, w, b, 2)
             ops.add_group_norm_silu(x, y, w, b, 2)
     assert torch.equal(out, group_norm_silu_ref(x, w, b, 2))
+    assert ran.backends() == {"group_norm_silu": {"torch"}, "add_group_norm_silu": {"torch"}}
     warnings = [r.getMessage() for r in caplog.records if "torch formulas" in r.getMessage()]
     assert len(warnings) == 1 and "pip install --no-build-isolation -e ." in warnings[0]
     assert "FLUXRT_SKIP_EXT=1 is set" in warnings[0]
@@ -145,8 +158,9 @@ def test_device_without_kernels_falls_back_or_raises(monkeypatch, caplog):
     monkeypatch.setattr(_extension, "_announced", set())
     monkeypatch.setattr(_extension, "has_kernels", lambda device_type: False)
     x, _, w, b = make((1, 8, 5, 3), torch.float32, "nchw", seed=4)
-    with caplog.at_level(logging.WARNING, logger="fluxrt"):
+    with caplog.at_level(logging.WARNING, logger="fluxrt"), ops.trace() as ran:
         assert torch.equal(ops.group_norm_silu(x, w, b, 2), group_norm_silu_ref(x, w, b, 2))
+    assert ran == [("group_norm_silu", "torch")]
     assert any("fluxrt._C has no cpu kernels" in r.getMessage() for r in caplog.records)
     with pytest.raises(RuntimeError, match="backend='ext': fluxrt._C has no cpu kernels"):
         ops.group_norm_silu(x, w, b, 2, backend="ext")
@@ -157,8 +171,10 @@ def test_device_without_kernels_falls_back_or_raises(monkeypatch, caplog):
 def test_opcheck(layout):
     x, y, w, b = make((2, 8, 5, 3), torch.float32, layout, seed=5)
     for backend in ("ext", "torch"):
-        opcheck(torch.ops.fluxrt.group_norm_silu.default, (x, w, b, 4), {"backend": backend})
-        opcheck(torch.ops.fluxrt.add_group_norm_silu.default, (x, y, w, b, 4, 1e-5, False), {"backend": backend})
+        with ops.trace() as ran:
+            opcheck(torch.ops.fluxrt.group_norm_silu.default, (x, w, b, 4), {"backend": backend})
+            opcheck(torch.ops.fluxrt.add_group_norm_silu.default, (x, y, w, b, 4, 1e-5, False), {"backend": backend})
+        assert ran.backends() == {"group_norm_silu": {backend}, "add_group_norm_silu": {backend}}
     opcheck(torch.ops.fluxrt_C.group_norm_silu.default, (x, w.to(x.dtype), b, 4, 1e-6, True))
     opcheck(torch.ops.fluxrt_C.add_group_norm_silu.default, (x, y, w, b, 4, 1e-6, True))
 
@@ -172,8 +188,35 @@ def test_compiles_without_graph_breaks():
         return s, ops.group_norm_silu(h, w, b, 4, silu=False, backend="ext")
 
     compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
-    for got, want in zip(compiled(x, y), block(x, y)):
+    with ops.trace() as ran:
+        outs = compiled(x, y)
+    assert ran == [("add_group_norm_silu", "ext"), ("group_norm_silu", "ext")]
+    for got, want in zip(outs, block(x, y)):
         assert torch.equal(got, want) and got.is_contiguous(memory_format=torch.channels_last)
+
+
+@needs_ext
+def test_the_extension_loads_on_first_use_with_its_fakes():
+    """`import fluxrt` leaves fluxrt._C unloaded (csrc/ and its shared libraries load when a decoder norm first
+    runs); then the first op call loads it and registers the fakes of its own ops, so opcheck and torch.compile
+    work on torch.ops.fluxrt_C.* too."""
+    code = textwrap.dedent("""
+        import sys
+        import torch
+        from torch.library import opcheck
+        import fluxrt, fluxrt.ops as ops
+        assert "fluxrt._C" not in sys.modules, "import fluxrt loaded fluxrt._C"
+        x, w, b = torch.randn(1, 8, 5, 3), 1 + torch.rand(8), torch.randn(8)
+        with ops.trace() as ran:
+            ops.group_norm_silu(x, w, b, 4)
+        assert "fluxrt._C" in sys.modules and ran == [("group_norm_silu", "ext")], ran
+        opcheck(torch.ops.fluxrt_C.group_norm_silu.default, (x, w, b, 4, 1e-6, True))
+        opcheck(torch.ops.fluxrt_C.add_group_norm_silu.default, (x, x, w, b, 4, 1e-6, True))
+        print("loaded on first use")
+    """)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "loaded on first use"
 
 
 @needs_ext

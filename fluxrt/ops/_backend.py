@@ -26,7 +26,9 @@ _local = threading.local()  # this thread's open traces (a stack: traces nest)
 class Trace(list):
     """What fluxrt ops actually ran, in call order: (op name, backend) pairs, backend one of "triton", "ext",
     "torch" (the reference formula) or "scaled_mm" (torch._scaled_mm). Recorded when an op's Python body runs:
-    eagerly, and while torch.compile traces or a CUDA graph is captured; a CUDA graph replay records nothing."""
+    at each eager call and at each call of torch.compile'd code (a custom op stays one opaque call in the compiled
+    graph; tracing runs its fake impl, which records nothing), and once while a CUDA graph is captured: a CUDA graph
+    replay records nothing."""
 
     def backends(self) -> dict[str, set[str]]:
         """op name -> the set of backends it ran on."""

@@ -8,6 +8,7 @@ from torch.library import opcheck
 
 import fluxrt.ops as ops
 from fluxrt.kernels import fp8_gemm as K
+from fluxrt.kernels._common import FP8_E4M3_MAX
 from fluxrt.testing import assert_within_rule, sqnr_db
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -16,7 +17,7 @@ FP8_SQNR_FLOOR_DB = 30.0  # per-channel e4m3 weights alone, on Gaussian data (~3
 
 
 def quantize(w):
-    scale = w.abs().amax(1) / 448
+    scale = w.abs().amax(1) / FP8_E4M3_MAX
     return (w / scale[:, None]).to(torch.float8_e4m3fn), scale
 
 
@@ -187,9 +188,11 @@ def test_opcheck(backend):
     # test_schema compares inputs before/after with arithmetic torch lacks for fp8 on the CPU
     # ("mul_cpu_reduced_float" not implemented for Float8_e4m3fn, torch 2.13), so it is left out here.
     utils = ("test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
-    opcheck(torch.ops.fluxrt.fp8_linear.default, (x, w8, scale, b), {"backend": backend}, test_utils=utils)
-    opcheck(torch.ops.fluxrt.fp8_linear.default, (x, w8, scale, None, residual, gate),
-            {"epilogue": "gated_residual", "backend": backend}, test_utils=utils)
+    with ops.trace() as ran:
+        opcheck(torch.ops.fluxrt.fp8_linear.default, (x, w8, scale, b), {"backend": backend}, test_utils=utils)
+        opcheck(torch.ops.fluxrt.fp8_linear.default, (x, w8, scale, None, residual, gate),
+                {"epilogue": "gated_residual", "backend": backend}, test_utils=utils)
+    assert ran.backends() == {"fp8_linear": {backend}}
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
@@ -206,8 +209,11 @@ def test_op_matches_ref_and_compiles_without_graph_breaks(backend):
     expected = K.fp8_linear_ref(h, w8_down, s_down, b_down, residual, gate, "gated_residual")
     torch._dynamo.reset()
     compiled = torch.compile(mlp, fullgraph=True, backend="aot_eager")
-    for out in (mlp(x, residual, gate), compiled(x, residual, gate)):
+    for run in (mlp, compiled):
+        with ops.trace() as ran:
+            out = run(x, residual, gate)
         torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+        assert ran == [("fp8_linear", backend)] * 2  # the compiled graph calls the op, whose body dispatches
 
 
 def test_unknown_backend():
@@ -255,7 +261,10 @@ def test_bf16_bit_decoding_path_on_gpu(M, monkeypatch):
 @pytest.mark.gpu
 def test_op_auto_backend_on_gpu():
     x, _, w8, scale, b = make((1, 4608), 3072, 3072, torch.bfloat16, seed=13, device="cuda")
-    check(ops.fp8_linear(x, w8, scale, b), x, w8, scale, b)
+    with ops.trace() as ran:
+        out = ops.fp8_linear(x, w8, scale, b)
+    check(out, x, w8, scale, b)
+    assert ran == [("fp8_linear", "triton")]
 
 
 # ---- W8A8: fp8 activations (per-row scales, quantized on the host: DESIGN.md §4) x fp8 weights ----

@@ -6,6 +6,7 @@ from torch.library import opcheck
 
 import fluxrt.ops as ops
 from fluxrt.kernels import joint_attention as K
+from fluxrt.kernels._common import FP8_E4M3_MAX
 from fluxrt.testing import assert_within_rule, e4m3_ulp, interpreter_conversion_defect, sqnr_db
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -72,14 +73,19 @@ def test_bad_inputs_are_rejected():
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_opcheck_and_compile_without_graph_breaks(backend):
     q, k, v = make_qkv(2, 2, 19, 64, torch.float32, seed=3)
-    opcheck(torch.ops.fluxrt.joint_attention.default, (q, k, v), {"backend": backend})
+    with ops.trace() as ran:
+        opcheck(torch.ops.fluxrt.joint_attention.default, (q, k, v), {"backend": backend})
+    assert ran.backends() == {"joint_attention": {backend}}
 
     def attend(q, k, v):
         return ops.joint_attention(q, k, v, backend=backend) * 2
 
     torch._dynamo.reset()
     compiled = torch.compile(attend, fullgraph=True, backend="aot_eager")
-    torch.testing.assert_close(compiled(q, k, v), 2 * K.joint_attention_ref(q, k, v), atol=1e-5, rtol=1e-5)
+    with ops.trace() as ran:
+        out = compiled(q, k, v)
+    torch.testing.assert_close(out, 2 * K.joint_attention_ref(q, k, v), atol=1e-5, rtol=1e-5)
+    assert ran == [("joint_attention", backend)]
 
 
 @pytest.mark.gpu
@@ -128,10 +134,12 @@ def test_fp8_opcheck(backend):
     args = K.quantize_qkv_fp8(q, k, v)
     # test_schema compares inputs before/after with arithmetic torch lacks for fp8 on the CPU
     # ("mul_cpu_reduced_float" not implemented for Float8_e4m3fn, torch 2.13), so it is left out here.
-    opcheck(torch.ops.fluxrt.joint_attention_fp8.default, args, {"out_dtype": torch.float32, "backend": backend},
-            test_utils=("test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic"))
-    out = ops.joint_attention_fp8(*args, out_dtype=torch.float32, backend=backend)
+    with ops.trace() as ran:
+        opcheck(torch.ops.fluxrt.joint_attention_fp8.default, args, {"out_dtype": torch.float32, "backend": backend},
+                test_utils=("test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic"))
+        out = ops.joint_attention_fp8(*args, out_dtype=torch.float32, backend=backend)
     assert sqnr_db(out, K.joint_attention_ref(q, k, v)) >= FP8_SQNR_FLOOR_DB
+    assert ran.backends() == {"joint_attention_fp8": {backend}}
 
 
 @pytest.mark.gpu
@@ -158,7 +166,7 @@ def check_fp8_out(out8, row_scale, q, k, v, v_absmax, min_equal=0.95):
     off = ((got - want).abs() * ref_scale[..., None] > e4m3_ulp(want) * ref_scale[..., None] + attention_err)
     assert not (off & considered).any(), f"{int((off & considered).sum())} values off by more than one e4m3 step"
     assert int(((got != want) & considered).sum()) <= (1 - min_equal) * want.numel()
-    assert (got.abs() <= 448).all()
+    assert (got.abs() <= FP8_E4M3_MAX).all()
 
 
 @pytest.mark.parametrize("D", [64, 128])
@@ -205,12 +213,17 @@ def test_fp8_out_bad_inputs():
 def test_fp8_out_opcheck_and_compile(backend):
     q, k, v = make_qkv(2, 2, 19, 64, torch.float32, seed=7)
     v_absmax = v.abs().amax(dim=(1, 2, 3))[:, None].contiguous()
-    opcheck(torch.ops.fluxrt.joint_attention_fp8_out.default, (q, k, v, v_absmax), {"backend": backend},
-            test_utils=("test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic"))
+    with ops.trace() as ran:
+        opcheck(torch.ops.fluxrt.joint_attention_fp8_out.default, (q, k, v, v_absmax), {"backend": backend},
+                test_utils=("test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic"))
+    assert ran.backends() == {"joint_attention_fp8_out": {backend}}
     torch._dynamo.reset()
     compiled = torch.compile(lambda *a: ops.joint_attention_fp8_out(*a, backend=backend), fullgraph=True,
                              backend="aot_eager")
-    check_fp8_out(*compiled(q, k, v, v_absmax), q, k, v, v_absmax)
+    with ops.trace() as ran:
+        out8, row_scale = compiled(q, k, v, v_absmax)
+    check_fp8_out(out8, row_scale, q, k, v, v_absmax)
+    assert ran == [("joint_attention_fp8_out", backend)]
 
 
 @pytest.mark.gpu

@@ -89,9 +89,11 @@ def test_bad_inputs_are_rejected():
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_opcheck(backend):
     x, gate, y, scale, shift = make(2, 9, 64, torch.float32, seed=7)
-    opcheck(torch.ops.fluxrt.modulated_layer_norm.default, (x, scale, shift), {"backend": backend})
-    opcheck(torch.ops.fluxrt.gated_residual_norm.default, (x, gate, y, scale, shift), {"backend": backend})
-    opcheck(torch.ops.fluxrt.gated_residual.default, (x, gate, y), {"backend": backend})
+    with ops.trace() as ran:
+        opcheck(torch.ops.fluxrt.modulated_layer_norm.default, (x, scale, shift), {"backend": backend})
+        opcheck(torch.ops.fluxrt.gated_residual_norm.default, (x, gate, y, scale, shift), {"backend": backend})
+        opcheck(torch.ops.fluxrt.gated_residual.default, (x, gate, y), {"backend": backend})
+    assert ran.backends() == {op: {backend} for op in ("modulated_layer_norm", "gated_residual_norm", "gated_residual")}
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
@@ -110,8 +112,11 @@ def test_ops_match_kernel_refs_and_compile_without_graph_breaks(backend):
     expected = glue_ref(x, gate, y, scale, shift)
     torch._dynamo.reset()
     compiled = torch.compile(glue, fullgraph=True, backend="aot_eager")
-    for out in (glue(x, gate, y, scale, shift), compiled(x, gate, y, scale, shift)):
+    for run in (glue, compiled):
+        with ops.trace() as ran:
+            out = run(x, gate, y, scale, shift)
         torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+        assert ran == [(op, backend) for op in ("gated_residual_norm", "modulated_layer_norm", "gated_residual")]
 
 
 def test_unknown_backend():
@@ -176,11 +181,14 @@ def test_fp8_norm_ops(backend):
     x, gate, y, scale, shift = make(2, 9, 64, torch.float32, seed=10)
     # test_schema compares fp8 outputs with arithmetic torch lacks on the CPU (see test_joint_attention.py)
     utils = ("test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
-    opcheck(torch.ops.fluxrt.modulated_layer_norm_fp8.default, (x, scale, shift), {"backend": backend}, test_utils=utils)
-    opcheck(torch.ops.fluxrt.gated_residual_norm_fp8.default, (x, gate, y, scale, shift), {"backend": backend},
-            test_utils=utils)
-    out8, row_scale = ops.modulated_layer_norm_fp8(x, scale, shift, backend=backend)
+    with ops.trace() as ran:
+        opcheck(torch.ops.fluxrt.modulated_layer_norm_fp8.default, (x, scale, shift), {"backend": backend},
+                test_utils=utils)
+        opcheck(torch.ops.fluxrt.gated_residual_norm_fp8.default, (x, gate, y, scale, shift), {"backend": backend},
+                test_utils=utils)
+        out8, row_scale = ops.modulated_layer_norm_fp8(x, scale, shift, backend=backend)
     assert_fp8_rows_match(out8, row_scale, *K.modulated_layer_norm_fp8_ref(x, scale, shift))
+    assert ran.backends() == {"modulated_layer_norm_fp8": {backend}, "gated_residual_norm_fp8": {backend}}
 
 
 @pytest.mark.gpu

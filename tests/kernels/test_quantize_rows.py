@@ -129,8 +129,10 @@ def test_opcheck(backend):
     x = randn(2, 9, 64, seed=8)
     # test_schema compares fp8 outputs with arithmetic torch lacks on the CPU (see test_joint_attention.py)
     utils = ("test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
-    for gelu_from in (None, 20):
-        opcheck(torch.ops.fluxrt.quantize_rows.default, (x, gelu_from), {"backend": backend}, test_utils=utils)
+    with ops.trace() as ran:
+        for gelu_from in (None, 20):
+            opcheck(torch.ops.fluxrt.quantize_rows.default, (x, gelu_from), {"backend": backend}, test_utils=utils)
+    assert ran.backends() == {"quantize_rows": {backend}}
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
@@ -144,7 +146,10 @@ def test_op_matches_ref_and_compiles_without_graph_breaks(backend):
     ref8, ref_scale = Q.quantize_rows_ref(wide[..., 64:], 32)
     torch._dynamo.reset()
     compiled = torch.compile(dequantized_tail, fullgraph=True, backend="aot_eager")
-    for out in (dequantized_tail(wide), compiled(wide)):
+    for run in (dequantized_tail, compiled):
+        with ops.trace() as ran:
+            out = run(wide)
+        assert ran == [("quantize_rows", backend)]
         # dequantized: the interpreter's carry defect (see assert_quantized_match) shows up here too
         x8 = (out / ref_scale[..., None]).to(torch.float8_e4m3fn)
         assert_quantized_match(x8, ref_scale, ref8, ref_scale)

@@ -77,7 +77,9 @@ def test_joint_v_absmax_is_each_batch_items_max_abs_v(B, T, img_px, H, D):
     want = out[2].float().abs().amax(dim=(1, 2, 3))
     assert torch.equal(v_absmax.amax(dim=1), want)
     assert (v_absmax[:, : min(S, K.V_ABSMAX_SLOTS)] > 0).all()  # every slot a token reaches was written
-    op_out, op_absmax = ops.rope_qk_norm_joint_v_absmax(txt, img, tq, tk, iq, ik, cos, sin, H, backend="torch")
+    with ops.trace() as ran:
+        op_out, op_absmax = ops.rope_qk_norm_joint_v_absmax(txt, img, tq, tk, iq, ik, cos, sin, H, backend="torch")
+    assert ran == [("rope_qk_norm_joint_v_absmax", "torch")]
     assert torch.equal(op_absmax.amax(dim=1), K.rope_qk_norm_joint_ref(txt, img, tq, tk, iq, ik, cos, sin, H)[2]
                        .float().abs().amax(dim=(1, 2, 3)))
     with pytest.raises(ValueError, match="v_absmax must be a contiguous float32"):
@@ -122,9 +124,12 @@ def test_opcheck_and_compile_without_graph_breaks(backend):
     txt, (tq, tk, iq, ik) = make_qkv(B, T, H, D, torch.float32, seed=5)
     img, _ = make_qkv(B, S - T, H, D, torch.float32, seed=6)
     joint_args = (txt, img, tq, tk, iq, ik, cos, sin, H)
-    opcheck(torch.ops.fluxrt.rope_qk_norm.default, (img, iq, ik, cos[:, T:], sin[:, T:], H), {"backend": backend})
-    opcheck(torch.ops.fluxrt.rope_qk_norm_joint.default, joint_args, {"backend": backend})
-    opcheck(torch.ops.fluxrt.rope_qk_norm_joint_v_absmax.default, joint_args, {"backend": backend})
+    with ops.trace() as ran:
+        opcheck(torch.ops.fluxrt.rope_qk_norm.default, (img, iq, ik, cos[:, T:], sin[:, T:], H), {"backend": backend})
+        opcheck(torch.ops.fluxrt.rope_qk_norm_joint.default, joint_args, {"backend": backend})
+        opcheck(torch.ops.fluxrt.rope_qk_norm_joint_v_absmax.default, joint_args, {"backend": backend})
+    assert ran.backends() == {op: {backend} for op in ("rope_qk_norm", "rope_qk_norm_joint",
+                                                        "rope_qk_norm_joint_v_absmax")}
 
     def attention_inputs(*args):
         qkv = ops.rope_qk_norm_joint(*args, backend=backend)
@@ -132,7 +137,10 @@ def test_opcheck_and_compile_without_graph_breaks(backend):
 
     torch._dynamo.reset()
     compiled = torch.compile(attention_inputs, fullgraph=True, backend="aot_eager")
-    torch.testing.assert_close(compiled(*joint_args), 2 * K.rope_qk_norm_joint_ref(*joint_args), atol=1e-5, rtol=1e-5)
+    with ops.trace() as ran:
+        out = compiled(*joint_args)
+    torch.testing.assert_close(out, 2 * K.rope_qk_norm_joint_ref(*joint_args), atol=1e-5, rtol=1e-5)
+    assert ran == [("rope_qk_norm_joint", backend)]
 
 
 @pytest.mark.gpu
