@@ -14,19 +14,25 @@ full-size fp32 copy is ever materialised.
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import subprocess
+import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 
-from . import sampling
+from . import devices, sampling, validation
 from .config import FluxConfig
 from .testing import randomize_parameters_
 
 IMPLS = ("diffusers-eager", "diffusers-compile", "fluxrt-bf16", "fluxrt-fp8", "fluxrt-fp8-weight", "fluxrt-fp8-attn")
+# T5 tokens: FLUX.1-dev was trained with 512 (schnell 256), and the pipeline never feeds more.
+MAX_TXT_LEN = 512
+# A latency median settles within tens of iterations; a cap turns a typo (--iters 1000000) into an error, not hours.
+MAX_ITERS = 1000
 
 
 def _diffusers_model(cfg: FluxConfig, dtype: torch.dtype, device: torch.device, seed: int):
@@ -82,15 +88,52 @@ def _build(impl: str, cfg: FluxConfig, dtype, device, seed: int):
     return fluxrt.compile(model, quantize=quantize, attention="fp8" if impl == "fluxrt-fp8-attn" else "bf16")
 
 
+def check_iters(iters, what: str = "iters") -> int:
+    iters = validation.as_int(iters, what)
+    if not 1 <= iters <= MAX_ITERS:
+        raise ValueError(f"{what} must be between 1 and {MAX_ITERS} (fluxrt.bench.MAX_ITERS), got {iters}")
+    return iters
+
+
+def check_txt_len(txt_len, what: str = "txt_len") -> int | None:
+    """None (the preset's T5 length) or an int in [1, MAX_TXT_LEN]; 0 is refused, not taken as "default"."""
+    if txt_len is None:
+        return None
+    txt_len = validation.as_int(txt_len, what)
+    if not 1 <= txt_len <= MAX_TXT_LEN:
+        raise ValueError(f"{what} must be between 1 and {MAX_TXT_LEN} T5 tokens (fluxrt.bench.MAX_TXT_LEN), "
+                         f"got {txt_len}")
+    return txt_len
+
+
+def check_impls(impls) -> None:
+    unknown = sorted(set(impls) - set(IMPLS))
+    if unknown or not impls:
+        raise ValueError(f"unknown implementations {unknown}; choose from {IMPLS}")
+
+
+def check_run(sizes, batches, impls, iters: int, warmup: int, txt_len: int | None) -> None:
+    """Everything a run is asked for, checked before any model is built (ValueError naming the argument)."""
+    for height, width in sizes:
+        validation.check_size(width, height)
+    for batch in batches:
+        validation.check_batch_size(batch, "batch")
+    check_impls(impls)
+    check_iters(iters)
+    if validation.as_int(warmup, "warmup") < 0:
+        raise ValueError(f"warmup must be >= 0, got {warmup}")
+    check_txt_len(txt_len)
+
+
 def run(model: str = "tiny", sizes=((64, 64),), batches=(1,), impls=IMPLS, iters: int = 10, warmup: int = 3,
         txt_len: int | None = None, device: str | None = None, seed: int = 0) -> dict:
+    """Time every (impl, size, batch); sizes are (height, width). txt_len None: the preset's T5 length."""
     cfg = FluxConfig.preset(model)
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    check_run(sizes, batches, impls, iters, warmup, txt_len)
+    dev = devices.resolve_device(device)
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
-    txt_len = txt_len or (512 if cfg.guidance_embed else 256)
-    unknown = set(impls) - set(IMPLS)
-    if unknown:
-        raise ValueError(f"unknown implementations {sorted(unknown)}; choose from {IMPLS}")
+    if txt_len is None:
+        txt_len = 512 if cfg.guidance_embed else 256
     rows = []
     for impl in impls:
         if dev.type == "cuda":
@@ -134,27 +177,36 @@ def _environment(dev: torch.device) -> dict:
     }
 
 
-def default_output(result: dict) -> Path:
-    """benchmarks/results/step_<date>_<gpu>.json for GPU runs; CPU smoke runs (not claims) go to the temp dir."""
-    import tempfile
+def default_output(device: torch.device, now: datetime | None = None) -> Path:
+    """benchmarks/results/step_<date>_<gpu>.json for GPU runs (the committed results). CPU smoke runs (not claims)
+    go to the temp dir under a name no other run shares (date, time and process id): the temp dir is shared."""
+    now = now or datetime.now(timezone.utc)
+    if device.type != "cuda":
+        return Path(tempfile.gettempdir()) / f"fluxrt_step_{now:%Y%m%d-%H%M%S}_{os.getpid()}_cpu.json"
+    gpu = torch.cuda.get_device_name(device).replace(" ", "-")
+    return Path("benchmarks/results") / f"step_{now:%Y-%m-%d}_{gpu}.json"
 
-    if result["gpu"] is None:
-        return Path(tempfile.gettempdir()) / f"fluxrt_step_{result['date'][:10]}_cpu.json"
-    return Path("benchmarks/results") / f"step_{result['date'][:10]}_{result['gpu'].replace(' ', '-')}.json"
 
-
-def write(result: dict, out: Path) -> None:
-    """The JSON, and a PNG bar chart beside it when matplotlib is installed."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+def chart_path(out: Path) -> Path | None:
+    """Where the PNG bar chart beside the JSON `out` goes; None when matplotlib is not installed (no chart)."""
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        import matplotlib  # noqa: F401
     except ImportError:
-        print(f"wrote {out} (no chart: matplotlib is not installed)")
-        return
+        return None
+    return out.with_suffix(".png")
+
+
+def write_json(result: dict, file: Path) -> None:
+    file.write_text(json.dumps(result, indent=2) + "\n")
+
+
+def write_chart(result: dict, file: Path) -> None:
+    """A PNG bar chart of ms per step (needs matplotlib; see chart_path)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     rows = result["per_step"]
     labels = [f"{r['impl']}\n{r['width']}x{r['height']} b{r['batch']}" for r in rows]
     fig, ax = plt.subplots(figsize=(max(6, len(rows) * 1.2), 4))
@@ -163,5 +215,5 @@ def write(result: dict, out: Path) -> None:
     ax.set_ylabel("ms per step")
     ax.set_title(f"FLUX transformer step, {result['gpu'] or result['device']}")
     fig.tight_layout()
-    fig.savefig(out.with_suffix(".png"), dpi=120)
-    print(f"wrote {out} and {out.with_suffix('.png')}")
+    fig.savefig(file, format="png", dpi=120)  # format given: `file` may be a temp name without .png
+    plt.close(fig)

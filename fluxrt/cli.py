@@ -5,37 +5,198 @@
   fluxrt bench ...   per-step latency of the transformer, diffusers vs fluxrt (fluxrt.bench)
 
 The default model, tiny-random, is built in process with random weights (nothing to download): tiny on a CPU,
-flux-dev's real widths on a GPU. Errors print one line, `fluxrt: error: ...`, and exit 2.
+flux-dev's real widths on a GPU. Errors print one line, `fluxrt: error: ...`, and exit 2 (--debug adds the
+traceback). Ctrl-C exits 130, SIGTERM 143; either way no partial output file is left behind.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import logging
 import os
+import re
 import secrets
+import signal
 import statistics
 import sys
+import threading
 import time
+import traceback
 from pathlib import Path
 
 import torch
 
+from . import devices, validation
+
 TINY_RANDOM = "tiny-random"
 DEFAULT_PROMPT = "an astronaut riding a horse on the surface of the moon"
+EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 128 + signal.SIGINT  # 130, the shell's code for a Ctrl-C'd command
+EXIT_TERMINATED = 128 + signal.SIGTERM  # 143
+
+# The library names its arguments; the CLI's user knows only the flags (from_pretrained's error messages say e.g.
+# "pass autoencoder=").
+LIBRARY_ARGUMENTS_AS_FLAGS = {
+    "transformer=": "a transformer file as --model (with --ae and --text-encoders)",
+    "autoencoder=": "--ae",
+    "text_encoders=": "--text-encoders",
+}
 
 
 class UsageError(ValueError):
     """A bad command line: reported as one line before any model is loaded."""
 
 
+class ModelError(ValueError):
+    """The --model files could not be loaded."""
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised like KeyboardInterrupt for SIGINT so that cleanup runs. A BaseException, so that no library
+    `except Exception` swallows it."""
+
+
+def _is_user_error(err: BaseException) -> bool:
+    """Whether `err` is the user's to fix (one line, exit 2) rather than a bug in fluxrt (traceback, exit 1).
+
+    The rule: fluxrt and torch report bad input as ValueError (UsageError, CheckpointError, fluxrt.validation's
+    limits, malformed JSON), missing or unwritable files as OSError, and missing resources as RuntimeError (no such
+    GPU, a GPU without fp8, out of memory, NonFiniteError from bad weights) or MemoryError. Anything else raised
+    while the user's model files are read becomes a ModelError (see _load_model): the files are the only input
+    there. Any other exception (TypeError, KeyError, AttributeError, ... with valid input) is fluxrt's bug.
+    """
+    return isinstance(err, (ValueError, OSError, RuntimeError, MemoryError))
+
+
 def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    command = _bench if args.command == "bench" else _generate
+    outputs: list[_Output] = []
+    with _sigterm_raises(), _library_log_on_stderr():
+        try:
+            command(args, outputs)
+            return 0
+        except KeyboardInterrupt:
+            return _fail(args, "interrupted", EXIT_INTERRUPTED)
+        except Terminated:
+            return _fail(args, "terminated", EXIT_TERMINATED)
+        except Exception as err:
+            if not _is_user_error(err):
+                raise
+            return _fail(args, f"error: {_one_line(err)}", EXIT_USER_ERROR)
+        finally:
+            for output in outputs:
+                output.discard()
+
+
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fluxrt", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_debug(parser, default=False)
     sub = parser.add_subparsers(dest="command", required=True)
     _add_generate(sub)
     _add_bench(sub)
-    args = parser.parse_args(argv)
-    return _bench(args) if args.command == "bench" else _generate(args)
+    return parser
+
+
+def _add_debug(parser: argparse.ArgumentParser, default) -> None:
+    # On the main parser and on each subcommand (`fluxrt --debug generate` and `fluxrt generate --debug`); the
+    # subcommands' default is SUPPRESS so that they do not reset a --debug given before the subcommand.
+    parser.add_argument("--debug", action="store_true", default=default,
+                        help="on an error, print the Python traceback too")
+
+
+def _fail(args, message: str, code: int) -> int:
+    if args.debug:
+        traceback.print_exc()
+    print(f"fluxrt: {message}", file=sys.stderr)
+    return code
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split()) or type(err).__name__
+
+
+class _OneLine(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return f"fluxrt: {record.levelname.lower()}: {_one_line(record.getMessage())}"
+
+
+@contextlib.contextmanager
+def _library_log_on_stderr():
+    """The library's warnings (logger "fluxrt": a prompt cut to the encoders' length, ...) as one line each on
+    stderr, like the errors; INFO and below stay quiet."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setLevel(logging.WARNING)
+    handler.setFormatter(_OneLine())
+    logger = logging.getLogger("fluxrt")
+    logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+
+
+@contextlib.contextmanager
+def _sigterm_raises():
+    """SIGTERM raises Terminated while the command runs (Python's default kills the process on the spot, leaving
+    the temp file behind). signal.signal works only in the main thread; main() called from another thread keeps the
+    handler it has."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise Terminated
+
+
+class _Output:
+    """A file the CLI writes: reserved as a temp file beside `path` before any work (an unwritable path fails now,
+    not after the run; the same filesystem, so the final rename is atomic), renamed over `path` by commit(), else
+    removed by discard() together with the folders made for it (only those, and only while empty)."""
+
+    def __init__(self, path: Path, flag: str, suffix: str, what: str):
+        if path.suffix.lower() != suffix:
+            raise UsageError(f"{flag} must name a {suffix} file{what}, got {str(path)!r}")
+        self.path, self.tmp, self.made_folders = path, None, []
+        try:
+            self._reserve(flag, suffix)
+        except OSError as err:  # permissions, a name too long, a full disk, ...
+            self.discard()
+            raise UsageError(f"cannot write {flag} {str(path)!r}: {err.strerror or err}") from None
+
+    def _reserve(self, flag: str, suffix: str) -> None:
+        if self.path.is_dir():
+            raise UsageError(f"{flag} {str(self.path)!r} is a folder; name a {suffix} file")
+        blocker = next((p for p in self.path.parents if p.exists() and not p.is_dir()), None)
+        if blocker is not None:
+            raise UsageError(f"cannot write {flag} {str(self.path)!r}: {str(blocker)!r} is a file, not a folder")
+        self.made_folders = [p for p in self.path.parents if not p.exists()]  # deepest first
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.parent / f".{self.path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+        tmp.open("xb").close()  # not mkstemp: that makes the file 0600, and outputs should get the umask's
+        self.tmp = tmp  # only once it exists: discard() removes it
+
+    def commit(self) -> None:
+        os.replace(self.tmp, self.path)
+        self.tmp = None
+
+    def discard(self) -> None:
+        if self.tmp is not None:
+            self.tmp.unlink(missing_ok=True)
+            self.tmp = None
+        for folder in self.made_folders:
+            if not folder.is_dir() or any(folder.iterdir()):
+                break  # never made, or something else wrote into it since: not ours to remove
+            folder.rmdir()
+        self.made_folders = []
 
 
 # ---- generate ----
@@ -64,77 +225,81 @@ def _add_generate(sub) -> None:
     g.add_argument("--compare-reference", action="store_true",
                    help="first run the uncompiled reference transformer, then print per-step latency side by side")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_debug(g, default=argparse.SUPPRESS)
+
+
+def _check_request(args, device: torch.device) -> None:
+    """The request's numbers by fluxrt.validation's rules and limits, named by their flags; fills in the default size
+    (tiny-random on a CPU: 256, else 1024) so that it is checked like a given one."""
+    side = 256 if args.model == TINY_RANDOM and device.type == "cpu" else 1024
+    args.width, args.height = validation.check_size(args.width or side, args.height or side,
+                                                     names=("--width", "--height"))
+    if args.steps is not None:
+        validation.check_steps(args.steps, "--steps")
+    validation.check_seed(args.seed, "--seed")
+    if args.guidance is not None:
+        validation.check_guidance(args.guidance, "--guidance")
+
+
+def _check_model(args) -> None:
+    if args.model == TINY_RANDOM:
+        if args.ae is not None or args.text_encoders is not None:
+            raise UsageError(f"--ae and --text-encoders go with a transformer file as --model; {TINY_RANDOM} builds "
+                             "its own (drop them)")
+        return
+    model = Path(args.model)
+    if not model.exists():
+        raise UsageError(f"--model {args.model!r} does not exist (a local FLUX folder or file, or {TINY_RANDOM})")
+    if model.is_file() and (args.ae is None or args.text_encoders is None):
+        raise UsageError(f"--model {args.model!r} is a single transformer file: also pass --ae (ae.safetensors or a "
+                         "diffusers vae folder) and --text-encoders (a folder with tokenizer, text_encoder, "
+                         "tokenizer_2, text_encoder_2)")
+    for flag, path in (("--ae", args.ae), ("--text-encoders", args.text_encoders)):
+        if path is not None and not path.exists():
+            raise UsageError(f"{flag} {str(path)!r} does not exist")
 
 
 def _check_args(args) -> None:
-    for name in ("width", "height"):
-        value = getattr(args, name)
-        if value is not None and (value % 16 or not 16 <= value <= 4096):
-            raise UsageError(f"--{name} must be a multiple of 16 between 16 and 4096, got {value}")
-    if args.steps is not None and args.steps <= 0:
-        raise UsageError(f"--steps must be >= 1, got {args.steps}")
-    if not 0 <= args.seed < 2**63:
-        raise UsageError(f"--seed must be in [0, 2**63), got {args.seed}")
-    if args.out.suffix.lower() != ".png":
-        raise UsageError(f"--out must name a .png file, got {str(args.out)!r}")
-    if args.out.is_dir():
-        raise UsageError(f"--out {str(args.out)!r} is a folder; name a .png file")
-    if args.model != TINY_RANDOM and not Path(args.model).exists():
-        raise UsageError(f"--model {args.model!r} does not exist (a local FLUX folder or file, or {TINY_RANDOM})")
-    try:
-        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    except RuntimeError:
-        raise UsageError(f"--device {args.device!r} is not a device (e.g. cpu, cuda, cuda:1)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"--device {args.device} asks for a CUDA GPU and this machine has none; use --device cpu")
+    """Every flag, before anything is loaded or written."""
+    device = devices.resolve_device(args.device, "--device")
+    _check_request(args, device)
+    _check_model(args)
     if args.no_compile and (args.quantize or args.compare_reference):
         raise UsageError("--quantize and --compare-reference need the compiled transformer; drop --no-compile")
     if args.quantize == "fp8":
         if device.type != "cuda":
             raise UsageError("--quantize fp8 (W8A8) needs an FP8-capable CUDA GPU (sm_89+: Ada, Hopper, Blackwell) "
                              f"and none is in use (device {device}); use --quantize fp8-weight")
-        from .quantize import require_fp8_tensor_cores
-
-        try:
-            require_fp8_tensor_cores(device)
-        except RuntimeError as err:
-            raise UsageError(str(err)) from None
+        devices.require_fp8_tensor_cores(device, "--quantize fp8 (W8A8)", "use --quantize fp8-weight on this GPU")
 
 
-def _open_output(out: Path) -> Path:
-    """A temp file beside `out` (same filesystem, so the final rename is atomic): fails now, not after sampling,
-    when the folder cannot be written."""
-    tmp = out.parent / f".{out.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
-    blocker = next((p for p in out.parents if p.exists() and not p.is_dir()), None)
-    if blocker is not None:
-        raise UsageError(f"cannot write --out {str(out)!r}: {str(blocker)!r} is a file, not a folder")
+def _generate(args, outputs: list[_Output]) -> None:
+    _check_args(args)
+    out = _Output(args.out, "--out", ".png", "")
+    outputs.append(out)
+    _run_generate(args, out.tmp)
+    out.commit()
+    print(f"wrote {args.out}")
+
+
+def _load_model(args, **pipeline_kwargs):
+    """FluxPipeline.from_pretrained, its errors in the CLI's words: flags for argument names, and one ModelError for
+    whatever a malformed file makes a loader raise (a TypeError for a config value of the wrong type, ...)."""
+    from .pipeline import FluxPipeline
+
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp.open("xb").close()  # not mkstemp: that makes the file 0600, and the PNG should get the umask's mode
-    except OSError as err:
-        raise UsageError(f"cannot write --out {str(out)!r}: {err.strerror or err}") from None
-    return tmp
+        return FluxPipeline.from_pretrained(args.model, autoencoder=args.ae, text_encoders=args.text_encoders,
+                                            device=args.device, **pipeline_kwargs)
+    except Exception as err:  # not BaseException: Ctrl-C and SIGTERM pass through
+        if _is_user_error(err):
+            raise ModelError(_as_flags(str(err))) from err
+        raise ModelError(f"cannot load --model {args.model!r}: {type(err).__name__}: {err} (a file in it is "
+                         "malformed; --debug shows where loading failed)") from err
 
 
-def _generate(args) -> int:
-    tmp = None
-    try:
-        _check_args(args)
-        tmp = _open_output(args.out)
-        _run_generate(args, tmp)
-        os.replace(tmp, args.out)
-        tmp = None
-    except (ValueError, RuntimeError, OSError) as err:  # CheckpointError is a ValueError
-        print(f"fluxrt: error: {_one_line(err)}", file=sys.stderr)
-        return 2
-    finally:
-        if tmp is not None:
-            tmp.unlink(missing_ok=True)
-    return 0
-
-
-def _one_line(err: BaseException) -> str:
-    return " ".join(str(err).split()) or type(err).__name__
+def _as_flags(message: str) -> str:
+    pattern = "|".join(re.escape(name) for name in LIBRARY_ARGUMENTS_AS_FLAGS)
+    return re.sub(rf"\b({pattern})", lambda m: LIBRARY_ARGUMENTS_AS_FLAGS[m.group(1)], message)
 
 
 def _build_pipeline(args, compile: bool):
@@ -144,10 +309,7 @@ def _build_pipeline(args, compile: bool):
         from .tiny import tiny_random_pipeline
 
         return tiny_random_pipeline(device=args.device, **common)
-    from .pipeline import FluxPipeline
-
-    return FluxPipeline.from_pretrained(args.model, autoencoder=args.ae, text_encoders=args.text_encoders,
-                                        device=args.device, **common)
+    return _load_model(args, **common)
 
 
 def _timed(pipe, call: dict) -> tuple[torch.Tensor, list[float]]:
@@ -168,9 +330,7 @@ def _run_generate(args, tmp: Path) -> None:
 
     compile = not args.no_compile
     pipe = _build_pipeline(args, compile=compile and not args.compare_reference)
-    tiny_cpu = args.model == TINY_RANDOM and pipe.device.type == "cpu"
-    side = 256 if tiny_cpu else 1024
-    call = dict(prompt=args.prompt, width=args.width or side, height=args.height or side, num_steps=args.steps,
+    call = dict(prompt=args.prompt, width=args.width, height=args.height, num_steps=args.steps,
                 guidance=args.guidance, seed=args.seed)
     columns = {}
     if args.compare_reference:
@@ -202,39 +362,66 @@ def _run_generate(args, tmp: Path) -> None:
         print(line + f"\nfluxrt vs reference image: max |difference| {diff:.2e} (pixel range 0..1)")
     else:
         print(line)
-    print(f"wrote {args.out}")
 
 
 # ---- bench ----
 
 
 def _add_bench(sub) -> None:
+    from .bench import IMPLS, MAX_ITERS, MAX_TXT_LEN
+
     b = sub.add_parser("bench", help="per-step latency: diffusers vs fluxrt (GPU numbers only count)")
     b.add_argument("--model", default="tiny", choices=["tiny", "flux-dev", "flux-schnell"])
     b.add_argument("--size", nargs="+", default=["64x64"], help="WIDTHxHEIGHT, multiples of 16")
-    b.add_argument("--batch", type=int, nargs="+", default=[1])
-    b.add_argument("--impl", nargs="+", default=["diffusers-eager", "fluxrt-bf16", "fluxrt-fp8-weight"])
-    b.add_argument("--iters", type=int, default=10)
-    b.add_argument("--txt-len", type=int, default=None)
+    b.add_argument("--batch", type=int, nargs="+", default=[1],
+                   help=f"images per step, 1..{validation.MAX_IMAGES_PER_CALL}")
+    b.add_argument("--impl", nargs="+", default=["diffusers-eager", "fluxrt-bf16", "fluxrt-fp8-weight"],
+                   choices=IMPLS)
+    b.add_argument("--iters", type=int, default=10, help=f"timed calls per row, 1..{MAX_ITERS} (the median counts)")
+    b.add_argument("--txt-len", type=int, default=None,
+                   help=f"T5 tokens, 1..{MAX_TXT_LEN} (default: the model's, dev 512, schnell 256)")
     b.add_argument("--out", type=Path, default=None,
-                   help="JSON path (default: benchmarks/results/step_<date>_<gpu>.json; CPU runs: the temp dir)")
+                   help="JSON path (default: benchmarks/results/step_<date>_<gpu>.json; CPU runs: a new file in the "
+                        "temp dir); a PNG chart goes beside it when matplotlib is installed")
+    _add_debug(b, default=argparse.SUPPRESS)
 
 
-def _bench(args) -> int:
+def _parse_sizes(texts: list[str]) -> list[tuple[int, int]]:
+    """["WIDTHxHEIGHT", ...] -> [(height, width), ...] (fluxrt.bench's order), by fluxrt.validation's size rules."""
+    sizes = []
+    for text in texts:
+        width, _, height = text.partition("x")
+        if not (width.isdigit() and height.isdigit()):
+            raise UsageError(f"--size {text!r} must be WIDTHxHEIGHT with multiples of 16, e.g. 1024x768")
+        try:
+            validation.check_size(int(width), int(height))
+        except ValueError as err:
+            raise UsageError(f"--size {text!r}: {err}") from None
+        sizes.append((int(height), int(width)))
+    return sizes
+
+
+def _bench(args, outputs: list[_Output]) -> None:
     from . import bench
 
-    try:
-        sizes = []
-        for text in args.size:
-            width, _, height = text.partition("x")
-            if not (width.isdigit() and height.isdigit()) or int(width) % 16 or int(height) % 16:
-                raise ValueError(f"--size {text!r} must be WIDTHxHEIGHT with multiples of 16")
-            sizes.append((int(height), int(width)))
-        if args.iters <= 0 or any(b <= 0 for b in args.batch):
-            raise ValueError("--iters and --batch must be >= 1")
-        result = bench.run(args.model, sizes, args.batch, args.impl, args.iters, txt_len=args.txt_len)
-    except (ValueError, RuntimeError) as err:
-        print(f"fluxrt: error: {err}", file=sys.stderr)
-        return 2
-    bench.write(result, args.out or bench.default_output(result))
-    return 0
+    sizes = _parse_sizes(args.size)
+    for batch in args.batch:
+        validation.check_batch_size(batch, "--batch")
+    bench.check_iters(args.iters, "--iters")
+    bench.check_txt_len(args.txt_len, "--txt-len")
+    out_path = args.out or bench.default_output(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    json_out = _Output(out_path, "--out", ".json", " (the chart goes beside it as .png)")
+    outputs.append(json_out)
+    chart = bench.chart_path(out_path)
+    chart_out = chart and _Output(chart, "--out's chart", ".png", "")
+    if chart_out:
+        outputs.append(chart_out)
+
+    result = bench.run(args.model, sizes, args.batch, args.impl, args.iters, txt_len=args.txt_len)
+    bench.write_json(result, json_out.tmp)
+    if chart_out:
+        bench.write_chart(result, chart_out.tmp)
+    json_out.commit()
+    if chart_out:
+        chart_out.commit()
+    print(f"wrote {out_path}" + (f" and {chart}" if chart_out else " (no chart: matplotlib is not installed)"))
