@@ -1,8 +1,12 @@
 """Joint attention kernel vs the fp32 _ref with the DESIGN.md §4 rule (SDPA in the same dtype as baseline)."""
 
+import contextvars
+
 import pytest
 import torch
+import triton
 from torch.library import opcheck
+from triton.runtime import _allocation
 
 import fluxrt.ops as ops
 from fluxrt.kernels import joint_attention as K
@@ -45,6 +49,43 @@ def test_tma_variants_match_ref(S, D, variant):
     q, k, v = make_qkv(2, 3, S, D, torch.float16, seed=S + D + 2)
     poisoned = torch.full((2, S, 3 * D), float("nan"), dtype=torch.float16, device=DEVICE)
     check(K.joint_attention(q, k, v, out=poisoned, variant=variant), q, k, v)
+
+
+def users_allocator(size, alignment, stream):  # what a user (or another library) gave triton.set_allocator
+    return torch.empty(size, dtype=torch.int8, device=DEVICE)
+
+
+def tma_launch_leaves_allocator():
+    """Triton's allocator after a TMA-variant launch, run in a copy of this context (set_allocator sets a ContextVar:
+    the copy keeps it from leaking into other tests)."""
+    q, k, v = make_qkv(1, 2, 20, 64, torch.float16, seed=8)
+    check(K.joint_attention(q, k, v, variant="tma"), q, k, v)
+    return _allocation._allocator.get()
+
+
+def test_tma_launch_keeps_the_users_triton_allocator():
+    def with_users_allocator():
+        triton.set_allocator(users_allocator)
+        return tma_launch_leaves_allocator()
+
+    assert contextvars.copy_context().run(with_users_allocator) is users_allocator
+    # and with none set, none is left set: the launch's own allocator lasts for the launch only
+    assert isinstance(contextvars.copy_context().run(tma_launch_leaves_allocator), _allocation.NullAllocator)
+
+
+def test_the_scratch_allocator_lasts_one_launch():
+    def inside_and_after(set_users: bool):
+        if set_users:
+            triton.set_allocator(users_allocator)
+        with K._scratch_allocator(torch.device(DEVICE)):
+            inside = _allocation._allocator.get()
+            scratch = inside(64, 128, None)
+        return inside, scratch, _allocation._allocator.get()
+
+    inside, scratch, after = contextvars.copy_context().run(inside_and_after, False)
+    assert scratch.device.type == DEVICE and scratch.numel() >= 64 and isinstance(after, _allocation.NullAllocator)
+    inside, _, after = contextvars.copy_context().run(inside_and_after, True)
+    assert inside is users_allocator and after is users_allocator  # the user's serves the launch and stays
 
 
 def test_writes_into_a_wider_row_buffer():
