@@ -187,8 +187,8 @@ def _locate(folder: Path, kind: _Kind) -> Path:
 
 
 def _folder(folder: Path, kind: _Kind) -> _Checkpoint:
-    config_file = folder / "config.json"
-    config = _read_config(config_file, kind) if config_file.is_file() else None
+    config_file = folder / "config.json" if (folder / "config.json").is_file() else None
+    config = _read_config(config_file, kind) if config_file is not None else None
     indexes = sorted(folder.glob("*.safetensors.index.json"))
     if len(indexes) > 1:
         raise CheckpointError(f"{folder} holds several safetensors indexes {[i.name for i in indexes]}; keep one")
@@ -198,7 +198,7 @@ def _folder(folder: Path, kind: _Kind) -> _Checkpoint:
         missing = [f.name for f in files if not f.is_file()]
         if missing:
             raise CheckpointError(f"{indexes[0]} lists shards that are not in {folder}: {missing}")
-        return _Checkpoint(files, config, config_file if config else None, indexes[0], weight_map)
+        return _Checkpoint(files, config, config_file, indexes[0], weight_map)
     files = sorted(folder.glob("*.safetensors"))
     if kind is _TRANSFORMER and len(files) > 1:
         files = [f for f in files if f.name != _BFL_AE_FILE]  # BFL folder: flux1-dev.safetensors + ae.safetensors
@@ -206,7 +206,7 @@ def _folder(folder: Path, kind: _Kind) -> _Checkpoint:
         pickles = [f.name for f in folder.iterdir() if f.suffix in _PICKLE_SUFFIXES]
         hint = f" (found pickle files {pickles}, which fluxrt never loads)" if pickles else ""
         raise CheckpointError(f"no .safetensors files in folder {folder}{hint}")
-    return _Checkpoint(files, config, config_file if config else None)
+    return _Checkpoint(files, config, config_file)
 
 
 def _read_json(file: Path):
@@ -653,7 +653,7 @@ def load_autoencoder(path: str | os.PathLike, dtype: torch.dtype | str | None = 
         return finite.add(prefix + name, source.read(prefix + name).to(dtype))
 
     shapes = {k: tuple(v.shape) for k, v in convert(_View(keys, meta)).items()}
-    params = infer_autoencoder_params(shapes, ckpt.config, str(ckpt.config_file))
+    params = infer_autoencoder_params(shapes, ckpt.config, str(ckpt.config_file or path))
     if params.z_channels != 16:
         raise CheckpointError(f"{path} has {params.z_channels} latent channels; FLUX's autoencoder has 16")
     try:

@@ -461,6 +461,7 @@ def test_sharded_folder_with_an_index_and_shards_of_different_dtypes(tmp_path, s
          folder / "b.safetensors")
     write_index(folder, {"weight_map": weight_map})
     loaded = fluxrt.load_transformer(folder, dtype=torch.float32)
+    assert {p.dtype for p in loaded.parameters()} == {torch.float32}
     assert all(torch.equal(loaded.state_dict()[k], v) for k, v in state.items())
 
 
