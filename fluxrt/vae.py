@@ -283,6 +283,17 @@ def _ramp(length: int, fade: int, fade_in: bool, fade_out: bool, device) -> Tens
     return w
 
 
+def axis_tiles(size: int, tile: int, overlap: int, upscale: int, device) -> list[tuple[int, int, Tensor]]:
+    """The tiles along one latent axis of `size`: (start, length) in latents and the blend weights over their
+    `length * upscale` output pixels, fading over `overlap * upscale` pixels at each edge shared with a neighbour."""
+    tiles = []
+    for start in _tile_starts(size, tile, overlap):
+        length = min(tile, size - start)
+        weights = _ramp(length * upscale, overlap * upscale, start > 0, start + length < size, device)
+        tiles.append((start, length, weights))
+    return tiles
+
+
 def tiled_decode(decode, z: Tensor, tile: int, overlap: int, upscale: int) -> Tensor:
     """Decode latents [B, C, h, w] tile by tile (tiles of `tile`^2 latents overlapping by `overlap`) and blend.
 
@@ -294,17 +305,12 @@ def tiled_decode(decode, z: Tensor, tile: int, overlap: int, upscale: int) -> Te
         raise ValueError(f"need 0 <= overlap < tile, got overlap {overlap}, tile {tile}")
     b, _, h, w = z.shape
     out = weight = None
-    fade = overlap * upscale
-    ys, xs = _tile_starts(h, tile, overlap), _tile_starts(w, tile, overlap)
-    for y0 in ys:
-        for x0 in xs:
-            th, tw = min(tile, h - y0), min(tile, w - x0)
+    for y0, th, wy in axis_tiles(h, tile, overlap, upscale, z.device):
+        for x0, tw, wx in axis_tiles(w, tile, overlap, upscale, z.device):
             image = decode(z[:, :, y0:y0 + th, x0:x0 + tw]).float()
             if out is None:
                 out = torch.zeros(b, image.shape[1], h * upscale, w * upscale, device=z.device)
                 weight = torch.zeros(h * upscale, w * upscale, device=z.device)
-            wy = _ramp(th * upscale, fade, y0 > 0, y0 + th < h, z.device)
-            wx = _ramp(tw * upscale, fade, x0 > 0, x0 + tw < w, z.device)
             window = wy[:, None] * wx[None, :]
             rows, cols = slice(y0 * upscale, (y0 + th) * upscale), slice(x0 * upscale, (x0 + tw) * upscale)
             out[:, :, rows, cols] += image * window
