@@ -154,6 +154,8 @@ def _sigterm_raises():
 
 
 def _raise_terminated(signum, frame) -> None:
+    # A repeated SIGTERM (service managers send one, then SIGKILL later) must not cut the cleanup short.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     raise Terminated
 
 
@@ -192,9 +194,11 @@ class _Output:
         if self.tmp is not None:
             self.tmp.unlink(missing_ok=True)
             self.tmp = None
-        for folder in self.made_folders:
-            if not folder.is_dir() or any(folder.iterdir()):
-                break  # never made, or something else wrote into it since: not ours to remove
+        for folder in self.made_folders:  # deepest first
+            if not folder.exists():
+                continue  # mkdir failed before it got this deep
+            if any(folder.iterdir()):
+                break  # something else wrote into it since: it and the folders above it stay
             folder.rmdir()
         self.made_folders = []
 
@@ -291,8 +295,9 @@ def _load_model(args, **pipeline_kwargs):
         return FluxPipeline.from_pretrained(args.model, autoencoder=args.ae, text_encoders=args.text_encoders,
                                             device=args.device, **pipeline_kwargs)
     except Exception as err:  # not BaseException: Ctrl-C and SIGTERM pass through
-        if _is_user_error(err):
-            raise ModelError(_as_flags(str(err))) from err
+        if _is_user_error(err):  # fluxrt's and torch's own reports: the message says what is wrong
+            raise ModelError(f"cannot load --model {args.model!r}: {_as_flags(str(err))}") from err
+        # a loader (often a third-party one: transformers for the text encoders) tripped over a malformed file
         raise ModelError(f"cannot load --model {args.model!r}: {type(err).__name__}: {err} (a file in it is "
                          "malformed; --debug shows where loading failed)") from err
 

@@ -59,8 +59,8 @@ def model(saved_model, tmp_path):
     return shutil.copytree(saved_model, tmp_path / "model")
 
 
-def edit_transformer_config(model, edit):
-    path = model / "transformer" / "config.json"
+def edit_config(model, part, edit):
+    path = model / part / "config.json"
     path.write_text(json.dumps(edit(json.loads(path.read_text()))))
 
 
@@ -95,6 +95,8 @@ def test_bad_arguments_give_one_line(cli, tmp_path, args, message):
     ("x.jpg", "--out must name a .png file, got '{tmp}/x.jpg'"),
     ("folder.png", "--out '{tmp}/folder.png' is a folder; name a .png file"),
     ("new/" + "x" * 300 + ".png", "cannot write --out '{tmp}/new/" + "x" * 300 + ".png': File name too long"),
+    # mkdir makes new/, then fails on the next folder: new/ is removed all the same
+    ("new/" + "x" * 300 + "/x.png", "cannot write --out '{tmp}/new/" + "x" * 300 + "/x.png': File name too long"),
 ])
 def test_unwritable_output_gives_one_line(cli, tmp_path, out, message):
     (tmp_path / "blocker").write_text("a file where a folder should be")
@@ -120,20 +122,22 @@ def test_a_bad_flag_value_exits_2(cli, capsys):
 # ---- malformed files, missing parts ----
 
 
-@pytest.mark.parametrize("edit", [
-    lambda config: [1, 2],  # valid JSON, not an object
-    lambda config: {**config, "axes_dims_rope": 5},
-    lambda config: {**config, "attention_head_dim": None},
-], ids=["list", "axes_dims_rope-5", "attention_head_dim-null"])
-def test_a_malformed_config_is_one_line_and_leaves_nothing(cli, model, tmp_path, edit):
-    edit_transformer_config(model, edit)
+@pytest.mark.parametrize("part, edit, fragment", [
+    ("transformer", lambda config: [1, 2], "config"),  # valid JSON, not an object
+    ("transformer", lambda config: {**config, "axes_dims_rope": 5}, "config"),
+    ("transformer", lambda config: {**config, "attention_head_dim": None}, "config"),
+    # transformers' CLIPTextConfig(**config) raises a TypeError: a third-party loader, no diagnosis of its own
+    ("text_encoder", lambda config: [1, 2], "TypeError"),
+], ids=["list", "axes_dims_rope-5", "attention_head_dim-null", "text-encoder-list"])
+def test_a_malformed_config_is_one_line_and_leaves_nothing(cli, model, tmp_path, part, edit, fragment):
+    edit_config(model, part, edit)
     result = cli("generate", "--model", str(model), *SMALL, "--out", str(tmp_path / "new" / "deeper" / "x.png"))
-    assert_one_line_error(result, "config")
+    assert_one_line_error(result, f"fluxrt: error: cannot load --model '{model}': ", fragment)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # no temp file, no folder made for --out
 
 
 def test_debug_adds_the_traceback(cli, model, tmp_path):
-    edit_transformer_config(model, lambda config: [1, 2])
+    edit_config(model, "transformer", lambda config: [1, 2])
     for args in (("--debug", "generate"), ("generate", "--debug")):  # before or after the subcommand
         result = cli(*args, "--model", str(model), *SMALL, "--out", str(tmp_path / "x.png"))
         assert result.returncode == 2
