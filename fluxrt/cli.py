@@ -195,7 +195,7 @@ class _Output:
             self.tmp.unlink(missing_ok=True)
             self.tmp = None
         for folder in self.made_folders:  # deepest first
-            if not folder.exists():
+            if not os.path.isdir(folder):  # os.path's: False, not OSError, for a name too long
                 continue  # mkdir failed before it got this deep
             if any(folder.iterdir()):
                 break  # something else wrote into it since: it and the folders above it stay
