@@ -230,8 +230,8 @@ def _linears_description(model: Flux, kernels: str) -> str:
         elif m.activations == "bf16":
             kinds.add(f"fp8 weight-only ({kernels})")
         elif m.w8a8_gemm == "triton":
-            kinds.add("fp8 W8A8 (Triton fp8 GEMM, epilogues fused; rows quantized in the norm kernels, attention output "
-                      "rows in the attention kernel; <= 16 rows weight-only)")
+            kinds.add("fp8 W8A8 (Triton fp8 GEMM, epilogues fused; rows quantized in the norm kernels, attention "
+                      "output rows in the attention kernel; <= 16 rows weight-only)")
         else:
             kinds.add("fp8 W8A8 (torch._scaled_mm; rows quantized in the norm kernels, attention output rows in the "
                       "attention kernel; <= 16 rows weight-only)")
@@ -259,7 +259,8 @@ class FastFlux(nn.Module):
 
     def _describe(self) -> dict:
         device = self.model.img_in.weight.device
-        kernels = "triton" if self.backend == "triton" or (self.backend == "auto" and device.type == "cuda") else "torch"
+        on_triton = self.backend == "triton" or (self.backend == "auto" and device.type == "cuda")
+        kernels = "triton" if on_triton else "torch"
         quantized = [m for _, m in _block_linears(self.model) if isinstance(m, FP8Linear)]
         if not quantized:
             gelu = "in the cuBLASLt GEMM epilogue" if device.type == "cuda" else "separate op (CPU)"

@@ -116,10 +116,11 @@ def test_a_consumed_transformer_and_a_compiled_one_are_refused_clearly():
 
 def diffusers_vae(seed: int = 0) -> AutoencoderKL:
     torch.manual_seed(seed)
-    return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=16, block_out_channels=[8, 8, 16, 16],
-                         layers_per_block=1, down_block_types=["DownEncoderBlock2D"] * 4,
-                         up_block_types=["UpDecoderBlock2D"] * 4, norm_num_groups=4, use_quant_conv=False,
-                         use_post_quant_conv=False, scaling_factor=0.3611, shift_factor=0.1159).eval().requires_grad_(False)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=16, block_out_channels=[8, 8, 16, 16],
+                        layers_per_block=1, down_block_types=["DownEncoderBlock2D"] * 4,
+                        up_block_types=["UpDecoderBlock2D"] * 4, norm_num_groups=4, use_quant_conv=False,
+                        use_post_quant_conv=False, scaling_factor=0.3611, shift_factor=0.1159)
+    return vae.eval().requires_grad_(False)
 
 
 @torch.no_grad()
