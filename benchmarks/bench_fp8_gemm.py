@@ -50,10 +50,11 @@ def w8a8_row(x, w8, scale, bias, unquantized, M, N, K) -> dict:
     for the SQNR only)."""
     if not hasattr(torch, "_scaled_mm"):
         return {"w8a8": "unavailable: torch._scaled_mm is missing"}
+    from fluxrt.kernels._common import FP8_E4M3_MAX, MIN_SCALE
     from fluxrt.testing import sqnr_db
 
     def quantize_rows(x):
-        sx = (x.float().abs().amax(dim=1, keepdim=True) / 448.0).clamp_min(1e-12)  # [M, 1]
+        sx = (x.float().abs().amax(dim=1, keepdim=True) / FP8_E4M3_MAX).clamp_min(MIN_SCALE)  # [M, 1]
         return (x.float() / sx).to(torch.float8_e4m3fn), sx
 
     try:
