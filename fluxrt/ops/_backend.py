@@ -46,19 +46,19 @@ class Trace(list):
 def trace() -> Iterator[Trace]:
     """`with fluxrt.ops.trace() as ran: ...` -> `ran`, a Trace of every op run in this thread inside the block."""
     stack = _local.__dict__.setdefault("stack", [])
-    ran = Trace()
-    stack.append(ran)
+    this = Trace()
+    stack.append(this)
     try:
-        yield ran
+        yield this
     finally:
         # by identity: list.remove compares by value, and an outer trace equal to this one (both empty) would go
-        del stack[next(i for i, t in enumerate(stack) if t is ran)]
+        del stack[next(i for i, t in enumerate(stack) if t is this)]
 
 
 def record(op: str, backend: str) -> None:
     """Note that `op` ran on `backend` in every open trace of this thread (called by each op where it dispatches)."""
-    for ran in getattr(_local, "stack", ()):
-        ran.append((op, backend))
+    for open_trace in getattr(_local, "stack", ()):
+        open_trace.append((op, backend))
 
 
 def ran(op: str, backend: str, out: T) -> T:
