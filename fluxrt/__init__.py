@@ -34,6 +34,7 @@ from .loading import load_autoencoder, load_transformer  # noqa: E402
 from .pipeline import FluxPipeline  # noqa: E402
 from .quantize import save_transformer  # noqa: E402
 from .serving import GenerationRequest, GenerationResult  # noqa: E402
+from .validation import NonFiniteError  # noqa: E402
 from .compiler import compile  # noqa: E402
 
 __version__ = "0.1.0"
@@ -44,6 +45,7 @@ __all__ = [
     "FluxPipeline",
     "GenerationRequest",
     "GenerationResult",
+    "NonFiniteError",
     "compile",
     "bfl_to_diffusers",
     "diffusers_to_bfl",

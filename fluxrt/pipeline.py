@@ -11,6 +11,9 @@ images map [-1, 1] -> [0, 1] -> uint8 with rounding (diffusers; BFL truncates, h
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import os
 import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -19,29 +22,27 @@ import torch
 from torch import Tensor, nn
 
 from . import sampling
+from .devices import resolve_device, resolve_dtype
 from .loading import load_autoencoder, load_transformer
 from .reference import AutoEncoder, Flux
 from .compiler import compile as compile_transformer  # also takes the autoencoder (-> fluxrt.vae)
+from .validation import (
+    NonFiniteError,
+    check_acceleration,
+    check_flag,
+    check_guidance,
+    check_image_count,
+    check_images_per_prompt,
+    check_pipeline_options,
+    check_prompt,
+    check_seeds,
+    check_size,
+    check_steps,
+)
 
-MIN_SIDE, MAX_SIDE = 16, 4096  # one latent token; 65k image tokens is past any FLUX training resolution
+logger = logging.getLogger("fluxrt")  # the library's one logger (fluxrt.loading's too): what the CLI shows
 CLIP_LENGTH = 77
 TEXT_FOLDERS = ("tokenizer", "text_encoder", "tokenizer_2", "text_encoder_2")
-
-
-def check_size(width, height) -> None:
-    for name, value in (("width", width), ("height", height)):
-        if not isinstance(value, int) or isinstance(value, bool) or value % 16 or not MIN_SIDE <= value <= MAX_SIDE:
-            raise ValueError(f"{name} must be a multiple of 16 between {MIN_SIDE} and {MAX_SIDE}, got {value!r}")
-
-
-def check_steps(num_steps) -> None:
-    if not isinstance(num_steps, int) or isinstance(num_steps, bool) or num_steps <= 0:
-        raise ValueError(f"num_steps must be an int >= 1, got {num_steps!r}")
-
-
-def check_seed(seed) -> None:
-    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**63:
-        raise ValueError(f"a seed must be an int in [0, 2**63), got {seed!r}")
 
 
 class FluxPipeline:
@@ -59,9 +60,11 @@ class FluxPipeline:
         if not isinstance(transformer, Flux):
             raise TypeError(f"transformer must be a fluxrt.reference.Flux (see fluxrt.load_transformer), got "
                             f"{type(transformer).__name__}")
+        param = next(transformer.parameters())
+        # every switch is checked before anything is moved or compiled: a refused pipeline leaves the modules as given
+        compile = check_pipeline_options(param.device, compile, quantize, backend, offload_text_encoders, progress)
         self.config = transformer.params
         self.transformer, self.autoencoder = transformer, autoencoder
-        param = next(transformer.parameters())
         self.device, self.dtype = param.device, param.dtype
         self.vae_dtype = next(autoencoder.parameters()).dtype
         self.clip_tokenizer, self.clip_encoder = clip_tokenizer, clip_encoder
@@ -76,20 +79,18 @@ class FluxPipeline:
         self.default_guidance = 3.5 if self.config.guidance_embed else None
         self.plan = None  # what fluxrt.compile chose, once compiled
         self._lock = threading.RLock()
-        if compile is None:
-            compile = self.device.type == "cuda"
         if compile:
             self.accelerate(quantize=quantize, backend=backend)
-        elif quantize is not None:
-            raise ValueError(f"quantize={quantize!r} is applied by compilation; drop compile=False (--no-compile)")
 
     # ---- construction ----
 
     @classmethod
     def from_pretrained(cls, path: str | Path, *, transformer: str | Path | None = None,
                         autoencoder: str | Path | None = None, text_encoders: str | Path | None = None,
-                        device: torch.device | str | None = None, dtype: torch.dtype | None = None,
-                        **pipeline_kwargs) -> "FluxPipeline":
+                        device: torch.device | str | None = None, dtype: torch.dtype | str | None = None,
+                        torch_dtype: torch.dtype | str | None = None, compile: bool | None = None,
+                        quantize: str | None = None, backend: str = "auto", offload_text_encoders: bool = False,
+                        progress: bool = True) -> "FluxPipeline":
         """Load from local files (never the network):
 
         - a diffusers-layout folder (text_encoder, text_encoder_2, tokenizer, tokenizer_2, transformer, vae), or a
@@ -98,34 +99,23 @@ class FluxPipeline:
         - a BFL transformer file, with autoencoder= (ae.safetensors or a diffusers vae folder) and text_encoders=
           (a folder holding the four text folders).
         transformer= / autoencoder= / text_encoders= override the parts found in `path`. Defaults: CUDA when there
-        is a GPU, bf16 there and fp32 on a CPU. pipeline_kwargs: compile, quantize, backend, offload_text_encoders.
+        is a GPU, bf16 there and fp32 on a CPU; torch_dtype= is diffusers' name for dtype=. compile, quantize,
+        backend, offload_text_encoders, progress: as FluxPipeline's (progress=False also hides the loading bars).
+        Every argument is checked before any weight is loaded.
         """
-        path = Path(path)
-        if not path.exists():
-            raise FileNotFoundError(f"model path {str(path)!r} does not exist")
-        if path.is_dir():
-            transformer = transformer or _find_transformer(path)
-            autoencoder = autoencoder or _find_autoencoder(path)
-            text_encoders = Path(text_encoders or path)
-        elif autoencoder is None or text_encoders is None:
-            raise ValueError(f"{path} is a single transformer file: pass autoencoder= (ae.safetensors) and "
-                             "text_encoders= (a folder with tokenizer, text_encoder, tokenizer_2, text_encoder_2)")
-        else:
-            transformer, text_encoders = transformer or path, Path(text_encoders)
-        for part in (transformer, autoencoder, text_encoders):
-            if not Path(part).exists():
-                raise FileNotFoundError(f"model path {str(part)!r} does not exist")
-        missing = [name for name in TEXT_FOLDERS if not (text_encoders / name).is_dir()]
-        if missing:
-            raise FileNotFoundError(f"{text_encoders} lacks the text-encoder folders {missing} (diffusers layout: "
-                                    f"{', '.join(TEXT_FOLDERS)}); pass text_encoders= a folder that has them")
-        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
-        # offloaded encoders are loaded straight to the CPU: never resident on the GPU beside the transformer
-        text = _load_text_encoders(text_encoders, dtype,
-                                   torch.device("cpu") if pipeline_kwargs.get("offload_text_encoders") else device)
-        return cls(load_transformer(transformer, dtype=dtype, device=device),
-                   load_autoencoder(autoencoder, dtype=dtype, device=device), *text, **pipeline_kwargs)
+        device = resolve_device(device)
+        dtype = resolve_dtype(_one_dtype(dtype, torch_dtype), device)
+        check_pipeline_options(device, compile, quantize, backend, offload_text_encoders, progress)
+        transformer, autoencoder, text_encoders = _find_parts(path, transformer, autoencoder, text_encoders)
+        # fluxrt's loaders first: they check every header before reading a weight, so a bad transformer or
+        # autoencoder file is refused before the text encoders (9 GB for T5-XXL) are read
+        flux = load_transformer(transformer, dtype=dtype, device=device)
+        ae = load_autoencoder(autoencoder, dtype=dtype, device=device)
+        with _loading_bars(progress):
+            # offloaded encoders are loaded straight to the CPU: never resident on the GPU beside the transformer
+            text = _load_text_encoders(text_encoders, dtype, torch.device("cpu") if offload_text_encoders else device)
+        return cls(flux, ae, *text, compile=compile, quantize=quantize, backend=backend,
+                   offload_text_encoders=offload_text_encoders, progress=progress)
 
     def accelerate(self, quantize: str | None = None, backend: str = "auto", attention: str = "bf16") -> None:
         """Swap in the fluxrt-compiled models (in place: weights are reused, not copied). The one acceleration step.
@@ -133,9 +123,7 @@ class FluxPipeline:
         with self._lock:
             if self.plan is not None:
                 raise RuntimeError("this pipeline is already compiled")
-            if quantize == "fp8" and self.device.type != "cuda":
-                raise ValueError(f"quantize='fp8' (W8A8) needs an FP8-capable CUDA GPU (sm_89+: Ada, Hopper, "
-                                 f"Blackwell) and this pipeline is on {self.device}; use quantize='fp8-weight' or none")
+            check_acceleration(self.device, quantize, backend)
             self.transformer = compile_transformer(self.transformer, quantize=quantize, backend=backend,
                                                    attention=attention)
             self.autoencoder = compile_transformer(self.autoencoder, backend=backend)  # fluxrt.vae.FastAutoEncoder
@@ -144,59 +132,61 @@ class FluxPipeline:
     # ---- generation ----
 
     def __call__(self, prompt: str | Sequence[str], width: int = 1024, height: int = 1024,
-                 num_steps: int | None = None, guidance: float | None = None, seed: int | Sequence[int] = 0,
+                 num_steps: int | None = None, guidance: float | None = None, seed: int | Sequence[int] | None = 0,
                  num_images_per_prompt: int = 1, output_type: str = "pil", progress: bool | None = None,
                  callback: Callable[[int, int], None] | None = None):
         """Images for `prompt` (a string or a list): a list of PIL images, or with output_type="pt" a float tensor
         [N, 3, H, W] in [0, 1] on the CPU. N = prompts x num_images_per_prompt, grouped by prompt.
 
         seed: an int gives image k the seed seed + k (so image 0 is the image that prompt alone gives with that
-        seed); a list gives one seed per image. num_steps / guidance default to the model's (dev 28 / 3.5;
-        schnell 4 / none: schnell has no guidance input and ignores it). callback(step, total) after each step.
+        seed); a list gives one seed per image; None draws a random int seed and logs it (INFO, logger
+        "fluxrt") so the images can be made again. num_steps / guidance default to the model's (dev 28 /
+        3.5; schnell 4 / none: schnell has no guidance input and ignores it). callback(step, total) after each step.
+        Limits (fluxrt.validation): MAX_STEPS, MAX_PIXELS per image, MAX_IMAGES_PER_CALL. Every argument is checked
+        before any work. A prompt longer than the text encoders read is cut, with a warning naming what was dropped.
+        NaN or inf latents or pixels raise fluxrt.NonFiniteError instead of returning a broken image.
         """
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        if not prompts or not all(isinstance(p, str) for p in prompts):
-            raise ValueError(f"prompt must be a string or a non-empty list of strings, got {prompt!r}")
-        check_size(width, height)
-        num_steps = self.default_steps if num_steps is None else num_steps
-        check_steps(num_steps)
-        if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
-            raise ValueError(f"num_images_per_prompt must be an int >= 1, got {num_images_per_prompt!r}")
-        count = len(prompts) * num_images_per_prompt
-        seeds = [seed + k for k in range(count)] if isinstance(seed, int) and not isinstance(seed, bool) else list(seed)
-        if len(seeds) != count:
-            raise ValueError(f"got {len(seeds)} seeds for {count} images; pass one int or one seed per image")
-        for s in seeds:
-            check_seed(s)
+        prompts = check_prompt(prompt)
+        width, height = check_size(width, height)
+        num_steps = check_steps(self.default_steps if num_steps is None else num_steps)
+        per_prompt = check_images_per_prompt(num_images_per_prompt)
+        count = check_image_count(len(prompts), per_prompt)
+        seeds = check_seeds(seed, count)
+        if seed is None:
+            logger.info("seed=None: drew seed %d (image k gets %d + k); pass seed=%d to make these images again",
+                        seeds[0], seeds[0], seeds[0])
         guidance = self.resolve_guidance(guidance)
         if output_type not in ("pil", "pt"):
             raise ValueError(f"output_type must be 'pil' or 'pt', got {output_type!r}")
+        progress = self.progress if progress is None else check_flag(progress, "progress")
+        if callback is not None and not callable(callback):
+            raise TypeError(f"callback must be a function (step, total) -> None, got {type(callback).__name__}")
         with self._lock, torch.inference_mode():
             txt, vec = self.encode_prompt(prompts)
-            txt, vec = txt.repeat_interleave(num_images_per_prompt, 0), vec.repeat_interleave(num_images_per_prompt, 0)
-            images = self._denoise_and_decode(txt, vec, width, height, num_steps, guidance, seeds,
-                                              self.progress if progress is None else progress, callback)
+            txt, vec = txt.repeat_interleave(per_prompt, 0), vec.repeat_interleave(per_prompt, 0)
+            images = self._denoise_and_decode(txt, vec, width, height, num_steps, guidance, seeds, progress, callback)
         return images if output_type == "pt" else to_pil(images)
 
     def resolve_guidance(self, guidance) -> float | None:
         """The guidance a call runs with: the model's default for None; always None for schnell, which has no
-        guidance input (diffusers ignores it there too)."""
+        guidance input (diffusers ignores it there too; a given value is still checked)."""
+        if guidance is not None:
+            guidance = check_guidance(guidance)
         if not self.config.guidance_embed:
             return None
-        guidance = self.default_guidance if guidance is None else guidance
-        if isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or not 0 <= guidance <= 100:
-            raise ValueError(f"guidance must be a number in [0, 100], got {guidance!r}")
-        return float(guidance)
+        return self.default_guidance if guidance is None else guidance
 
     def encode_prompt(self, prompts: Sequence[str]) -> tuple[Tensor, Tensor]:
         """(T5 last_hidden_state [N, 512|256, 4096], CLIP pooler_output [N, 768]) in the transformer's dtype."""
+        prompts = check_prompt(prompts)
         with self._lock, torch.inference_mode():
+            self._warn_if_truncated(prompts)
             if self.offload_text_encoders:
                 self._move_text_encoders(self.device)
             try:
-                t5_ids = self.t5_tokenizer(list(prompts), padding="max_length", max_length=self.max_sequence_length,
+                t5_ids = self.t5_tokenizer(prompts, padding="max_length", max_length=self.max_sequence_length,
                                            truncation=True, return_tensors="pt").input_ids
-                clip_ids = self.clip_tokenizer(list(prompts), padding="max_length", max_length=CLIP_LENGTH,
+                clip_ids = self.clip_tokenizer(prompts, padding="max_length", max_length=CLIP_LENGTH,
                                                truncation=True, return_tensors="pt").input_ids
                 # No attention mask, as FLUX was trained: padding tokens are part of the conditioning.
                 txt = self.t5_encoder(t5_ids.to(self.device), output_hidden_states=False)[0]
@@ -205,6 +195,19 @@ class FluxPipeline:
                 if self.offload_text_encoders:
                     self._move_text_encoders("cpu")
             return txt.to(self.device, self.dtype), vec.to(self.device, self.dtype)
+
+    def _warn_if_truncated(self, prompts: list[str]) -> None:
+        """One warning per prompt that does not fit the encoders (T5: max_sequence_length tokens, CLIP: 77), saying
+        how many tokens each one drops: what is cut never reaches the model."""
+        encoders = (("T5", self.t5_tokenizer, self.max_sequence_length), ("CLIP", self.clip_tokenizer, CLIP_LENGTH))
+        lengths = {name: [len(ids) for ids in tokenizer(prompts, truncation=False, verbose=False).input_ids]
+                   for name, tokenizer, _ in encoders}
+        for k, prompt in enumerate(prompts):
+            cut = [f"{name} keeps {limit} of {lengths[name][k]} tokens ({lengths[name][k] - limit} dropped)"
+                   for name, _, limit in encoders if lengths[name][k] > limit]
+            if cut:
+                logger.warning("prompt %d is longer than the text encoders read: %s; the end of %r is ignored", k,
+                               ", ".join(cut), _shorten(prompt))
 
     def _denoise_and_decode(self, txt: Tensor, vec: Tensor, width: int, height: int, num_steps: int,
                             guidance: float | None, seeds: list[int], progress: bool, callback) -> Tensor:
@@ -222,9 +225,13 @@ class FluxPipeline:
                     callback(step, total)
 
             latents = sampling.denoise(self.transformer, img, img_ids, txt, txt_ids, vec, timesteps,
-                                       guidance=guidance, callback=step_done)
+                                       guidance=guidance, callback=step_done)  # NonFiniteError names the step
         image = self.autoencoder.decode(sampling.unpack(latents, height, width).to(self.vae_dtype))
-        return (image.float() / 2 + 0.5).clamp(0, 1).cpu()
+        image = image.float()
+        if not torch.isfinite(image).all():  # clamp would keep NaN, and to_pil would turn it into black silently
+            raise NonFiniteError(f"the autoencoder decoded NaN or inf pixels ({self.vae_dtype}) from finite latents; "
+                                 "check the autoencoder's weights, and run it in bf16 or fp32 (fp16 overflows)")
+        return (image / 2 + 0.5).clamp(0, 1).cpu()
 
     def generate(self, requests, max_batch_size: int = 4):
         """Serving entry point: a list of fluxrt.GenerationRequest -> a list of fluxrt.GenerationResult, in order.
@@ -244,6 +251,68 @@ def to_pil(images: Tensor) -> list:
 
     pixels = (images * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
     return [Image.fromarray(p) for p in pixels]  # uint8 [H, W, 3] -> RGB
+
+
+def _shorten(text: str, keep: int = 60) -> str:
+    return text if len(text) <= keep else text[: keep - 3] + "..."
+
+
+def _one_dtype(dtype, torch_dtype):
+    """dtype= or its diffusers name torch_dtype=; both only when they agree."""
+    if torch_dtype is None:
+        return dtype
+    if dtype is not None and dtype != torch_dtype:
+        raise ValueError(f"dtype={dtype!r} and torch_dtype={torch_dtype!r} disagree; torch_dtype is diffusers' name "
+                         "for dtype: pass one of them")
+    return torch_dtype
+
+
+def _as_path(value, what: str) -> Path:
+    if not isinstance(value, (str, os.PathLike)):
+        raise TypeError(f"{what} must be a path (str or pathlib.Path), got {type(value).__name__} {value!r}")
+    path = Path(value)
+    if not path.exists():
+        raise FileNotFoundError(f"model path {str(path)!r} does not exist")
+    return path
+
+
+def _find_parts(path, transformer, autoencoder, text_encoders) -> tuple[Path, Path, Path]:
+    """(transformer, autoencoder, text-encoder folder) from from_pretrained's path and overrides, all checked to
+    exist."""
+    path = _as_path(path, "path")
+    overrides = {"transformer": transformer, "autoencoder": autoencoder, "text_encoders": text_encoders}
+    parts = {name: _as_path(value, name) for name, value in overrides.items() if value is not None}
+    if path.is_dir():
+        parts.setdefault("transformer", _find_transformer(path))
+        parts.setdefault("autoencoder", _find_autoencoder(path))
+        parts.setdefault("text_encoders", path)
+    elif "autoencoder" not in parts or "text_encoders" not in parts:
+        raise ValueError(f"{path} is a single transformer file: pass autoencoder= (ae.safetensors) and "
+                         "text_encoders= (a folder with tokenizer, text_encoder, tokenizer_2, text_encoder_2)")
+    else:
+        parts.setdefault("transformer", path)
+    missing = [name for name in TEXT_FOLDERS if not (parts["text_encoders"] / name).is_dir()]
+    if missing:
+        raise FileNotFoundError(f"{parts['text_encoders']} lacks the text-encoder folders {missing} (diffusers "
+                                f"layout: {', '.join(TEXT_FOLDERS)}); pass text_encoders= a folder that has them")
+    return parts["transformer"], parts["autoencoder"], parts["text_encoders"]
+
+
+@contextlib.contextmanager
+def _loading_bars(progress: bool):
+    """transformers draws a "Loading weights" bar per text encoder (older versions: "Loading checkpoint shards").
+    from_pretrained has no per-call switch for it, only transformers' process-wide one: turn it off for the load
+    and put back what was there."""
+    from transformers.utils import logging as hf_logging
+
+    if progress or not hf_logging.is_progress_bar_enabled():
+        yield
+        return
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.enable_progress_bar()
 
 
 def _find_transformer(folder: Path) -> Path:

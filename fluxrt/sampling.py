@@ -14,6 +14,8 @@ import torch
 from einops import rearrange
 from torch import Tensor
 
+from .validation import NonFiniteError
+
 LATENT_CHANNELS = 16
 
 
@@ -113,22 +115,34 @@ def denoise(
     timesteps: Sequence[float],
     guidance: float | None = None,
     callback: Callable[[int, int], None] | None = None,
+    check_finite: bool = True,
 ) -> Tensor:
     """Euler integration of the flow from t=timesteps[0] to timesteps[-1].
 
     `model` is any callable with the BFL signature (img, img_ids, txt, txt_ids, timesteps, y, guidance) that
     returns the velocity [B, L, C]: the reference Flux, the accelerated one, or a wrapper. The model sees
     `img` in its own dtype; the running latent stays fp32. `callback(step, total)` runs after each step.
+    check_finite: raise fluxrt.NonFiniteError, naming the first step whose latents hold NaN or inf, instead of
+    returning them.
     """
     batch = img.shape[0]
     guidance_vec = None if guidance is None else torch.full((batch,), guidance, device=img.device)
     x = img.float()
     total = len(timesteps) - 1
+    # The first non-finite step is tracked on the device and read once at the end: reading it every step would stall
+    # the GPU between steps (a host sync each), and NaN/inf never turns finite again, so the end sees every failure.
+    first_bad_step = torch.zeros((), dtype=torch.int64, device=img.device)
     for step, (t_curr, t_prev) in enumerate(zip(timesteps[:-1], timesteps[1:]), start=1):
         t_vec = torch.full((batch,), t_curr, device=img.device)
         pred = model(img=x.to(img.dtype), img_ids=img_ids, txt=txt, txt_ids=txt_ids, timesteps=t_vec, y=vec,
                      guidance=guidance_vec)
         x = x + (t_prev - t_curr) * pred.float()
+        if check_finite:
+            first_bad_step = torch.where((first_bad_step == 0) & ~torch.isfinite(x).all(), step, first_bad_step)
         if callback is not None:
             callback(step, total)
+    if check_finite and (bad := int(first_bad_step)):
+        raise NonFiniteError(f"the latents hold NaN or inf after denoising step {bad} of {total}: the transformer's "
+                             "output is not finite. Check the weights (a corrupt or mismatched checkpoint), and run "
+                             "in bf16 or fp32 rather than fp16, whose range FLUX's activations overflow")
     return x.to(img.dtype)

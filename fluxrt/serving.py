@@ -16,11 +16,11 @@ wait for it and each gets exactly its own results.
 
 from __future__ import annotations
 
-import secrets
+from collections.abc import Iterable, Mapping, Set
 from dataclasses import dataclass, replace
 from typing import Any
 
-from .pipeline import check_seed, check_size, check_steps
+from .validation import check_batch_size, check_seed, check_size, check_steps, draw_seed
 
 
 @dataclass(frozen=True)
@@ -45,18 +45,29 @@ class GenerationResult:
 
 
 def _resolve(pipe, request) -> GenerationRequest:
-    """The request with defaults filled in, or ValueError naming what is wrong with it."""
+    """The request with defaults filled in, or TypeError / ValueError naming what is wrong with it."""
     if not isinstance(request, GenerationRequest):
-        raise ValueError(f"expected a fluxrt.GenerationRequest, got {type(request).__name__}")
+        raise TypeError(f"expected a fluxrt.GenerationRequest, got {type(request).__name__}")
     if not isinstance(request.prompt, str):
-        raise ValueError(f"prompt must be a string, got {type(request.prompt).__name__}")
-    check_size(request.width, request.height)
-    steps = pipe.default_steps if request.num_steps is None else request.num_steps
-    check_steps(steps)
+        raise TypeError(f"prompt must be a string, got {type(request.prompt).__name__}")
+    width, height = check_size(request.width, request.height)
+    steps = check_steps(pipe.default_steps if request.num_steps is None else request.num_steps)
     guidance = pipe.resolve_guidance(request.guidance)
-    seed = secrets.randbelow(2**63) if request.seed is None else request.seed
-    check_seed(seed)
-    return replace(request, num_steps=steps, guidance=guidance, seed=seed)
+    seed = draw_seed() if request.seed is None else check_seed(request.seed)
+    return replace(request, width=width, height=height, num_steps=steps, guidance=guidance, seed=seed)
+
+
+def _request_list(requests) -> list:
+    """The requests as a list, in the order given; one clear TypeError for what is not a collection of them."""
+    if isinstance(requests, GenerationRequest):
+        raise TypeError("generate takes a list of requests: pass [request] (the results come back as a list too)")
+    if isinstance(requests, (str, bytes)):
+        raise TypeError(f"generate takes a list of fluxrt.GenerationRequest, got a {type(requests).__name__}; wrap a "
+                        "prompt as [fluxrt.GenerationRequest(prompt)]")
+    if isinstance(requests, (Set, Mapping)) or not isinstance(requests, Iterable):
+        raise TypeError(f"generate takes a list of fluxrt.GenerationRequest (results come back in its order), got "
+                        f"{type(requests).__name__}")
+    return list(requests)
 
 
 def _run(pipe, batch: list[GenerationRequest]) -> list:
@@ -66,16 +77,17 @@ def _run(pipe, batch: list[GenerationRequest]) -> list:
 
 
 def generate(pipe, requests, max_batch_size: int = 4) -> list[GenerationResult]:
-    """One GenerationResult per request, in the order given (see the module docstring)."""
-    if not isinstance(max_batch_size, int) or max_batch_size < 1:
-        raise ValueError(f"max_batch_size must be an int >= 1, got {max_batch_size!r}")
-    requests = list(requests)
+    """One GenerationResult per request, in the order given (see the module docstring). `requests` is a list (or
+    another ordered iterable) of GenerationRequest; a single request, a string, a set or a dict is a TypeError.
+    max_batch_size: 1 to fluxrt.validation.MAX_IMAGES_PER_CALL images per pipeline call."""
+    max_batch_size = check_batch_size(max_batch_size)
+    requests = _request_list(requests)
     results: list[GenerationResult | None] = [None] * len(requests)
     groups: dict[tuple, list[tuple[int, GenerationRequest]]] = {}
     for i, request in enumerate(requests):
         try:
             resolved = _resolve(pipe, request)
-        except ValueError as err:
+        except (TypeError, ValueError) as err:
             results[i] = GenerationResult(request, error=str(err))
             continue
         key = (resolved.width, resolved.height, resolved.num_steps, resolved.guidance)

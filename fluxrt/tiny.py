@@ -25,8 +25,10 @@ import torch
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel, T5TokenizerFast
 
 from .config import FluxConfig
+from .devices import resolve_device, resolve_dtype
 from .reference import AutoEncoder, AutoEncoderParams, Flux
 from .testing import randomize_parameters_
+from .validation import check_flag, check_pipeline_options
 
 # Image-caption-like sentences: the SentencePiece training text. Fixed, so the tokenizer is the same every run.
 CORPUS = (
@@ -205,20 +207,22 @@ def build_t5_encoder(tokenizer: T5TokenizerFast, width: int = 64, seed: int = 1)
 TINY_AUTOENCODER = AutoEncoderParams(ch=32, ch_mult=(1, 1, 2, 2), num_res_blocks=1)
 
 
-def tiny_random_pipeline(device: torch.device | str | None = None, full_width: bool | None = None, seed: int = 0,
-                         **pipeline_kwargs):
+def tiny_random_pipeline(device: torch.device | str | None = None, full_width: bool | None = None, seed: int = 0, *,
+                         compile: bool | None = None, quantize: str | None = None, backend: str = "auto",
+                         offload_text_encoders: bool = False, progress: bool = True):
     """The `--model tiny-random` pipeline: real tokenizer and encoder classes, random weights, built in process.
 
     full_width (default: on a CUDA device) gives the transformer and autoencoder flux-dev's real widths (12B
     parameters, 24 GB in bf16, filled in place on the device) so the latency it shows is FLUX's; otherwise the
     "tiny" preset and TINY_AUTOENCODER (milliseconds per step on a CPU). The text encoders stay tiny either way.
-    pipeline_kwargs go to FluxPipeline (compile, quantize, backend, offload_text_encoders, ...).
+    compile, quantize, backend, offload_text_encoders, progress: as FluxPipeline's, checked before anything is built.
     """
     from .pipeline import FluxPipeline
 
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    full_width = device.type == "cuda" if full_width is None else full_width
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    device = resolve_device(device)
+    check_pipeline_options(device, compile, quantize, backend, offload_text_encoders, progress)
+    full_width = device.type == "cuda" if full_width is None else check_flag(full_width, "full_width")
+    dtype = resolve_dtype(None, device)
     cfg = FluxConfig.preset("flux-dev" if full_width else "tiny")
     ae_params = AutoEncoderParams() if full_width else TINY_AUTOENCODER
     with tempfile.TemporaryDirectory(prefix="fluxrt-tiny-") as folder:  # tokenizers load into memory
@@ -234,4 +238,5 @@ def tiny_random_pipeline(device: torch.device | str | None = None, full_width: b
     torch.manual_seed(seed + 2)
     autoencoder = AutoEncoder(ae_params).to(device, dtype)
     return FluxPipeline(transformer.eval().requires_grad_(False), autoencoder.eval().requires_grad_(False),
-                        clip_tokenizer, clip, t5_tokenizer, t5, **pipeline_kwargs)
+                        clip_tokenizer, clip, t5_tokenizer, t5, compile=compile, quantize=quantize, backend=backend,
+                        offload_text_encoders=offload_text_encoders, progress=progress)

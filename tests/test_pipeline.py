@@ -1,6 +1,7 @@
 """fluxrt.FluxPipeline vs diffusers' FluxPipeline built from the same tiny components (fp32), loading (diffusers
 folder, BFL files), seeds, validation, compile / quantize switches, progress bar."""
 
+import logging
 import shutil
 
 import numpy as np
@@ -13,6 +14,7 @@ from tiny_pipeline import build_tiny_flux_pipeline
 import fluxrt
 from fluxrt.testing import sqnr_db
 from fluxrt.tiny import tiny_random_pipeline
+from fluxrt.validation import MAX_IMAGES_PER_CALL, MAX_PIXELS, MAX_STEPS
 
 SIZE = dict(width=64, height=48)
 
@@ -36,6 +38,24 @@ def dev(tmp_path_factory):
 @pytest.fixture(scope="module")
 def tiny():
     return tiny_random_pipeline(progress=False)
+
+
+class ModuleCalls:
+    """Counts forward calls of real modules (a forward pre-hook each) while in the with block."""
+
+    def __init__(self, *modules):
+        self.modules, self.count, self.handles = modules, 0, []
+
+    def __enter__(self):
+        self.handles = [m.register_forward_pre_hook(self._called) for m in self.modules]
+        return self
+
+    def __exit__(self, *exc):
+        for handle in self.handles:
+            handle.remove()
+
+    def _called(self, module, args):
+        self.count += 1
 
 
 def assert_not_saturated(images):
@@ -135,21 +155,40 @@ def test_seeds_are_per_image(tiny):
     assert torch.equal(again, batch)
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(width=100), "width must be a multiple of 16 between 16 and 4096, got 100"),
-    (dict(height=8192), "height must be a multiple of 16 between 16 and 4096, got 8192"),
-    (dict(num_steps=0), "num_steps must be an int >= 1, got 0"),
-    (dict(guidance=-1.0), r"guidance must be a number in \[0, 100\], got -1.0"),
-    (dict(seed=[1, 2]), "got 2 seeds for 1 images; pass one int or one seed per image"),
-    (dict(seed=-1), r"a seed must be an int in \[0, 2\*\*63\), got -1"),
-    (dict(prompt=[]), "prompt must be a string or a non-empty list of strings"),
-    (dict(num_images_per_prompt=0), "num_images_per_prompt must be an int >= 1, got 0"),
-    (dict(output_type="np"), "output_type must be 'pil' or 'pt', got 'np'"),
+@pytest.mark.parametrize("kwargs, error, message", [
+    (dict(width=100), ValueError, "width must be a multiple of 16 between 16 and 4096, got 100"),
+    (dict(height=8192), ValueError, "height must be a multiple of 16 between 16 and 4096, got 8192"),
+    (dict(width=64.0), TypeError, "width must be an int, got float 64.0"),
+    (dict(width=4096, height=4096), ValueError, f"4096 x 4096 is 16,777,216 pixels; the limit is {MAX_PIXELS:,}"),
+    (dict(num_steps=0), ValueError, f"num_steps must be between 1 and {MAX_STEPS}"),
+    (dict(num_steps=10**9), ValueError, rf"num_steps must be between 1 and {MAX_STEPS} \(fluxrt.validation.MAX_STEPS"),
+    (dict(num_steps="4"), TypeError, "num_steps must be an int, got str '4'"),
+    (dict(guidance=-1.0), ValueError, r"guidance must be a number in \[0, 100\], got -1.0"),
+    (dict(guidance=float("nan")), ValueError, r"guidance must be a number in \[0, 100\], got nan"),
+    (dict(guidance="3.5"), TypeError, "guidance must be a number, got str '3.5'"),
+    (dict(seed=[1, 2]), ValueError, "got 2 seeds for 1 images; pass one int or one seed per image"),
+    (dict(seed=-1), ValueError, r"seed must be an int in \[0, 2\*\*63\), got -1"),
+    (dict(seed=True), TypeError, "seed must be an int, got bool True"),
+    (dict(seed="5"), TypeError, r"seed must be an int, a list of ints \(one per image\) or None"),
+    (dict(seed=2**63 - 1, num_images_per_prompt=2), ValueError, r"seed \+ 1 \(the last image's seed\) must be"),
+    (dict(prompt=[]), ValueError, "prompt must be a string or a non-empty list of strings"),
+    (dict(prompt=None), TypeError, "prompt is required: a string or a list of strings"),
+    (dict(prompt={"a cat": 1}), TypeError, "got dict \\(a dict or set has no dependable order: pass a list\\)"),
+    (dict(prompt={"a cat", "a dog"}), TypeError, "got set \\(a dict or set has no dependable order"),
+    (dict(prompt=["a cat", 3]), TypeError, r"prompt\[1\] must be a string, got int 3"),
+    (dict(num_images_per_prompt=0), ValueError, f"num_images_per_prompt must be between 1 and {MAX_IMAGES_PER_CALL}"),
+    (dict(num_images_per_prompt=True), TypeError, "num_images_per_prompt must be an int, got bool True"),
+    (dict(prompt=["a cat", "a dog"], num_images_per_prompt=MAX_IMAGES_PER_CALL // 2 + 1), ValueError,
+     f"this call asks for {MAX_IMAGES_PER_CALL + 2} images \\(2 prompts x"),
+    (dict(output_type="np"), ValueError, "output_type must be 'pil' or 'pt', got 'np'"),
+    (dict(progress="no"), TypeError, "progress must be True or False, got str 'no'"),
+    (dict(callback=5), TypeError, r"callback must be a function \(step, total\) -> None, got int"),
 ])
-def test_rejects_bad_arguments(tiny, kwargs, message):
+def test_rejects_bad_arguments_before_any_work(tiny, kwargs, error, message):
     call = dict(prompt="a cat", num_steps=1, **SIZE) | kwargs
-    with pytest.raises(ValueError, match=message):
+    with ModuleCalls(tiny.t5_encoder, tiny.transformer) as calls, pytest.raises(error, match=message):
         tiny(**call)
+    assert calls.count == 0  # refused before any prompt was encoded or any step run
 
 
 @torch.no_grad()
@@ -170,14 +209,144 @@ def test_compile_on_cpu_gives_the_same_image():
 
 
 def test_quantize_needs_compile_and_fp8_needs_a_gpu():
-    with pytest.raises(ValueError, match="drop compile=False"):
+    with pytest.raises(ValueError, match="compile=False was passed: pass compile=True, or quantize=None"):
         tiny_random_pipeline(compile=False, quantize="fp8-weight")
+    # compile left out: it is off by default on a CPU, and the message must not blame an argument never passed
+    with pytest.raises(ValueError, match="compilation is off by default on cpu: pass compile=True") as refused:
+        tiny_random_pipeline(quantize="fp8-weight", device="cpu")
+    assert "compile=False" not in str(refused.value)
     with pytest.raises(ValueError, match="needs an FP8-capable CUDA GPU"):
         tiny_random_pipeline(compile=True, quantize="fp8", device="cpu")
+    with pytest.raises(ValueError, match=r"backend must be one of \('auto', 'triton', 'torch'\), got 'cuda'"):
+        tiny_random_pipeline(backend="cuda")
     pipe = tiny_random_pipeline(progress=False)
+    for kwargs, message in ((dict(quantize="int8"), "quantize must be None, 'fp8'"),
+                            (dict(quantize="fp8"), "needs an FP8-capable CUDA GPU")):
+        with pytest.raises(ValueError, match=message):
+            pipe.accelerate(**kwargs)
+        assert pipe.plan is None and isinstance(pipe.transformer, fluxrt.reference.Flux)  # left as it was
     pipe.accelerate()
     with pytest.raises(RuntimeError, match="already compiled"):
         pipe.accelerate()
+
+
+@pytest.fixture
+def unloadable(dev, tmp_path):
+    """A BFL-layout folder whose transformer and autoencoder files are not safetensors: loading it fails."""
+    _, folder, _ = dev
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "flux1-dev.safetensors").write_bytes(b"not a safetensors file")
+    (broken / "ae.safetensors").write_bytes(b"not a safetensors file")
+    for name in ("tokenizer", "text_encoder", "tokenizer_2", "text_encoder_2"):
+        shutil.copytree(folder / name, broken / name)
+    return broken
+
+
+@pytest.mark.parametrize("kwargs, error, message", [
+    (dict(dtype="int8"), ValueError, "dtype 'int8' is not a dtype name"),
+    (dict(dtype=torch.int32), ValueError, "dtype must be a floating dtype"),
+    (dict(dtype=torch.float32, torch_dtype=torch.bfloat16), ValueError, "torch_dtype is diffusers' name for dtype"),
+    (dict(device="tpu"), ValueError, "device 'tpu' is not a device"),
+    (dict(device="cuda:99"), RuntimeError, "device 'cuda:99'"),
+    (dict(device="cpu", quantize="fp8", compile=True), ValueError, "quantize='fp8' \\(W8A8\\) needs an FP8-capable"),
+    (dict(device="cpu", quantize="fp8-weight"), ValueError, "compilation is off by default on cpu: pass compile=True"),
+    (dict(quantize="int4"), ValueError, "quantize must be None, 'fp8' \\(W8A8\\) or 'fp8-weight'"),
+    (dict(backend="cuda"), ValueError, "backend must be one of"),
+    (dict(compile="yes"), TypeError, "compile must be True or False, got str 'yes'"),
+    (dict(offload_text_encoders="no"), TypeError, "offload_text_encoders must be True or False"),
+    (dict(progress=0), TypeError, "progress must be True or False, got int 0"),
+    (dict(num_steps=4), TypeError, "unexpected keyword argument 'num_steps'"),
+])
+def test_from_pretrained_checks_arguments_before_loading(unloadable, kwargs, error, message):
+    with pytest.raises(error, match=message):  # not the CheckpointError that loading this folder gives
+        fluxrt.FluxPipeline.from_pretrained(unloadable, **kwargs)
+
+
+def test_the_unloadable_folder_fails_only_when_loaded(unloadable):
+    with pytest.raises(fluxrt.CheckpointError):  # what the argument checks above must come before
+        fluxrt.FluxPipeline.from_pretrained(unloadable, progress=False)
+    with pytest.raises(TypeError, match="path must be a path \\(str or pathlib.Path\\), got NoneType"):
+        fluxrt.FluxPipeline.from_pretrained(None)
+    with pytest.raises(TypeError, match="autoencoder must be a path"):
+        fluxrt.FluxPipeline.from_pretrained(unloadable / "flux1-dev.safetensors", autoencoder=3, text_encoders=unloadable)
+
+
+def test_torch_dtype_is_diffusers_name_for_dtype(dev):
+    _, folder, _ = dev
+    pipe = fluxrt.FluxPipeline.from_pretrained(folder, torch_dtype="bf16", progress=False)
+    assert pipe.dtype == pipe.vae_dtype == next(pipe.t5_encoder.parameters()).dtype == torch.bfloat16
+    same = fluxrt.FluxPipeline.from_pretrained(folder, dtype=torch.bfloat16, torch_dtype=torch.bfloat16, progress=False)
+    assert same.dtype == torch.bfloat16
+
+
+def test_progress_false_hides_the_loading_bars(dev, capsys):
+    from transformers.utils import logging as hf_logging
+
+    _, folder, _ = dev
+    capsys.readouterr()
+    fluxrt.FluxPipeline.from_pretrained(folder, progress=False)
+    assert "Loading" not in capsys.readouterr().err
+    assert hf_logging.is_progress_bar_enabled()  # transformers' own switch is put back
+    fluxrt.FluxPipeline.from_pretrained(folder, progress=True)
+    assert "Loading weights" in capsys.readouterr().err  # transformers 5's bar: what progress=False must hide
+
+
+def test_seed_none_draws_a_logged_seed_that_reproduces(tiny, caplog):
+    caplog.set_level(logging.INFO, logger="fluxrt")
+    first = tiny(["a cat", "a dog"], num_steps=2, seed=None, output_type="pt", **SIZE)
+    (record,) = [r for r in caplog.records if "seed=None" in r.getMessage()]
+    drawn = record.args[0]
+    assert torch.equal(tiny(["a cat", "a dog"], num_steps=2, seed=drawn, output_type="pt", **SIZE), first)
+    caplog.clear()
+    second = tiny(["a cat", "a dog"], num_steps=2, seed=None, output_type="pt", **SIZE)
+    (record,) = [r for r in caplog.records if "seed=None" in r.getMessage()]
+    assert record.args[0] != drawn and not torch.equal(second, first)
+
+
+def test_numpy_seeds_are_ints(tiny):
+    expected = tiny(["a cat", "a dog"], num_steps=1, seed=5, output_type="pt", **SIZE)
+    assert torch.equal(tiny(["a cat", "a dog"], num_steps=1, seed=np.int64(5), output_type="pt", **SIZE), expected)
+    assert torch.equal(tiny(["a cat", "a dog"], num_steps=1, seed=np.array([5, 6]), output_type="pt", **SIZE), expected)
+    assert torch.equal(tiny(("a cat", "a dog"), width=np.int64(64), height=48, num_steps=np.int32(1), seed=5,
+                            output_type="pt"), expected)
+
+
+@pytest.mark.parametrize("output_type", ["pt", "pil"])
+def test_nan_in_the_transformer_is_an_error(output_type):
+    pipe = tiny_random_pipeline(progress=False)
+    with torch.no_grad():
+        pipe.transformer.final_layer.linear.weight[0, 0] = float("nan")  # a corrupt checkpoint
+    with pytest.raises(fluxrt.NonFiniteError, match="NaN or inf after denoising step 1 of 2: .* Check the weights"):
+        pipe("a cat", num_steps=2, output_type=output_type, **SIZE)
+    assert issubclass(fluxrt.NonFiniteError, RuntimeError)
+
+
+def test_nan_in_the_autoencoder_is_an_error():
+    pipe = tiny_random_pipeline(progress=False)
+    with torch.no_grad():
+        pipe.autoencoder.decoder.conv_out.bias[0] = float("nan")
+    with pytest.raises(fluxrt.NonFiniteError, match="the autoencoder decoded NaN or inf pixels"):
+        pipe("a cat", num_steps=1, output_type="pt", **SIZE)
+
+
+def test_long_prompts_warn_what_the_encoders_drop(tiny, caplog):
+    long = "a photo of a cat sitting on a windowsill in the morning light, " * 60
+    medium = "a cat, " * 40  # past CLIP's 77 tokens, well inside T5's 512
+    t5_tokens = len(tiny.t5_tokenizer(long, verbose=False).input_ids)
+    clip_long, clip_medium = (len(tiny.clip_tokenizer(p, verbose=False).input_ids) for p in (long, medium))
+    assert t5_tokens > 512 and clip_medium > 77 and len(tiny.t5_tokenizer(medium).input_ids) < 512
+    caplog.set_level(logging.WARNING)
+    tiny.encode_prompt(["a cat", long, medium])
+    # fluxrt's warnings only: not transformers' "... will result in indexing errors", which would be wrong here
+    assert all(r.name == "fluxrt" for r in caplog.records), [r.getMessage() for r in caplog.records]
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 2, warnings
+    assert warnings[0].startswith("prompt 1 is longer than the text encoders read: ")
+    assert f"T5 keeps 512 of {t5_tokens} tokens ({t5_tokens - 512} dropped)" in warnings[0]
+    assert f"CLIP keeps 77 of {clip_long} tokens ({clip_long - 77} dropped)" in warnings[0]
+    assert warnings[1].startswith("prompt 2 ") and "T5" not in warnings[1]
+    assert f"CLIP keeps 77 of {clip_medium} tokens ({clip_medium - 77} dropped)" in warnings[1]
 
 
 def test_progress_bar_and_callback(tiny, capsys):

@@ -10,6 +10,7 @@ from diffusers.pipelines.flux.pipeline_flux import FluxPipeline, calculate_shift
 from torch.testing import assert_close
 
 from fluxrt.sampling import denoise, get_noise, get_schedule, pack, prepare_img_ids, prepare_txt_ids, unpack
+from fluxrt.validation import NonFiniteError
 
 SEQ_LENS = [256, 1024, 3600, 4096, 4352, 8704, 16384]
 STEPS = [1, 4, 28, 50]
@@ -189,3 +190,35 @@ def test_noise_seed_list():
 
 def test_noise_accepts_numpy_integer_seeds():
     assert torch.equal(get_noise(2, 32, 48, seed=np.int64(3)), get_noise(2, 32, 48, seed=3))
+
+
+class BlowsUpAt:
+    """A velocity that is finite until step `step` (counting from 1), then `value` (inf or NaN) in one element."""
+
+    def __init__(self, step: int, value: float):
+        self.step, self.value, self.calls = step, value, 0
+
+    def __call__(self, *, img, **kwargs):
+        self.calls += 1
+        v = torch.tanh(img.float())
+        if self.calls >= self.step:
+            v[-1, 0, 0] = self.value
+        return v
+
+
+@pytest.mark.parametrize("value", [float("inf"), float("nan")])
+@pytest.mark.parametrize("bad_step", [1, 3])
+def test_non_finite_latents_name_the_first_bad_step(bad_step, value):
+    x0 = torch.randn(2, 6, 64, generator=torch.Generator().manual_seed(5))
+    timesteps = get_schedule(5, x0.shape[1])
+    steps = []
+    with pytest.raises(NonFiniteError, match=f"NaN or inf after denoising step {bad_step} of 5"):
+        denoise(BlowsUpAt(bad_step, value), x0, None, None, None, None, timesteps,
+                callback=lambda step, total: steps.append(step))
+    assert steps == [1, 2, 3, 4, 5]  # no per-step host sync: the loop runs to the end, then reports
+
+
+def test_non_finite_check_can_be_turned_off():
+    x0 = torch.randn(2, 6, 64, generator=torch.Generator().manual_seed(5))
+    out = denoise(BlowsUpAt(2, float("nan")), x0, None, None, None, None, get_schedule(3, 6), check_finite=False)
+    assert out[-1, 0, 0].isnan() and out[0].isfinite().all()

@@ -1,12 +1,16 @@
 """pipe.generate: per-request errors, batching of compatible requests, results in order, thread safety."""
 
+import re
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
+import torch
 
+import fluxrt
 from fluxrt import GenerationRequest, GenerationResult
 from fluxrt.tiny import tiny_random_pipeline
+from fluxrt.validation import MAX_IMAGES_PER_CALL, MAX_PIXELS, MAX_STEPS
 
 SMALL = dict(width=64, height=48, num_steps=2)
 
@@ -68,7 +72,7 @@ def test_mixed_batch_with_bad_requests(pipe):
     assert [r.ok for r in results] == [True, False, True, True, False, False, True]
     assert results[1].error == "width must be a multiple of 16 between 16 and 4096, got 100"
     assert results[4].error == "expected a fluxrt.GenerationRequest, got str"
-    assert results[5].error == "num_steps must be an int >= 1, got 0"
+    assert results[5].error == f"num_steps must be between 1 and {MAX_STEPS} (fluxrt.validation.MAX_STEPS), got 0"
     assert all(r.image is None for r in results if not r.ok)
     # 64x48: cat + bird, then hen (max_batch_size 2); 32x32: fox. Two steps each.
     assert calls.sizes == [2, 2, 1, 1, 1, 1]
@@ -113,7 +117,76 @@ def test_concurrent_callers_get_their_own_results(pipe):
 
 
 def test_rejects_a_bad_batch_size(pipe):
-    with pytest.raises(ValueError, match="max_batch_size must be an int >= 1"):
-        pipe.generate([], max_batch_size=0)
+    for size in (0, MAX_IMAGES_PER_CALL + 1):
+        with pytest.raises(ValueError, match=f"max_batch_size must be between 1 and {MAX_IMAGES_PER_CALL}"):
+            pipe.generate([], max_batch_size=size)
+    with pytest.raises(TypeError, match="max_batch_size must be an int, got bool"):
+        pipe.generate([], max_batch_size=True)
     assert pipe.generate([]) == []
+
+
+@pytest.mark.parametrize("requests, message", [
+    ("abc", r"generate takes a list of fluxrt.GenerationRequest, got a str; wrap a prompt as \[fluxrt"),
+    (GenerationRequest("a cat", **SMALL), r"generate takes a list of requests: pass \[request\]"),
+    ({GenerationRequest("a cat", **SMALL)}, r"results come back in its order\), got set"),
+    ({"a cat": GenerationRequest("a cat", **SMALL)}, r"results come back in its order\), got dict"),
+    (5, r"results come back in its order\), got int"),
+])
+def test_generate_refuses_what_is_not_a_list_of_requests(pipe, requests, message):
+    with BatchSizes(pipe) as calls, pytest.raises(TypeError, match=message):
+        pipe.generate(requests)
+    assert calls.sizes == []
+
+
+def test_request_fields_are_checked_before_any_work(pipe):
+    bad = [
+        (GenerationRequest("a cat", width=64, height=48, num_steps=10**9), f"between 1 and {MAX_STEPS}"),
+        (GenerationRequest("a cat", width=4096, height=4096, num_steps=1), f"the limit is {MAX_PIXELS:,}"),
+        (GenerationRequest(None, **SMALL), "prompt must be a string, got NoneType"),
+        (GenerationRequest("a cat", seed=True, **SMALL), "seed must be an int, got bool True"),
+        (GenerationRequest("a cat", seed=2**63, **SMALL), r"seed must be an int in \[0, 2\*\*63\)"),
+        (GenerationRequest("a cat", guidance="high", **SMALL), "guidance must be a number, got str 'high'"),
+        (GenerationRequest("a cat", width=64.0, height=48, num_steps=2), "width must be an int, got float 64.0"),
+    ]
+    with BatchSizes(pipe) as calls:
+        results = pipe.generate([request for request, _ in bad])
+    assert calls.sizes == []  # nothing ran: every request was refused up front
+    for result, (request, message) in zip(results, bad):
+        assert not result.ok and result.request is request and result.image is None
+        assert re.search(message, result.error), (message, result.error)
+
+
+def test_numpy_seeds_and_sizes_are_accepted_as_ints(pipe):
+    (result,) = pipe.generate([GenerationRequest("a cat", width=np.int64(64), height=48, num_steps=np.int32(2),
+                                                 seed=np.int64(7))])
+    assert result.ok, result.error
+    assert (type(result.request.seed), result.request.seed, type(result.request.width)) == (int, 7, int)
+    assert_same_image(result, expected_image(pipe, GenerationRequest("a cat", seed=7, **SMALL)))
+
+
+def nan_token(pipe, bad_prompt: str, good_prompts: list[str]) -> int:
+    """A T5 token id that `bad_prompt` has and none of `good_prompts` (nor padding) has."""
+    ids = lambda prompt: set(pipe.t5_tokenizer(prompt).input_ids)  # noqa: E731
+    shared = set().union(*map(ids, good_prompts)) | {pipe.t5_tokenizer.pad_token_id}
+    (token, *_) = sorted(ids(bad_prompt) - shared)
+    return token
+
+
+def test_a_request_that_turns_non_finite_fails_alone():
+    pipe = tiny_random_pipeline(progress=False)
+    good = ["a cat", "a dog"]
+    token = nan_token(pipe, "a dragon flying over a castle", good)
+    with torch.no_grad():  # a corrupt embedding row: only prompts holding that token go NaN
+        pipe.t5_encoder.get_input_embeddings().weight[token] = float("nan")
+    requests = [GenerationRequest(p, seed=s, **SMALL) for p, s in ((good[0], 1), ("a dragon flying over a castle", 2),
+                                                                   (good[1], 3))]
+    with BatchSizes(pipe) as calls:
+        results = pipe.generate(requests)
+    assert calls.sizes == [3, 3, 1, 1, 1, 1, 1, 1]  # the batch of three fails at the end, then each runs alone
+    assert [r.ok for r in results] == [True, False, True]
+    assert results[1].error.startswith("NonFiniteError: the latents hold NaN or inf after denoising step 1 of 2")
+    for i in (0, 2):
+        assert_same_image(results[i], expected_image(pipe, results[i].request))
+    with pytest.raises(fluxrt.NonFiniteError):  # the plain call refuses that prompt too
+        pipe(requests[1].prompt, **SMALL)
 
