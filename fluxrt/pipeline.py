@@ -51,6 +51,7 @@ class FluxPipeline:
     compile: None -> fluxrt.compile the transformer when it is on a CUDA device; True/False to force.
     quantize: None | "fp8" (W8A8, needs an FP8 GPU) | "fp8-weight" (applied by compilation).
     offload_text_encoders: keep the text encoders on the CPU and bring them to the device only to encode.
+    progress: the denoising progress bar (a call's progress= overrides it); from_pretrained's also the loading bars.
     Calls are serialized by a lock, so one pipeline can be shared by threads (see generate for serving).
     """
 
@@ -234,8 +235,8 @@ class FluxPipeline:
         return (image / 2 + 0.5).clamp(0, 1).cpu()
 
     def generate(self, requests, max_batch_size: int = 4):
-        """Serving entry point: a list of fluxrt.GenerationRequest -> a list of fluxrt.GenerationResult, in order.
-        See fluxrt.serving."""
+        """Serving entry point: a list of fluxrt.GenerationRequest -> a list of fluxrt.GenerationResult, in order (a
+        single request or a string is a TypeError: pass [request]). See fluxrt.serving."""
         from .serving import generate
 
         return generate(self, requests, max_batch_size=max_batch_size)

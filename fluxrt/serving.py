@@ -7,8 +7,10 @@
 Requests with the same size, steps and guidance run together as one batch (up to max_batch_size images): the
 transformer's cost per image falls with batch size on a GPU, and each image keeps its own seed, so its pixels do
 not depend on what it was batched with beyond floating-point reduction order. A bad request (wrong size, steps,
-seed, type) gets its own error and never stops the others; a batch that fails at run time is retried one request
-at a time so only the failing request reports the error.
+seed, type, or past the limits of fluxrt.validation) gets its own error before anything runs and never stops the
+others; a batch that fails at run time (out of memory, NaN/inf: fluxrt.NonFiniteError) is retried one request at a
+time so only the failing request reports the error. `requests` must be a list: a single request or a prompt string
+is a TypeError (wrap it: [request]).
 
 Thread safety: the pipeline runs one batch at a time under its lock (one GPU worker); callers on other threads
 wait for it and each gets exactly its own results.
