@@ -381,7 +381,7 @@ def _add_bench(sub) -> None:
     b.add_argument("--batch", type=int, nargs="+", default=[1],
                    help=f"images per step, 1..{validation.MAX_IMAGES_PER_CALL}")
     b.add_argument("--impl", nargs="+", default=["diffusers-eager", "fluxrt-bf16", "fluxrt-fp8-weight"],
-                   choices=IMPLS)
+                   choices=IMPLS, metavar="IMPL", help=f"one or more of {', '.join(IMPLS)}")
     b.add_argument("--iters", type=int, default=10, help=f"timed calls per row, 1..{MAX_ITERS} (the median counts)")
     b.add_argument("--txt-len", type=int, default=None,
                    help=f"T5 tokens, 1..{MAX_TXT_LEN} (default: the model's, dev 512, schnell 256)")
@@ -414,11 +414,11 @@ def _bench(args, outputs: list[_Output]) -> None:
         validation.check_batch_size(batch, "--batch")
     bench.check_iters(args.iters, "--iters")
     bench.check_txt_len(args.txt_len, "--txt-len")
-    out_path = args.out or bench.default_output(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    out_path = args.out or bench.default_output(devices.default_device())
     json_out = _Output(out_path, "--out", ".json", " (the chart goes beside it as .png)")
     outputs.append(json_out)
-    chart = bench.chart_path(out_path)
-    chart_out = chart and _Output(chart, "--out's chart", ".png", "")
+    chart = bench.chart_path(out_path)  # None without matplotlib
+    chart_out = None if chart is None else _Output(chart, "--out's chart", ".png", "")
     if chart_out:
         outputs.append(chart_out)
 
