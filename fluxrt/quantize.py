@@ -92,8 +92,8 @@ class BlockLinear:
         return False
 
     def gelu_in_gemm(self, x: Tensor | FP8Rows) -> bool:
-        """Whether linear_gelu(x) applies the GELU inside its GEMM; where not, a consumer that quantizes its input
-        rows anyway can take the GELU into that pass instead (gated_gelu)."""
+        """Whether linear_gelu(x) applies the GELU inside its GEMM; where not, a W8A8 consumer, which quantizes its
+        input rows anyway, can take the GELU into that pass instead (FP8Linear.gated_gelu)."""
         return True
 
     def after_norm(self, x: Tensor, scale: Tensor, shift: Tensor, backend: str) -> Tensor:
