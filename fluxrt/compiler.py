@@ -50,19 +50,31 @@ def compile(obj, quantize: str | None = None, backend: str = "auto", cuda_graphs
     q, k, v with per-(batch, head) scales, sm_89+; off by default: benchmarks/NOTES.md has its accuracy).
     quantize, cuda_graphs and attention apply to the transformer.
     """
+    return prepare(obj, quantize=quantize, backend=backend, cuda_graphs=cuda_graphs, attention=attention)()
+
+
+def prepare(obj, quantize: str | None = None, backend: str = "auto", cuda_graphs="auto",
+            attention: str = "bf16") -> Callable[[], nn.Module]:
+    """compile's check phase: every check compile(obj, ...) makes, with obj left untouched; returns the move phase,
+    the call that converts and builds the compiled model. A caller compiling several models as one step (a
+    pipeline's transformer and autoencoder) prepares all of them before building any."""
     _check_arguments(quantize, backend, cuda_graphs, attention)
     if is_diffusers_flux_pipeline(obj):
         # both conversions checked before either moves: a VAE that cannot convert leaves the transformer as it was
         build_transformer = _prepare_transformer(obj.transformer, quantize, backend, cuda_graphs, attention)
         build_vae = _prepare_autoencoder(obj.vae, backend)
-        obj.transformer, obj.vae = build_transformer(), build_vae()
-        return obj
+
+        def build_pipeline():
+            obj.transformer, obj.vae = build_transformer(), build_vae()
+            return obj
+
+        return build_pipeline
     if isinstance(obj, AutoEncoder) or is_diffusers_autoencoder_kl(obj):
         for name, value, default in (("quantize", quantize, None), ("attention", attention, "bf16")):
             if value != default:
                 raise ValueError(f"{name}={value!r} applies to the transformer; the autoencoder runs in its own dtype")
-        return _prepare_autoencoder(obj, backend)()
-    return _prepare_transformer(obj, quantize, backend, cuda_graphs, attention)()
+        return _prepare_autoencoder(obj, backend)
+    return _prepare_transformer(obj, quantize, backend, cuda_graphs, attention)
 
 
 def _check_arguments(quantize, backend, cuda_graphs, attention) -> None:

@@ -111,6 +111,18 @@ def test_a_consumed_transformer_and_a_compiled_one_are_refused_clearly():
     fast(**x)  # the compiled model is unharmed by both refusals
 
 
+@torch.no_grad()
+def test_prepare_checks_without_moving_and_the_build_moves():
+    """fluxrt.compiler.prepare is compile's check phase (for callers compiling several models as one step)."""
+    model, x = diffusers_flux(seed=6), diffusers_inputs()
+    before, expected = snapshot(model), model(**x)[0]
+    build = fluxrt.compiler.prepare(model, backend="torch")
+    assert_as_before(model, before)
+    fast = build()
+    assert all(p.is_meta for p in model.parameters())
+    torch.testing.assert_close(fast(**x)[0], expected, rtol=1e-5, atol=1e-5)
+
+
 # ---- diffusers AutoencoderKL and the FluxPipeline holding both ----
 
 
