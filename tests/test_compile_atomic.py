@@ -280,3 +280,14 @@ def test_plan_last_call_of_the_diffusers_wrapper_and_the_autoencoder():
     assert ae.plan["last_call"] is None
     ae.decode(torch.randn(1, 16, 4, 4))
     assert ae.plan["last_call"] == {"group_norm_silu": ["torch"], "add_group_norm_silu": ["torch"]}
+
+
+@torch.no_grad()
+def test_transformer_with_an_unfused_peft_lora_is_refused_untouched():
+    # a real peft LoRA adapter through diffusers' own add_adapter (lora_A/lora_B/base_layer wrap the linears)
+    from peft import LoraConfig
+
+    model, x = diffusers_flux(seed=4), diffusers_inputs()
+    model.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights=False,
+                                 target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    refused_and_untouched(model, x, fluxrt.CheckpointError, r"unfused LoRA.*fuse_lora\(\).*unload_lora_weights\(\)")
