@@ -25,7 +25,7 @@ from . import sampling
 from .devices import resolve_device, resolve_dtype
 from .loading import load_autoencoder, load_transformer
 from .reference import AutoEncoder, Flux
-from .compiler import compile as compile_transformer  # also takes the autoencoder (-> fluxrt.vae)
+from .compiler import prepare as prepare_compile  # compile's check phase; also takes the autoencoder (-> fluxrt.vae)
 from .validation import (
     NonFiniteError,
     check_acceleration,
@@ -125,9 +125,11 @@ class FluxPipeline:
             if self.plan is not None:
                 raise RuntimeError("this pipeline is already compiled")
             check_acceleration(self.device, quantize, backend)
-            self.transformer = compile_transformer(self.transformer, quantize=quantize, backend=backend,
-                                                   attention=attention)
-            self.autoencoder = compile_transformer(self.autoencoder, backend=backend)  # fluxrt.vae.FastAutoEncoder
+            # both models are checked before either is converted: a refused autoencoder leaves the transformer as it was
+            build_transformer = prepare_compile(self.transformer, quantize=quantize, backend=backend,
+                                                attention=attention)
+            build_autoencoder = prepare_compile(self.autoencoder, backend=backend)  # -> fluxrt.vae.FastAutoEncoder
+            self.transformer, self.autoencoder = build_transformer(), build_autoencoder()
             self.plan = {"transformer": self.transformer.plan, "autoencoder": self.autoencoder.plan}
 
     # ---- generation ----

@@ -230,6 +230,22 @@ def test_quantize_needs_compile_and_fp8_needs_a_gpu():
         pipe.accelerate()
 
 
+def test_accelerate_checks_both_models_before_converting_either():
+    from diffusers import AutoencoderKL
+
+    pipe = tiny_random_pipeline(progress=False)
+    transformer = pipe.transformer
+    weights = {name: (value.data_ptr(), value.clone()) for name, value in transformer.state_dict().items()}
+    # an autoencoder compile refuses (Stable Diffusion's 4 latent channels, not FLUX's 16), checked second
+    pipe.autoencoder = AutoencoderKL(block_out_channels=(32,), latent_channels=4)
+    with pytest.raises(fluxrt.CheckpointError, match="fluxrt.compile takes FLUX's autoencoder"):
+        pipe.accelerate()
+    assert pipe.plan is None and pipe.transformer is transformer
+    now = transformer.state_dict()  # neither converted in place (moved, batched) nor changed
+    assert now.keys() == weights.keys()
+    assert all(now[name].data_ptr() == ptr and torch.equal(now[name], value) for name, (ptr, value) in weights.items())
+
+
 @pytest.fixture
 def unloadable(dev, tmp_path):
     """A BFL-layout folder whose transformer and autoencoder files are not safetensors: loading it fails."""
