@@ -29,7 +29,7 @@ from . import devices, ops
 
 log = logging.getLogger("fluxrt")
 
-FP8_MAX = 448.0  # largest finite float8_e4m3fn
+FP8_MAX = torch.finfo(torch.float8_e4m3fn).max  # 448.0, the largest finite e4m3fn (kernels/_common: the same)
 SCALE_SUFFIX = "scale_weight"
 WEIGHT_ONLY_MAX_ROWS = 16  # W8A8 linears run weight-only up to this many rows (kernels/fp8_gemm.py's GEMV path)
 # W8A8 GEMM: "scaled_mm" (torch._scaled_mm, cuBLASLt, rowwise scales) or "triton" (kernels/fp8_gemm.py, fused
@@ -57,6 +57,7 @@ def scaled_mm_rowwise(x8: Tensor, x_scale: Tensor, weight: Tensor, weight_scale:
     K, N = x8.shape[-1], weight.shape[0]
     y = torch._scaled_mm(x8.reshape(-1, K), weight.t(), scale_a=x_scale.reshape(-1, 1).float(),
                          scale_b=weight_scale.reshape(1, N), bias=bias, out_dtype=out_dtype)
+    ops.record("w8a8_linear", "scaled_mm")  # the W8A8 GEMM's other backend (cuBLASLt), visible in ops.trace()
     return y.reshape(*x8.shape[:-1], N)
 
 

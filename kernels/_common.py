@@ -1,4 +1,5 @@
-"""What several kernels share: the e4m3 range, output allocation, GELU-tanh (kernel and torch formula).
+"""What several kernels share: the e4m3 range, output allocation, GELU-tanh (kernel and torch formula), and the
+GPU capability checks (fluxrt.devices is the runtime's: kernels do not import the runtime).
 
 Kernel modules import this; the fluxrt runtime does not (kernels and triton load on an op's first use).
 
@@ -16,7 +17,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-FP8_E4M3_MAX = 448.0  # largest finite float8_e4m3fn
+FP8_E4M3_MAX = torch.finfo(torch.float8_e4m3fn).max  # 448.0, the largest finite e4m3fn
 MIN_SCALE = 1e-12  # floor of a quantization scale: an all-zero row quantizes to zeros, not NaN
 _FP8_E4M3_MAX = tl.constexpr(FP8_E4M3_MAX)  # the kernels' copies (see the module docstring)
 _MIN_SCALE = tl.constexpr(MIN_SCALE)
@@ -92,3 +93,22 @@ def output(out: Tensor | None, shape: tuple[int, ...], dtype: torch.dtype, devic
         raise ValueError(f"{name} must be {shape} {dtype} on {device} with a contiguous last dim and rows that do not "
                          f"overlap, got {tuple(out.shape)} {out.dtype} on {out.device} with strides {out.stride()}")
     return out
+
+
+# ---- GPU capability ----
+
+FP8_MIN_CAPABILITY = (8, 9)  # fp8 tensor cores and Triton's fp8e4nv type: Ada, Hopper, Blackwell
+TMA_MIN_CAPABILITY = (9, 0)  # tensor memory accelerator: Hopper and newer
+
+
+def below_capability(device: torch.device, minimum: tuple[int, int]) -> bool:
+    """True for a CUDA device older than sm_<minimum>; False for the CPU (the interpreter runs everything)."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) < minimum
+
+
+def require_capability(device: torch.device, minimum: tuple[int, int], what: str, instead: str) -> None:
+    """RuntimeError naming the GPU when `what` cannot run on `device`; `instead` says what to use."""
+    if below_capability(device, minimum):
+        major, minor = torch.cuda.get_device_capability(device)
+        raise RuntimeError(f"{what} needs sm_{minimum[0]}{minimum[1]}+, but {torch.cuda.get_device_name(device)} is "
+                           f"sm_{major}{minor}; {instead}")

@@ -55,7 +55,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import gelu_tanh, gelu_tanh_ref, output
+from ._common import FP8_MIN_CAPABILITY, below_capability, gelu_tanh, gelu_tanh_ref, output, require_capability
 
 EPILOGUES = {"none": 0, "gelu_tanh": 1, "gated_residual": 2}
 ACT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -275,7 +275,7 @@ def _sm_count(index: int) -> int:
 
 def _needs_bit_decode(device: torch.device) -> bool:
     """Below sm_89 Triton has no fp8e4nv type: the kernels decode the weight bytes themselves."""
-    return device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9)
+    return below_capability(device, FP8_MIN_CAPABILITY)
 
 
 def split_k_plan(N: int, K: int, device: torch.device) -> tuple[int, int]:
@@ -433,9 +433,7 @@ def w8a8_linear(x8: Tensor, x_scale: Tensor, weight: Tensor, weight_scale: Tenso
     x8 [..., K] e4m3fn, x_scale [...] fp32 (per row); weight [N, K] e4m3fn, weight_scale [N] fp32 -> [..., N]
     in out_dtype. Needs fp8 tensor cores on a GPU (sm_89+); runs anywhere in Triton's interpreter."""
     _check_w8a8_args(x8, x_scale, weight, weight_scale, bias, residual, gate, epilogue, out_dtype)
-    if x8.is_cuda and _needs_bit_decode(x8.device):
-        raise RuntimeError(f"W8A8 needs fp8 tensor cores (sm_89+); {torch.cuda.get_device_name(x8.device)} has none "
-                           "(use the weight-only fp8_linear)")
+    require_capability(x8.device, FP8_MIN_CAPABILITY, "W8A8 (fp8 tensor cores)", "use the weight-only fp8_linear")
     if x8.ndim and x8.stride(-1) != 1:
         raise ValueError("x8 must have a contiguous last dim (rows may be strided)")
     N, K = weight.shape

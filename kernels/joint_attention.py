@@ -37,7 +37,18 @@ import triton.language as tl
 from torch import Tensor
 from triton.runtime import _allocation
 
-from ._common import e4m3_clamp, e4m3_scale, e4m3_scale_ref, from_e4m3_range, output, to_e4m3_range, to_e4m3_ref
+from ._common import (
+    FP8_MIN_CAPABILITY,
+    TMA_MIN_CAPABILITY,
+    e4m3_clamp,
+    e4m3_scale,
+    e4m3_scale_ref,
+    from_e4m3_range,
+    output,
+    require_capability,
+    to_e4m3_range,
+    to_e4m3_ref,
+)
 
 HEAD_DIMS = (64, 128)
 LOG2E = 1.4426950408889634
@@ -218,9 +229,7 @@ def _check_variant(variant: str, q: Tensor, k: Tensor, v: Tensor) -> tuple[bool,
         raise ValueError(f"variant must be one of {tuple(VARIANTS)}, got {variant!r}")
     use_tma, warp_specialize = VARIANTS[variant]
     if use_tma:
-        if q.is_cuda and torch.cuda.get_device_capability(q.device) < (9, 0):
-            raise RuntimeError(f"variant {variant!r} needs TMA (sm_90+); {torch.cuda.get_device_name(q.device)} has "
-                               "none: use variant='pointer'")
+        require_capability(q.device, TMA_MIN_CAPABILITY, f"variant {variant!r} (TMA)", "use variant='pointer'")
         # TMA: each (batch, head) slice starts 16-byte aligned and its row stride is a multiple of 16 bytes
         for name, t in (("q", q), ("k", k), ("v", v)):
             size = t.element_size()
@@ -344,9 +353,7 @@ def joint_attention_fp8(q8: Tensor, k8: Tensor, vt8: Tensor, q_scale: Tensor, k_
     for name, sc in (("q_scale", q_scale), ("k_scale", k_scale), ("v_scale", v_scale)):
         if sc.shape != (B, H) or sc.dtype != torch.float32 or not sc.is_contiguous():
             raise ValueError(f"{name} must be a contiguous float32 [{B}, {H}] tensor")
-    if q8.is_cuda and torch.cuda.get_device_capability(q8.device) < (8, 9):
-        raise RuntimeError(f"FP8 attention needs fp8 tensor cores (sm_89+); "
-                           f"{torch.cuda.get_device_name(q8.device)} has none. Use the bf16 path.")
+    require_capability(q8.device, FP8_MIN_CAPABILITY, "FP8 attention (fp8 tensor cores)", "use the bf16 path")
     if any(t.stride(-1) != 1 for t in (q8, k8, vt8)):
         raise ValueError("q8, k8, vt8 must have a contiguous last dim")
     out = output(out, (B, S, H * D), out_dtype, q8.device)
