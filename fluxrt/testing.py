@@ -1,5 +1,15 @@
-"""Numerical checks shared by fluxrt's tests and benchmarks (DESIGN.md §4). No reference formulas live here:
-those are the `_ref` functions and fluxrt.reference."""
+"""fluxrt.testing: the numerical checks fluxrt's own tests and benchmarks use, public for users who check their own
+builds the same way (e.g. a compiled model against diffusers on their weights). DESIGN.md §4 states the rules.
+
+    rel_error(out, ref), max_abs_error(out, ref)     fp64 measures; NaN/inf anywhere -> inf (never passes a bound)
+    assert_within_rule(out, baseline, ref)           flash-attention's rule: |out - ref| <= 2 |baseline - ref| + atol
+    sqnr_db(out, ref)                                the FP8 accuracy measure, in dB
+    randomize_parameters_(module, seed)              fresh random weights (never zeros) for random-weight models
+    e4m3_ulp, interpreter_conversion_defect          for fp8 checks under Triton's CPU interpreter
+
+No reference formulas live here: those are the `_ref` functions beside each kernel and fluxrt.reference. The module
+imports only torch, so importing it costs nothing at runtime (fluxrt.bench uses randomize_parameters_).
+"""
 
 from __future__ import annotations
 
