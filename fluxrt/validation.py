@@ -153,12 +153,17 @@ def check_guidance(guidance, what: str = "guidance") -> float:
     return guidance
 
 
-def check_images_per_prompt(num_images_per_prompt, what: str = "num_images_per_prompt") -> int:
-    count = as_int(num_images_per_prompt, what)
+def _image_count(value, what: str) -> int:
+    """An int in [1, MAX_IMAGES_PER_CALL]: any count of images one call may run at once."""
+    count = as_int(value, what)
     if not 1 <= count <= MAX_IMAGES_PER_CALL:
         raise ValueError(f"{what} must be between 1 and {MAX_IMAGES_PER_CALL} (fluxrt.validation.MAX_IMAGES_PER_CALL), "
                          f"got {count}")
     return count
+
+
+def check_images_per_prompt(num_images_per_prompt, what: str = "num_images_per_prompt") -> int:
+    return _image_count(num_images_per_prompt, what)
 
 
 def check_image_count(num_prompts: int, num_images_per_prompt: int) -> int:
@@ -172,11 +177,7 @@ def check_image_count(num_prompts: int, num_images_per_prompt: int) -> int:
 
 
 def check_batch_size(max_batch_size, what: str = "max_batch_size") -> int:
-    size = as_int(max_batch_size, what)
-    if not 1 <= size <= MAX_IMAGES_PER_CALL:
-        raise ValueError(f"{what} must be between 1 and {MAX_IMAGES_PER_CALL} (fluxrt.validation.MAX_IMAGES_PER_CALL), "
-                         f"got {size}")
-    return size
+    return _image_count(max_batch_size, what)
 
 
 # ---- pipeline construction ----
