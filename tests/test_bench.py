@@ -53,9 +53,9 @@ def test_bench_smoke_writes_the_json(tmp_path):
 
 
 def test_the_reported_time_is_at_least_one_call():
-    """The median bench reports is at least half the fastest of a few independently timed calls of the same model on
-    the same inputs (before and after the run; noise on a shared CPU only slows calls down, so a bench that timed
-    nothing cannot reach half of a real call)."""
+    """The median bench reports is at least a quarter of the fastest of a few independently timed calls of the same
+    model on the same inputs (before and after the run). Noise on a shared CPU only slows calls down; the margin
+    absorbs a loaded machine, and a bench that timed nothing reports microseconds, far below it."""
     cfg, dtype, device, (height, width) = FluxConfig.preset("tiny"), torch.float32, torch.device("cpu"), (64, 64)
     model = bench._build("diffusers-eager", cfg, dtype, device, seed=0)
     inputs = bench._inputs(cfg, 1, height, width, 512, dtype, device, seed=0)
@@ -71,7 +71,7 @@ def test_the_reported_time_is_at_least_one_call():
     row, = bench.run("tiny", sizes=[(height, width)], batches=[1], impls=["diffusers-eager"], iters=3, warmup=1,
                      device="cpu")["per_step"]
     independent += [one_call_ms() for _ in range(3)]
-    assert row["ms"] >= 0.5 * min(independent), (row["ms"], independent)
+    assert row["ms"] >= 0.25 * min(independent), (row["ms"], independent)
 
 
 @pytest.mark.parametrize("args, message", [
