@@ -12,6 +12,7 @@ images map [-1, 1] -> [0, 1] -> uint8 with rounding (diffusers; BFL truncates, h
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import threading
@@ -22,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from . import sampling
+from .convert import CheckpointError
 from .devices import resolve_device, resolve_dtype
 from .loading import load_autoencoder, load_transformer
 from .reference import AutoEncoder, Flux
@@ -57,7 +59,8 @@ class FluxPipeline:
 
     def __init__(self, transformer: Flux, autoencoder: AutoEncoder, clip_tokenizer, clip_encoder: nn.Module,
                  t5_tokenizer, t5_encoder: nn.Module, *, compile: bool | None = None, quantize: str | None = None,
-                 backend: str = "auto", offload_text_encoders: bool = False, progress: bool = True):
+                 backend: str = "auto", offload_text_encoders: bool = False, progress: bool = True,
+                 sampling_defaults: dict | None = None):
         if not isinstance(transformer, Flux):
             raise TypeError(f"transformer must be a fluxrt.reference.Flux (see fluxrt.load_transformer), got "
                             f"{type(transformer).__name__}")
@@ -74,9 +77,12 @@ class FluxPipeline:
         if offload_text_encoders:
             self._move_text_encoders("cpu")
         self.progress = progress
-        # FLUX.1-dev was trained with 512 T5 tokens, schnell with 256 (the guidance embedder tells them apart).
-        self.max_sequence_length = 512 if self.config.guidance_embed else 256
-        self.default_steps = 28 if self.config.guidance_embed else 4
+        # FLUX.1-dev was trained with 512 T5 tokens, schnell with 256 (the guidance embedder tells them apart); a
+        # model folder may name its own (model_index.json's SAMPLING_KEY, e.g. the embedded tiny model's)
+        defaults = check_sampling_defaults(sampling_defaults or {}, "sampling_defaults")
+        self.max_sequence_length = defaults.get("max_sequence_length", 512 if self.config.guidance_embed else 256)
+        self.default_steps = defaults.get("num_steps", 28 if self.config.guidance_embed else 4)
+        self.default_size = (defaults.get("width", 1024), defaults.get("height", 1024))
         self.default_guidance = 3.5 if self.config.guidance_embed else None
         self.plan = None  # what fluxrt.compile chose, once compiled
         self._lock = threading.RLock()
@@ -116,7 +122,8 @@ class FluxPipeline:
             # offloaded encoders are loaded straight to the CPU: never resident on the GPU beside the transformer
             text = _load_text_encoders(text_encoders, dtype, torch.device("cpu") if offload_text_encoders else device)
         return cls(flux, ae, *text, compile=compile, quantize=quantize, backend=backend,
-                   offload_text_encoders=offload_text_encoders, progress=progress)
+                   offload_text_encoders=offload_text_encoders, progress=progress,
+                   sampling_defaults=sampling_defaults(path))
 
     def accelerate(self, quantize: str | None = None, backend: str = "auto", attention: str = "bf16") -> None:
         """Swap in the fluxrt-compiled models (in place: weights are reused, not copied). The one acceleration step.
@@ -134,13 +141,14 @@ class FluxPipeline:
 
     # ---- generation ----
 
-    def __call__(self, prompt: str | Sequence[str], width: int = 1024, height: int = 1024,
+    def __call__(self, prompt: str | Sequence[str], width: int | None = None, height: int | None = None,
                  num_steps: int | None = None, guidance: float | None = None, seed: int | Sequence[int] | None = 0,
                  num_images_per_prompt: int = 1, output_type: str = "pil", progress: bool | None = None,
                  callback: Callable[[int, int], None] | None = None):
         """Images for `prompt` (a string or a list): a list of PIL images, or with output_type="pt" a float tensor
         [N, 3, H, W] in [0, 1] on the CPU. N = prompts x num_images_per_prompt, grouped by prompt.
 
+        width / height default to the model's (FLUX.1: 1024; a folder's model_index.json may say otherwise).
         seed: an int gives image k the seed seed + k (so image 0 is the image that prompt alone gives with that
         seed); a list gives one seed per image; None draws a random int seed and logs it (INFO, logger
         "fluxrt") so the images can be made again. num_steps / guidance default to the model's (dev 28 /
@@ -150,7 +158,8 @@ class FluxPipeline:
         NaN or inf latents or pixels raise fluxrt.NonFiniteError instead of returning a broken image.
         """
         prompts = check_prompt(prompt)
-        width, height = check_size(width, height)
+        width, height = check_size(self.default_size[0] if width is None else width,
+                                   self.default_size[1] if height is None else height)
         num_steps = check_steps(self.default_steps if num_steps is None else num_steps)
         per_prompt = check_images_per_prompt(num_images_per_prompt)
         count = check_image_count(len(prompts), per_prompt)
@@ -258,6 +267,35 @@ def to_pil(images: Tensor) -> list:
 
 def _shorten(text: str, keep: int = 60) -> str:
     return text if len(text) <= keep else text[: keep - 3] + "..."
+
+
+SAMPLING_KEY = "_fluxrt_sampling"  # model_index.json: a model's own defaults (diffusers ignores "_" keys)
+SAMPLING_FIELDS = ("num_steps", "max_sequence_length", "width", "height")
+
+
+def check_sampling_defaults(defaults, where: str) -> dict:
+    """A model's sampling defaults: a dict of positive ints under SAMPLING_FIELDS (width/height multiples of 16)."""
+    if not isinstance(defaults, dict) or set(defaults) - set(SAMPLING_FIELDS) or not all(
+            isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in defaults.values()):
+        raise CheckpointError(f"{where} must map some of {SAMPLING_FIELDS} to positive ints, got {defaults!r}")
+    check_steps(defaults.get("num_steps", 1))
+    check_size(defaults.get("width", 1024), defaults.get("height", 1024))
+    return defaults
+
+
+def sampling_defaults(path) -> dict:
+    """The sampling defaults a diffusers-layout model folder records in its model_index.json (SAMPLING_KEY), or {}.
+    Read before any weight is loaded, so callers (the CLI) can check a request against them first."""
+    index = Path(path) / "model_index.json"
+    if not index.is_file():
+        return {}
+    try:
+        data = json.loads(index.read_text())
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"{index} is not valid JSON ({err})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{index} must hold a JSON object, got {type(data).__name__}")
+    return check_sampling_defaults(data.get(SAMPLING_KEY, {}), f"{index}'s {SAMPLING_KEY}")
 
 
 def _one_dtype(dtype, torch_dtype):
