@@ -1,0 +1,202 @@
+"""Prompt adherence for the shapes dataset (fluxrt.shapes), measured from pixels alone: no learned weights, so the
+evaluator shares nothing with the generator it grades.
+
+    colour, shape = measure(pixels, scene)      # what an image generated for a one-object scene shows
+    adherence(images, scenes)                   # {"colour": 0.95, "shape": 0.8, "both": 0.78, "n": 64}
+    scenes = heldout_scenes(64, seed=0)         # the shared evaluation prompts (combinations never trained on)
+
+How an image is read:
+1. Object pixels are those far in RGB from the background the scene asks for: its half's colour (as the image shows
+   it, if that is the named colour with a colour cast; a different background reads as no object), or, within a few
+   rows of a two-tone seam (which blurs in generated images), any mix of the two halves' colours.
+2. The object is the largest 4-connected blob of them (a generated image may have specks). A blob too small or far
+   too big to be any object the dataset draws, or a gray one, means no object: (None, None).
+3. Colour: the COLOURS entry nearest to the blob's inner pixels, each taken as a mix of an object colour and its
+   expected background (a small or blurred object's core is still part background), median over the pixels.
+4. Shape: by rotational symmetry. Each pixel is weighted by how much of it the object covers; the normalised complex
+   moment |sum w z^k| / sum w |z|^k (z: the pixel's offset from the centroid) is 0 for a shape without k-fold
+   symmetry and large for a k-fold one. The dataset's shapes are a triangle (k=3), a square (4), a five-point star
+   (5), and a circle, which has no dominant order (every k is ~0). Blur and noise shrink these strengths but keep the
+   order, which is why this beats area ratios (fill, solidity) that blur turns ambiguous on small shapes.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+import numpy as np
+
+from fluxrt.shapes import BACKGROUNDS, COLOURS, SIZE, SIZES, Scene, sample_scenes
+
+OBJECT_DISTANCE = 40.0  # RGB; every object colour is >= 86 from every background colour; noise of std 8 gives ~14
+SEAM_ROWS = 3  # rows either side of a two-tone seam where mixes of its two colours count as background
+MIN_CHROMA = 30.0  # the object colour's distance from neutral gray; every COLOURS entry has >= 86
+MIN_AREA = 20  # pixels; the smallest object the dataset draws (a small star) covers ~80
+SUPPORT_COVERAGE = 0.25  # pixels at least this much covered, and connected, make up the object's shape
+MAX_AREA = 4 * np.pi * max(SIZES.values()) ** 2  # pixels; four times the largest object (a large circle)
+# Symmetry strength above which an order counts. Measured on renders of every colour, shape, position, size and
+# background: clean, circles <= 0.011 and the other shapes' own order >= 0.39; blurred (sigma 1.4), noisy (std 12)
+# and colour-cast (20), circles <= 0.10 and the others >= 0.20.
+SYMMETRY_MIN = 0.15
+SHAPE_OF_ORDER = {3: "triangle", 4: "square", 5: "star"}
+_HALVES = (slice(0, SIZE // 2), slice(SIZE // 2, SIZE))  # rows of the top and bottom background
+_COLOUR_NAMES = list(COLOURS)
+_COLOUR_TABLE = np.array([COLOURS[name] for name in _COLOUR_NAMES], dtype=np.float64)  # [6, 3]
+_BACKGROUND_TABLE = np.array(list(BACKGROUNDS.values()), dtype=np.float64)  # [3, 3]
+
+
+def measure(pixels, scene: Scene) -> tuple[str | None, str | None]:
+    """(colour, shape) that `pixels` (uint8 [SIZE, SIZE, 3]), generated for `scene`, shows; (None, None) if none."""
+    image = _check_image(pixels)
+    named = _named_backgrounds(scene)
+    top, bottom = (_seen_background(image[rows], colour) for rows, colour in zip(_HALVES, named))
+    expected = _per_half(top, bottom)
+    distance = _background_distance(image, expected, top, bottom)
+    blob = _largest_blob(distance > OBJECT_DISTANCE)
+    if not MIN_AREA <= blob.sum() <= MAX_AREA:
+        return None, None
+    inner = blob & (distance >= 0.75 * np.percentile(distance[blob], 90))
+    seen = np.median(image[inner], axis=0)
+    if np.linalg.norm(seen - seen.mean()) < MIN_CHROMA:  # gray: no colour the dataset draws, no coverage to weigh
+        return None, None
+    coverage = _coverage(image, seen, background=~blob)
+    support = _largest_blob(coverage >= SUPPORT_COVERAGE)  # noise specks touching the blob would sway the moments
+    weights = np.where(support, np.clip(coverage, 0, 1), 0)
+    cast = (expected - _per_half(*named))[inner]
+    return _nearest_colour(image[inner], expected[inner], cast), _classify_shape(weights)
+
+
+def adherence(images, scenes) -> dict:
+    """Fractions of `images` whose measured colour, shape, and both match their one-object `scenes`."""
+    images, scenes = list(images), list(scenes)
+    if len(images) != len(scenes):
+        raise ValueError(f"got {len(images)} images for {len(scenes)} scenes; pass one image per scene")
+    if not scenes:
+        raise ValueError("adherence of no images is undefined; pass at least one image and its scene")
+    colour_hits = shape_hits = both_hits = 0
+    for pixels, scene in zip(images, scenes):
+        asked = _single_object(scene)
+        colour, shape = measure(pixels, scene)
+        colour_hits += colour == asked.colour
+        shape_hits += shape == asked.shape
+        both_hits += colour == asked.colour and shape == asked.shape
+    n = len(scenes)
+    return {"colour": colour_hits / n, "shape": shape_hits / n, "both": both_hits / n, "n": n}
+
+
+def heldout_scenes(count: int, seed: int = 0) -> list[Scene]:
+    """The evaluation prompts: `count` held-out scenes, the same for the same seed."""
+    return sample_scenes(np.random.default_rng(seed), count, "heldout")
+
+
+def _check_image(pixels) -> np.ndarray:
+    image = np.asarray(pixels)
+    if image.shape != (SIZE, SIZE, 3) or image.dtype != np.uint8:
+        raise ValueError(f"expected a uint8 RGB image of shape ({SIZE}, {SIZE}, 3), got {image.dtype} "
+                         f"{image.shape}; convert a PIL image with np.asarray(image.convert('RGB'))")
+    return image.astype(np.float64)
+
+
+def _single_object(scene: Scene):
+    if len(scene.objects) != 1:
+        raise ValueError(f"adherence grades one-object scenes (the held-out prompts), got {len(scene.objects)} "
+                         "objects; use heldout_scenes()")
+    return scene.objects[0]
+
+
+def _named_backgrounds(scene: Scene) -> tuple[np.ndarray, np.ndarray]:
+    """RGB of the top and bottom halves' background as the scene names them (the same twice for a plain one)."""
+    unknown = [name for name in scene.background if name not in BACKGROUNDS]
+    if unknown or len(scene.background) not in (1, 2):
+        raise ValueError(f"scene background must be one or two of {list(BACKGROUNDS)}, got {scene.background}")
+    return tuple(np.array(BACKGROUNDS[name], dtype=np.float64) for name in (scene.background[0], scene.background[-1]))
+
+
+def _seen_background(half: np.ndarray, named: np.ndarray) -> np.ndarray:
+    """The background colour of one half [rows, SIZE, 3] of the image: its median (an object covers well under half
+    of it) where that is nearer `named` than any other background colour (`named` with a colour cast), else `named`:
+    a wrong background is graded against the name, so all of it reads as one blob too big to be an object."""
+    seen = np.median(half.reshape(-1, 3), axis=0)
+    return seen if _nearest(seen, _BACKGROUND_TABLE) == _nearest(named, _BACKGROUND_TABLE) else named
+
+
+def _per_half(top: np.ndarray, bottom: np.ndarray) -> np.ndarray:
+    """[SIZE, SIZE, 3]: `top` in the top half's rows, `bottom` in the bottom half's."""
+    return np.broadcast_to(np.where((np.arange(SIZE) < SIZE // 2)[:, None, None], top, bottom), (SIZE, SIZE, 3))
+
+
+def _background_distance(image: np.ndarray, expected: np.ndarray, top: np.ndarray, bottom: np.ndarray) -> np.ndarray:
+    """[SIZE, SIZE] RGB distance of each pixel from its `expected` background; near the seam, from any top/bottom mix."""
+    distance = np.linalg.norm(image - expected, axis=-1)
+    seam = slice(SIZE // 2 - SEAM_ROWS, SIZE // 2 + SEAM_ROWS)
+    distance[seam] = _distance_from_lines(image[seam], top, bottom)
+    return distance
+
+
+def _distance_from_lines(points: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
+    """RGB distance of `points` [..., 3] from the nearest mix of `starts` [..., 3] and `ends` [..., 3] (broadcast)."""
+    direction = ends - starts
+    length_sq = np.maximum((direction * direction).sum(-1), 1e-9)  # a zero-length line is its one colour
+    share = np.clip(((points - starts) * direction).sum(-1) / length_sq, 0, 1)
+    return np.linalg.norm(points - (starts + share[..., None] * direction), axis=-1)
+
+
+def _largest_blob(mask: np.ndarray) -> np.ndarray:
+    """The largest 4-connected component of `mask` (breadth-first over its pixels only; empty if `mask` is)."""
+    unseen = set(zip(*np.nonzero(mask)))
+    best: list[tuple[int, int]] = []
+    while unseen:
+        start = unseen.pop()
+        component, queue = [start], deque([start])
+        while queue:
+            y, x = queue.popleft()
+            for neighbour in ((y - 1, x), (y + 1, x), (y, x - 1), (y, x + 1)):
+                if neighbour in unseen:
+                    unseen.remove(neighbour)
+                    component.append(neighbour)
+                    queue.append(neighbour)
+        if len(component) > len(best):
+            best = component
+    blob = np.zeros_like(mask)
+    if best:
+        blob[tuple(np.array(best).T)] = True
+    return blob
+
+
+def _coverage(image: np.ndarray, colour: np.ndarray, background: np.ndarray) -> np.ndarray:
+    """[SIZE, SIZE] fraction of each pixel covered by `colour`. Every background (and every mix of two, as on a
+    blurred seam) is a neutral gray, so a pixel's chroma is the object's chroma times its coverage; a colour cast
+    tints the whole image, so coverage counts from the median of the `background` pixels, not from zero."""
+    chroma = image - image.mean(axis=-1, keepdims=True)
+    target = colour - colour.mean()
+    raw = chroma @ target / max(float(target @ target), 1.0)
+    cast = np.median(raw[background])
+    return (raw - cast) / max(1.0 - cast, 1e-3)
+
+
+def _nearest(rgb: np.ndarray, table: np.ndarray) -> int:
+    return int(np.argmin(np.linalg.norm(table - rgb, axis=-1)))
+
+
+def _nearest_colour(core: np.ndarray, background: np.ndarray, cast: np.ndarray) -> str:
+    """The COLOURS entry (tinted by the image's colour `cast`) whose mixes with each core pixel's `background` pass
+    closest to the core pixels [N, 3], median over them: a small or blurred object's core is still part background,
+    and a red-white mix is nearer plain orange than plain red."""
+    palette = _COLOUR_TABLE[None] + cast[:, None]  # [N, colours, 3]
+    gaps = _distance_from_lines(core[:, None], background[:, None], palette)  # [N, colours]
+    return _COLOUR_NAMES[int(np.argmin(np.median(gaps, axis=0)))]
+
+
+def _symmetry_strengths(weights: np.ndarray) -> dict[int, float]:
+    """{k: |sum w z^k| / sum w |z|^k} for the orders the dataset's shapes have; z = pixel offset from the centroid."""
+    ys, xs = np.nonzero(weights)
+    w = weights[ys, xs]
+    z = xs + 1j * ys
+    z = z - (w * z).sum() / w.sum()
+    return {k: float(abs((w * z**k).sum()) / max((w * abs(z) ** k).sum(), 1e-9)) for k in SHAPE_OF_ORDER}
+
+
+def _classify_shape(weights: np.ndarray) -> str:
+    strengths = _symmetry_strengths(weights)
+    order = max(strengths, key=strengths.get)
+    return SHAPE_OF_ORDER[order] if strengths[order] >= SYMMETRY_MIN else "circle"
