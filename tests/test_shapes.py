@@ -36,7 +36,7 @@ def _gaussian_blur(image, sigma):
     return sum(tap * rows[:, i:i + SIZE] for i, tap in enumerate(taps))
 
 
-def _degrade(pixels, rng, sigma=1.0, noise=8.0, cast=15.0):
+def _degrade(pixels, rng, sigma, noise, cast):
     """What a blurry, noisy, slightly off generator might draw: blur, per-pixel noise, a colour cast per channel."""
     shifted = _gaussian_blur(pixels.astype(np.float64), sigma) + rng.normal(0, noise, pixels.shape)
     shifted += rng.choice([-cast, cast], size=3)
@@ -64,22 +64,25 @@ def test_clean_renders_of_every_heldout_prompt_are_read_right(heldout_grid):
     assert result["both"] >= 0.98
 
 
-def test_degraded_renders_are_read_right(heldout_grid):
+# (blur sigma px, noise std, colour cast per channel): measured colour and shape 1.0 over the 144 renders for each,
+# but 0.993 shape under the heavy blur.
+DEGRADATIONS = {
+    "like-a-generator": (1.0, 8.0, 15.0),
+    "heavy-noise": (1.0, 24.0, 15.0),  # stray pixels touch the object: its shape is read from its connected core
+    "heavy-blur": (2.0, 16.0, 25.0),  # the core is part background: its colour is read by unmixing it
+    "pure-blur": (1.5, 0.0, 0.0),  # soft tips and corners: the shape is weighed by coverage, not cut at 50 %
+    "strong-cast": (1.0, 4.0, 30.0),  # the whole image tinted: the background is taken as the image shows it
+}
+
+
+@pytest.mark.parametrize("degradation", DEGRADATIONS)
+def test_degraded_renders_are_read_right(heldout_grid, degradation):
     scenes, images = heldout_grid
     rng = np.random.default_rng(0)
-    degraded = [_degrade(pixels, rng) for pixels in images]
-    result = adherence(degraded, scenes)  # measured: colour 1.0, shape 1.0 over 144
+    degraded = [_degrade(pixels, rng, *DEGRADATIONS[degradation]) for pixels in images]
+    result = adherence(degraded, scenes)
     assert result["colour"] >= 0.97, _misreadings(degraded, scenes)
-    assert result["shape"] >= 0.95, _misreadings(degraded, scenes)
-
-
-def test_a_strong_colour_cast_is_absorbed_by_the_background(heldout_grid):
-    scenes, images = heldout_grid
-    rng = np.random.default_rng(1)
-    cast = [_degrade(pixels, rng, sigma=1.0, noise=4.0, cast=30.0) for pixels in images]
-    result = adherence(cast, scenes)  # measured: colour 1.0, shape 1.0 over 144
-    assert result["colour"] >= 0.97, _misreadings(cast, scenes)
-    assert result["shape"] >= 0.95, _misreadings(cast, scenes)
+    assert result["shape"] >= 0.97, _misreadings(degraded, scenes)
 
 
 def test_specks_beside_the_object_are_ignored(heldout_grid):
@@ -88,8 +91,8 @@ def test_specks_beside_the_object_are_ignored(heldout_grid):
     for pixels, scene in zip(images, scenes):
         other = [name for name in COLOURS if name != scene.objects[0].colour]
         image = pixels.copy()
-        for corner, name in zip(((1, 1), (1, 59), (59, 1), (59, 59)), other):  # away from every object's position
-            image[corner[0]:corner[0] + 4, corner[1]:corner[1] + 4] = COLOURS[name]
+        for (y, x), name in zip(((0, 0), (0, 58), (58, 0), (58, 58)), other):  # corners: clear of every position
+            image[y:y + 6, x:x + 6] = COLOURS[name]
         specked.append(image)
     assert _misreadings(specked, scenes) == []
 
@@ -124,7 +127,14 @@ def test_a_background_without_an_object_is_read_as_nothing(background):
     asked = _one_object("red", "star", "center", "large", background)
     empty = render(Scene((), background))
     assert measure(empty, asked) == (None, None)
-    assert measure(_degrade(empty, np.random.default_rng(2)), asked) == (None, None)
+    assert measure(_degrade(empty, np.random.default_rng(2), *DEGRADATIONS["like-a-generator"]), asked) == (None, None)
+
+
+def test_a_gray_object_is_read_as_nothing():
+    asked = _one_object("purple", "square", "center", "large", ("white",))
+    image = render(Scene((), ("white",)))
+    image[20:44, 20:44] = BACKGROUNDS["gray"]  # far from the white background, but no colour the dataset draws
+    assert measure(image, asked) == (None, None)
 
 
 def test_a_wrong_background_is_read_as_nothing():
@@ -134,12 +144,20 @@ def test_a_wrong_background_is_read_as_nothing():
     assert measure(render(drawn), drawn) == ("blue", "square")
 
 
-def test_random_noise_images_score_low():
+def test_random_noise_images_score_zero():
     rng = np.random.default_rng(3)
     scenes = heldout_scenes(64, seed=3)
     noise = [rng.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8) for _ in scenes]
-    result = adherence(noise, scenes)
-    assert result["colour"] <= 0.2 and result["shape"] <= 0.3, result  # guessing would give 1/6 and 1/4
+    assert adherence(noise, scenes) == {"colour": 0.0, "shape": 0.0, "both": 0.0, "n": 64}
+    # not by chance: all of it is far from the background, one blob too big to be an object
+    assert {measure(pixels, scene) for pixels, scene in zip(noise, scenes)} == {(None, None)}
+
+
+def test_a_speck_is_read_as_nothing():
+    asked = _one_object("red", "circle", "center", "small", ("black",))
+    image = render(Scene((), ("black",)))
+    image[30:34, 30:34] = COLOURS["red"]  # 16 pixels: smaller than any object the dataset draws
+    assert measure(image, asked) == (None, None)
 
 
 # --- the evaluator's inputs ---
@@ -215,6 +233,16 @@ def test_render_is_deterministic_uint8_with_objects_where_the_scene_puts_them(tr
             assert tuple(pixels[y, x]) == COLOURS[obj.colour], caption(scene)
         assert tuple(pixels[0, 0]) == BACKGROUNDS[scene.background[0]]  # corners are clear of every position
         assert tuple(pixels[-1, -1]) == BACKGROUNDS[scene.background[-1]]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_render_centres_each_shape_on_its_position(shape):
+    for (position, (x, y)), size in itertools.product(POSITIONS.items(), SIZES):
+        pixels = render(_one_object("blue", shape, position, size, ("white",)))
+        rows, cols = np.nonzero((pixels != BACKGROUNDS["white"]).any(axis=-1))
+        assert cols.mean() + 0.5 == pytest.approx(x, abs=1e-9), position  # every shape is mirror-symmetric upright
+        if shape in ("circle", "square"):
+            assert rows.mean() + 0.5 == pytest.approx(y, abs=1e-9), position
 
 
 def test_captions_have_the_documented_form(train_scenes):
