@@ -97,6 +97,11 @@ def psnr_db(images: Tensor, reference: Tensor) -> list[float]:
     return (10 * torch.log10(1 / mse)).tolist()
 
 
+def _db(value: float) -> float | None:
+    """A PSNR for JSON, which has no infinity: None where the images are identical."""
+    return value if math.isfinite(value) else None
+
+
 def adherence(images: Tensor, scenes: list) -> dict:
     return shapes_eval.adherence([np.asarray(image) for image in to_pil(images)], scenes)
 
@@ -113,8 +118,8 @@ def image_quality(pipe: fluxrt.FluxPipeline, scenes: list) -> dict:
         fast = fluxrt.compile(copy.deepcopy(reference_model), quantize=quantize, backend="torch")
         images = draw(pipe, fast, prompts)
         psnr = psnr_db(images, reference)
-        results[quantize] = {"adherence": adherence(images, scenes), "psnr_db_mean": statistics.fmean(psnr),
-                             "psnr_db_min": min(psnr), "ran": fast.plan["last_call"]}
+        results[quantize] = {"adherence": adherence(images, scenes), "psnr_db_mean": _db(statistics.fmean(psnr)),
+                             "psnr_db_min": _db(min(psnr)), "ran": fast.plan["last_call"]}
     pipe.transformer = reference_model
     return results
 
