@@ -144,7 +144,7 @@ class Activations:
             if not name.startswith(("double_blocks.", "single_blocks.")):
                 continue
             if isinstance(module, (nn.Linear, nn.LayerNorm, Modulation, QKNorm)):
-                self._handles.append(module.register_forward_hook(self._recorder(name, module)))
+                self._handles.append(module.register_forward_hook(self._recorder(name)))
             elif isinstance(module, (DoubleStreamBlock, SingleStreamBlock)):
                 self._handles.append(module.register_forward_pre_hook(self._pe_recorder(name), with_kwargs=True))
         return self
@@ -161,7 +161,7 @@ class Activations:
         if self.call in self.calls:
             self._pending[name].append([v.detach().clone() for v in values])
 
-    def _recorder(self, name: str, module: nn.Module):
+    def _recorder(self, name: str):
         def hook(module, args, output):
             if isinstance(module, nn.LayerNorm):
                 self._keep(name, args)
@@ -289,17 +289,19 @@ def attention_sqnr(model: Flux, seen: Activations) -> dict[str, dict[str, float]
     return result
 
 
-def op_quality(pipe: fluxrt.FluxPipeline, prompts: list[str], capture_steps: int) -> dict:
-    """{op: {what, layers, min_db, median_db, worst_layer, per_layer}} on the trained model's activations."""
+def op_quality(pipe: fluxrt.FluxPipeline, prompts: list[str], capture_steps: int) -> tuple[dict, list[int]]:
+    """({op: {what, layers, min_db, median_db, worst_layer, per_layer}}, the captured steps) on the trained model's
+    activations."""
     model = pipe.transformer
     seen = capture(pipe, prompts, capture_steps)
     with torch.inference_mode():
         per_op = {**linear_sqnr(model, seen), **norm_sqnr(model, seen),
                   "quantize_rows": quantize_rows_sqnr(model, seen), **attention_sqnr(model, seen)}
-    return {op: {"what": OP_LABELS[op], "layers": len(layers), "min_db": min(layers.values()),
-                 "median_db": statistics.median(layers.values()), "worst_layer": min(layers, key=layers.get),
-                 "per_layer": layers}
-            for op, layers in per_op.items()}
+    summary = {op: {"what": OP_LABELS[op], "layers": len(layers), "min_db": min(layers.values()),
+                    "median_db": statistics.median(layers.values()), "worst_layer": min(layers, key=layers.get),
+                    "per_layer": layers}
+               for op, layers in per_op.items()}
+    return summary, sorted(seen.calls)
 
 
 # ---- report ----------------------------------------------------------------------------------------------------
@@ -337,7 +339,7 @@ def evaluate(model: Path, count: int, capture_steps: int) -> dict:
     scenes = shapes_eval.heldout_scenes(count, seed=0)
     with torch.inference_mode():
         images = image_quality(pipe, scenes)
-    ops_ = op_quality(pipe, [shapes.caption(s) for s in scenes[:BATCH]], capture_steps)
+    op_results, captured_steps = op_quality(pipe, [shapes.caption(s) for s in scenes[:BATCH]], capture_steps)
     return {
         "what": "FP8 quality baselines of the trained tiny model on the CPU (accuracy, not speed): images vs the "
                 "fp32 pipeline, and each FP8 op's SQNR on the model's own activations",
@@ -345,9 +347,9 @@ def evaluate(model: Path, count: int, capture_steps: int) -> dict:
         "setup": {"model": str(model), "scenes": count, "scene_seed": 0, "image_seeds": f"0..{count - 1}",
                   "steps": pipe.default_steps, "width": pipe.default_size[0], "height": pipe.default_size[1],
                   "max_sequence_length": pipe.max_sequence_length, "batch": BATCH, "dtype": "float32",
-                  "backend": "torch", "capture_images": min(count, BATCH), "capture_steps": capture_steps},
+                  "backend": "torch", "capture_images": min(count, BATCH), "capture_steps": captured_steps},
         "images": images,
-        "ops": ops_,
+        "ops": op_results,
     }
 
 
