@@ -10,10 +10,12 @@ How an image is read:
    it, if that is the named colour with a colour cast; a different background reads as no object), or, within a few
    rows of a two-tone seam (which blurs in generated images), any mix of the two halves' colours.
 2. The object is the largest 4-connected blob of them (a generated image may have specks). A blob too small or far
-   too big to be any object the dataset draws, or a gray one, means no object: (None, None).
+   too big to be any object the dataset draws, or one no more colourful than the background, means no object:
+   (None, None).
 3. Colour: the COLOURS entry nearest to the blob's inner pixels, each taken as a mix of an object colour and its
    expected background (a small or blurred object's core is still part background), median over the pixels.
-4. Shape: by rotational symmetry. Each pixel is weighted by how much of it the object covers; the normalised complex
+4. Shape: by rotational symmetry. Each pixel is weighted by how much of it the object covers (read from its chroma:
+   the backgrounds are all gray), over the object's connected core; the normalised complex
    moment |sum w z^k| / sum w |z|^k (z: the pixel's offset from the centroid) is 0 for a shape without k-fold
    symmetry and large for a k-fold one. The dataset's shapes are a triangle (k=3), a square (4), a five-point star
    (5), and a circle, which has no dominant order (every k is ~0). Blur and noise shrink these strengths but keep the
@@ -29,8 +31,11 @@ import numpy as np
 from fluxrt.shapes import BACKGROUNDS, COLOURS, SIZE, SIZES, Scene, sample_scenes
 
 OBJECT_DISTANCE = 40.0  # RGB; every object colour is >= 86 from every background colour; noise of std 8 gives ~14
+# RGB; a half this close to its named colour shows that background with a colour cast (up to ~35 per channel);
+# further off it is another colour: the nearest object colour to a background is purple, 86 from gray
+CAST_LIMIT = 60.0
 SEAM_ROWS = 3  # rows either side of a two-tone seam where mixes of its two colours count as background
-MIN_CHROMA = 30.0  # the object colour's distance from neutral gray; every COLOURS entry has >= 86
+MIN_CHROMA = 30.0  # RGB; the object colour's distance from neutral gray: every COLOURS entry has >= 86
 MIN_AREA = 20  # pixels; the smallest object the dataset draws (a small star) covers ~80
 SUPPORT_COVERAGE = 0.25  # pixels at least this much covered, and connected, make up the object's shape
 MAX_AREA = 4 * np.pi * max(SIZES.values()) ** 2  # pixels; four times the largest object (a large circle)
@@ -42,7 +47,6 @@ SHAPE_OF_ORDER = {3: "triangle", 4: "square", 5: "star"}
 _HALVES = (slice(0, SIZE // 2), slice(SIZE // 2, SIZE))  # rows of the top and bottom background
 _COLOUR_NAMES = list(COLOURS)
 _COLOUR_TABLE = np.array([COLOURS[name] for name in _COLOUR_NAMES], dtype=np.float64)  # [6, 3]
-_BACKGROUND_TABLE = np.array(list(BACKGROUNDS.values()), dtype=np.float64)  # [3, 3]
 
 
 def measure(pixels, scene: Scene) -> tuple[str | None, str | None]:
@@ -50,20 +54,19 @@ def measure(pixels, scene: Scene) -> tuple[str | None, str | None]:
     image = _check_image(pixels)
     named = _named_backgrounds(scene)
     top, bottom = (_seen_background(image[rows], colour) for rows, colour in zip(_HALVES, named))
-    expected = _per_half(top, bottom)
-    distance = _background_distance(image, expected, top, bottom)
+    background = _per_half(top, bottom)
+    distance = _background_distance(image, background, top, bottom)
     blob = _largest_blob(distance > OBJECT_DISTANCE)
     if not MIN_AREA <= blob.sum() <= MAX_AREA:
         return None, None
     inner = blob & (distance >= 0.75 * np.percentile(distance[blob], 90))
-    seen = np.median(image[inner], axis=0)
-    if np.linalg.norm(seen - seen.mean()) < MIN_CHROMA:  # gray: no colour the dataset draws, no coverage to weigh
+    chroma = image - image.mean(axis=-1, keepdims=True)
+    tint = np.median(chroma[~blob], axis=0)  # the background's chroma: zero but for a colour cast
+    hue = np.median(chroma[inner], axis=0) - tint  # the object's chroma over the background's
+    if np.linalg.norm(hue) < MIN_CHROMA:  # gray (or the background's tint): no colour the dataset draws
         return None, None
-    coverage = _coverage(image, seen, background=~blob)
-    support = _largest_blob(coverage >= SUPPORT_COVERAGE)  # noise specks touching the blob would sway the moments
-    weights = np.where(support, np.clip(coverage, 0, 1), 0)
-    cast = (expected - _per_half(*named))[inner]
-    return _nearest_colour(image[inner], expected[inner], cast), _classify_shape(weights)
+    cast = (background - _per_half(*named))[inner]
+    return _nearest_colour(image[inner], background[inner], cast), _read_shape(chroma - tint, hue)
 
 
 def adherence(images, scenes) -> dict:
@@ -114,10 +117,10 @@ def _named_backgrounds(scene: Scene) -> tuple[np.ndarray, np.ndarray]:
 
 def _seen_background(half: np.ndarray, named: np.ndarray) -> np.ndarray:
     """The background colour of one half [rows, SIZE, 3] of the image: its median (an object covers well under half
-    of it) where that is nearer `named` than any other background colour (`named` with a colour cast), else `named`:
-    a wrong background is graded against the name, so all of it reads as one blob too big to be an object."""
+    of it) where that is `named` with a colour cast, else `named`: a wrong background is graded against the name, so
+    all of it reads as one blob too big to be an object."""
     seen = np.median(half.reshape(-1, 3), axis=0)
-    return seen if _nearest(seen, _BACKGROUND_TABLE) == _nearest(named, _BACKGROUND_TABLE) else named
+    return seen if np.linalg.norm(seen - named) <= CAST_LIMIT else named
 
 
 def _per_half(top: np.ndarray, bottom: np.ndarray) -> np.ndarray:
@@ -163,19 +166,13 @@ def _largest_blob(mask: np.ndarray) -> np.ndarray:
     return blob
 
 
-def _coverage(image: np.ndarray, colour: np.ndarray, background: np.ndarray) -> np.ndarray:
-    """[SIZE, SIZE] fraction of each pixel covered by `colour`. Every background (and every mix of two, as on a
-    blurred seam) is a neutral gray, so a pixel's chroma is the object's chroma times its coverage; a colour cast
-    tints the whole image, so coverage counts from the median of the `background` pixels, not from zero."""
-    chroma = image - image.mean(axis=-1, keepdims=True)
-    target = colour - colour.mean()
-    raw = chroma @ target / max(float(target @ target), 1.0)
-    cast = np.median(raw[background])
-    return (raw - cast) / max(1.0 - cast, 1e-3)
-
-
-def _nearest(rgb: np.ndarray, table: np.ndarray) -> int:
-    return int(np.argmin(np.linalg.norm(table - rgb, axis=-1)))
+def _read_shape(chroma: np.ndarray, hue: np.ndarray) -> str:
+    """The shape of the object of chroma `hue` in an image of `chroma` [SIZE, SIZE, 3] (both over the background's).
+    Every background, and every mix of two as on a blurred seam, is a neutral gray, so a pixel's chroma is `hue`
+    times the fraction of it the object covers; noise is as often negative as positive, so it averages out."""
+    coverage = chroma @ hue / float(hue @ hue)
+    support = _largest_blob(coverage >= SUPPORT_COVERAGE)  # noise specks touching the object would sway the moments
+    return _classify_shape(np.where(support, np.clip(coverage, 0, 1), 0))
 
 
 def _nearest_colour(core: np.ndarray, background: np.ndarray, cast: np.ndarray) -> str:

@@ -137,11 +137,26 @@ def test_a_gray_object_is_read_as_nothing():
     assert measure(image, asked) == (None, None)
 
 
+def test_a_dull_object_on_a_background_tinted_its_way_is_read_as_nothing():
+    asked = _one_object("red", "square", "center", "large", ("white",))
+    image = render(Scene((), ("white",)))
+    image[...] = (255, 205, 205)  # white with a pink cast
+    image[20:44, 20:44] = (160, 120, 120)  # dark pink: as colourful as the background, only darker
+    assert measure(image, asked) == (None, None)
+
+
 def test_a_wrong_background_is_read_as_nothing():
     asked = _one_object("blue", "square", "bottom", "large", ("white",))
     drawn = _one_object("blue", "square", "bottom", "large", ("gray",))
     assert measure(render(drawn), asked) == (None, None)
     assert measure(render(drawn), drawn) == ("blue", "square")
+
+
+def test_a_coloured_background_is_no_colour_cast():
+    asked = _one_object("blue", "square", "bottom", "large", ("gray",))
+    image = render(asked)
+    image[(image == BACKGROUNDS["gray"]).all(axis=-1)] = COLOURS["purple"]  # the object colour nearest to gray
+    assert measure(image, asked) == (None, None)
 
 
 def test_random_noise_images_score_zero():
@@ -151,6 +166,13 @@ def test_random_noise_images_score_zero():
     assert adherence(noise, scenes) == {"colour": 0.0, "shape": 0.0, "both": 0.0, "n": 64}
     # not by chance: all of it is far from the background, one blob too big to be an object
     assert {measure(pixels, scene) for pixels, scene in zip(noise, scenes)} == {(None, None)}
+
+
+def test_an_image_flooded_with_the_asked_colour_is_read_as_nothing(heldout_grid):
+    scenes, _ = heldout_grid
+    for scene in scenes:
+        flooded = np.full((SIZE, SIZE, 3), COLOURS[scene.objects[0].colour], dtype=np.uint8)
+        assert measure(flooded, scene) == (None, None), caption(scene)  # no credit for painting everything red
 
 
 def test_a_speck_is_read_as_nothing():
