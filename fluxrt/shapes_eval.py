@@ -39,9 +39,9 @@ MIN_CHROMA = 30.0  # RGB; the object colour's distance from neutral gray: every 
 MIN_AREA = 20  # pixels; the smallest object the dataset draws (a small star) covers ~80
 SUPPORT_COVERAGE = 0.25  # pixels at least this much covered, and connected, make up the object's shape
 MAX_AREA = 4 * np.pi * max(SIZES.values()) ** 2  # pixels; four times the largest object (a large circle)
-# Symmetry strength above which an order counts. Measured on renders of every colour, shape, position, size and
-# background: clean, circles <= 0.011 and the other shapes' own order >= 0.39; blurred (sigma 1.4), noisy (std 12)
-# and colour-cast (20), circles <= 0.10 and the others >= 0.20.
+# Symmetry strength above which an order counts. Measured on a third of all colour x shape x position x size x
+# background renders: clean, circles <= 0.011 and the other shapes' own order >= 0.39; blurred (sigma 1.4), noisy
+# (std 12) and colour-cast (20 per channel), circles <= 0.10 and the others >= 0.20.
 SYMMETRY_MIN = 0.15
 SHAPE_OF_ORDER = {3: "triangle", 4: "square", 5: "star"}
 _HALVES = (slice(0, SIZE // 2), slice(SIZE // 2, SIZE))  # rows of the top and bottom background
