@@ -42,14 +42,15 @@ from .tiny import build_clip_encoder, build_clip_tokenizer, build_t5_encoder, bu
 T5_LENGTH = 80  # every training caption fits in 73 T5 tokens of the tiny tokenizer
 SAMPLING_DEFAULTS = {"num_steps": 20, "max_sequence_length": T5_LENGTH, "width": shapes.SIZE, "height": shapes.SIZE}
 CAPTION_DROPOUT = 0.1
+OBJECT_WEIGHT = 10.0  # autoencoder loss weight of object pixels (object_weights)
+KL_WEIGHT = 1e-5  # small: the latents only need to stay smooth; their scale is set afterwards (with_latent_scale)
 AUTOENCODER = AutoEncoderParams(resolution=shapes.SIZE, ch=32, ch_mult=(1, 1, 2, 2), num_res_blocks=1)
 TRANSFORMER = dataclasses.replace(FluxConfig.preset("tiny"), guidance_embed=False)
 STORAGE_DTYPE = torch.float16  # the shipped files: half the bytes, 10 mantissa bits
 
 
-def _images(scenes: list[shapes.Scene]) -> torch.Tensor:
-    """uint8 renders -> float [N, 3, H, W] in [-1, 1]."""
-    pixels = np.stack([shapes.render(s) for s in scenes])
+def _images(pixels: np.ndarray) -> torch.Tensor:
+    """uint8 renders [N, H, W, 3] -> float [N, 3, H, W] in [-1, 1]."""
     return torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 127.5 - 1
 
 
@@ -57,19 +58,33 @@ def _log(message: str, start: float) -> None:
     print(f"[{time.monotonic() - start:7.1f} s] {message}", flush=True)
 
 
-def train_autoencoder(images: torch.Tensor, steps: int, batch: int, seed: int, start: float) -> AutoEncoder:
+def object_weights(scenes: list[shapes.Scene], pixels: np.ndarray) -> torch.Tensor:
+    """Per-pixel loss weights [N, 1, H, W]: OBJECT_WEIGHT where an object is drawn, 1 on the background. The objects
+    cover a few percent of the pixels; unweighted, the autoencoder learns the backgrounds and blurs the shapes away."""
+    masks = []
+    backgrounds = {}
+    for scene, image in zip(scenes, pixels):
+        if scene.background not in backgrounds:
+            backgrounds[scene.background] = shapes.render(shapes.Scene((), scene.background)).astype(np.int16)
+        masks.append(np.abs(image.astype(np.int16) - backgrounds[scene.background]).max(axis=-1) > 8)
+    return 1 + (OBJECT_WEIGHT - 1) * torch.from_numpy(np.stack(masks))[:, None].float()
+
+
+def train_autoencoder(images: torch.Tensor, weights: torch.Tensor, steps: int, batch: int, seed: int,
+                      start: float) -> AutoEncoder:
     torch.manual_seed(seed)
     ae = AutoEncoder(AUTOENCODER)
-    optimizer = torch.optim.AdamW(ae.parameters(), lr=1e-3, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=1e-3, total_steps=steps, pct_start=0.05)
+    optimizer = torch.optim.AdamW(ae.parameters(), lr=2e-3, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=2e-3, total_steps=steps, pct_start=0.05)
     gen = torch.Generator().manual_seed(seed)
     for step in range(1, steps + 1):
-        x = images[torch.randint(len(images), (batch,), generator=gen)]
+        index = torch.randint(len(images), (batch,), generator=gen)
+        x, w = images[index], weights[index]
         mean, logvar = ae.encoder(x).chunk(2, dim=1)
         logvar = logvar.clamp(-30, 20)
         z = mean + torch.randn(mean.shape, generator=gen) * (0.5 * logvar).exp()
         kl = 0.5 * (mean.pow(2) + logvar.exp() - 1 - logvar).mean()
-        loss = (ae.decoder(z) - x).abs().mean() + 1e-3 * kl
+        loss = ((ae.decoder(z) - x).abs() * w).mean() / w.mean() + KL_WEIGHT * kl
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -195,16 +210,21 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=pathlib.Path, required=True, help="folder to write (diffusers layout)")
     parser.add_argument("--images", type=int, default=20000, help="training scenes rendered")
-    parser.add_argument("--vae-steps", type=int, default=1000)
-    parser.add_argument("--steps", type=int, default=5000, help="transformer steps")
+    parser.add_argument("--vae-steps", type=int, default=1200)
+    parser.add_argument("--steps", type=int, default=4000, help="transformer steps")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
+                        help="CPU threads (default: all cores); 1 when other work shares the cores, where threads "
+                             "spinning at each op's barrier slow every step several-fold")
     args = parser.parse_args(argv)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    torch.set_num_threads(args.threads)
     start = time.monotonic()
     scenes = shapes.sample_scenes(np.random.default_rng(args.seed), args.images, split="train")
-    images = _images(scenes)
+    pixels = np.stack([shapes.render(s) for s in scenes])
+    images = _images(pixels)
     _log(f"rendered {len(scenes)} training scenes", start)
-    autoencoder = train_autoencoder(images, args.vae_steps, batch=16, seed=args.seed + 1, start=start)
+    autoencoder = train_autoencoder(images, object_weights(scenes, pixels), args.vae_steps, batch=16, seed=args.seed + 1,
+                                    start=start)
     autoencoder = with_latent_scale(autoencoder, images)
     with torch.no_grad():
         latents = torch.cat([sampling.pack(autoencoder.encode(chunk)) for chunk in images.split(256)])
