@@ -29,8 +29,10 @@ import torch
 
 from . import devices, validation
 
+TINY = "tiny"  # the embedded trained model (fluxrt/weights/tiny, fluxrt.tiny.TRAINED)
 TINY_RANDOM = "tiny-random"
 DEFAULT_PROMPT = "an astronaut riding a horse on the surface of the moon"
+TINY_PROMPT = "a large red star at the center on a white background"  # what the tiny model knows: fluxrt.shapes
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 128 + signal.SIGINT  # 130, the shell's code for a Ctrl-C'd command
 EXIT_TERMINATED = 128 + signal.SIGTERM  # 143
@@ -207,18 +209,20 @@ class _Output:
 
 
 def _add_generate(sub) -> None:
-    g = sub.add_parser("generate", help="prompt -> PNG (default model: tiny-random, random weights, offline)")
-    g.add_argument("--model", default=TINY_RANDOM,
+    g = sub.add_parser("generate", help="prompt -> PNG (default model: tiny, the embedded trained shapes model)")
+    g.add_argument("--model", default=TINY,
                    help="a local FLUX folder (diffusers layout, or BFL's flux1-*.safetensors + ae.safetensors beside "
-                        "the text-encoder folders), a BFL transformer file (with --ae and --text-encoders), or "
-                        "tiny-random (default)")
+                        "the text-encoder folders), a BFL transformer file (with --ae and --text-encoders), tiny "
+                        "(default: the embedded teaching-size FLUX trained on coloured shapes, 64x64) or tiny-random "
+                        "(random weights, any size)")
     g.add_argument("--ae", type=Path, help="autoencoder (ae.safetensors or a diffusers vae folder) for a file --model")
     g.add_argument("--text-encoders", type=Path,
                    help="folder with tokenizer, text_encoder, tokenizer_2, text_encoder_2 for a file --model")
-    g.add_argument("--prompt", default=DEFAULT_PROMPT)
-    g.add_argument("--width", type=int, help="pixels, a multiple of 16 (default 1024; tiny-random on a CPU: 256)")
-    g.add_argument("--height", type=int, help="pixels, a multiple of 16 (default 1024; tiny-random on a CPU: 256)")
-    g.add_argument("--steps", type=int, help="denoising steps (default: dev 28, schnell 4)")
+    g.add_argument("--prompt", help=f"default: {TINY_PROMPT!r} for tiny, else {DEFAULT_PROMPT!r}")
+    g.add_argument("--width", type=int, help="pixels, a multiple of 16 (default: the model's; FLUX.1 1024, tiny 64, "
+                                             "tiny-random on a CPU 256)")
+    g.add_argument("--height", type=int, help="pixels, a multiple of 16 (default: as --width)")
+    g.add_argument("--steps", type=int, help="denoising steps (default: the model's; dev 28, schnell 4, tiny 20)")
     g.add_argument("--guidance", type=float, help="distilled guidance (default: dev 3.5; schnell has none)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--out", type=Path, default=Path("out.png"), help="PNG path (written whole or not at all)")
@@ -232,11 +236,22 @@ def _add_generate(sub) -> None:
     _add_debug(g, default=argparse.SUPPRESS)
 
 
+def _default_size(args, device: torch.device) -> tuple[int, int]:
+    """The model's own image size: a folder's model_index.json may name it (the tiny model's 64x64); tiny-random on a
+    CPU 256; FLUX.1 1024."""
+    if args.model == TINY_RANDOM:
+        return (256, 256) if device.type == "cpu" else (1024, 1024)
+    from .pipeline import sampling_defaults
+
+    defaults = sampling_defaults(args.model) if Path(args.model).is_dir() else {}
+    return defaults.get("width", 1024), defaults.get("height", 1024)
+
+
 def _check_request(args, device: torch.device) -> None:
     """The request's numbers by fluxrt.validation's rules and limits, named by their flags; fills in the default size
-    (tiny-random on a CPU: 256, else 1024) so that it is checked like a given one."""
-    side = 256 if args.model == TINY_RANDOM and device.type == "cpu" else 1024
-    args.width, args.height = validation.check_size(args.width or side, args.height or side,
+    (the model's) so that it is checked like a given one."""
+    width, height = _default_size(args, device)
+    args.width, args.height = validation.check_size(args.width or width, args.height or height,
                                                      names=("--width", "--height"))
     if args.steps is not None:
         validation.check_steps(args.steps, "--steps")
@@ -246,14 +261,20 @@ def _check_request(args, device: torch.device) -> None:
 
 
 def _check_model(args) -> None:
-    if args.model == TINY_RANDOM:
+    if args.model in (TINY, TINY_RANDOM):
         if args.ae is not None or args.text_encoders is not None:
-            raise UsageError(f"--ae and --text-encoders go with a transformer file as --model; {TINY_RANDOM} builds "
+            raise UsageError(f"--ae and --text-encoders go with a transformer file as --model; {args.model} brings "
                              "its own (drop them)")
+        if args.model == TINY:
+            from .tiny import TRAINED
+
+            args.model = str(TRAINED)  # an ordinary diffusers-layout folder from here on
+            args.prompt = TINY_PROMPT if args.prompt is None else args.prompt
         return
     model = Path(args.model)
     if not model.exists():
-        raise UsageError(f"--model {args.model!r} does not exist (a local FLUX folder or file, or {TINY_RANDOM})")
+        raise UsageError(f"--model {args.model!r} does not exist (a local FLUX folder or file, {TINY} or "
+                         f"{TINY_RANDOM})")
     if model.is_file() and (args.ae is None or args.text_encoders is None):
         raise UsageError(f"--model {args.model!r} is a single transformer file: also pass --ae (ae.safetensors or a "
                          "diffusers vae folder) and --text-encoders (a folder with tokenizer, text_encoder, "
@@ -266,8 +287,8 @@ def _check_model(args) -> None:
 def _check_args(args) -> None:
     """Every flag, before anything is loaded or written."""
     device = devices.resolve_device(args.device, "--device")
-    _check_request(args, device)
     _check_model(args)
+    _check_request(args, device)
     if args.no_compile and (args.quantize or args.compare_reference):
         raise UsageError("--quantize and --compare-reference need the compiled transformer; drop --no-compile")
     if args.quantize == "fp8":
@@ -335,8 +356,8 @@ def _run_generate(args, tmp: Path) -> None:
 
     compile = not args.no_compile
     pipe = _build_pipeline(args, compile=compile and not args.compare_reference)
-    call = dict(prompt=args.prompt, width=args.width, height=args.height, num_steps=args.steps,
-                guidance=args.guidance, seed=args.seed)
+    call = dict(prompt=DEFAULT_PROMPT if args.prompt is None else args.prompt, width=args.width, height=args.height,
+                num_steps=args.steps, guidance=args.guidance, seed=args.seed)
     columns = {}
     if args.compare_reference:
         reference_image, columns["reference"] = _timed(pipe, call)

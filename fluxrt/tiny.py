@@ -202,6 +202,9 @@ def build_t5_encoder(tokenizer: T5TokenizerFast, width: int = 64, seed: int = 1)
     return model.eval().requires_grad_(False)
 
 
+# The embedded trained model (python -m fluxrt.train_tiny): a diffusers-layout folder shipped in the package.
+TRAINED = pathlib.Path(__file__).resolve().parent / "weights" / "tiny"
+
 # FLUX's autoencoder structure (4 levels so 8x down, z 16, one mid attention, GroupNorm(32)) at small widths: the
 # smallest channel count GroupNorm(32) allows is 32.
 TINY_AUTOENCODER = AutoEncoderParams(ch=32, ch_mult=(1, 1, 2, 2), num_res_blocks=1)

@@ -223,8 +223,8 @@ def main(argv: list[str] | None = None) -> int:
     pixels = np.stack([shapes.render(s) for s in scenes])
     images = _images(pixels)
     _log(f"rendered {len(scenes)} training scenes", start)
-    autoencoder = train_autoencoder(images, object_weights(scenes, pixels), args.vae_steps, batch=16, seed=args.seed + 1,
-                                    start=start)
+    weights = object_weights(scenes, pixels)
+    autoencoder = train_autoencoder(images, weights, args.vae_steps, batch=16, seed=args.seed + 1, start=start)
     autoencoder = with_latent_scale(autoencoder, images)
     with torch.no_grad():
         latents = torch.cat([sampling.pack(autoencoder.encode(chunk)) for chunk in images.split(256)])

@@ -77,7 +77,7 @@ def edit_config(model, part, edit):
     (("--steps", "1000000000"), "--steps must be between 1 and 1000 (fluxrt.validation.MAX_STEPS), got 1000000000"),
     (("--seed", "-1"), "--seed must be an int in [0, 2**63), got -1"),
     (("--guidance", "nan"), "--guidance must be a number in [0, 100], got nan"),
-    (("--model", "no/such/folder"), "--model 'no/such/folder' does not exist (a local FLUX folder or file, or tiny-random)"),
+    (("--model", "no/such/folder"), "--model 'no/such/folder' does not exist (a local FLUX folder or file, tiny or tiny-random)"),
     (("--quantize", "fp8"), "--quantize fp8 (W8A8) needs an FP8-capable CUDA GPU (sm_89+: Ada, Hopper, Blackwell) and "
                             "none is in use (device cpu); use --quantize fp8-weight"),
     (("--quantize", "fp8-weight", "--no-compile"), "--quantize and --compare-reference need the compiled transformer; "
@@ -175,10 +175,11 @@ def test_a_transformer_file_needs_ae_and_text_encoders(cli, model, tmp_path):
     assert_one_line_error(result, f"--model '{file}' is a single transformer file: also pass --ae", "--text-encoders")
 
 
+@pytest.mark.parametrize("model", ["tiny", "tiny-random"])
 @pytest.mark.parametrize("flag", ["--ae", "--text-encoders"])
-def test_tiny_random_refuses_files_it_would_ignore(cli, tmp_path, flag):
-    result = cli("generate", flag, str(tmp_path), *SMALL, "--out", str(tmp_path / "x.png"))
-    assert_one_line_error(result, "--ae and --text-encoders go with a transformer file as --model; tiny-random")
+def test_the_builtin_models_refuse_files_they_would_ignore(cli, tmp_path, flag, model):
+    result = cli("generate", "--model", model, flag, str(tmp_path), *SMALL, "--out", str(tmp_path / "x.png"))
+    assert_one_line_error(result, f"--ae and --text-encoders go with a transformer file as --model; {model} brings")
 
 
 def test_no_progress_means_no_bars_at_all(model, tmp_path):
