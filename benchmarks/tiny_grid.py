@@ -29,7 +29,7 @@ PROMPTS = (
     "a large purple square at the top left and a large orange triangle at the bottom right on a black and gray "
     "background",
 )
-SCALE, COLUMNS, CAPTION_HEIGHT = 3, 4, 48
+SCALE, COLUMNS, CAPTION_HEIGHT = 3, 4, 60
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     for i, (image, prompt) in enumerate(zip(images, PROMPTS)):
         x, y = (i % COLUMNS) * side, (i // COLUMNS) * (side + CAPTION_HEIGHT)
         grid.paste(image.resize((side, side), Image.NEAREST), (x, y))
-        draw.multiline_text((x + 3, y + side + 2), "\n".join(textwrap.wrap(prompt, 34)[:4]), fill="black")
+        draw.multiline_text((x + 3, y + side + 2), "\n".join(textwrap.wrap(prompt, 34)[:5]), fill="black")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     grid.save(args.out)
     print(f"wrote {args.out}")
