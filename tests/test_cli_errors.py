@@ -225,7 +225,7 @@ def test_a_signal_while_sampling_exits_cleanly(tmp_path, sig, code, message):
     besides the bar, and neither the temp file nor the folders made for --out remain."""
     log = tmp_path / "stderr.txt"
     with log.open("w") as stderr:
-        process = start("generate", "--width", "64", "--height", "48", "--steps", "1000",
+        process = start("generate", "--model", "tiny-random", "--width", "64", "--height", "48", "--steps", "1000",
                         "--out", str(tmp_path / "new" / "deeper" / "x.png"), stderr=stderr)
         try:
             wait_for(lambda: re.search(r"\b[1-9]\d*/1000\b", log.read_text()), process)
