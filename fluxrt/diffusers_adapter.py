@@ -131,12 +131,6 @@ def check_flux_conversion(model: nn.Module) -> Callable[[], Flux]:
     return move
 
 
-def flux_from_diffusers(model: nn.Module) -> Flux:
-    """A diffusers FluxTransformer2DModel as a fluxrt.reference.Flux (checked whole first; the diffusers model is
-    consumed: its tensors move)."""
-    return check_flux_conversion(model)()
-
-
 class FastFluxTransformer(nn.Module):
     """Drop-in for diffusers' FluxTransformer2DModel (forward kwargs, return type, .config/.dtype/.device)."""
 

@@ -44,12 +44,6 @@ def quantize_weight(weight: Tensor) -> tuple[Tensor, Tensor]:
     return (w / scale[:, None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn), scale
 
 
-def require_fp8_tensor_cores(device: torch.device) -> None:
-    """W8A8 needs fp8 tensor cores on a GPU (sm_89+); the CPU runs torch's own kernel (fluxrt.devices' check)."""
-    devices.require_fp8_tensor_cores(device, "quantize='fp8' (W8A8)",
-                                     "use quantize='fp8-weight' (weight-only FP8) on this GPU")
-
-
 def scaled_mm_rowwise(x8: Tensor, x_scale: Tensor, weight: Tensor, weight_scale: Tensor, bias: Tensor | None,
                       out_dtype: torch.dtype) -> Tensor:
     """y = (x8 * x_scale) @ (weight * weight_scale)^T + bias for pre-quantized rows (e.g. from the fused
@@ -270,9 +264,9 @@ def quantize(model: nn.Module, modulation: bool = True, embedders: bool = False,
     Returns {"layers", "bytes_before", "bytes_after"}.
     """
     if activations == "fp8":
-        devices = {p.device for p in model.parameters()}
-        for device in devices:
-            require_fp8_tensor_cores(device)
+        for device in {p.device for p in model.parameters()}:
+            devices.require_fp8_tensor_cores(device, "quantize='fp8' (W8A8)",
+                                             "use quantize='fp8-weight' (weight-only FP8) on this GPU")
     before = model_bytes(model)
     names = [n for n, m in model.named_modules()
              if isinstance(m, nn.Linear) and _selected(n, modulation, embedders, final_layer)]
