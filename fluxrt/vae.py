@@ -8,10 +8,26 @@ What is fused (fluxrt.ops, backed by the C++/CUDA extension fluxrt._C):
 - the mid-attention q/k/v 1x1 convolutions as one convolution (one GEMM over the activations instead of three).
 Convolutions stay cuDNN/oneDNN: they are the FLOPs, and channels-last lets cuDNN pick its fastest NHWC kernels.
 
-Tiled decoding splits the latent into overlapping tiles, decodes each alone and blends the overlaps with linear
-ramps. GroupNorm statistics and the mid attention then see one tile instead of the whole image, so a tiled decode
-is close to, not equal to, the untiled one (tests/test_vae.py states the tolerance); it is used automatically only
-above `TILE_AUTO_LATENT_PIXELS` (2048x2048 images and larger) or on request, to bound peak memory.
+Tiles see their own GroupNorm statistics and attention, so a tiled decode is close to, not equal to, the untiled
+one (tests/test_vae.py states the tolerance). Two tilings:
+- fluxrt's (`tiled_decode`): overlapping tiles of `tile_latent`^2 latents (128: 1024^2 pixels) overlapping by
+  `tile_overlap` (32), each blended into one fp32 output with linear ramps as it is decoded: peak memory is one
+  tile's decode plus the output.
+- diffusers' (`diffusers_tiled`, AutoencoderKL.tiled_decode / _tiled_encode): tiles every
+  `tile_latent_min_size * (1 - tile_overlap_factor)` latents, each blended with the tile above and to the left over
+  `tile_sample_min_size * tile_overlap_factor` pixels, then cropped; every decoded tile is kept until the end.
+
+Who tiles when:
+- FastAutoEncoder (fluxrt.reference.AutoEncoder compiled): fluxrt's tiling, automatically above `tile_auto_pixels`
+  latent pixels (2 * 128^2: 2048x2048 images and larger are tiled, 1024^2 and 2048x1024 are not) to bound peak
+  memory; `tiling=True` always, `tiling=False` never.
+- FastAutoencoderKL (diffusers AutoencoderKL compiled) follows diffusers' contract: untiled at any size until
+  `enable_tiling()`, then diffusers' tiles, overlap and blending for decode and encode (its tiled decode to fp32
+  rounding), until `disable_tiling()`; the settings (use_tiling, use_slicing, tile_sample_min_size,
+  tile_latent_min_size, tile_overlap_factor) are carried over from the diffusers model at compile time and can be
+  changed on the compiled one as on diffusers'. `enable_tiling(method="fluxrt")` is the explicit option for
+  fluxrt's tiling of the decode (one blended output instead of every tile kept; encode stays diffusers' tiling).
+  `enable_slicing()` decodes and encodes one image of a batch at a time, as diffusers does.
 """
 
 from __future__ import annotations
@@ -25,6 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import ops
+from .diffusers_save import DiffusersStandIn, save_autoencoder
 from .reference.autoencoder import AttnBlock, AutoEncoder, AutoEncoderParams, Decoder, Encoder, ResnetBlock
 
 log = logging.getLogger("fluxrt")
@@ -96,20 +113,18 @@ class FastAutoEncoder(nn.Module):
 
     backend: "auto" (fluxrt._C where built, else the torch formulas, announced once) | "ext" | "torch".
     channels_last: convolutions and fused ops in NHWC (default: on CUDA).
-    tiling: "auto" (tile above `tile_auto_pixels` latent pixels) | True | False; tiles of `tile_latent`^2 latents
-    overlapping by `tile_overlap` (attributes, module defaults TILE_*).
+    tiling (also an attribute): "auto" (default: fluxrt's tiled decode above `tile_auto_pixels` latent pixels,
+    2048^2 images and up, to bound peak memory; smaller decodes are exact) | True (always tiled) | False (never);
+    tiles of `tile_latent`^2 latents overlapping by `tile_overlap` (attributes, module defaults TILE_*).
     """
 
     def __init__(self, ae: AutoEncoder, backend: str = "auto", channels_last: bool | None = None,
                  tiling: bool | str = "auto"):
         super().__init__()
-        if tiling not in ("auto", True, False):
-            raise ValueError(f"tiling must be 'auto', True or False, got {tiling!r}")
         device = next(ae.parameters()).device
         self.ae = ae
         self.backend = backend
         self.channels_last = device.type == "cuda" if channels_last is None else channels_last
-        self.tiling = tiling
         self.tile_latent, self.tile_overlap, self.tile_auto_pixels = TILE_LATENT, TILE_OVERLAP, TILE_AUTO_LATENT_PIXELS
         self.slicing = False  # decode one image of a batch at a time (diffusers' enable_slicing)
         self._fused_qkv: dict[int, tuple[tuple, Tensor, Tensor]] = {}  # id(AttnBlock) -> (its key, weight, bias)
@@ -119,6 +134,7 @@ class FastAutoEncoder(nn.Module):
         self._decoder = _decoder_stages(ae.decoder)
         self._encoder = _encoder_stages(ae.encoder)
         self.plan = self._describe(device)
+        self.tiling = tiling
 
     def _describe(self, device: torch.device) -> dict:
         fused = "torch formulas" if self.backend == "torch" else _fused_ops_description(device)
@@ -126,10 +142,22 @@ class FastAutoEncoder(nn.Module):
             "device": str(device),
             "ops": {"group_norm_silu": fused, "add_group_norm_silu": fused},
             "convolutions": "channels-last" if self.channels_last else "NCHW",
-            "tiling": f"auto (above {TILE_AUTO_LATENT_PIXELS} latent pixels: {TILE_LATENT}^2 tiles, {TILE_OVERLAP} "
-                      "overlap)",
+            "tiling": None,  # set with the tiling attribute
             "last_call": None,  # what the last encode/decode/forward ran: {op: sorted backends} (fluxrt.ops.trace)
         }
+
+    @property
+    def tiling(self) -> bool | str:
+        return self._tiling
+
+    @tiling.setter
+    def tiling(self, tiling: bool | str) -> None:
+        if tiling != "auto" and not isinstance(tiling, bool):
+            raise ValueError(f"tiling must be 'auto', True or False, got {tiling!r}")
+        self._tiling = tiling
+        tiles = f"fluxrt's {self.tile_latent}^2-latent tiles, {self.tile_overlap} overlap"
+        self.plan["tiling"] = {"auto": f"auto (above {self.tile_auto_pixels} latent pixels: {tiles})",
+                               True: f"on ({tiles})", False: "off"}[tiling]
 
     @property
     def params(self) -> AutoEncoderParams:
@@ -164,7 +192,7 @@ class FastAutoEncoder(nn.Module):
     def encode_moments(self, x: Tensor) -> Tensor:
         """[B, 3, H, W] -> [B, 2z, H/8, W/8] (mean | logvar), the encoder's raw output."""
         self._check(x, self.ae.params.in_channels, "images")
-        return self._run(self._encoder, self._format(x)).contiguous()
+        return self._encode_tile(x)
 
     @_records_last_call
     def decode_unscaled(self, z: Tensor) -> Tensor:
@@ -183,6 +211,9 @@ class FastAutoEncoder(nn.Module):
 
     def _decode_tile(self, z: Tensor) -> Tensor:
         return self._run(self._decoder, self._format(z)).contiguous()
+
+    def _encode_tile(self, x: Tensor) -> Tensor:
+        return self._run(self._encoder, self._format(x)).contiguous()
 
     def _check(self, x: Tensor, channels: int, what: str) -> None:
         weight = self.ae.decoder.conv_in.weight
@@ -318,15 +349,79 @@ def tiled_decode(decode, z: Tensor, tile: int, overlap: int, upscale: int) -> Te
     return (out / weight).to(z.dtype)
 
 
-class FastAutoencoderKL(nn.Module):
-    """Drop-in for a FLUX diffusers AutoencoderKL: decode/encode/forward with its kwargs and return types, .config,
-    .dtype, .device, enable/disable_tiling and _slicing. decode takes UNSCALED latents, as diffusers' does."""
+def diffusers_tiled(run, x: Tensor, tile: int, stride: int, blend: int, keep: int) -> Tensor:
+    """diffusers' AutoencoderKL tiling (tiled_decode and _tiled_encode, the same loop): `run` maps each input tile
+    x[..., i:i+tile, j:j+tile] (i, j every `stride`) to its output tile; each output tile, in place, is cross-faded
+    over its first `blend` rows with the tile above, then over its first `blend` columns with the tile to the left
+    (both already blended), cropped to `keep` x `keep` and the crops concatenated."""
+    rows = [[run(x[:, :, i:i + tile, j:j + tile]) for j in range(0, x.shape[3], stride)]
+            for i in range(0, x.shape[2], stride)]
+    out_rows = []
+    for i, row in enumerate(rows):
+        for j, current in enumerate(row):
+            if i > 0:
+                _cross_fade(rows[i - 1][j], current, blend, dim=2)
+            if j > 0:
+                _cross_fade(row[j - 1], current, blend, dim=3)
+        out_rows.append(torch.cat([current[:, :, :keep, :keep] for current in row], dim=3))
+    return torch.cat(out_rows, dim=2)
 
-    def __init__(self, fast: FastAutoEncoder, config):
+
+def _cross_fade(before: Tensor, current: Tensor, extent: int, dim: int) -> None:
+    """diffusers' blend_v (dim 2) / blend_h (dim 3), vectorized: over the first `extent` samples along `dim`,
+    current = before's last samples * (1 - y / extent) + current * (y / extent), in place. The weights are rounded
+    from float64, as diffusers' Python-float factors are, and applied in fp32 for fp32 tiles."""
+    extent = min(before.shape[dim], current.shape[dim], extent)
+    if extent == 0:
+        return
+    shape = [1, 1, 1, 1]
+    shape[dim] = extent
+    ramp = torch.arange(extent, dtype=torch.float64, device=current.device) / extent
+    compute = torch.promote_types(current.dtype, torch.float32)
+    fade_in, fade_out = ramp.to(compute).view(shape), (1 - ramp).to(compute).view(shape)
+    head = current.narrow(dim, 0, extent)
+    head.copy_(before.narrow(dim, before.shape[dim] - extent, extent) * fade_out + head * fade_in)
+
+
+# the diffusers AutoencoderKL attributes that say how it tiles and slices (diffusers' defaults: _diffusers_defaults)
+DIFFUSERS_TILING_STATE = ("use_tiling", "use_slicing", "tile_sample_min_size", "tile_latent_min_size",
+                          "tile_overlap_factor")
+TILING_METHODS = ("diffusers", "fluxrt")
+
+
+def _diffusers_defaults(config) -> dict:
+    """What AutoencoderKL.__init__ sets: untiled, unsliced, tiles of config.sample_size pixels, a quarter overlap."""
+    sample = config["sample_size"]
+    first = sample[0] if isinstance(sample, (list, tuple)) else sample
+    return {"use_tiling": False, "use_slicing": False, "tile_sample_min_size": sample,
+            "tile_latent_min_size": int(first / 2 ** (len(config["block_out_channels"]) - 1)),
+            "tile_overlap_factor": 0.25}
+
+
+class FastAutoencoderKL(DiffusersStandIn, nn.Module):
+    """Drop-in for a FLUX diffusers AutoencoderKL: decode/encode/forward with its kwargs and return types, .config,
+    .dtype, .device, save_pretrained (a diffusers folder: fluxrt.diffusers_save), and diffusers' tiling and slicing
+    contract (module docstring): use_tiling, use_slicing, tile_sample_min_size, tile_latent_min_size,
+    tile_overlap_factor, enable/disable_tiling, enable/disable_slicing. decode takes UNSCALED latents, as
+    diffusers' does.
+
+    `fast` must not tile by itself (tiling=False): this class tiles as diffusers does. `state`: the diffusers
+    model's tiling and slicing attributes (DIFFUSERS_TILING_STATE) to carry over; diffusers' defaults otherwise."""
+
+    diffusers_class_name = "AutoencoderKL"
+
+    def __init__(self, fast: FastAutoEncoder, config, state: dict | None = None):
         super().__init__()
+        if fast.tiling is not False:
+            raise ValueError(f"FastAutoencoderKL tiles as diffusers does; give it a FastAutoEncoder built with "
+                             f"tiling=False, not {fast.tiling!r}")
         self.fast = fast
         self.config = config
         self.plan = fast.plan  # the same dict: last_call stays current
+        for name, value in {**_diffusers_defaults(config), **(state or {})}.items():
+            setattr(self, name, value)
+        self.tiling_method = "diffusers"
+        self._describe_tiling()
 
     @property
     def dtype(self) -> torch.dtype:
@@ -336,35 +431,90 @@ class FastAutoencoderKL(nn.Module):
     def device(self) -> torch.device:
         return self.fast.ae.decoder.conv_in.weight.device
 
+    # --- diffusers' API ----------------------------------------------------------------------------------------
+    @_records_last_call
     def decode(self, z: Tensor, return_dict: bool = True, generator=None):
         from diffusers.models.autoencoders.vae import DecoderOutput
 
-        image = self.fast.decode_unscaled(z)
+        self.fast._check(z, self.fast.ae.params.z_channels, "latents")
+        if self.use_slicing and z.shape[0] > 1:
+            image = torch.cat([self._decode(one) for one in z.split(1)])
+        else:
+            image = self._decode(z)
         return DecoderOutput(sample=image) if return_dict else (image,)
 
+    @_records_last_call
     def encode(self, x: Tensor, return_dict: bool = True):
         from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKLOutput
         from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
-        posterior = DiagonalGaussianDistribution(self.fast.encode_moments(x))
+        self.fast._check(x, self.fast.ae.params.in_channels, "images")
+        if self.use_slicing and x.shape[0] > 1:
+            moments = torch.cat([self._encode(one) for one in x.split(1)])
+        else:
+            moments = self._encode(x)
+        posterior = DiagonalGaussianDistribution(moments)
         return AutoencoderKLOutput(latent_dist=posterior) if return_dict else (posterior,)
 
+    @_records_last_call
     def forward(self, sample: Tensor, sample_posterior: bool = False, return_dict: bool = True, generator=None):
         posterior = self.encode(sample).latent_dist
         z = posterior.sample(generator=generator) if sample_posterior else posterior.mode()
         return self.decode(z, return_dict=return_dict)
 
-    def enable_tiling(self, *args, **kwargs) -> None:
-        self.fast.tiling = True
+    def enable_tiling(self, method: str = "diffusers") -> None:
+        """Tile decode and encode as diffusers does; method="fluxrt": fluxrt's tiling of the decode instead (one
+        blended output, not every tile kept; module docstring)."""
+        if method not in TILING_METHODS:
+            raise ValueError(f"method must be one of {TILING_METHODS} (diffusers' tiling or fluxrt's), got {method!r}")
+        self.use_tiling, self.tiling_method = True, method
+        self._describe_tiling()
 
     def disable_tiling(self) -> None:
-        self.fast.tiling = "auto"
+        self.use_tiling = False
+        self._describe_tiling()
 
     def enable_slicing(self) -> None:
-        self.fast.slicing = True
+        self.use_slicing = True
 
     def disable_slicing(self) -> None:
-        self.fast.slicing = False
+        self.use_slicing = False
+
+    def save_pretrained(self, save_directory, safe_serialization: bool = True, variant: str | None = None,
+                        max_shard_size: int | str = "10GB") -> None:
+        """Write the diffusers AutoencoderKL folder that AutoencoderKL.from_pretrained loads (fluxrt.diffusers_save)."""
+        save_autoencoder(self, save_directory, safe_serialization, variant, max_shard_size)
+
+    # --- tiling -------------------------------------------------------------------------------------------------
+    def _describe_tiling(self) -> None:
+        if not self.use_tiling:
+            self.plan["tiling"] = "off (diffusers' contract: enable_tiling() turns it on)"
+        elif self.tiling_method == "fluxrt":
+            self.plan["tiling"] = (f"fluxrt's decode tiles ({self.fast.tile_latent}^2 latents, {self.fast.tile_overlap} "
+                                   "overlap); encode: diffusers' tiles")
+        else:
+            self.plan["tiling"] = "diffusers' (tile_sample_min_size, tile_latent_min_size, tile_overlap_factor)"
+
+    def _decode(self, z: Tensor) -> Tensor:
+        if not self.use_tiling:
+            return self.fast._decode_tile(z)
+        if self.tiling_method == "fluxrt":
+            return tiled_decode(self.fast._decode_tile, z, self.fast.tile_latent, self.fast.tile_overlap,
+                                upscale=self.fast.upscale)
+        if max(z.shape[-2:]) <= self.tile_latent_min_size:
+            return self.fast._decode_tile(z)
+        blend = int(self.tile_sample_min_size * self.tile_overlap_factor)
+        return diffusers_tiled(self.fast._decode_tile, z, self.tile_latent_min_size,
+                               int(self.tile_latent_min_size * (1 - self.tile_overlap_factor)), blend,
+                               self.tile_sample_min_size - blend)
+
+    def _encode(self, x: Tensor) -> Tensor:
+        if not self.use_tiling or max(x.shape[-2:]) <= self.tile_sample_min_size:
+            return self.fast._encode_tile(x)
+        blend = int(self.tile_latent_min_size * self.tile_overlap_factor)
+        return diffusers_tiled(self.fast._encode_tile, x, self.tile_sample_min_size,
+                               int(self.tile_sample_min_size * (1 - self.tile_overlap_factor)), blend,
+                               self.tile_latent_min_size - blend)
 
 
 def is_diffusers_autoencoder_kl(obj) -> bool:
@@ -442,9 +592,11 @@ def check_autoencoder(obj, backend: str = "auto") -> Callable[[], nn.Module]:
     vae_backend = "torch" if backend == "torch" else "auto"
     if is_diffusers_autoencoder_kl(obj):
         convert, config = check_autoencoder_conversion(obj), obj.config
+        state = {name: getattr(obj, name) for name in DIFFUSERS_TILING_STATE if hasattr(obj, name)}  # kept, not reset
 
         def build() -> nn.Module:
-            return _logged(FastAutoencoderKL(FastAutoEncoder(convert(), backend=vae_backend), config))
+            fast = FastAutoEncoder(convert(), backend=vae_backend, tiling=False)
+            return _logged(FastAutoencoderKL(fast, config, state))
 
         return build
     if not isinstance(obj, AutoEncoder):

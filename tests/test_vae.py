@@ -1,4 +1,5 @@
-"""The fast autoencoder (fluxrt.vae, via fluxrt.compile) vs the reference, its diffusers drop-in, tiled decoding."""
+"""The fast autoencoder (fluxrt.vae, via fluxrt.compile) vs the reference, its diffusers drop-in, fluxrt's tiled
+decoding (diffusers' tiling contract of the compiled AutoencoderKL: tests/test_vae_tiling.py)."""
 
 import copy
 
@@ -80,6 +81,10 @@ def test_input_errors():
         fluxrt.compile(small_ae(), attention="fp8")
     with pytest.raises(ValueError, match="tiling must be"):
         FastAutoEncoder(small_ae(), tiling="always")
+    fast = FastAutoEncoder(small_ae())
+    with pytest.raises(ValueError, match="tiling must be"):
+        fast.tiling = 1  # equal to True, but not a bool: refused, and the setting stays
+    assert fast.tiling == "auto" and fast.plan["tiling"].startswith("auto")
 
 
 def test_tiled_decode_blends_a_local_decoder_exactly():
@@ -113,7 +118,9 @@ def test_tiled_vs_untiled_autoencoder():
     err = rel_error(tiled, untiled)
     assert 0 < err <= 0.05, err
     fast.tiling = True
-    assert torch.equal(fast.decode(z), tiled)
+    assert torch.equal(fast.decode(z), tiled) and fast.plan["tiling"].startswith("on")
+    fast.tiling = False  # never, even above the threshold
+    assert torch.equal(fast.decode(z), untiled) and fast.plan["tiling"] == "off"
 
 
 @pytest.mark.parametrize("fade_in, fade_out", [(True, False), (False, True), (True, True)])
@@ -234,10 +241,6 @@ def test_compile_diffusers_autoencoder_kl(groups):
     assert torch.equal(tup, out.sample)
     assert rel_error(fast.encode(images).latent_dist.mean, want_mean) <= 1e-5
     assert rel_error(fast(images).sample, want_forward) <= 1e-5
-    fast.enable_tiling()
-    assert fast.fast.tiling is True
-    fast.disable_tiling()
-    assert fast.fast.tiling == "auto"
 
 
 def test_compile_rejects_a_non_flux_vae():
