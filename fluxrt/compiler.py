@@ -1,4 +1,4 @@
-"""fluxrt.compile: one call that accelerates a FLUX model, whichever of its five forms it comes in.
+"""fluxrt.compile: one call that accelerates a FLUX model, whichever of its forms it comes in.
 
     fast = fluxrt.compile(obj, quantize=None, backend="auto", cuda_graphs="auto", attention="bf16")
 
@@ -7,16 +7,22 @@ fluxrt.reference.Flux            fluxrt.transformer.FastFlux (the model's parame
 diffusers FluxTransformer2DModel fluxrt.diffusers_adapter.FastFluxTransformer (the diffusers model's tensors move)
 fluxrt.reference.AutoEncoder     fluxrt.vae.FastAutoEncoder (the weights shared)
 diffusers AutoencoderKL          fluxrt.vae.FastAutoencoderKL (the diffusers model's tensors move)
-diffusers FluxPipeline           the same pipeline, its transformer and VAE replaced by the two above
+diffusers FluxControlNetModel    fluxrt.controlnet.FastFluxControlNetModel (its trunk's tensors move)
+diffusers FluxMultiControlNetModel  the same object, each of its nets replaced by a FastFluxControlNetModel
+a diffusers FLUX pipeline        the same pipeline, its transformer, VAE and (if it has one) controlnet replaced by
+                                 the above. A FLUX pipeline is known by its components, not its class: a
+                                 FluxTransformer2DModel transformer and an AutoencoderKL vae (FluxPipeline, Img2Img,
+                                 Inpaint, Fill, Control*, ControlNet*, Kontext*, and later ones of that shape).
 
 Compile is atomic: the arguments and the whole conversion (keys, shapes, dtypes, devices, unknown modules and
 parameters) are checked before any tensor moves, so a compile that raises leaves obj exactly as it was. For a
-pipeline both conversions are checked before either moves.
+pipeline every component's conversion is checked before any moves.
 """
 
 from __future__ import annotations
 
 import logging
+import sys
 from collections.abc import Callable
 
 from torch import nn
@@ -26,8 +32,10 @@ from .devices import require_fp8_tensor_cores
 from .diffusers_adapter import (
     FastFluxTransformer,
     check_flux_conversion,
+    is_diffusers_controlnet,
     is_diffusers_flux,
-    is_diffusers_flux_pipeline,
+    is_diffusers_multi_controlnet,
+    is_diffusers_pipeline,
 )
 from .quantize import quantize as quantize_model
 from .reference import AutoEncoder, Flux
@@ -37,6 +45,10 @@ from .vae import FastAutoEncoder, FastAutoencoderKL, check_autoencoder, is_diffu
 log = logging.getLogger("fluxrt")
 
 _COMPILED = (FastFlux, FastFluxTransformer, FastAutoEncoder, FastAutoencoderKL)
+_FLUX_PIPELINES = ("FluxPipeline, FluxImg2ImgPipeline, FluxInpaintPipeline, FluxFillPipeline, "
+                   "FluxControlPipeline, FluxControlImg2ImgPipeline, FluxControlInpaintPipeline, "
+                   "FluxControlNetPipeline, FluxControlNetImg2ImgPipeline, FluxControlNetInpaintPipeline, "
+                   "FluxKontextPipeline, FluxKontextInpaintPipeline and others of that shape")
 
 
 def compile(obj, quantize: str | None = None, backend: str = "auto", cuda_graphs="auto",
@@ -57,24 +69,46 @@ def prepare(obj, quantize: str | None = None, backend: str = "auto", cuda_graphs
             attention: str = "bf16") -> Callable[[], nn.Module]:
     """compile's check phase: every check compile(obj, ...) makes, with obj left untouched; returns the move phase,
     the call that converts and builds the compiled model. A caller compiling several models as one step (a
-    pipeline's transformer and autoencoder) prepares all of them before building any."""
+    pipeline's transformer, autoencoder and ControlNet) prepares all of them before building any."""
     _check_arguments(quantize, backend, cuda_graphs, attention)
-    if is_diffusers_flux_pipeline(obj):
-        # both conversions checked before either moves: a VAE that cannot convert leaves the transformer as it was
-        build_transformer = _prepare_transformer(obj.transformer, quantize, backend, cuda_graphs, attention)
-        build_vae = _prepare_autoencoder(obj.vae, backend)
-
-        def build_pipeline():
-            obj.transformer, obj.vae = build_transformer(), build_vae()
-            return obj
-
-        return build_pipeline
+    if is_diffusers_pipeline(obj):
+        return _prepare_pipeline(obj, quantize, backend, cuda_graphs, attention)
     if isinstance(obj, AutoEncoder) or is_diffusers_autoencoder_kl(obj):
         for name, value, default in (("quantize", quantize, None), ("attention", attention, "bf16")):
             if value != default:
                 raise ValueError(f"{name}={value!r} applies to the transformer; the autoencoder runs in its own dtype")
         return _prepare_autoencoder(obj, backend)
+    if is_diffusers_controlnet(obj) or is_diffusers_multi_controlnet(obj) or _is_compiled_controlnet(obj):
+        if cuda_graphs is True:
+            raise ValueError("cuda_graphs=True applies to the transformer: a compiled ControlNet runs without CUDA "
+                             "graphs; leave cuda_graphs at 'auto' or False")
+        return _prepare_controlnet(obj, quantize, backend, attention)
     return _prepare_transformer(obj, quantize, backend, cuda_graphs, attention)
+
+
+def _prepare_pipeline(pipe, quantize, backend, cuda_graphs, attention) -> Callable[[], nn.Module]:
+    """A diffusers pipeline is a FLUX pipeline by its components, not its class: a FluxTransformer2DModel transformer
+    and an AutoencoderKL vae (and, in the ControlNet pipelines, a controlnet). All are checked before any moves, so a
+    component that cannot convert leaves the others as they were."""
+    components = pipe.components
+    transformer, vae = components.get("transformer"), components.get("vae")
+    if not (is_diffusers_flux(transformer) or isinstance(transformer, FastFluxTransformer)) or not (
+            is_diffusers_autoencoder_kl(vae) or isinstance(vae, FastAutoencoderKL)):
+        raise TypeError(f"fluxrt.compile accepts a diffusers pipeline whose transformer is a FluxTransformer2DModel "
+                        f"and whose vae is an AutoencoderKL ({_FLUX_PIPELINES}); this {type(pipe).__name__} has "
+                        f"transformer {type(transformer).__name__} and vae {type(vae).__name__}")
+    builds = {"transformer": _prepare_transformer(transformer, quantize, backend, cuda_graphs, attention),
+              "vae": _prepare_autoencoder(vae, backend)}
+    if "controlnet" in components:
+        builds["controlnet"] = _prepare_controlnet(components["controlnet"], quantize, backend, attention)
+
+    def build_pipeline():
+        built = {name: build() for name, build in builds.items()}
+        for name, module in built.items():
+            setattr(pipe, name, module)
+        return pipe
+
+    return build_pipeline
 
 
 def _check_arguments(quantize, backend, cuda_graphs, attention) -> None:
@@ -88,8 +122,14 @@ def _check_arguments(quantize, backend, cuda_graphs, attention) -> None:
         raise ValueError(f"attention must be 'bf16' or 'fp8', got {attention!r}")
 
 
+def _is_compiled_controlnet(obj) -> bool:
+    # fluxrt.controlnet imports diffusers: it is loaded only by compiling a ControlNet, so unloaded, none exists
+    controlnet = sys.modules.get(f"{__package__}.controlnet")
+    return controlnet is not None and isinstance(obj, controlnet.FastFluxControlNetModel)
+
+
 def _refuse_compiled(obj, what: str) -> None:
-    if isinstance(obj, _COMPILED):
+    if isinstance(obj, _COMPILED) or _is_compiled_controlnet(obj):
         raise TypeError(f"{what} is already compiled by fluxrt ({type(obj).__name__}): use it as it is; to compile "
                         "with other options, compile the original model again")
 
@@ -107,23 +147,61 @@ def _prepare_transformer(obj, quantize, backend, cuda_graphs, attention) -> Call
         convert, config = (lambda: obj), None
     else:
         raise TypeError(f"fluxrt.compile accepts a fluxrt.reference.Flux or AutoEncoder, a diffusers "
-                        f"FluxTransformer2DModel, AutoencoderKL or FluxPipeline; got {type(obj).__name__}")
+                        f"FluxTransformer2DModel, AutoencoderKL, FluxControlNetModel or FluxMultiControlNetModel, or "
+                        f"a diffusers FLUX pipeline ({_FLUX_PIPELINES}); got {type(obj).__name__}")
+    _check_device(device, quantize, attention)
+    if cuda_graphs is True and device.type != "cuda":
+        raise ValueError(f"cuda_graphs=True needs the model on a CUDA device; it is on {device}")
+    build_core = _core_builder(quantize, backend, device.type == "cuda" if cuda_graphs == "auto" else cuda_graphs,
+                               attention)
+
+    def build() -> nn.Module:
+        fast = build_core(convert())
+        return fast if config is None else FastFluxTransformer(fast, config)
+
+    return build
+
+
+def _check_device(device, quantize, attention) -> None:
     if quantize == "fp8":
         require_fp8_tensor_cores(device, "quantize='fp8' (W8A8)", "use quantize='fp8-weight' (weight-only FP8)")
     if attention == "fp8":
         require_fp8_tensor_cores(device, "attention='fp8'", "use attention='bf16'")
-    if cuda_graphs is True and device.type != "cuda":
-        raise ValueError(f"cuda_graphs=True needs the model on a CUDA device; it is on {device}")
-    graphs = device.type == "cuda" if cuda_graphs == "auto" else cuda_graphs
 
-    def build() -> nn.Module:
-        flux = convert()
+
+def _core_builder(quantize, backend, graphs: bool, attention) -> Callable[[Flux], FastFlux]:
+    """flux -> FastFlux as compile's options ask (quantized first when asked)."""
+
+    def build_core(flux: Flux) -> FastFlux:
         if quantize is not None:
             quantize_model(flux, backend=backend, activations="fp8" if quantize == "fp8" else "bf16")
         fast = FastFlux(flux, backend=backend, cuda_graphs=graphs, attention=attention)
         log.info("fluxrt.compile plan: %s", fast.plan)
-        return fast if config is None else FastFluxTransformer(fast, config)
+        return fast
 
+    return build_core
+
+
+def _prepare_controlnet(obj, quantize, backend, attention) -> Callable[[], nn.Module]:
+    """A FluxControlNetModel (compiled to a FastFluxControlNetModel) or a FluxMultiControlNetModel (its nets
+    compiled in place), with the transformer's quantize, backend and attention; checked first, as the transformer."""
+    _refuse_compiled(obj, "the ControlNet")
+    if is_diffusers_multi_controlnet(obj):
+        from .controlnet import prepare_multi_controlnet
+
+        return prepare_multi_controlnet(obj, lambda net: _prepare_one_controlnet(net, quantize, backend, attention))
+    return _prepare_one_controlnet(obj, quantize, backend, attention)
+
+
+def _prepare_one_controlnet(obj, quantize, backend, attention) -> Callable[[], nn.Module]:
+    _refuse_compiled(obj, "the ControlNet")
+    if not is_diffusers_controlnet(obj):
+        raise TypeError(f"fluxrt.compile compiles a FLUX pipeline's controlnet when it is a diffusers "
+                        f"FluxControlNetModel or a FluxMultiControlNetModel of them; got {type(obj).__name__}")
+    from .controlnet import prepare_controlnet
+
+    build = prepare_controlnet(obj, quantize, backend, attention, _core_builder(quantize, backend, False, attention))
+    _check_device(next(obj.parameters()).device, quantize, attention)  # parameters checked real by prepare_controlnet
     return build
 
 

@@ -78,11 +78,12 @@ def _conversion_error(err: CheckpointError, what: str) -> CheckpointError:
 
 
 class _Consuming(Mapping):
-    """A checked model's parameters by state-dict key; reading one detaches it from the model (the move phase)."""
+    """A checked model's parameters by state-dict key (all of them, or `keys`); reading one detaches it from the
+    model (the move phase)."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, keys: list[str] | None = None):
         self._model = model
-        self._keys = list(model.state_dict().keys())
+        self._keys = list(model.state_dict().keys()) if keys is None else list(keys)
         self._keyset = set(self._keys)
 
     def __getitem__(self, key: str) -> Tensor:
@@ -111,24 +112,57 @@ def check_flux_conversion(model: nn.Module) -> Callable[[], Flux]:
         config = FluxConfig.from_diffusers(dict(model.config))
     except (TypeError, ValueError) as err:
         raise CheckpointError(f"this {what}'s config is not a FLUX.1 transformer's: {err}") from None
+    return check_conversion(model, config, what)
+
+
+def check_conversion(model: nn.Module, config: FluxConfig, what: str, kept: tuple[str, ...] = (),
+                     final_layer: bool = True) -> Callable[[], Flux]:
+    """check_flux_conversion for any diffusers model holding a FLUX transformer: the parameters under the `kept`
+    prefixes are left out of the conversion (the model's own layers, which its compiled form calls as they are);
+    final_layer=False converts a trunk without the output layer (a ControlNet's). Checked on meta tensors first;
+    the move detaches only the converted parameters."""
     meta = check_diffusers_parameters(model, what)
+    keys = [k for k in meta if not k.startswith(kept)]
     try:
-        converted = diffusers_to_bfl(meta)
+        converted = diffusers_to_bfl({k: meta[k] for k in keys})
     except CheckpointError as err:
         raise _conversion_error(err, what) from None
-    with torch.device("meta"):
-        flux = Flux(config)
-    check_fits(flux, converted, what)
+    check_fits(_meta_flux(config, final_layer), converted, what)
     dtype = next(iter(meta.values())).dtype
 
     def move() -> Flux:
-        state_dict = diffusers_to_bfl(_Consuming(model))
-        with torch.device("meta"):
-            flux = Flux(config)
+        state_dict = diffusers_to_bfl(_Consuming(model, keys))
+        flux = _meta_flux(config, final_layer)
         flux.load_state_dict(state_dict, strict=True, assign=True)
         return flux.to(dtype).requires_grad_(False).eval()
 
     return move
+
+
+def _meta_flux(config: FluxConfig, final_layer: bool) -> Flux:
+    with torch.device("meta"):
+        flux = Flux(config)
+    if not final_layer:
+        flux.final_layer = None  # a ControlNet's trunk: its blocks' outputs are its result
+    return flux
+
+
+def check_joint_attention_kwargs(joint_attention_kwargs: dict | None) -> None:
+    """NotImplementedError for what diffusers passes to attention processors (fluxrt runs its own attention)."""
+    kwargs = dict(joint_attention_kwargs or {})
+    if kwargs.pop("scale", 1.0) != 1.0:
+        raise NotImplementedError("joint_attention_kwargs['scale'] (a LoRA scale) is not supported by fluxrt's "
+                                  "compiled models: fuse the LoRA into the weights before fluxrt.compile")
+    if kwargs:
+        raise NotImplementedError(f"joint_attention_kwargs {sorted(kwargs)} are not supported by fluxrt's compiled "
+                                  "models (IP-Adapter and custom attention processors included)")
+
+
+def per_sample(value: Tensor | None, batch: int) -> Tensor | None:
+    """diffusers' timestep / guidance, which may be one value for the whole batch, as BFL's [B]."""
+    if value is None or value.numel() != 1:
+        return value
+    return value.reshape(-1).expand(batch)
 
 
 class FastFluxTransformer(nn.Module):
@@ -157,22 +191,15 @@ class FastFluxTransformer(nn.Module):
                 timestep: Tensor = None, img_ids: Tensor = None, txt_ids: Tensor = None, guidance: Tensor = None,
                 joint_attention_kwargs: dict | None = None, controlnet_block_samples=None,
                 controlnet_single_block_samples=None, return_dict: bool = True, controlnet_blocks_repeat: bool = False):
-        if controlnet_block_samples is not None or controlnet_single_block_samples is not None:
-            raise NotImplementedError("fluxrt's compiled transformer does not take ControlNet residuals; "
-                                      "run the ControlNet pipeline on the uncompiled model")
-        kwargs = dict(joint_attention_kwargs or {})
-        if kwargs.pop("scale", 1.0) != 1.0:
-            raise NotImplementedError("joint_attention_kwargs['scale'] (a LoRA scale) is not supported by fluxrt's "
-                                      "compiled transformer: fuse the LoRA into the weights before fluxrt.compile")
-        if kwargs:
-            raise NotImplementedError(f"joint_attention_kwargs {sorted(kwargs)} are not supported by fluxrt's "
-                                      "compiled transformer (IP-Adapter and custom attention processors included)")
+        check_joint_attention_kwargs(joint_attention_kwargs)
         batch = hidden_states.shape[0]
         out = self.fast(
             img=hidden_states, img_ids=img_ids, txt=encoder_hidden_states, txt_ids=txt_ids,
-            timesteps=timestep.reshape(-1).expand(batch) if timestep.numel() == 1 else timestep, y=pooled_projections,
-            guidance=(guidance.reshape(-1).expand(batch) if guidance is not None and guidance.numel() == 1 else guidance)
-            if self.fast.model.params.guidance_embed else None,
+            timesteps=per_sample(timestep, batch), y=pooled_projections,
+            guidance=per_sample(guidance, batch) if self.fast.model.params.guidance_embed else None,
+            controlnet_block_samples=controlnet_block_samples,
+            controlnet_single_block_samples=controlnet_single_block_samples,
+            controlnet_blocks_repeat=controlnet_blocks_repeat,
         )
         if not return_dict:
             return (out,)
@@ -185,5 +212,15 @@ def is_diffusers_flux(obj) -> bool:
     return type(obj).__name__ == "FluxTransformer2DModel" and type(obj).__module__.startswith("diffusers")
 
 
-def is_diffusers_flux_pipeline(obj) -> bool:
-    return type(obj).__name__ == "FluxPipeline" and type(obj).__module__.startswith("diffusers")
+def is_diffusers_controlnet(obj) -> bool:
+    return type(obj).__name__ == "FluxControlNetModel" and type(obj).__module__.startswith("diffusers")
+
+
+def is_diffusers_multi_controlnet(obj) -> bool:
+    return type(obj).__name__ == "FluxMultiControlNetModel" and type(obj).__module__.startswith("diffusers")
+
+
+def is_diffusers_pipeline(obj) -> bool:
+    """Any diffusers DiffusionPipeline (by class, without importing diffusers): fluxrt.compile then decides by its
+    components whether it is a FLUX pipeline it can compile."""
+    return any(c.__name__ == "DiffusionPipeline" and c.__module__.startswith("diffusers") for c in type(obj).__mro__)

@@ -282,12 +282,19 @@ class FastFlux(nn.Module):
         }
 
     def forward(self, img: Tensor, img_ids: Tensor, txt: Tensor, txt_ids: Tensor, timesteps: Tensor, y: Tensor,
-                guidance: Tensor | None = None) -> Tensor:
+                guidance: Tensor | None = None, controlnet_block_samples=None, controlnet_single_block_samples=None,
+                controlnet_blocks_repeat: bool = False) -> Tensor:
+        """BFL's forward; the controlnet_* arguments are a ControlNet's residuals with diffusers' meaning
+        (controlnet_residuals). A call with residuals runs eagerly, not through a CUDA graph."""
         kwargs = dict(img=img, img_ids=img_ids, txt=txt, txt_ids=txt_ids, timesteps=timesteps, y=y, guidance=guidance)
+        residuals = controlnet_residuals(self.model, img, controlnet_block_samples, controlnet_single_block_samples,
+                                         controlnet_blocks_repeat)
+        if residuals is not None:
+            kwargs["residuals"] = residuals
         if torch.compiler.is_compiling():  # traced into a graph: nothing is recorded at run time
             return self._forward(**kwargs)
         with ops.trace() as ran:
-            if self.graphs is not None and img.is_cuda:
+            if self.graphs is not None and img.is_cuda and residuals is None:
                 self.model._check_inputs(img, img_ids, txt, txt_ids, timesteps, y, guidance)  # errors before capture
                 out = self.graphs(**kwargs)
             else:
@@ -297,22 +304,99 @@ class FastFlux(nn.Module):
         return out
 
     def _forward(self, img: Tensor, img_ids: Tensor, txt: Tensor, txt_ids: Tensor, timesteps: Tensor, y: Tensor,
-                 guidance: Tensor | None = None) -> Tensor:
+                 guidance: Tensor | None = None, residuals: "ControlNetResiduals | None" = None) -> Tensor:
         m = self.model
         img_ids, txt_ids = m._check_inputs(img, img_ids, txt, txt_ids, timesteps, y, guidance)
-        img = m.img_in(img)
-        vec = m.time_in(timestep_embedding(timesteps, 256).to(img.dtype))
-        if m.params.guidance_embed:
-            vec = vec + m.guidance_in(timestep_embedding(guidance, 256).to(img.dtype))
-        vec = vec + m.vector_in(y)
-        txt = m.txt_in(txt)
-        cos, sin = ops.rope_cos_sin(m.pe_embedder(torch.cat((txt_ids, img_ids), dim=1)))
+        img, txt = m.img_in(img), m.txt_in(txt)
+        vec, mods, cos, sin = self.conditioning(timesteps, y, guidance, txt_ids, img_ids, img.dtype)
+        img = self.run_blocks(img, txt, mods, cos, sin, after_block=residuals)
+        return m.final_layer(img, vec)
 
-        mods = iter(self.modulation(F.silu(vec)).split(self.mod_sizes, dim=1)) if self.modulation else iter(())
-        for block in m.double_blocks:
+    def conditioning(self, timesteps: Tensor, y: Tensor, guidance: Tensor | None, txt_ids: Tensor, img_ids: Tensor,
+                     dtype: torch.dtype) -> tuple[Tensor, list[Tensor], Tensor, Tensor]:
+        """What every block reads besides the token streams: vec [B, C], the blocks' modulation vectors (in block
+        order, from one batched GEMV), and RoPE's cos, sin for the joint sequence cat(txt_ids, img_ids) [B, S, 3]."""
+        m = self.model
+        vec = m.time_in(timestep_embedding(timesteps, 256).to(dtype))
+        if m.params.guidance_embed:
+            vec = vec + m.guidance_in(timestep_embedding(guidance, 256).to(dtype))
+        vec = vec + m.vector_in(y)
+        cos, sin = ops.rope_cos_sin(m.pe_embedder(torch.cat((txt_ids, img_ids), dim=1)))
+        mods = list(self.modulation(F.silu(vec)).split(self.mod_sizes, dim=1)) if self.modulation else []
+        return vec, mods, cos, sin
+
+    def run_blocks(self, img: Tensor, txt: Tensor, mods: list[Tensor], cos: Tensor, sin: Tensor,
+                   after_block=None) -> Tensor:
+        """The double then the single blocks; returns the image tokens [B, L, C]. after_block(kind, index, tokens),
+        kind "double" | "single", sees each block's image tokens (for a single block a view into the joint stream)
+        and may add to them in place before the next block reads them: where ControlNet residuals go in and a
+        ControlNet's own block outputs come out."""
+        mods = iter(mods)
+        for index, block in enumerate(self.model.double_blocks):
             img, txt = double_block_forward(block, img, txt, next(mods), next(mods), cos, sin, self.backend,
                                             self.fp8_attention_rows, self.fp8_attention)
+            if after_block is not None:
+                after_block("double", index, img)
+        T = txt.shape[1]
         x = torch.cat((txt, img), dim=1)
-        for block in m.single_blocks:
+        for index, block in enumerate(self.model.single_blocks):
             x = single_block_forward(block, x, next(mods), cos, sin, self.backend, self.fp8_attention)
-        return m.final_layer(x[:, txt.shape[1] :], vec)
+            if after_block is not None:
+                after_block("single", index, x[:, T:])
+        return x[:, T:]
+
+
+class ControlNetResiduals:
+    """A ControlNet's residuals resolved per block: after_block adds them to the image tokens in place (the sum
+    diffusers' FluxTransformer2DModel computes out of place, same values)."""
+
+    def __init__(self, double: list[Tensor] | None, single: list[Tensor] | None):
+        self.samples = {"double": double, "single": single}
+
+    def __call__(self, kind: str, index: int, tokens: Tensor) -> None:
+        samples = self.samples[kind]
+        if samples is not None:
+            tokens += samples[index]
+
+
+def _per_block(samples, count: int, name: str, repeat: bool, expected: tuple[int, ...], dtype: torch.dtype,
+               device: torch.device) -> list[Tensor] | None:
+    """diffusers' rule for which of `samples` follows each of `count` blocks: samples[i // interval] with
+    interval = ceil(count / len(samples)), or samples[i % len(samples)] with controlnet_blocks_repeat (XLabs).
+    Like diffusers, samples beyond what the rule reaches are not used."""
+    if samples is None:
+        return None
+    if not isinstance(samples, (list, tuple)) or not samples:
+        raise ValueError(f"{name} must be a non-empty list of tensors (a ControlNet's output), got "
+                         f"{type(samples).__name__}{' (empty)' if isinstance(samples, (list, tuple)) else ''}")
+    for i, sample in enumerate(samples):
+        if not isinstance(sample, Tensor) or tuple(sample.shape) != expected:
+            got = tuple(sample.shape) if isinstance(sample, Tensor) else type(sample).__name__
+            raise ValueError(f"{name}[{i}] must be the image tokens' shape [B, L, hidden] = {list(expected)}, got "
+                             f"{got}: the ControlNet's inputs must match the transformer's (batch, image size)")
+        if sample.dtype != dtype or sample.device != device:
+            raise ValueError(f"{name}[{i}] is {sample.dtype} on {sample.device}; the transformer runs {dtype} on "
+                             f"{device}: run the ControlNet in the transformer's dtype and device")
+    if repeat:
+        return [samples[i % len(samples)] for i in range(count)]
+    interval = -(-count // len(samples))  # ceil, as diffusers' int(np.ceil(count / len(samples)))
+    return [samples[i // interval] for i in range(count)]
+
+
+def controlnet_residuals(model: Flux, img: Tensor, block_samples, single_block_samples,
+                         blocks_repeat: bool = False) -> ControlNetResiduals | None:
+    """Check a ControlNet's residuals for `model` and resolve them per block (None when there are none).
+    controlnet_blocks_repeat applies to the double blocks only, as in diffusers."""
+    if block_samples is None and single_block_samples is None:
+        return None
+    if not isinstance(blocks_repeat, bool):
+        raise ValueError(f"controlnet_blocks_repeat must be True or False, got {blocks_repeat!r}")
+    if img.ndim != 3:
+        raise ValueError(f"img must be [B, L, {model.in_channels}] packed latents, got {tuple(img.shape)}")
+    expected = (*img.shape[:2], model.hidden_size)
+    dtype, device = model.img_in.bias.dtype, model.img_in.bias.device
+    double = _per_block(block_samples, len(model.double_blocks), "controlnet_block_samples", blocks_repeat, expected,
+                        dtype, device)
+    single = _per_block(single_block_samples, len(model.single_blocks), "controlnet_single_block_samples", False,
+                        expected, dtype, device)
+    return ControlNetResiduals(double, single)

@@ -234,7 +234,7 @@ def test_diffusers_model_triton_backend_and_fp8_weight():
 def test_diffusers_unsupported_kwargs_are_refused():
     model, x = diffusers_model_and_inputs(seed=13)
     fast = fluxrt.compile(model, backend="torch")
-    with pytest.raises(NotImplementedError, match="ControlNet"):
+    with pytest.raises(ValueError, match=r"controlnet_block_samples\[0\] must be the image tokens. shape"):
         fast(**x, controlnet_block_samples=[torch.zeros(1)])
     with pytest.raises(NotImplementedError, match="LoRA scale"):
         fast(**x, joint_attention_kwargs={"scale": 0.5})
