@@ -1,11 +1,13 @@
 """fluxrt command line.
 
-  fluxrt generate [--model PATH|tiny-random] --prompt TEXT --width W --height H --steps N --guidance G --seed S
-                  --out FILE.png [--quantize fp8|fp8-weight] [--no-compile] [--compare-reference]
+  fluxrt generate [--model PATH|tiny|tiny-random] --prompt TEXT --width W --height H --steps N --guidance G
+                  [--negative-prompt TEXT --true-cfg-scale S] --seed S --out FILE.png [--quantize fp8|fp8-weight]
+                  [--no-compile] [--compare-reference]
   fluxrt bench ...   per-step latency of the transformer, diffusers vs fluxrt (fluxrt.bench)
 
-The default model, tiny-random, is built in process with random weights (nothing to download): tiny on a CPU,
-flux-dev's real widths on a GPU. Errors print one line, `fluxrt: error: ...`, and exit 2 (--debug adds the
+The default model, tiny, is the embedded teaching-size FLUX trained on coloured shapes (fluxrt/weights/tiny, 64x64,
+nothing to download); tiny-random is built in process with random weights: tiny on a CPU, flux-dev's real widths on
+a GPU. Errors print one line, `fluxrt: error: ...`, and exit 2 (--debug adds the
 traceback). Ctrl-C exits 130, SIGTERM 143; either way no partial output file is left behind.
 """
 
@@ -224,6 +226,10 @@ def _add_generate(sub) -> None:
     g.add_argument("--height", type=int, help="pixels, a multiple of 16 (default: as --width)")
     g.add_argument("--steps", type=int, help="denoising steps (default: the model's; dev 28, schnell 4, tiny 20)")
     g.add_argument("--guidance", type=float, help="distilled guidance (default: dev 3.5; schnell has none)")
+    g.add_argument("--negative-prompt", help="true classifier-free guidance's negative prompt (\"\" for the "
+                                            "unconditional one; default: the model's, tiny \"\")")
+    g.add_argument("--true-cfg-scale", type=float, help="true classifier-free guidance, two passes a step (default: "
+                                                        "the model's; 1, off, for FLUX.1; tiny 3)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--out", type=Path, default=Path("out.png"), help="PNG path (written whole or not at all)")
     g.add_argument("--quantize", choices=["fp8", "fp8-weight"], help="fp8: W8A8 (sm_89+ GPU); fp8-weight: weights")
@@ -258,6 +264,8 @@ def _check_request(args, device: torch.device) -> None:
     validation.check_seed(args.seed, "--seed")
     if args.guidance is not None:
         validation.check_guidance(args.guidance, "--guidance")
+    if args.true_cfg_scale is not None:
+        validation.check_true_cfg_scale(args.true_cfg_scale, "--true-cfg-scale")
 
 
 def _check_model(args) -> None:
@@ -357,7 +365,8 @@ def _run_generate(args, tmp: Path) -> None:
     compile = not args.no_compile
     pipe = _build_pipeline(args, compile=compile and not args.compare_reference)
     call = dict(prompt=DEFAULT_PROMPT if args.prompt is None else args.prompt, width=args.width, height=args.height,
-                num_steps=args.steps, guidance=args.guidance, seed=args.seed)
+                num_steps=args.steps, guidance=args.guidance, seed=args.seed, negative_prompt=args.negative_prompt,
+                true_cfg_scale=args.true_cfg_scale)
     columns = {}
     if args.compare_reference:
         reference_image, columns["reference"] = _timed(pipe, call)

@@ -35,11 +35,13 @@ from .validation import (
     check_guidance,
     check_image_count,
     check_images_per_prompt,
+    check_negative_prompt,
     check_pipeline_options,
     check_prompt,
     check_seeds,
     check_size,
     check_steps,
+    check_true_cfg_scale,
 )
 
 logger = logging.getLogger("fluxrt")  # the library's one logger (fluxrt.loading's too): what the CLI shows
@@ -84,6 +86,10 @@ class FluxPipeline:
         self.default_steps = defaults.get("num_steps", 28 if self.config.guidance_embed else 4)
         self.default_size = (defaults.get("width", 1024), defaults.get("height", 1024))
         self.default_guidance = 3.5 if self.config.guidance_embed else None
+        # true classifier-free guidance: off unless asked for, or unless the model's folder asks for it (the tiny
+        # model, trained with caption dropout and no distilled guidance, draws its prompts far better with it)
+        self.default_true_cfg_scale = defaults.get("true_cfg_scale", 1.0)
+        self.default_negative_prompt = defaults.get("negative_prompt")
         self.plan = None  # what fluxrt.compile chose, once compiled
         self._lock = threading.RLock()
         if compile:
@@ -144,7 +150,8 @@ class FluxPipeline:
     def __call__(self, prompt: str | Sequence[str], width: int | None = None, height: int | None = None,
                  num_steps: int | None = None, guidance: float | None = None, seed: int | Sequence[int] | None = 0,
                  num_images_per_prompt: int = 1, output_type: str = "pil", progress: bool | None = None,
-                 callback: Callable[[int, int], None] | None = None):
+                 callback: Callable[[int, int], None] | None = None, negative_prompt: str | Sequence[str] | None = None,
+                 true_cfg_scale: float | None = None):
         """Images for `prompt` (a string or a list): a list of PIL images, or with output_type="pt" a float tensor
         [N, 3, H, W] in [0, 1] on the CPU. N = prompts x num_images_per_prompt, grouped by prompt.
 
@@ -153,6 +160,11 @@ class FluxPipeline:
         seed); a list gives one seed per image; None draws a random int seed and logs it (INFO, logger
         "fluxrt") so the images can be made again. num_steps / guidance default to the model's (dev 28 /
         3.5; schnell 4 / none: schnell has no guidance input and ignores it). callback(step, total) after each step.
+        true_cfg_scale > 1 with a negative_prompt ("" for the unconditional prompt; a string for all prompts or one
+        per prompt) runs true classifier-free guidance as diffusers' FluxPipeline does: two transformer passes a
+        step, negative + scale * (prompt - negative). Both default to the model's (off for FLUX.1; the tiny model
+        3 with ""); a scale > 1 without any negative prompt is an error, a negative prompt at scale 1 is ignored
+        with a warning.
         Limits (fluxrt.validation): MAX_STEPS, MAX_PIXELS per image, MAX_IMAGES_PER_CALL. Every argument is checked
         before any work. A prompt longer than the text encoders read is cut, with a warning naming what was dropped.
         NaN or inf latents or pixels raise fluxrt.NonFiniteError instead of returning a broken image.
@@ -168,6 +180,7 @@ class FluxPipeline:
             logger.info("seed=None: drew seed %d (image k gets %d + k); pass seed=%d to make these images again",
                         seeds[0], seeds[0], seeds[0])
         guidance = self.resolve_guidance(guidance)
+        negatives, cfg_scale = self.resolve_true_cfg(negative_prompt, true_cfg_scale, len(prompts))
         if output_type not in ("pil", "pt"):
             raise ValueError(f"output_type must be 'pil' or 'pt', got {output_type!r}")
         progress = self.progress if progress is None else check_flag(progress, "progress")
@@ -176,7 +189,11 @@ class FluxPipeline:
         with self._lock, torch.inference_mode():
             txt, vec = self.encode_prompt(prompts)
             txt, vec = txt.repeat_interleave(per_prompt, 0), vec.repeat_interleave(per_prompt, 0)
-            images = self._denoise_and_decode(txt, vec, width, height, num_steps, guidance, seeds, progress, callback)
+            negative = None
+            if negatives is not None:
+                negative = tuple(f.repeat_interleave(per_prompt, 0) for f in self.encode_prompt(negatives))
+            images = self._denoise_and_decode(txt, vec, width, height, num_steps, guidance, seeds, progress, callback,
+                                              negative, cfg_scale)
         return images if output_type == "pt" else to_pil(images)
 
     def resolve_guidance(self, guidance) -> float | None:
@@ -187,6 +204,23 @@ class FluxPipeline:
         if not self.config.guidance_embed:
             return None
         return self.default_guidance if guidance is None else guidance
+
+    def resolve_true_cfg(self, negative_prompt, true_cfg_scale, num_prompts: int) -> tuple[list[str] | None, float]:
+        """(one negative prompt per prompt, or None when true CFG is off; the scale) a call runs with."""
+        scale = check_true_cfg_scale(self.default_true_cfg_scale if true_cfg_scale is None else true_cfg_scale)
+        if negative_prompt is None:
+            negative_prompt = self.default_negative_prompt
+        if negative_prompt is None:
+            if scale > 1:
+                raise ValueError(f"true_cfg_scale={scale:g} needs a negative_prompt to guide away from: pass "
+                                 "negative_prompt=\"\" for the unconditional prompt, or true_cfg_scale=1 to turn it off")
+            return None, scale
+        negatives = check_negative_prompt(negative_prompt, num_prompts)
+        if scale == 1:
+            logger.warning("negative_prompt is ignored at true_cfg_scale=1 (true classifier-free guidance is off); "
+                           "pass true_cfg_scale > 1 to use it")
+            return None, scale
+        return negatives, scale
 
     def encode_prompt(self, prompts: Sequence[str]) -> tuple[Tensor, Tensor]:
         """(T5 last_hidden_state [N, 512|256, 4096], CLIP pooler_output [N, 768]) in the transformer's dtype."""
@@ -222,7 +256,9 @@ class FluxPipeline:
                                ", ".join(cut), _shorten(prompt))
 
     def _denoise_and_decode(self, txt: Tensor, vec: Tensor, width: int, height: int, num_steps: int,
-                            guidance: float | None, seeds: list[int], progress: bool, callback) -> Tensor:
+                            guidance: float | None, seeds: list[int], progress: bool, callback,
+                            negative: tuple[Tensor, Tensor] | None = None, cfg_scale: float = 1.0) -> Tensor:
+        """negative: the negative prompts' (txt, vec), one row per image, for true CFG at cfg_scale; None: off."""
         from tqdm.auto import tqdm
 
         batch = txt.shape[0]
@@ -236,7 +272,8 @@ class FluxPipeline:
                 if callback is not None:
                     callback(step, total)
 
-            latents = sampling.denoise(self.transformer, img, img_ids, txt, txt_ids, vec, timesteps,
+            model = self.transformer if negative is None else sampling.true_cfg(self.transformer, *negative, cfg_scale)
+            latents = sampling.denoise(model, img, img_ids, txt, txt_ids, vec, timesteps,
                                        guidance=guidance, callback=step_done)  # NonFiniteError names the step
         image = self.autoencoder.decode(sampling.unpack(latents, height, width).to(self.vae_dtype))
         image = image.float()
@@ -270,16 +307,27 @@ def _shorten(text: str, keep: int = 60) -> str:
 
 
 SAMPLING_KEY = "_fluxrt_sampling"  # model_index.json: a model's own defaults (diffusers ignores "_" keys)
-SAMPLING_FIELDS = ("num_steps", "max_sequence_length", "width", "height")
+INT_SAMPLING_FIELDS = ("num_steps", "max_sequence_length", "width", "height")
+SAMPLING_FIELDS = INT_SAMPLING_FIELDS + ("true_cfg_scale", "negative_prompt")
 
 
 def check_sampling_defaults(defaults, where: str) -> dict:
-    """A model's sampling defaults: a dict of positive ints under SAMPLING_FIELDS (width/height multiples of 16)."""
+    """A model's sampling defaults: a dict of some of SAMPLING_FIELDS: positive ints (width/height multiples of 16),
+    true_cfg_scale a number >= 1, negative_prompt a string."""
+    ints = {k: v for k, v in defaults.items() if k in INT_SAMPLING_FIELDS} if isinstance(defaults, dict) else {}
     if not isinstance(defaults, dict) or set(defaults) - set(SAMPLING_FIELDS) or not all(
-            isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in defaults.values()):
-        raise CheckpointError(f"{where} must map some of {SAMPLING_FIELDS} to positive ints, got {defaults!r}")
-    check_steps(defaults.get("num_steps", 1))
-    check_size(defaults.get("width", 1024), defaults.get("height", 1024))
+            isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in ints.values()):
+        raise CheckpointError(f"{where} must map some of {SAMPLING_FIELDS} to values (positive ints; true_cfg_scale a "
+                              f"number >= 1; negative_prompt a string), got {defaults!r}")
+    try:
+        check_steps(defaults.get("num_steps", 1))
+        check_size(defaults.get("width", 1024), defaults.get("height", 1024))
+        check_true_cfg_scale(defaults.get("true_cfg_scale", 1.0))
+        check_prompt(defaults.get("negative_prompt", ""), "negative_prompt")
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"{where}: {err}") from None
+    if not isinstance(defaults.get("negative_prompt", ""), str):
+        raise CheckpointError(f"{where}: negative_prompt must be one string, got {defaults['negative_prompt']!r}")
     return defaults
 
 

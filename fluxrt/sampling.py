@@ -105,6 +105,24 @@ def get_schedule(
     return timesteps
 
 
+def true_cfg(model: Callable[..., Tensor], negative_txt: Tensor, negative_vec: Tensor,
+             scale: float) -> Callable[..., Tensor]:
+    """`model` with true classifier-free guidance (diffusers' true_cfg_scale): each call runs the model twice, with
+    the prompt and with the negative prompt's features (negative_txt [B, T, C], negative_vec [B, V]), and returns
+    negative + scale * (positive - negative), in fp32. Two passes as diffusers runs them, not one of twice the batch:
+    the same numerics, and no doubled activation memory."""
+
+    def guided(img: Tensor, img_ids: Tensor, txt: Tensor, txt_ids: Tensor, timesteps: Tensor, y: Tensor,
+               guidance: Tensor | None = None) -> Tensor:
+        positive = model(img=img, img_ids=img_ids, txt=txt, txt_ids=txt_ids, timesteps=timesteps, y=y,
+                         guidance=guidance).float()
+        negative = model(img=img, img_ids=img_ids, txt=negative_txt, txt_ids=txt_ids, timesteps=timesteps,
+                         y=negative_vec, guidance=guidance).float()
+        return negative + scale * (positive - negative)
+
+    return guided
+
+
 def denoise(
     model: Callable[..., Tensor],
     img: Tensor,

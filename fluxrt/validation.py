@@ -153,6 +153,25 @@ def check_guidance(guidance, what: str = "guidance") -> float:
     return guidance
 
 
+def check_true_cfg_scale(scale, what: str = "true_cfg_scale") -> float:
+    """True classifier-free guidance's scale (diffusers' true_cfg_scale): a float in [1, MAX_GUIDANCE]; 1 is off."""
+    scale = check_guidance(scale, what)
+    if scale < 1:
+        raise ValueError(f"{what} must be >= 1 (1 turns true classifier-free guidance off), got {scale:g}")
+    return scale
+
+
+def check_negative_prompt(negative_prompt, num_prompts: int, what: str = "negative_prompt") -> list[str]:
+    """One negative prompt per prompt: a str (for every prompt) or a list of as many strings as there are prompts."""
+    negatives = check_prompt(negative_prompt, what)
+    if isinstance(negative_prompt, str):
+        return negatives * num_prompts
+    if len(negatives) != num_prompts:
+        raise ValueError(f"{what} has {len(negatives)} entries for {num_prompts} prompts: pass one string for all, "
+                         "or one per prompt")
+    return negatives
+
+
 def _image_count(value, what: str) -> int:
     """An int in [1, MAX_IMAGES_PER_CALL]: any count of images one call may run at once."""
     count = as_int(value, what)

@@ -77,6 +77,7 @@ def edit_config(model, part, edit):
     (("--steps", "1000000000"), "--steps must be between 1 and 1000 (fluxrt.validation.MAX_STEPS), got 1000000000"),
     (("--seed", "-1"), "--seed must be an int in [0, 2**63), got -1"),
     (("--guidance", "nan"), "--guidance must be a number in [0, 100], got nan"),
+    (("--true-cfg-scale", "0.5"), "--true-cfg-scale must be >= 1 (1 turns true classifier-free guidance off), got 0.5"),
     (("--model", "no/such/folder"), "--model 'no/such/folder' does not exist (a local FLUX folder or file, tiny or tiny-random)"),
     (("--quantize", "fp8"), "--quantize fp8 (W8A8) needs an FP8-capable CUDA GPU (sm_89+: Ada, Hopper, Blackwell) and "
                             "none is in use (device cpu); use --quantize fp8-weight"),

@@ -55,16 +55,17 @@ def test_a_prompt_decides_the_picture(pipe):
     assert None not in colours and colours[0] != colours[1], colours
 
 
-def test_diffusers_draws_the_same_image_from_the_folder(pipe):
+@pytest.mark.parametrize("true_cfg_scale", [1.0, 3.0])  # off, and diffusers' true CFG with the empty negative prompt
+def test_diffusers_draws_the_same_image_from_the_folder(pipe, true_cfg_scale):
     import diffusers
     theirs = diffusers.FluxPipeline.from_pretrained(TRAINED, torch_dtype=torch.float32)
     theirs.set_progress_bar_config(disable=True)
     prompt = "a large green star at the top right on a black background"
     expected = theirs(prompt, height=64, width=64, num_inference_steps=pipe.default_steps, guidance_scale=0.0,
-                      max_sequence_length=pipe.max_sequence_length, generator=torch.Generator().manual_seed(5),
-                      output_type="np").images[0]
-    ours = pipe(prompt, seed=5, output_type="pt")[0].permute(1, 2, 0).numpy()
-    assert np.abs(ours - expected).max() <= 2e-3
+                      negative_prompt="", true_cfg_scale=true_cfg_scale, max_sequence_length=pipe.max_sequence_length,
+                      generator=torch.Generator().manual_seed(5), output_type="np").images[0]
+    ours = pipe(prompt, seed=5, negative_prompt="", true_cfg_scale=true_cfg_scale, output_type="pt")
+    assert np.abs(ours[0].permute(1, 2, 0).numpy() - expected).max() <= 2e-3
 
 
 def test_generate_defaults_to_the_tiny_model(tmp_path):
