@@ -8,13 +8,16 @@ What it trains, with fluxrt's own reference modules:
    a small KL term; then FLUX's latent convention, scale_factor / shift_factor, from the latents' statistics
    (z_model = scale * (mean - shift) has zero mean and unit variance);
 2. a FLUX.1 transformer (fluxrt.reference.Flux, the "tiny" preset's widths) schnell-style, i.e. without a guidance
-   embedding: the rectified-flow objective (x_t = (1 - t) x0 + t noise, predict noise - x0, t logit-normal), with
-   10 % of captions dropped to "" so that classifier-free guidance has an unconditional model to use later.
+   embedding: the rectified-flow objective (x_t = (1 - t) x0 + t noise, predict noise - x0, t logit-normal), each
+   token's error weighted by how much object it covers (object_weights pooled over its 16x16 pixels: the objects,
+   which the prompt is about, cover a few percent of the image), with 10 % of captions dropped to "" so that
+   classifier-free guidance has an unconditional model; the weights shipped are an exponential moving average.
 
 The text encoders are fluxrt.tiny's (real CLIP / T5 classes and tokenizers, fixed random weights, frozen); the
 transformer learns from their features. Schnell-style without step distillation, the model wants more than
-schnell's 4 steps: the folder's model_index.json records the sampling defaults fluxrt.FluxPipeline uses for it
-(SAMPLING_DEFAULTS: Euler steps, no schedule shift, T5 length).
+schnell's 4 steps, and true classifier-free guidance (a second pass with the empty prompt): the folder's
+model_index.json records the sampling defaults fluxrt.FluxPipeline uses for it (SAMPLING_DEFAULTS: Euler steps, no
+schedule shift, T5 length, true_cfg_scale with the empty negative prompt).
 """
 
 from __future__ import annotations
@@ -40,8 +43,12 @@ from .reference import AutoEncoder, AutoEncoderParams, Flux
 from .tiny import build_clip_encoder, build_clip_tokenizer, build_t5_encoder, build_t5_tokenizer
 
 T5_LENGTH = 80  # every training caption fits in 73 T5 tokens of the tiny tokenizer
-SAMPLING_DEFAULTS = {"num_steps": 20, "max_sequence_length": T5_LENGTH, "width": shapes.SIZE, "height": shapes.SIZE}
+SAMPLING_DEFAULTS = {"num_steps": 20, "max_sequence_length": T5_LENGTH, "width": shapes.SIZE, "height": shapes.SIZE,
+                     "true_cfg_scale": 3.0, "negative_prompt": ""}
 CAPTION_DROPOUT = 0.1
+LEARNING_RATE = 1e-3
+EMA_DECAY = 0.999  # ~1000 steps averaged: smoother samples than the last step's weights
+TOKEN_PIXELS = 16  # image pixels a side per transformer token: 8x autoencoder downsampling, 2x2 packing
 OBJECT_WEIGHT = 10.0  # autoencoder loss weight of object pixels (object_weights)
 KL_WEIGHT = 1e-5  # small: the latents only need to stay smooth; their scale is set afterwards (with_latent_scale)
 AUTOENCODER = AutoEncoderParams(resolution=shapes.SIZE, ch=32, ch_mult=(1, 1, 2, 2), num_res_blocks=1)
@@ -127,13 +134,23 @@ class TextEncoders:
         return self.t5(t5_ids)[0], self.clip(clip_ids).pooler_output
 
 
-def train_transformer(latents: torch.Tensor, txt: torch.Tensor, vec: torch.Tensor, empty: tuple, steps: int,
-                      batch: int, seed: int, start: float) -> Flux:
-    """Rectified flow on packed latents [N, L, 64] with per-image text features (txt [N, T, C], vec [N, V])."""
+def token_weights(pixel_weights: torch.Tensor) -> torch.Tensor:
+    """Per-pixel loss weights [N, 1, H, W] -> per-token [N, L]: the mean over each token's pixels (a token is a 2x2
+    patch of latent pixels, each 8x8 image pixels), in the packed tokens' row-major order."""
+    return F.avg_pool2d(pixel_weights, TOKEN_PIXELS).flatten(1)
+
+
+def train_transformer(latents: torch.Tensor, weights: torch.Tensor, txt: torch.Tensor, vec: torch.Tensor,
+                      empty: tuple, steps: int, batch: int, seed: int, start: float) -> Flux:
+    """Rectified flow on packed latents [N, L, 64], each token's squared error weighted by weights [N, L], with
+    per-image text features (txt [N, T, C], vec [N, V]). Returns the exponential moving average of the weights."""
     torch.manual_seed(seed)
     model = Flux(TRANSFORMER)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=5e-4, weight_decay=0.01)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=5e-4, total_steps=steps, pct_start=0.05)
+    average = torch.optim.swa_utils.AveragedModel(
+        model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(EMA_DECAY))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=LEARNING_RATE, weight_decay=0.01)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=LEARNING_RATE, total_steps=steps,
+                                                   pct_start=0.05)
     gen = torch.Generator().manual_seed(seed)
     side = shapes.SIZE
     img_ids = sampling.prepare_img_ids(batch, side, side)
@@ -141,22 +158,24 @@ def train_transformer(latents: torch.Tensor, txt: torch.Tensor, vec: torch.Tenso
     empty_txt, empty_vec = empty
     for step in range(1, steps + 1):
         index = torch.randint(len(latents), (batch,), generator=gen)
-        x0, t5, clip = latents[index], txt[index], vec[index]
+        x0, w, t5, clip = latents[index], weights[index], txt[index], vec[index]
         drop = torch.rand(batch, generator=gen) < CAPTION_DROPOUT
         t5 = torch.where(drop[:, None, None], empty_txt, t5)
         clip = torch.where(drop[:, None], empty_vec, clip)
         t = torch.sigmoid(torch.randn(batch, generator=gen))  # logit-normal, as SD3 / FLUX train
         noise = torch.randn(x0.shape, generator=gen)
         x_t = (1 - t[:, None, None]) * x0 + t[:, None, None] * noise
-        loss = F.mse_loss(model(x_t, img_ids, t5, txt_ids, t, clip), noise - x0)
+        error = (model(x_t, img_ids, t5, txt_ids, t, clip) - (noise - x0)).pow(2).mean(-1)  # [B, L]
+        loss = (error * w).sum() / w.sum()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         schedule.step()
+        average.update_parameters(model)
         if step % 500 == 0 or step == steps:
             _log(f"transformer step {step}/{steps}: loss {loss.item():.4f}", start)
-    return model.eval().requires_grad_(False)
+    return average.module.eval().requires_grad_(False)
 
 
 def _autoencoder_config(params: AutoEncoderParams) -> dict:
@@ -211,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=pathlib.Path, required=True, help="folder to write (diffusers layout)")
     parser.add_argument("--images", type=int, default=20000, help="training scenes rendered")
     parser.add_argument("--vae-steps", type=int, default=1200)
-    parser.add_argument("--steps", type=int, default=4000, help="transformer steps")
+    parser.add_argument("--steps", type=int, default=12000, help="transformer steps")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
                         help="CPU threads (default: all cores); 1 when other work shares the cores, where threads "
@@ -240,7 +259,8 @@ def main(argv: list[str] | None = None) -> int:
     row = {c: i for i, c in enumerate(unique)}
     index = torch.tensor([row[c] for c in captions])
     _log(f"encoded {len(unique)} unique captions", start)
-    transformer = train_transformer(latents, t5_by[index], clip_by[index], text.encode([""]), args.steps,
+    transformer = train_transformer(latents, token_weights(weights), t5_by[index], clip_by[index], text.encode([""]),
+                                    args.steps,
                                     batch=32, seed=args.seed + 2, start=start)
     info = {"seed": args.seed, "images": args.images, "vae_steps": args.vae_steps, "steps": args.steps,
             "autoencoder_psnr_db": round(psnr, 2), "minutes": round((time.monotonic() - start) / 60, 1)}
