@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from .config import FluxConfig
 from .convert import CheckpointError, diffusers_to_bfl
+from .diffusers_state import check_module_state
 from .reference import Flux
 
 # Names that only adapter libraries put into a diffusers model: peft's LoRA layers wrap a linear as `base_layer`
@@ -31,6 +32,7 @@ def check_diffusers_parameters(model: nn.Module, what: str) -> dict[str, Tensor]
     """The model's state dict as meta tensors (shape, dtype) after the checks every diffusers conversion needs:
     not consumed already, no adapter or fused-projection layers, every tensor a parameter of one floating dtype on
     one device. Raises CheckpointError naming what is wrong and what to do; nothing is changed."""
+    check_module_state(model, what)  # processors, hooks, IP-Adapter, per-layer offload: what compile would drop
     params = dict(model.named_parameters(remove_duplicate=False))
     state = model.state_dict(keep_vars=True)
     keys = [f".{k}" for k in state]  # a leading dot, so markers match at the top level too

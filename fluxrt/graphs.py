@@ -8,11 +8,17 @@ which also autotunes, then the capture); nothing is recompiled.
 Each signature (shapes, dtypes, devices, which arguments are None) gets its own graph, static input buffers
 and memory pool; at most `max_graphs` are kept (least recently used goes first). The output returned is a
 clone of the graph's static output, so a caller may keep it across calls.
+
+A graph bakes in the addresses of the weights it read. `.to(...)`, `load_state_dict`, swapping a parameter or
+editing one in place would leave a replay reading freed memory or values the eager model no longer has, so every
+call compares the weights' key (each tensor's address, version counter and dtype: `weights_key`) with the one the
+graphs were captured under, and drops all graphs when it changed.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable, Hashable, Iterable
 
 import torch
 from torch import Tensor, nn
@@ -20,6 +26,38 @@ from torch import Tensor, nn
 
 def _signature(kwargs: dict) -> tuple:
     return tuple(sorted((k, None if v is None else (tuple(v.shape), v.dtype, v.device)) for k, v in kwargs.items()))
+
+
+def weights_key(tensors: Iterable[Tensor]) -> tuple:
+    """What a captured graph assumes about the weights: where each lives (data_ptr), that it was not written since
+    (torch's version counter, bumped by every in-place op: copy_, load_state_dict, add_) and its dtype. Cheap: no
+    data is read (about 0.1 µs a tensor)."""
+    return tuple((t.data_ptr(), t._version, t.dtype) for t in tensors)
+
+
+class GraphCache:
+    """Least-recently-used values (captured graphs) by key (input signature), all valid for one weights key: a call
+    under another weights key drops every value first. Holds no CUDA state itself, so it is testable anywhere."""
+
+    def __init__(self, max_entries: int):
+        if max_entries < 1:
+            raise ValueError("max_graphs must be >= 1")
+        self.max_entries = max_entries
+        self.entries: OrderedDict[Hashable, object] = OrderedDict()
+        self.weights: tuple | None = None
+
+    def get(self, key: Hashable, weights: tuple, build: Callable[[], object]):
+        """The value for `key` under `weights`, built (and kept) when missing or when the weights changed."""
+        if weights != self.weights:
+            self.entries.clear()  # release the stale graphs (and their memory pools) before capturing new ones
+            self.weights = weights
+        if key in self.entries:
+            self.entries.move_to_end(key)
+            return self.entries[key]
+        if len(self.entries) >= self.max_entries:
+            self.entries.popitem(last=False)
+        self.entries[key] = value = build()
+        return value
 
 
 class _Captured:
@@ -43,20 +81,28 @@ class _Captured:
 
 
 class GraphedCall:
-    """Call `module(**kwargs)` through CUDA graphs keyed by the inputs' signature (CUDA tensors only)."""
+    """Call `module(**kwargs)` through CUDA graphs keyed by the inputs' signature (CUDA tensors only).
 
-    def __init__(self, module: nn.Module, max_graphs: int = 4):
-        if max_graphs < 1:
-            raise ValueError("max_graphs must be >= 1")
-        self.module, self.max_graphs = module, max_graphs
-        self.graphs: OrderedDict[tuple, _Captured] = OrderedDict()
+    weights: the tensors the graphs read (called before every call, so it sees swapped parameters); graphs are
+    dropped when their weights_key changes. captures counts the graphs captured so far."""
+
+    def __init__(self, module: nn.Module, weights: Callable[[], Iterable[Tensor]], max_graphs: int = 4):
+        self.module, self.weights = module, weights
+        self.cache = GraphCache(max_graphs)
+        self.captures = 0
+
+    @property
+    def max_graphs(self) -> int:
+        return self.cache.max_entries
+
+    @property
+    def graphs(self) -> OrderedDict:
+        return self.cache.entries
 
     def __call__(self, **kwargs) -> Tensor:
-        key = _signature(kwargs)
-        if key in self.graphs:
-            self.graphs.move_to_end(key)
-        else:
-            if len(self.graphs) >= self.max_graphs:
-                self.graphs.popitem(last=False)
-            self.graphs[key] = _Captured(self.module, kwargs)
-        return self.graphs[key](kwargs)
+        graph = self.cache.get(_signature(kwargs), weights_key(self.weights()), lambda: self._capture(kwargs))
+        return graph(kwargs)
+
+    def _capture(self, kwargs: dict) -> _Captured:
+        self.captures += 1
+        return _Captured(self.module, kwargs)

@@ -7,7 +7,8 @@ FastFlux reuses the reference model's parameters (no copy) and runs its blocks o
 LayerNorm, QK-RMSNorm + RoPE straight into the joint attention layout, joint attention writing the
 projection's layout, gated residual fused with the next norm. All 57 modulation linears (3.2 B of FLUX's
 11.9 B parameters, GEMVs with M = batch) run as one batched GEMV per step: their weights are concatenated
-once and each block's parameters become views into the concatenation, so memory stays one copy.
+once and each block's parameters become views into the concatenation, so memory stays one copy (also
+after `.to(device or dtype)`: FastFlux._apply).
 
 The block code reads like BFL's forward: each linear is called through the steps of fluxrt.quantize.BlockLinear
 (after_norm, after_residual_norm, linear_gelu, gated, ...), which FP8Linear fuses further than a plain linear does
@@ -17,7 +18,9 @@ The block code reads like BFL's forward: each linear is called through the steps
 
 from __future__ import annotations
 
+import itertools
 import logging
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -187,6 +190,18 @@ def _block_linears(model: Flux) -> list[tuple[str, nn.Module]]:
     return [(name, model.get_submodule(name)) for name in names]
 
 
+def _refuse_offloaded_weights(fast: FastFlux, args: tuple) -> None:
+    """A forward pre-hook of FastFlux. accelerate's sequential CPU offload keeps each layer's weights on the meta
+    device except during that layer's own forward; FastFlux reads weights directly (norm scales, batched modulation,
+    fused epilogues), so it would compute on empty tensors (NaN on a GPU). Refuse before reading any."""
+    if fast.model.img_in.weight.is_meta:
+        raise RuntimeError(
+            "the compiled transformer's weights are on the meta device, as accelerate's sequential CPU offload "
+            "(pipe.enable_sequential_cpu_offload()) leaves them outside each layer's own forward; fluxrt reads the "
+            "weights directly, so it cannot run that way. Call pipe.remove_all_hooks(), then "
+            "pipe.enable_model_cpu_offload() (whole-model offload works with fluxrt) or pipe.to(device)")
+
+
 def check_compilable(model: Flux, quantize: str | None) -> None:
     """Raise before anything is changed if FastFlux could not run `model` (quantized first as `quantize` asks):
     parameters on one device, of one floating dtype (an FP8Linear's fp8 weights and fp32 scales aside), every block
@@ -251,11 +266,48 @@ class FastFlux(nn.Module):
         self.backend = backend
         self.fp8_attention = attention == "fp8"
         self.fp8_attention_rows = True  # W8A8: attention writes the projections' fp8 rows (double_block_forward)
-        self.graphs = GraphedCall(self._forward) if cuda_graphs else None
+        self.graphs = GraphedCall(self._forward, weights=self._graph_weights) if cuda_graphs else None
         mod_linears = [lin for _, lin in _modulation_linears(model)]
         self.mod_sizes = [lin.weight.shape[0] for lin in mod_linears]
         self.modulation = _batch_linears(mod_linears) if mod_linears else None
         self.plan = self._describe()
+        self.register_forward_pre_hook(_refuse_offloaded_weights)
+
+    def _graph_weights(self) -> Iterator[Tensor]:
+        """Every tensor a captured CUDA graph reads from the model (fluxrt.graphs drops graphs when they change)."""
+        return itertools.chain(self.parameters(), self.buffers())
+
+    def _apply(self, fn, recurse: bool = True):
+        """nn.Module.to / .cuda / .double / ... convert each parameter on its own, which would turn the blocks'
+        modulation views into separate copies of the batched weights (+27 % parameter memory, 6.4 GB at FLUX's size
+        in bf16). The views are taken out while the rest converts (nn.Module._apply skips None entries), then
+        re-pointed into the converted batched weights: one storage, as compile left it."""
+        linears = [lin for _, lin in _modulation_linears(self.model)] if self.modulation is not None else []
+        names = [name for name, _ in self.modulation.named_parameters(recurse=False)] if linears else []
+        for linear in linears:
+            for name in names:
+                linear._parameters[name] = None
+        try:
+            super()._apply(fn, recurse)
+        finally:  # also after a failed conversion: the views then point into whatever the batched weights are now
+            self._view_modulation(linears, names)
+        self._refresh_plan()
+        return self
+
+    def _view_modulation(self, linears: list[nn.Module], names: list[str]) -> None:
+        """Each block's modulation parameters become views of its rows of the batched weights."""
+        offset = 0
+        for linear, rows in zip(linears, self.mod_sizes):
+            for name in names:
+                batched = getattr(self.modulation, name).detach()
+                linear._parameters[name] = nn.Parameter(batched[offset : offset + rows], requires_grad=False)
+            offset += rows
+
+    def _refresh_plan(self) -> None:
+        """The plan describes the device and dtype the model is on now (in place: wrappers share the dict)."""
+        fresh = self._describe()
+        fresh["last_call"] = self.plan["last_call"]
+        self.plan.update(fresh)
 
     def _describe(self) -> dict:
         device = self.model.img_in.weight.device
@@ -379,7 +431,7 @@ def _per_block(samples, count: int, name: str, repeat: bool, expected: tuple[int
                              f"{device}: run the ControlNet in the transformer's dtype and device")
     if repeat:
         return [samples[i % len(samples)] for i in range(count)]
-    interval = -(-count // len(samples))  # ceil, as diffusers' int(np.ceil(count / len(samples)))
+    interval = count // len(samples)  # ceil, as diffusers' int(np.ceil(count / len(samples)))
     return [samples[i // interval] for i in range(count)]
 
 
