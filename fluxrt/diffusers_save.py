@@ -4,6 +4,7 @@
     pipe.save_pretrained(folder)              # diffusers.FluxPipeline.from_pretrained(folder) loads it
     pipe.transformer.save_pretrained(folder)  # diffusers.FluxTransformer2DModel.from_pretrained(folder)
     pipe.vae.save_pretrained(folder)          # diffusers.AutoencoderKL.from_pretrained(folder)
+    save_controlnet(compiled_controlnet, folder)  # diffusers.FluxControlNetModel.from_pretrained(folder)
 
 What is written is what diffusers writes for the model fluxrt compiled: its config (kept by the compiled model) and
 its weights under diffusers' names, converted back from fluxrt's BFL layout (fluxrt.convert.bfl_to_diffusers,
@@ -87,6 +88,20 @@ def save_autoencoder(compiled: nn.Module, save_directory, safe_serialization: bo
     _check_request(save_directory, safe_serialization, variant)
     weights = vae_bfl_to_diffusers(_OwnCpuTensors(compiled.fast.ae.state_dict()))
     _write(save_directory, "AutoencoderKL", compiled.config, weights, variant, max_shard_size)
+
+
+def save_controlnet(compiled: nn.Module, save_directory, safe_serialization: bool = True, variant: str | None = None,
+                    max_shard_size: int | str = "10GB") -> None:
+    """A compiled diffusers FluxControlNetModel (fluxrt.controlnet.FastFluxControlNetModel) as diffusers'
+    FluxControlNetModel folder: its FLUX trunk converted back from BFL names, its own layers (controlnet_blocks,
+    controlnet_x_embedder, ...: kept as they are by the compile) under their own names."""
+    model = compiled.fast.model
+    _check_request(save_directory, safe_serialization, variant)
+    _refuse_quantized(model)
+    weights = bfl_to_diffusers(_OwnCpuTensors(model.state_dict()))
+    own = {k: v for k, v in compiled.state_dict().items() if not k.startswith("fast.")}
+    weights.update(_OwnCpuTensors(own))
+    _write(save_directory, "FluxControlNetModel", compiled.config, weights, variant, max_shard_size)
 
 
 # ---- checks -------------------------------------------------------------------------------------------------------
