@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from .config import FluxConfig
 from .convert import CheckpointError, diffusers_to_bfl
+from .diffusers_save import DiffusersStandIn, save_transformer
 from .diffusers_state import check_module_state
 from .reference import Flux
 
@@ -167,14 +168,22 @@ def per_sample(value: Tensor | None, batch: int) -> Tensor | None:
     return value.reshape(-1).expand(batch)
 
 
-class FastFluxTransformer(nn.Module):
-    """Drop-in for diffusers' FluxTransformer2DModel (forward kwargs, return type, .config/.dtype/.device)."""
+class FastFluxTransformer(DiffusersStandIn, nn.Module):
+    """Drop-in for diffusers' FluxTransformer2DModel (forward kwargs, return type, .config/.dtype/.device,
+    save_pretrained). A DiffusersStandIn: pipelines register and save it as a FluxTransformer2DModel."""
+
+    diffusers_class_name = "FluxTransformer2DModel"
 
     def __init__(self, fast: nn.Module, config):
         super().__init__()
         self.fast = fast
         self.config = config
         self.plan = fast.plan
+
+    def save_pretrained(self, save_directory, safe_serialization: bool = True, variant: str | None = None,
+                        max_shard_size: int | str = "10GB") -> None:
+        """Write the diffusers folder FluxTransformer2DModel.from_pretrained loads (fluxrt.diffusers_save)."""
+        save_transformer(self, save_directory, safe_serialization, variant, max_shard_size)
 
     @contextlib.contextmanager
     def cache_context(self, name: str):
