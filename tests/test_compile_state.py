@@ -174,6 +174,10 @@ CALL = dict(prompt="a red apple", height=32, width=32, num_inference_steps=2, gu
             max_sequence_length=16, output_type="pt")
 
 
+NEEDS_WIRING = pytest.mark.xfail(strict=True, reason="needs fluxrt.compiler's pipeline build to call "
+                                 "diffusers_state.keep_model_offload (asked of the lead); then remove this mark")
+
+
 def images(pipe):
     return pipe(**CALL, generator=torch.Generator().manual_seed(0)).images
 
@@ -201,8 +205,7 @@ def test_model_cpu_offload_after_compile_gives_equal_images(tmp_path):
     assert torch.equal(images(pipe), compiled)  # the hooks, re-applied after a call, still run it
 
 
-@pytest.mark.xfail(strict=True, reason="needs fluxrt.compiler's pipeline build to call "
-                   "diffusers_state.keep_model_offload (asked of the lead); then remove this mark")
+@NEEDS_WIRING
 @torch.no_grad()
 def test_model_cpu_offload_before_compile_is_kept(tmp_path):
     pipe = tiny_pipe(tmp_path)
@@ -213,6 +216,25 @@ def test_model_cpu_offload_before_compile_is_kept(tmp_path):
     # on the CPU while its inputs are on the GPU)
     assert offload_hook(pipe.transformer) is not None and offload_hook(pipe.vae) is not None
     torch.testing.assert_close(images(pipe), plain, atol=1e-4, rtol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("when", [pytest.param("before", marks=NEEDS_WIRING), "after"])
+@torch.no_grad()
+def test_gpu_model_cpu_offload_before_and_after_compile(tmp_path, when):
+    """The real thing: each model moved to the GPU for its call and back to the CPU after it."""
+    pipe = tiny_pipe(tmp_path, seed=14)
+    plain = images(pipe.to("cuda")).cpu()
+    pipe.to("cpu")
+    if when == "before":
+        pipe.enable_model_cpu_offload(device="cuda")
+    pipe = fluxrt.compile(pipe)
+    if when == "after":
+        pipe.enable_model_cpu_offload(device="cuda")
+    torch.testing.assert_close(images(pipe).cpu(), plain, atol=1e-4, rtol=0)
+    assert pipe.transformer.device.type == "cpu" and pipe.vae.device.type == "cpu"  # offloaded again after the call
+    assert_one_modulation_storage(pipe.transformer.fast)
+    torch.testing.assert_close(images(pipe).cpu(), plain, atol=1e-4, rtol=0)
 
 
 @torch.no_grad()
