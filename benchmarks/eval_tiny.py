@@ -177,9 +177,15 @@ class Activations:
         return hook
 
 
+def _guided(pipe: fluxrt.FluxPipeline) -> bool:
+    """Whether the model's defaults run true CFG: two transformer calls a step."""
+    return pipe.default_negative_prompt is not None and pipe.default_true_cfg_scale > 1
+
+
 def capture(pipe: fluxrt.FluxPipeline, prompts: list[str], count: int) -> Activations:
-    """The fp32 transformer's activations at `count` denoising steps spread from the first to the last."""
-    steps = pipe.default_steps
+    """The fp32 transformer's activations at `count` transformer calls spread from the first step to the last (with
+    the model's true CFG a step is two calls: the prompt's and the negative prompt's)."""
+    steps = pipe.default_steps * (2 if _guided(pipe) else 1)
     calls = {round(i * (steps - 1) / max(count - 1, 1)) for i in range(count)}
     with Activations(pipe.transformer, calls) as seen:
         pipe(prompts, seed=0, output_type="pt", progress=False)
@@ -346,8 +352,10 @@ def evaluate(model: Path, count: int, capture_steps: int) -> dict:
         "environment": environment(),
         "setup": {"model": str(model), "scenes": count, "scene_seed": 0, "image_seeds": f"0..{count - 1}",
                   "steps": pipe.default_steps, "width": pipe.default_size[0], "height": pipe.default_size[1],
-                  "max_sequence_length": pipe.max_sequence_length, "batch": BATCH, "dtype": "float32",
-                  "backend": "torch", "capture_images": min(count, BATCH), "capture_steps": captured_steps},
+                  "max_sequence_length": pipe.max_sequence_length, "true_cfg_scale": pipe.default_true_cfg_scale,
+                  "negative_prompt": pipe.default_negative_prompt, "batch": BATCH, "dtype": "float32",
+                  "backend": "torch", "capture_images": min(count, BATCH),
+                  "capture_calls": captured_steps, "calls_per_step": 2 if _guided(pipe) else 1},
         "images": images,
         "ops": op_results,
     }

@@ -2,13 +2,18 @@
 evaluator shares nothing with the generator it grades.
 
     colour, shape = measure(pixels, scene)      # what an image generated for a one-object scene shows
-    adherence(images, scenes)                   # {"colour": 0.95, "shape": 0.8, "both": 0.78, "n": 64}
+    shows_background(pixels, scene)             # whether each half shows the background the scene names
+    adherence(images, scenes)                   # {"colour": 0.95, "shape": 0.8, "both": 0.78, "background": 0.9,
+                                                #  "all": 0.7, "n": 64}
     scenes = heldout_scenes(64, seed=0)         # the shared evaluation prompts (combinations never trained on)
 
 How an image is read:
-1. Object pixels are those far in RGB from the background the scene asks for: its half's colour (as the image shows
-   it, if that is the named colour with a colour cast; a different background reads as no object), or, within a few
-   rows of a two-tone seam (which blurs in generated images), any mix of the two halves' colours.
+1. Object pixels are those far in RGB from the background each half of the image shows: the half's median colour,
+   if that is one of the dataset's backgrounds with a colour cast, preferably the one the scene names (a model that
+   swaps a two-tone background's halves, or draws another background, has its object graded all the same, and
+   fails `shows_background`, a separate score); an unknown background is graded against the name, so it reads as
+   no object. Within a few rows of a two-tone seam (which blurs in generated images), any mix of the two halves'
+   colours is background too.
 2. The object is the largest 4-connected blob of them (a generated image may have specks). A blob too small or far
    too big to be any object the dataset draws, or one no more colourful than the background, means no object:
    (None, None).
@@ -31,8 +36,9 @@ import numpy as np
 from fluxrt.shapes import BACKGROUNDS, COLOURS, SIZE, SIZES, Scene, sample_scenes
 
 OBJECT_DISTANCE = 40.0  # RGB; every object colour is >= 86 from every background colour; noise of std 8 gives ~14
-# RGB; a half this close to its named colour shows that background with a colour cast (up to ~35 per channel);
-# further off it is another colour: the nearest object colour to a background is purple, 86 from gray
+# RGB; a half this close to a background colour shows that background with a colour cast (up to ~35 per channel);
+# further off it is another colour: the nearest object colour to a background is purple, 86 from gray, and the
+# backgrounds are >= 187 apart
 CAST_LIMIT = 60.0
 SEAM_ROWS = 3  # rows either side of a two-tone seam where mixes of its two colours count as background
 MIN_CHROMA = 30.0  # RGB; the object colour's distance from neutral gray: every COLOURS entry has >= 86
@@ -47,13 +53,13 @@ SHAPE_OF_ORDER = {3: "triangle", 4: "square", 5: "star"}
 _HALVES = (slice(0, SIZE // 2), slice(SIZE // 2, SIZE))  # rows of the top and bottom background
 _COLOUR_NAMES = list(COLOURS)
 _COLOUR_TABLE = np.array([COLOURS[name] for name in _COLOUR_NAMES], dtype=np.float64)  # [6, 3]
+_BACKGROUND_TABLE = np.array(list(BACKGROUNDS.values()), dtype=np.float64)  # [3, 3]
 
 
 def measure(pixels, scene: Scene) -> tuple[str | None, str | None]:
     """(colour, shape) that `pixels` (uint8 [SIZE, SIZE, 3]), generated for `scene`, shows; (None, None) if none."""
     image = _check_image(pixels)
-    named = _named_backgrounds(scene)
-    top, bottom = (_seen_background(image[rows], colour) for rows, colour in zip(_HALVES, named))
+    (top, top_ref), (bottom, bottom_ref) = _backgrounds(image, scene)
     background = _per_half(top, bottom)
     distance = _background_distance(image, background, top, bottom)
     blob = _largest_blob(distance > OBJECT_DISTANCE)
@@ -65,26 +71,44 @@ def measure(pixels, scene: Scene) -> tuple[str | None, str | None]:
     hue = np.median(chroma[inner], axis=0) - tint  # the object's chroma over the background's
     if np.linalg.norm(hue) < MIN_CHROMA:  # gray (or the background's tint): no colour the dataset draws
         return None, None
-    cast = (background - _per_half(*named))[inner]
+    cast = (background - _per_half(top_ref, bottom_ref))[inner]
     return _nearest_colour(image[inner], background[inner], cast), _read_shape(chroma - tint, hue)
 
 
+def shows_background(pixels, scene: Scene) -> bool:
+    """Whether each half of `pixels` shows the background `scene` names (up to a colour cast): for a two-tone one, the
+    first named colour on top."""
+    image = _check_image(pixels)
+    return all(_shows(image[rows].reshape(-1, 3), named) for rows, named in zip(_HALVES, _named_backgrounds(scene)))
+
+
+def _shows(pixels: np.ndarray, named: np.ndarray) -> bool:
+    """Whether pixels [N, 3] are mostly one colour, `named` up to a colour cast: their median is near it, and most of
+    them are near the median (noise has a gray median too)."""
+    seen = np.median(pixels, axis=0)
+    plain = np.mean(np.linalg.norm(pixels - seen, axis=-1) <= OBJECT_DISTANCE) >= 0.5
+    return plain and np.linalg.norm(seen - named) <= CAST_LIMIT
+
+
 def adherence(images, scenes) -> dict:
-    """Fractions of `images` whose measured colour, shape, and both match their one-object `scenes`."""
+    """Fractions of `images` whose measured object colour, shape, both, background (shows_background), and all three
+    match their one-object `scenes`."""
     images, scenes = list(images), list(scenes)
     if len(images) != len(scenes):
         raise ValueError(f"got {len(images)} images for {len(scenes)} scenes; pass one image per scene")
     if not scenes:
         raise ValueError("adherence of no images is undefined; pass at least one image and its scene")
-    colour_hits = shape_hits = both_hits = 0
+    hits = {"colour": 0, "shape": 0, "both": 0, "background": 0, "all": 0}
     for pixels, scene in zip(images, scenes):
         asked = _single_object(scene)
         colour, shape = measure(pixels, scene)
-        colour_hits += colour == asked.colour
-        shape_hits += shape == asked.shape
-        both_hits += colour == asked.colour and shape == asked.shape
+        background = shows_background(pixels, scene)
+        both = colour == asked.colour and shape == asked.shape
+        for key, hit in (("colour", colour == asked.colour), ("shape", shape == asked.shape), ("both", both),
+                         ("background", background), ("all", both and background)):
+            hits[key] += hit
     n = len(scenes)
-    return {"colour": colour_hits / n, "shape": shape_hits / n, "both": both_hits / n, "n": n}
+    return {**{key: count / n for key, count in hits.items()}, "n": n}
 
 
 def heldout_scenes(count: int, seed: int = 0) -> list[Scene]:
@@ -115,12 +139,21 @@ def _named_backgrounds(scene: Scene) -> tuple[np.ndarray, np.ndarray]:
     return tuple(np.array(BACKGROUNDS[name], dtype=np.float64) for name in (scene.background[0], scene.background[-1]))
 
 
-def _seen_background(half: np.ndarray, named: np.ndarray) -> np.ndarray:
-    """The background colour of one half [rows, SIZE, 3] of the image: its median (an object covers well under half
-    of it) where that is `named` with a colour cast, else `named`: a wrong background is graded against the name, so
+def _backgrounds(image: np.ndarray, scene: Scene) -> tuple[tuple[np.ndarray, np.ndarray], ...]:
+    """((seen, reference), (seen, reference)) for the top and bottom halves (see _seen_background)."""
+    return tuple(_seen_background(image[rows], named) for rows, named in zip(_HALVES, _named_backgrounds(scene)))
+
+
+def _seen_background(half: np.ndarray, named: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(the background colour one half [rows, SIZE, 3] of the image shows, the dataset colour it is a cast of): its
+    median (an object covers well under half of it) where that is `named`, or else another of the dataset's
+    backgrounds, with a colour cast; else (`named`, `named`): an unknown background is graded against the name, so
     all of it reads as one blob too big to be an object."""
     seen = np.median(half.reshape(-1, 3), axis=0)
-    return seen if np.linalg.norm(seen - named) <= CAST_LIMIT else named
+    for reference in (named, *_BACKGROUND_TABLE):
+        if np.linalg.norm(seen - reference) <= CAST_LIMIT:
+            return seen, reference
+    return named, named
 
 
 def _per_half(top: np.ndarray, bottom: np.ndarray) -> np.ndarray:

@@ -50,8 +50,10 @@ def test_quick_run_records_its_setup_and_environment(quick_results):
     assert env["device"] == "cpu" and env["cpu"] and env["torch"] == torch.__version__
     assert env["commit"] and env["date"]
     setup, defaults = results["setup"], sampling_defaults(TRAINED)
-    assert setup["scenes"] == QUICK_SCENES and setup["capture_steps"]
-    assert all(0 <= step < defaults["num_steps"] for step in setup["capture_steps"]), setup["capture_steps"]
+    assert setup["scenes"] == QUICK_SCENES and setup["capture_calls"]
+    assert setup["calls_per_step"] == 2 and setup["true_cfg_scale"] == defaults["true_cfg_scale"]  # prompt, negative
+    calls = defaults["num_steps"] * setup["calls_per_step"]
+    assert all(0 <= call < calls for call in setup["capture_calls"]) and calls - 1 in setup["capture_calls"], setup
     assert (setup["steps"], setup["width"], setup["height"]) == (defaults["num_steps"], defaults["width"],
                                                                  defaults["height"])
 

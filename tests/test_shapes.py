@@ -10,7 +10,7 @@ import pytest
 
 from fluxrt.shapes import (BACKGROUNDS, COLOURS, HELDOUT, POSITIONS, SHAPES, SIZE, SIZES, Scene, Shape, caption, render,
                            sample_scenes)
-from fluxrt.shapes_eval import adherence, heldout_scenes, measure
+from fluxrt.shapes_eval import adherence, heldout_scenes, measure, shows_background
 
 EVERY_BACKGROUND = [(name,) for name in BACKGROUNDS] + list(itertools.permutations(BACKGROUNDS, 2))
 
@@ -62,6 +62,7 @@ def test_clean_renders_of_every_heldout_prompt_are_read_right(heldout_grid):
     assert result["colour"] == 1.0, _misreadings(images, scenes)
     assert result["shape"] >= 0.98, _misreadings(images, scenes)
     assert result["both"] >= 0.98
+    assert result["background"] == 1.0
 
 
 # (blur sigma px, noise std, colour cast per channel). Measured over the 144 renders: colour 1.0 under each; shape
@@ -111,7 +112,8 @@ def test_an_image_of_another_colour_and_shape_is_read_as_what_it_shows(heldout_g
     images = [render(scene) for scene in shown]
     for pixels, asked, drawn in zip(images, scenes, shown):
         assert measure(pixels, asked) == (drawn.objects[0].colour, drawn.objects[0].shape), caption(drawn)
-    assert adherence(images, scenes) == {"colour": 0.0, "shape": 0.0, "both": 0.0, "n": len(scenes)}
+    assert adherence(images, scenes) == {"colour": 0.0, "shape": 0.0, "both": 0.0, "background": 1.0, "all": 0.0,
+                                         "n": len(scenes)}
 
 
 def test_colour_and_shape_are_graded_apart(heldout_grid):
@@ -145,11 +147,17 @@ def test_a_dull_object_on_a_background_tinted_its_way_is_read_as_nothing():
     assert measure(image, asked) == (None, None)
 
 
-def test_a_wrong_background_is_read_as_nothing():
-    asked = _one_object("blue", "square", "bottom", "large", ("white",))
-    drawn = _one_object("blue", "square", "bottom", "large", ("gray",))
-    assert measure(render(drawn), asked) == (None, None)
-    assert measure(render(drawn), drawn) == ("blue", "square")
+@pytest.mark.parametrize("asked_background, drawn_background", [
+    (("white",), ("gray",)),  # another background
+    (("black", "white"), ("white", "black")),  # a two-tone background's halves swapped
+])
+def test_a_wrong_background_fails_only_the_background(asked_background, drawn_background):
+    asked = _one_object("blue", "square", "bottom", "large", asked_background)
+    drawn = _one_object("blue", "square", "bottom", "large", drawn_background)
+    assert measure(render(drawn), asked) == ("blue", "square")  # the object is graded against what the image shows
+    assert not shows_background(render(drawn), asked) and shows_background(render(drawn), drawn)
+    score = adherence([render(drawn)], [asked])
+    assert (score["both"], score["background"], score["all"]) == (1.0, 0.0, 0.0), score
 
 
 def test_a_coloured_background_is_no_colour_cast():
@@ -163,7 +171,8 @@ def test_random_noise_images_score_zero():
     rng = np.random.default_rng(3)
     scenes = heldout_scenes(64, seed=3)
     noise = [rng.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8) for _ in scenes]
-    assert adherence(noise, scenes) == {"colour": 0.0, "shape": 0.0, "both": 0.0, "n": 64}
+    assert adherence(noise, scenes) == {"colour": 0.0, "shape": 0.0, "both": 0.0, "background": 0.0, "all": 0.0,
+                                        "n": 64}
     # not by chance: all of it is far from the background, one blob too big to be an object
     assert {measure(pixels, scene) for pixels, scene in zip(noise, scenes)} == {(None, None)}
 
