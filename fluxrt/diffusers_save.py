@@ -78,7 +78,7 @@ def save_transformer(compiled: nn.Module, save_directory, safe_serialization: bo
     model = compiled.fast.model  # the fluxrt.reference.Flux it runs (BFL names)
     _check_request(save_directory, safe_serialization, variant)
     _refuse_quantized(model)
-    weights = bfl_to_diffusers(_OwnCpuTensors(model.state_dict()))
+    weights = bfl_to_diffusers(_OnCpu(model.state_dict()))
     _write(save_directory, "FluxTransformer2DModel", compiled.config, weights, variant, max_shard_size)
 
 
@@ -86,7 +86,7 @@ def save_autoencoder(compiled: nn.Module, save_directory, safe_serialization: bo
                      max_shard_size: int | str = "10GB") -> None:
     """A compiled diffusers AutoencoderKL (fluxrt.vae.FastAutoencoderKL) as diffusers' AutoencoderKL folder."""
     _check_request(save_directory, safe_serialization, variant)
-    weights = vae_bfl_to_diffusers(_OwnCpuTensors(compiled.fast.ae.state_dict()))
+    weights = vae_bfl_to_diffusers(_OnCpu(compiled.fast.ae.state_dict()))
     _write(save_directory, "AutoencoderKL", compiled.config, weights, variant, max_shard_size)
 
 
@@ -98,9 +98,9 @@ def save_controlnet(compiled: nn.Module, save_directory, safe_serialization: boo
     model = compiled.fast.model
     _check_request(save_directory, safe_serialization, variant)
     _refuse_quantized(model)
-    weights = bfl_to_diffusers(_OwnCpuTensors(model.state_dict()))
+    weights = bfl_to_diffusers(_OnCpu(model.state_dict()))
     own = {k: v for k, v in compiled.state_dict().items() if not k.startswith("fast.")}
-    weights.update(_OwnCpuTensors(own))
+    weights.update(_OnCpu(own))
     _write(save_directory, "FluxControlNetModel", compiled.config, weights, variant, max_shard_size)
 
 
@@ -130,20 +130,17 @@ def _refuse_quantized(model: nn.Module) -> None:
 # ---- conversion -------------------------------------------------------------------------------------------------
 
 
-class _OwnCpuTensors(Mapping):
-    """A state dict read lazily as CPU tensors that own their storage: safetensors refuses tensors sharing memory
-    (FastFlux's modulation weights are views of one batched tensor), and a GPU model is copied to the host one
-    tensor at a time (the GPU holds no second copy)."""
+class _OnCpu(Mapping):
+    """A state dict read lazily, each tensor moved to the host as it is read (no copy for a CPU model): the new
+    tensors the conversion makes (q|k|v splits, swapped halves) are made in host memory, and a GPU model gets no
+    second copy on its GPU. (Views of one storage, such as FastFlux's batched modulation weights, need no copy:
+    safetensors writes non-overlapping views.)"""
 
     def __init__(self, state_dict: Mapping[str, Tensor]):
         self._state = state_dict
 
     def __getitem__(self, key: str) -> Tensor:
-        tensor = self._state[key].detach()
-        if tensor.device.type != "cpu":
-            return tensor.to("cpu")
-        owns_storage = tensor.storage_offset() == 0 and tensor.untyped_storage().nbytes() == tensor.nbytes
-        return tensor if owns_storage else tensor.clone()
+        return self._state[key].detach().to("cpu")
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._state)

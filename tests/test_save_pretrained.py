@@ -253,3 +253,22 @@ def test_a_save_failing_half_way_leaves_the_target_as_it_was(tmp_path, monkeypat
         assert_nothing_left(tmp_path, tmp_path / "absent")
     else:
         assert_nothing_left(tmp_path, target)
+
+
+# ---- GPU: a CUDA model is converted in host memory -----------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@torch.no_grad()
+def test_gpu_model_saves_without_a_second_copy_on_the_gpu(tmp_path):
+    model = tiny_transformer(seed=10, dtype=torch.bfloat16).cuda()
+    expected = {k: v.cpu() for k, v in weights(model).items()}
+    fast = fluxrt.compile(model)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    allocated = torch.cuda.memory_allocated()
+    fast.save_pretrained(tmp_path / "transformer")
+    torch.cuda.synchronize()
+    assert torch.cuda.max_memory_allocated() == allocated, "the conversion allocated GPU memory"
+    loaded = FluxTransformer2DModel.from_pretrained(tmp_path / "transformer", torch_dtype=torch.bfloat16)
+    assert_same_weights(loaded, expected)
