@@ -170,7 +170,7 @@ def tiny_pipe(tmp_path, seed=11):
     return build_tiny_flux_pipeline(tmp_path, seed=seed)
 
 
-CALL = dict(prompt="a red apple", height=32, width=32, num_inference_steps=2, guidance_scale=3.5,
+CALL = dict(prompt="a red apple", height=32, width=32, num_inference_steps=1, guidance_scale=3.5,
             max_sequence_length=16, output_type="pt")
 
 
