@@ -17,7 +17,9 @@ Kept: the default processors (FluxAttnProcessor; AttnProcessor / AttnProcessor2_
 attention backend they were set to (fluxrt runs its own exact attention instead), and accelerate's whole-model
 offload hook (`enable_model_cpu_offload`, a CpuOffload on the model itself: it only moves the model with `.to`,
 which a compiled model supports). For a pipeline, keep_model_offload returns the call that re-applies the model
-offload to the compiled components once they replace the diffusers ones.
+offload to the compiled components once they replace the diffusers ones. A model compiled on its own cannot take
+its hook along (the caller's handle from cpu_offload_with_hook points at the diffusers model, emptied by compile):
+hook the compiled model after compiling it.
 """
 
 from __future__ import annotations
