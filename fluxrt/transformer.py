@@ -190,10 +190,11 @@ def _block_linears(model: Flux) -> list[tuple[str, nn.Module]]:
     return [(name, model.get_submodule(name)) for name in names]
 
 
-def _refuse_offloaded_weights(fast: FastFlux, args: tuple) -> None:
-    """A forward pre-hook of FastFlux. accelerate's sequential CPU offload keeps each layer's weights on the meta
-    device except during that layer's own forward; FastFlux reads weights directly (norm scales, batched modulation,
-    fused epilogues), so it would compute on empty tensors (NaN on a GPU). Refuse before reading any."""
+def refuse_offloaded_weights(fast: FastFlux, args: tuple = ()) -> None:
+    """FastFlux's forward pre-hook (and a check for any module running a FastFlux's blocks). accelerate's sequential
+    CPU offload keeps each layer's weights on the meta device except during that layer's own forward; FastFlux reads
+    weights directly (norm scales, batched modulation, fused epilogues), so it would compute on empty tensors (NaN
+    on a GPU). Refuse before reading any."""
     if fast.model.img_in.weight.is_meta:
         raise RuntimeError(
             "the compiled transformer's weights are on the meta device, as accelerate's sequential CPU offload "
@@ -271,7 +272,7 @@ class FastFlux(nn.Module):
         self.mod_sizes = [lin.weight.shape[0] for lin in mod_linears]
         self.modulation = _batch_linears(mod_linears) if mod_linears else None
         self.plan = self._describe()
-        self.register_forward_pre_hook(_refuse_offloaded_weights)
+        self.register_forward_pre_hook(refuse_offloaded_weights)
 
     def _graph_weights(self) -> Iterator[Tensor]:
         """Every tensor a captured CUDA graph reads from the model (fluxrt.graphs drops graphs when they change)."""
