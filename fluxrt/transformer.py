@@ -432,7 +432,7 @@ def _per_block(samples, count: int, name: str, repeat: bool, expected: tuple[int
                              f"{device}: run the ControlNet in the transformer's dtype and device")
     if repeat:
         return [samples[i % len(samples)] for i in range(count)]
-    interval = count // len(samples)  # ceil, as diffusers' int(np.ceil(count / len(samples)))
+    interval = -(-count // len(samples))  # ceil, as diffusers' int(np.ceil(count / len(samples)))
     return [samples[i // interval] for i in range(count)]
 
 
