@@ -32,7 +32,7 @@ from . import ops
 from .config import FluxConfig
 from .convert import CheckpointError
 from .diffusers_adapter import check_conversion, check_joint_attention_kwargs, per_sample
-from .transformer import FastFlux
+from .transformer import FastFlux, refuse_offloaded_weights
 
 # The ControlNet's own layers (kept and called as they are); every other parameter belongs to the FLUX trunk.
 _OWN_LAYERS = ("controlnet_blocks.", "controlnet_single_blocks.", "controlnet_x_embedder.",
@@ -65,6 +65,7 @@ class FastFluxControlNetModel(FluxControlNetModel):
                 txt_ids: Tensor = None, guidance: Tensor = None, joint_attention_kwargs: dict | None = None,
                 return_dict: bool = True):
         check_joint_attention_kwargs(joint_attention_kwargs)
+        refuse_offloaded_weights(self.fast)  # the blocks are run here, not through FastFlux.forward and its check
         m = self.fast.model
         batch = hidden_states.shape[0]
         timestep = per_sample(timestep, batch)

@@ -266,3 +266,20 @@ def test_a_controlnet_config_that_is_not_flux_is_refused():
     with pytest.raises(fluxrt.CheckpointError, match="not a FLUX.1 ControlNet's: field 'patch_size' is 2"):
         fluxrt.compile(model)
     assert_as_before(model, before)
+
+
+@torch.no_grad()
+def test_a_compiled_controlnet_under_per_layer_offload_is_refused_at_the_call_never_nan():
+    """accelerate's per-layer offload (enable_sequential_cpu_offload) leaves weights on the meta device outside each
+    layer's own forward; the compiled ControlNet reads its blocks' weights directly, so it must refuse."""
+    from accelerate import cpu_offload
+    from accelerate.hooks import remove_hook_from_module
+
+    fast, x = fluxrt.compile(controlnet(seed=16), backend="torch"), inputs()
+    call = dict(x, controlnet_cond=control_latents(), return_dict=False)
+    expected = fast(**call)
+    cpu_offload(fast, execution_device=torch.device("cpu"))
+    with pytest.raises(RuntimeError, match="weights are on the meta device.*sequential CPU offload"):
+        fast(**call)
+    remove_hook_from_module(fast, recurse=True)
+    assert all(torch.equal(a, b) for a, b in zip(fast(**call)[0], expected[0]))
