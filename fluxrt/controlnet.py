@@ -10,9 +10,10 @@ The trunk is converted like the transformer (checked on meta tensors, then moved
 runs on FastFlux's fused blocks; the ControlNet's own layers are kept as they are (the same module objects, shared
 with the consumed diffusers model) and called as diffusers calls them. The compiled model subclasses
 FluxControlNetModel because the ControlNet pipelines pick their code path with isinstance(pipe.controlnet,
-FluxControlNetModel); its forward takes diffusers' arguments and returns diffusers' types. It runs eagerly (no CUDA
-graphs). A FluxMultiControlNetModel stays itself: its nets are swapped for compiled ones (its forward only sums
-their outputs).
+FluxControlNetModel); its forward takes diffusers' arguments and returns diffusers' types, and save_pretrained
+writes diffusers' FluxControlNetModel folder. It runs eagerly (no CUDA graphs), and refuses per-layer (sequential)
+offload at the call, as FastFlux does. A FluxMultiControlNetModel stays itself: its nets are swapped for compiled
+ones (its forward only sums their outputs).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from . import ops
 from .config import FluxConfig
 from .convert import CheckpointError
 from .diffusers_adapter import check_conversion, check_joint_attention_kwargs, per_sample
+from .diffusers_save import DiffusersStandIn, save_controlnet
 from .transformer import FastFlux, refuse_offloaded_weights
 
 # The ControlNet's own layers (kept and called as they are); every other parameter belongs to the FLUX trunk.
@@ -40,14 +42,19 @@ _OWN_LAYERS = ("controlnet_blocks.", "controlnet_single_blocks.", "controlnet_x_
 _OWN_CONFIG = ("num_mode", "conditioning_embedding_channels")  # config fields a FluxTransformer2DModel lacks
 
 
-class FastFluxControlNetModel(FluxControlNetModel):
+class FastFluxControlNetModel(DiffusersStandIn, FluxControlNetModel):
     """Drop-in for a diffusers FluxControlNetModel (forward arguments, return type, .config/.dtype/.device,
-    .input_hint_block, isinstance), its trunk run by a FastFlux. `plan` is the FastFlux's plan."""
+    .input_hint_block, isinstance, save_pretrained), its trunk run by a FastFlux. `plan` is the FastFlux's plan.
+    A DiffusersStandIn: a pipeline records and saves it as a FluxControlNetModel (fluxrt.diffusers_save)."""
+
+    diffusers_class_name = "FluxControlNetModel"
 
     def __init__(self, fast: FastFlux, source: FluxControlNetModel):
-        # ModelMixin's, not FluxControlNetModel's __init__: that one would build (and allocate) the layers the FastFlux
-        # replaces. The config is the source's, so the pipeline reads the same fields.
+        # ModelMixin's, not FluxControlNetModel's __init__ (the next one DiffusersStandIn's would call): that one would
+        # build (and allocate) the layers the FastFlux replaces. So the stand-in's __module__ is set here, as
+        # DiffusersStandIn.__init__ sets it. The config is the source's, so the pipeline reads the same fields.
         ModelMixin.__init__(self)
+        self.__dict__["__module__"] = FluxControlNetModel.__module__
         self._internal_dict = source.config
         self.fast = fast
         self.plan = fast.plan
@@ -84,6 +91,11 @@ class FastFluxControlNetModel(FluxControlNetModel):
             return (block_samples, single_block_samples)
         return FluxControlNetOutput(controlnet_block_samples=block_samples,
                                     controlnet_single_block_samples=single_block_samples)
+
+    def save_pretrained(self, save_directory, safe_serialization: bool = True, variant: str | None = None,
+                        max_shard_size: int | str = "10GB") -> None:
+        """Write the diffusers folder FluxControlNetModel.from_pretrained loads (fluxrt.diffusers_save)."""
+        save_controlnet(self, save_directory, safe_serialization, variant, max_shard_size)
 
     def _samples(self, hidden_states, controlnet_cond, controlnet_mode, encoder_hidden_states, pooled_projections,
                  timestep, img_ids, txt_ids, guidance) -> tuple[list[Tensor], list[Tensor]]:

@@ -4,6 +4,7 @@ components (anything else is a TypeError saying what is accepted); a component t
 component as it was."""
 
 import copy
+import json
 
 import diffusers
 import pytest
@@ -177,3 +178,18 @@ def test_a_compiled_pipeline_is_refused_as_compiled(base):
     fluxrt.compile(pipe, backend="torch")
     with pytest.raises(TypeError, match="the transformer is already compiled by fluxrt"):
         fluxrt.compile(pipe)
+
+
+@torch.no_grad()
+def test_a_compiled_controlnet_pipeline_saves_a_folder_plain_diffusers_loads(base, tmp_path):
+    pipe = pipeline(base, "FluxControlNetPipeline", controlnet=controlnet(17, num_mode=2))
+    arguments = dict(CONTROL, control_mode=1)
+    fluxrt.compile(pipe, backend="torch")
+    expected = run(pipe, arguments)
+    pipe.save_pretrained(tmp_path / "saved")
+    index = json.loads((tmp_path / "saved" / "model_index.json").read_text())
+    assert index["controlnet"] == ["diffusers", "FluxControlNetModel"]
+    loaded = diffusers.FluxControlNetPipeline.from_pretrained(tmp_path / "saved")
+    loaded.set_progress_bar_config(disable=True)
+    assert type(loaded.controlnet) is FluxControlNetModel
+    torch.testing.assert_close(run(loaded, arguments), expected, atol=1e-4, rtol=0)
