@@ -363,7 +363,7 @@ def diffusers_tiled(run, x: Tensor, tile: int, stride: int, blend: int, keep: in
                 _cross_fade(rows[i - 1][j], current, blend, dim=2)
             if j > 0:
                 _cross_fade(row[j - 1], current, blend, dim=3)
-        out_rows.append(torch.cat([current[:, :, :keep, :keep] for current in row], dim=3))
+        out_rows.append(torch.cat([tile_out[:, :, :keep, :keep] for tile_out in row], dim=3))
     return torch.cat(out_rows, dim=2)
 
 
@@ -503,18 +503,25 @@ class FastAutoencoderKL(DiffusersStandIn, nn.Module):
                                 upscale=self.fast.upscale)
         if max(z.shape[-2:]) <= self.tile_latent_min_size:
             return self.fast._decode_tile(z)
-        blend = int(self.tile_sample_min_size * self.tile_overlap_factor)
-        return diffusers_tiled(self.fast._decode_tile, z, self.tile_latent_min_size,
-                               int(self.tile_latent_min_size * (1 - self.tile_overlap_factor)), blend,
-                               self.tile_sample_min_size - blend)
+        return diffusers_tiled(self.fast._decode_tile, z, *self._tiles(self.tile_latent_min_size,
+                                                                       self.tile_sample_min_size))
 
     def _encode(self, x: Tensor) -> Tensor:
         if not self.use_tiling or max(x.shape[-2:]) <= self.tile_sample_min_size:
             return self.fast._encode_tile(x)
-        blend = int(self.tile_latent_min_size * self.tile_overlap_factor)
-        return diffusers_tiled(self.fast._encode_tile, x, self.tile_sample_min_size,
-                               int(self.tile_sample_min_size * (1 - self.tile_overlap_factor)), blend,
-                               self.tile_latent_min_size - blend)
+        return diffusers_tiled(self.fast._encode_tile, x, *self._tiles(self.tile_sample_min_size,
+                                                                       self.tile_latent_min_size))
+
+    def _tiles(self, tile_in: int, tile_out: int) -> tuple[int, int, int, int]:
+        """diffusers' (tile, stride, blend, keep) for input tiles of `tile_in` giving output tiles of `tile_out`;
+        ValueError where diffusers' loop would fail or lose pixels (a zero stride or crop)."""
+        stride = int(tile_in * (1 - self.tile_overlap_factor))
+        blend = int(tile_out * self.tile_overlap_factor)
+        if stride <= 0 or tile_out - blend <= 0:
+            raise ValueError(f"tile_latent_min_size {self.tile_latent_min_size}, tile_sample_min_size "
+                             f"{self.tile_sample_min_size} and tile_overlap_factor {self.tile_overlap_factor} leave "
+                             "tiles no stride: use larger tiles or an overlap factor below 1")
+        return tile_in, stride, blend, tile_out - blend
 
 
 def is_diffusers_autoencoder_kl(obj) -> bool:

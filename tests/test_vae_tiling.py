@@ -182,6 +182,12 @@ def test_tiling_errors():
     assert not fast.use_tiling and fast.tiling_method == "diffusers"  # unchanged
     with pytest.raises(ValueError, match="tiling=False"):
         FastAutoencoderKL(FastAutoEncoder(small_ae()), fast.config)
+    fast.enable_tiling()
+    fast.tile_overlap_factor = 1.0  # diffusers' loop would step by 0
+    with pytest.raises(ValueError, match="tile_overlap_factor 1.0 leave tiles no stride"):
+        fast.decode(latents())
+    with pytest.raises(ValueError, match="tile_overlap_factor 1.0 leave tiles no stride"):
+        fast.encode(images())
 
 
 @torch.no_grad()
