@@ -9,7 +9,14 @@ import pickle
 import pytest
 import safetensors.torch
 import torch
-from diffusers import AutoencoderKL, FluxControlNetModel, FluxPipeline, FluxTransformer2DModel, ModelMixin
+from diffusers import (
+    AutoencoderKL,
+    FluxControlNetModel,
+    FluxImg2ImgPipeline,
+    FluxPipeline,
+    FluxTransformer2DModel,
+    ModelMixin,
+)
 
 import fluxrt
 from fluxrt import FluxConfig, sampling
@@ -107,6 +114,26 @@ def test_compiled_pipeline_saves_a_folder_diffusers_loads(tmp_path):
     assert public(loaded.vae.config) == public(pipe.vae.config)
     got = loaded(**call, generator=torch.Generator().manual_seed(0)).images
     torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+
+    # diffusers' from_pipe keeps a ModelMixin component only if its type() is the annotated class: the compiled
+    # ones are passed explicitly (diffusers' warning says so), and the new pipeline registers them as diffusers'
+    img2img = FluxImg2ImgPipeline.from_pipe(pipe, transformer=pipe.transformer, vae=pipe.vae)
+    assert img2img.transformer is pipe.transformer and img2img.vae is pipe.vae
+    assert tuple(img2img.config["transformer"]) == ("diffusers", "FluxTransformer2DModel")
+
+
+@torch.no_grad()
+def test_a_quantized_pipeline_refuses_and_leaves_no_loadable_folder(tmp_path):
+    """diffusers' pipeline save writes the components one by one: those before the quantized transformer are
+    written, model_index.json (last) is not, so the folder never loads as a pipeline with a transformer missing."""
+    from tiny_pipeline import build_tiny_flux_pipeline
+
+    pipe = fluxrt.compile(build_tiny_flux_pipeline(tmp_path / "build", seed=6), quantize="fp8-weight",
+                          backend="torch")
+    with pytest.raises(ValueError, match="fluxrt.save_transformer"):
+        pipe.save_pretrained(tmp_path / "saved")
+    assert not (tmp_path / "saved" / "model_index.json").exists()
+    assert not (tmp_path / "saved" / "transformer").exists()
 
 
 # ---- single modules -----------------------------------------------------------------------------------------------
