@@ -9,7 +9,9 @@
 What is written is what diffusers writes for the model fluxrt compiled: its config (kept by the compiled model) and
 its weights under diffusers' names, converted back from fluxrt's BFL layout (fluxrt.convert.bfl_to_diffusers,
 vae_bfl_to_diffusers; exact: the same values in the same dtype), by diffusers' own writer (config.json, shards of
-`max_shard_size`, the index, `variant` file names).
+`max_shard_size`, the index, `variant` file names). The converted weights are assembled in host memory (about the
+model's size; a CPU model's tensors are shared, not copied), a GPU model's moved tensor by tensor, so its GPU
+holds no second copy.
 
 How a pipeline finds them: a DiffusionPipeline records each component's (library, class) in model_index.json and
 picks its save method from the component's `__module__` and `__class__`. The compiled models are
@@ -28,8 +30,8 @@ does), other files are left alone.
 
 Refused: quantized (FP8) weights, which diffusers' models cannot hold (fluxrt.save_transformer writes them), and
 safe_serialization=False (pickle files). A pipeline's save_pretrained is diffusers' loop over its components: the
-components saved before a refused one are written, model_index.json (written last) is not, so the folder does not
-load as a pipeline.
+components it saved before a refused one stay written, model_index.json (written last) is not, so the folder does
+not load as a pipeline.
 """
 
 from __future__ import annotations
