@@ -13,7 +13,7 @@ from test_compile_atomic import assert_as_before, snapshot
 
 import fluxrt
 from fluxrt import FluxConfig, sampling
-from fluxrt.testing import randomize_parameters_, rel_error
+from fluxrt.testing import randomize_parameters_, rel_error, sqnr_db
 
 TINY = FluxConfig.preset("tiny")
 B, HEIGHT, WIDTH, T = 2, 32, 48, 5
@@ -283,3 +283,43 @@ def test_a_compiled_controlnet_under_per_layer_offload_is_refused_at_the_call_ne
         fast(**call)
     remove_hook_from_module(fast, recurse=True)
     assert all(torch.equal(a, b) for a, b in zip(fast(**call)[0], expected[0]))
+
+
+# ---- compile's options reach the ControlNet ----
+
+
+OPTIONS = {  # compile option -> what the plan says and the op the call must run
+    "quantize": (dict(quantize="fp8-weight"), "linears", "fp8 weight-only", "fp8_linear"),
+    "attention": (dict(attention="fp8"), "attention", "fp8 (e4m3 q, k, v", "joint_attention_fp8"),
+}
+
+
+@pytest.mark.parametrize("option", list(OPTIONS))
+@torch.no_grad()
+def test_quantize_and_fp8_attention_apply_to_the_controlnet_trunk(option):
+    options, plan_key, planned, op = OPTIONS[option]
+    model, x = controlnet(seed=17, num_layers=2, num_single_layers=1), inputs()
+    call = dict(x, controlnet_cond=control_latents(), return_dict=False)
+    expected = model(**call)
+    fast = fluxrt.compile(model, backend="torch", **options)
+    assert planned in fast.plan[plan_key]
+    got = fast(**call)
+    assert fast.plan["last_call"][op] == ["torch"]
+    for g, e in zip(got[0] + got[1], expected[0] + expected[1]):
+        assert sqnr_db(g, e) >= 20, f"SQNR {sqnr_db(g, e):.1f} dB"
+
+
+@pytest.mark.gpu
+@torch.no_grad()
+def test_residual_calls_bypass_cuda_graphs_and_match_diffusers():
+    """A call with ControlNet residuals runs eagerly (graphs are keyed on tensor inputs only); calls without them
+    still replay graphs."""
+    model, x = transformer(seed=19, depth=3, single=3).cuda(), {k: v.cuda() for k, v in inputs().items()}
+    samples = [s.cuda() for s in random_samples(2, 22)]
+    call = dict(x, controlnet_block_samples=samples, controlnet_single_block_samples=samples, return_dict=False)
+    expected, plain = model(**call)[0], model(**x, return_dict=False)[0]
+    fast = fluxrt.compile(model, backend="torch", cuda_graphs=True)
+    for _ in range(2):
+        torch.testing.assert_close(fast(**call)[0], expected, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(fast(**x, return_dict=False)[0], plain, rtol=1e-4, atol=1e-4)
+    assert len(fast.fast.graphs.graphs) == 1  # only the call without residuals was captured
