@@ -6,7 +6,11 @@ parameters or modules; one floating dtype, one device, shapes that fit the confi
 the model untouched. Only then are the weights moved: renames keep the storage, q|k|v are fused into one new
 tensor and their sources are released at once, so peak memory stays about one copy of the weights, and the
 diffusers model is left with empty (meta) parameters. The move phase allocates only the fused q|k|v tensors:
-running out of memory there is the one failure that can interrupt it.
+running out of memory there is the one failure that can interrupt it. check_conversion does the same for any
+diffusers model holding a FLUX trunk beside layers of its own (a ControlNet: fluxrt.controlnet).
+
+The compiled transformer takes a ControlNet's residuals (controlnet_block_samples, controlnet_single_block_samples,
+controlnet_blocks_repeat) with diffusers' meaning: fluxrt.transformer.controlnet_residuals.
 """
 
 from __future__ import annotations
