@@ -490,8 +490,8 @@ class FastAutoencoderKL(DiffusersStandIn, nn.Module):
         if not self.use_tiling:
             self.plan["tiling"] = "off (diffusers' contract: enable_tiling() turns it on)"
         elif self.tiling_method == "fluxrt":
-            self.plan["tiling"] = (f"fluxrt's decode tiles ({self.fast.tile_latent}^2 latents, {self.fast.tile_overlap} "
-                                   "overlap); encode: diffusers' tiles")
+            self.plan["tiling"] = (f"fluxrt's decode tiles ({self.fast.tile_latent}^2 latents, "
+                                   f"{self.fast.tile_overlap} overlap); encode: diffusers' tiles")
         else:
             self.plan["tiling"] = "diffusers' (tile_sample_min_size, tile_latent_min_size, tile_overlap_factor)"
 
@@ -607,7 +607,8 @@ def check_autoencoder(obj, backend: str = "auto") -> Callable[[], nn.Module]:
 
         return build
     if not isinstance(obj, AutoEncoder):
-        raise TypeError(f"expected a fluxrt.reference.AutoEncoder or a diffusers AutoencoderKL, got {type(obj).__name__}")
+        raise TypeError("expected a fluxrt.reference.AutoEncoder or a diffusers AutoencoderKL, got "
+                        f"{type(obj).__name__}")
     check_reference_autoencoder(obj)
     return lambda: _logged(FastAutoEncoder(obj, backend=vae_backend))
 

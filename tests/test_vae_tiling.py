@@ -11,7 +11,7 @@ import copy
 
 import pytest
 import torch
-from diffusers import AutoencoderKL, FluxPipeline
+from diffusers import AutoencoderKL
 
 import fluxrt
 from fluxrt.testing import rel_error
@@ -202,7 +202,7 @@ def test_pipeline_vae_tiling_matches_diffusers(tmp_path):
     pipe.vae.enable_tiling()  # sample_size 32: tiles of 4 latents, so the 64x48 image (8x6 latents) is tiled
     want = pipe(**call, generator=torch.Generator().manual_seed(0)).images
     assert rel_error(want, untiled) > 1e-3
-    assert isinstance(pipe, FluxPipeline) and fluxrt.compile(pipe, backend="torch") is pipe
+    assert fluxrt.compile(pipe, backend="torch") is pipe
     assert pipe.vae.use_tiling
     got = pipe(**call, generator=torch.Generator().manual_seed(0)).images
     assert_pixels_close(got, want)
