@@ -3,6 +3,7 @@ compiled is loaded back by plain diffusers with the same weights (bit for bit, d
 images; model_index.json names the diffusers classes; quantized models and pickle files are refused with nothing
 written; a save that fails half-way leaves the target as it was."""
 
+import copy
 import json
 import pickle
 
@@ -251,8 +252,11 @@ def test_bad_requests_are_refused_with_nothing_written(tmp_path, module):
     with pytest.raises(ValueError, match="config.json there is a folder where a file goes"):
         fast.save_pretrained(target)
     assert [p.name for p in target.iterdir()] == ["config.json"]
-    with pytest.raises(pickle.PicklingError):
+    with pytest.raises(pickle.PicklingError):  # pickle checks __class__, which reports diffusers' class
         pickle.dumps(fast)
+    clone = copy.deepcopy(fast)  # copying does not
+    assert type(clone) is type(fast) and clone.__module__ == fast.__module__
+    assert_same_weights(clone, weights(fast))
 
 
 @pytest.mark.parametrize("existing", [False, True])
