@@ -200,7 +200,7 @@ def _prepare_one_controlnet(obj, quantize, backend, attention) -> Callable[[], n
                         f"FluxControlNetModel or a FluxMultiControlNetModel of them; got {type(obj).__name__}")
     from .controlnet import prepare_controlnet
 
-    build = prepare_controlnet(obj, quantize, backend, attention, _core_builder(quantize, backend, False, attention))
+    build = prepare_controlnet(obj, _core_builder(quantize, backend, False, attention))
     _check_device(next(obj.parameters()).device, quantize, attention)  # parameters checked real by prepare_controlnet
     return build
 

@@ -139,8 +139,7 @@ def _trunk_config(model: FluxControlNetModel) -> FluxConfig:
         raise CheckpointError(f"this FluxControlNetModel's config is not a FLUX.1 ControlNet's: {err}") from None
 
 
-def prepare_controlnet(model: FluxControlNetModel, quantize, backend: str, attention: str,
-                       build_core: Callable) -> Callable[[], FastFluxControlNetModel]:
+def prepare_controlnet(model: FluxControlNetModel, build_core: Callable) -> Callable[[], FastFluxControlNetModel]:
     """Check everything compiling `model` needs (its trunk's conversion on meta tensors; nothing moves); return the
     build. build_core(flux) quantizes and wraps the converted trunk as the transformer's compile does."""
     move = check_conversion(model, _trunk_config(model), "FluxControlNetModel", kept=_OWN_LAYERS, final_layer=False)
@@ -154,10 +153,9 @@ def prepare_controlnet(model: FluxControlNetModel, quantize, backend: str, atten
 def prepare_multi_controlnet(multi: FluxMultiControlNetModel, prepare_net: Callable) -> Callable[[], nn.Module]:
     """Check every net of `multi` (prepare_net(net) -> build) before any moves; the build swaps each net for its
     compiled form and returns `multi` itself. A net listed twice is compiled once."""
-    builds: dict[int, Callable] = {}
-    for net in multi.nets:
-        if id(net) not in builds:
-            builds[id(net)] = prepare_net(net)
+    # one build per distinct net (modules hash by identity): compiling a net listed twice a second time would read
+    # the weights the first compile moved out
+    builds = {id(net): prepare_net(net) for net in dict.fromkeys(multi.nets)}
 
     def build() -> FluxMultiControlNetModel:
         compiled = {key: make() for key, make in builds.items()}
@@ -166,3 +164,4 @@ def prepare_multi_controlnet(multi: FluxMultiControlNetModel, prepare_net: Calla
         return multi
 
     return build
+

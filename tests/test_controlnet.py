@@ -140,6 +140,20 @@ def test_multi_controlnet_matches_diffusers():
 
 
 @torch.no_grad()
+def test_a_net_listed_twice_is_compiled_once():
+    """Compiling it twice would read the weights the first compile moved out (meta tensors)."""
+    net, x = controlnet(seed=23), inputs()
+    multi = FluxMultiControlNetModel([net, controlnet(seed=24), net])
+    call = dict(x, controlnet_cond=[control_latents(7), control_latents(8), control_latents(9)],
+                controlnet_mode=[torch.tensor([0, 0])] * 3, conditioning_scale=[1.0, 0.5, 2.0])
+    expected = multi(**call, return_dict=False)
+    fluxrt.compile(multi, backend="torch")
+    assert multi.nets[0] is multi.nets[2] and multi.nets[0] is not multi.nets[1]
+    got = multi(**call, return_dict=False)
+    assert_samples_close(got[0], expected[0], "controlnet_block_samples")
+
+
+@torch.no_grad()
 def test_one_union_net_with_several_conditions_matches_diffusers():
     """A FluxMultiControlNetModel of one Union net runs it once per condition and sums (diffusers' memory saver)."""
     multi, x = FluxMultiControlNetModel([controlnet(seed=9, num_mode=3)]), inputs()
