@@ -58,9 +58,13 @@ class DiffusersStandIn:
     diffusers_class_name: str  # set by each subclass, e.g. "FluxTransformer2DModel"
 
     def __init__(self, *args, **kwargs):
-        # an instance attribute: the class's own __module__ must stay fluxrt's (imports, tracebacks, docs)
-        self.__dict__["__module__"] = self._diffusers_class().__module__
+        self._report_diffusers_module()
         super().__init__(*args, **kwargs)
+
+    def _report_diffusers_module(self) -> None:
+        """Set by __init__; a subclass whose __init__ bypasses this one's (calling ModelMixin.__init__ directly, say)
+        calls it itself. An instance attribute: the class's own __module__ stays fluxrt's (imports, tracebacks)."""
+        self.__dict__["__module__"] = self._diffusers_class().__module__
 
     def _diffusers_class(self) -> type:
         return getattr(importlib.import_module("diffusers"), self.diffusers_class_name)
