@@ -60,7 +60,8 @@ def compile(obj, quantize: str | None = None, backend: str = "auto", cuda_graphs
     backend: "auto" | "triton" | "torch" (the autoencoder's ops are C++/CUDA: "triton" means "auto" there).
     cuda_graphs: "auto" (on for a CUDA model) | True | False. attention: "bf16" (the model's dtype) | "fp8" (e4m3
     q, k, v with per-(batch, head) scales, sm_89+; off by default: benchmarks/NOTES.md has its accuracy).
-    quantize, cuda_graphs and attention apply to the transformer.
+    quantize and attention apply to the transformer and a ControlNet's trunk, cuda_graphs to the transformer only (a
+    compiled ControlNet runs eagerly, and so does a transformer call given ControlNet residuals).
     """
     return prepare(obj, quantize=quantize, backend=backend, cuda_graphs=cuda_graphs, attention=attention)()
 
