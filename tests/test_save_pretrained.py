@@ -13,6 +13,7 @@ import torch
 from diffusers import (
     AutoencoderKL,
     FluxControlNetModel,
+    FluxControlNetPipeline,
     FluxImg2ImgPipeline,
     FluxPipeline,
     FluxTransformer2DModel,
@@ -24,6 +25,7 @@ from fluxrt import FluxConfig, sampling
 from fluxrt.testing import randomize_parameters_
 
 TINY = FluxConfig.preset("tiny")
+PIPELINE_PARTS = ("scheduler", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "transformer")
 
 
 def tiny_transformer(seed: int = 0, dtype=torch.float32) -> FluxTransformer2DModel:
@@ -121,6 +123,32 @@ def test_compiled_pipeline_saves_a_folder_diffusers_loads(tmp_path):
     img2img = FluxImg2ImgPipeline.from_pipe(pipe, transformer=pipe.transformer, vae=pipe.vae)
     assert img2img.transformer is pipe.transformer and img2img.vae is pipe.vae
     assert tuple(img2img.config["transformer"]) == ("diffusers", "FluxTransformer2DModel")
+
+
+@torch.no_grad()
+def test_compiled_controlnet_pipeline_saves_a_folder_diffusers_loads(tmp_path):
+    from test_controlnet import controlnet
+    from tiny_pipeline import build_tiny_flux_pipeline
+
+    base = build_tiny_flux_pipeline(tmp_path / "build", seed=7)
+    pipe = FluxControlNetPipeline(**{k: v for k, v in base.components.items() if k in PIPELINE_PARTS},
+                                  controlnet=controlnet(seed=8))
+    pipe.set_progress_bar_config(disable=True)
+    control = torch.rand(1, 3, 32, 48, generator=torch.Generator().manual_seed(1))
+    call = dict(prompt="a red apple", control_image=control, height=32, width=48, num_inference_steps=2,
+                guidance_scale=3.5, max_sequence_length=16, output_type="pt")
+    want = pipe(**call, generator=torch.Generator().manual_seed(0)).images
+    expected = {name: weights(getattr(pipe, name)) for name in ("transformer", "vae", "controlnet")}
+    fluxrt.compile(pipe, backend="torch")
+    pipe.save_pretrained(tmp_path / "saved")
+    index = json.loads((tmp_path / "saved" / "model_index.json").read_text())
+    assert index["controlnet"] == ["diffusers", "FluxControlNetModel"]
+    loaded = FluxControlNetPipeline.from_pretrained(tmp_path / "saved")
+    loaded.set_progress_bar_config(disable=True)
+    for name, state in expected.items():
+        assert_same_weights(getattr(loaded, name), state)
+    got = loaded(**call, generator=torch.Generator().manual_seed(0)).images
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
 
 
 @torch.no_grad()
