@@ -37,6 +37,7 @@ from .diffusers_adapter import (
     is_diffusers_multi_controlnet,
     is_diffusers_pipeline,
 )
+from .diffusers_state import keep_model_offload
 from .quantize import quantize as quantize_model
 from .reference import AutoEncoder, Flux
 from .transformer import FastFlux, check_compilable
@@ -102,11 +103,13 @@ def _prepare_pipeline(pipe, quantize, backend, cuda_graphs, attention) -> Callab
               "vae": _prepare_autoencoder(vae, backend)}
     if "controlnet" in components:
         builds["controlnet"] = _prepare_controlnet(components["controlnet"], quantize, backend, attention)
+    reapply_offload = keep_model_offload(pipe)
 
     def build_pipeline():
         built = {name: build() for name, build in builds.items()}
         for name, module in built.items():
             setattr(pipe, name, module)
+        reapply_offload()  # enable_model_cpu_offload() called before compile: its hook chain over the new modules
         return pipe
 
     return build_pipeline

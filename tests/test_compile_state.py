@@ -174,10 +174,6 @@ CALL = dict(prompt="a red apple", height=32, width=32, num_inference_steps=1, gu
             max_sequence_length=16, output_type="pt")
 
 
-NEEDS_WIRING = pytest.mark.xfail(strict=True, reason="needs fluxrt.compiler's pipeline build to call "
-                                 "diffusers_state.keep_model_offload (asked of the lead); then remove this mark")
-
-
 def images(pipe):
     return pipe(**CALL, generator=torch.Generator().manual_seed(0)).images
 
@@ -205,7 +201,6 @@ def test_model_cpu_offload_after_compile_gives_equal_images(tmp_path):
     assert torch.equal(images(pipe), compiled)  # the hooks, re-applied after a call, still run it
 
 
-@NEEDS_WIRING
 @torch.no_grad()
 def test_model_cpu_offload_before_compile_is_kept(tmp_path):
     pipe = tiny_pipe(tmp_path)
@@ -219,7 +214,7 @@ def test_model_cpu_offload_before_compile_is_kept(tmp_path):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("when", [pytest.param("before", marks=NEEDS_WIRING), "after"])
+@pytest.mark.parametrize("when", ["before", "after"])
 @torch.no_grad()
 def test_gpu_model_cpu_offload_before_and_after_compile(tmp_path, when):
     """The real thing: each model moved to the GPU for its call and back to the CPU after it."""
