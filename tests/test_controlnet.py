@@ -187,12 +187,13 @@ def test_transformer_adds_controlnet_residuals_as_diffusers(case):
                 controlnet_blocks_repeat=repeat, return_dict=False)
     expected = model(**call)[0]
     without = model(**x, return_dict=False)[0]
-    given = [s.clone() for key in ("controlnet_block_samples", "controlnet_single_block_samples") for s in call[key] or ()]
+    keys = ("controlnet_block_samples", "controlnet_single_block_samples")
+    given = [s.clone() for key in keys for s in call[key] or ()]
     fast = fluxrt.compile(model, backend="torch")
     got = fast(**call)[0]
     assert rel_error(got, expected) <= 1e-5, f"rel error {rel_error(got, expected):.2e}"
     assert rel_error(without, expected) > 1e-2  # the residuals matter
-    after = [s for key in ("controlnet_block_samples", "controlnet_single_block_samples") for s in call[key] or ()]
+    after = [s for key in keys for s in call[key] or ()]
     assert all(torch.equal(a, b) for a, b in zip(after, given))  # added to the stream, the samples left as given
 
 
@@ -209,18 +210,19 @@ def test_compiled_controlnet_drives_the_compiled_transformer_as_in_diffusers():
     assert rel_error(got, expected) <= 1e-5
 
 
+HIDDEN = TINY.hidden_size
 BAD_RESIDUALS = [
     (dict(controlnet_block_samples=[]), r"controlnet_block_samples must be a non-empty list.*\(empty\)"),
-    (dict(controlnet_single_block_samples=torch.zeros(B, TOKENS, 128)),
+    (dict(controlnet_single_block_samples=torch.zeros(B, TOKENS, HIDDEN)),
      "controlnet_single_block_samples must be a non-empty list of tensors.*got Tensor"),
-    (dict(controlnet_block_samples=[torch.zeros(B, TOKENS + 1, 128)]),
-     r"controlnet_block_samples\[0\] must be the image tokens' shape \[B, L, hidden\] = \[2, 6, 128\], got "
-     r"\(2, 7, 128\)"),
-    (dict(controlnet_single_block_samples=[torch.zeros(B, TOKENS, 128), "x"]),
+    (dict(controlnet_block_samples=[torch.zeros(B, TOKENS + 1, HIDDEN)]),
+     rf"controlnet_block_samples\[0\] must be the image tokens' shape \[B, L, hidden\] = \[{B}, {TOKENS}, {HIDDEN}\], "
+     rf"got \({B}, {TOKENS + 1}, {HIDDEN}\)"),
+    (dict(controlnet_single_block_samples=[torch.zeros(B, TOKENS, HIDDEN), "x"]),
      r"controlnet_single_block_samples\[1\] must be .*got str"),
-    (dict(controlnet_block_samples=[torch.zeros(B, TOKENS, 128, dtype=torch.float64)]),
+    (dict(controlnet_block_samples=[torch.zeros(B, TOKENS, HIDDEN, dtype=torch.float64)]),
      r"controlnet_block_samples\[0\] is torch.float64 on cpu; the transformer runs torch.float32"),
-    (dict(controlnet_block_samples=[torch.zeros(B, TOKENS, 128)], controlnet_blocks_repeat=1),
+    (dict(controlnet_block_samples=[torch.zeros(B, TOKENS, HIDDEN)], controlnet_blocks_repeat=1),
      "controlnet_blocks_repeat must be True or False"),
 ]
 
