@@ -132,11 +132,14 @@ def tiny_sd3_transformer() -> SD3Transformer2DModel:
 
 def test_a_pipeline_without_flux_components_is_refused_clearly(base):
     pipe = pipeline(base, "FluxPipeline", transformer=tiny_sd3_transformer())
+    vae, before = pipe.vae, snapshot(pipe.vae)
     with pytest.raises(TypeError, match=r"accepts a diffusers pipeline whose transformer is a FluxTransformer2DModel "
                                         r"and whose vae is an AutoencoderKL \(FluxPipeline, .*FluxKontextPipeline.*\); "
                                         r"this FluxPipeline has transformer SD3Transformer2DModel and vae "
                                         r"AutoencoderKL"):
         fluxrt.compile(pipe)
+    assert pipe.vae is vae
+    assert_as_before(vae, before)
     pipe = pipeline(base, "FluxImg2ImgPipeline", vae=None)
     with pytest.raises(TypeError, match="this FluxImg2ImgPipeline has transformer FluxTransformer2DModel and vae "
                                         "NoneType"):

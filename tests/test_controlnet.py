@@ -264,8 +264,10 @@ def test_multi_controlnet_whose_second_net_fails_keeps_the_first():
 
 def test_compiled_and_consumed_controlnets_and_graph_requests_are_refused():
     model = controlnet(seed=14)
+    before = snapshot(model)
     with pytest.raises(ValueError, match="cuda_graphs=True applies to the transformer"):
         fluxrt.compile(model, cuda_graphs=True)
+    assert_as_before(model, before)
     fast = fluxrt.compile(model, backend="torch")
     with pytest.raises(TypeError, match="the ControlNet is already compiled by fluxrt"):
         fluxrt.compile(fast)
