@@ -31,6 +31,7 @@ from .convert import (  # noqa: E402
     vae_diffusers_to_bfl,
 )
 from .loading import load_autoencoder, load_transformer  # noqa: E402
+from .lora import Lora, load_lora  # noqa: E402
 from .pipeline import FluxPipeline  # noqa: E402
 from .quantize import save_transformer  # noqa: E402
 from .serving import GenerationRequest, GenerationResult  # noqa: E402
@@ -43,6 +44,7 @@ __all__ = [
     "CheckpointError",
     "FluxConfig",
     "FluxPipeline",
+    "Lora",
     "GenerationRequest",
     "GenerationResult",
     "NonFiniteError",
@@ -50,6 +52,7 @@ __all__ = [
     "bfl_to_diffusers",
     "diffusers_to_bfl",
     "load_autoencoder",
+    "load_lora",
     "load_transformer",
     "quantize",
     "reference",
