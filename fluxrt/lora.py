@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import os
 import re
 from collections.abc import Mapping
@@ -89,7 +90,9 @@ class Lora:
 
     def check(self, config) -> None:
         """CheckpointError unless every layer fits a fluxrt.reference.Flux built from `config` (a FluxConfig)."""
-        _check_fits(self.layers, _linear_shapes_of_config(config), f"a FLUX model with config {config}")
+        what = (f"a FLUX model with hidden size {config.hidden_size}, {config.depth} double and "
+                f"{config.depth_single_blocks} single blocks{'' if config.guidance_embed else ', no guidance_in'}")
+        _check_fits(self.layers, _linear_shapes_of_config(config), what)
 
     def fuse(self, model: nn.Module, scale: float = 1.0) -> "FusedLora":
         """Add scale * this LoRA into `model`'s weights (a fluxrt.reference.Flux); returns the handle to unfuse."""
@@ -319,7 +322,7 @@ def _version(t: Tensor) -> int:
 
 
 def _fuse(lora: Lora, model: nn.Module, scale: float) -> FusedLora:
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale):
         raise ValueError(f"scale must be a finite number, got {scale!r}")
     if not isinstance(model, nn.Module):
         raise TypeError(f"fuse needs a fluxrt.reference.Flux (an nn.Module), got a {type(model).__name__}")

@@ -68,7 +68,7 @@ _XLABS = {
 # Key endings: (suffix, role). Longest first, so ".lora_A.weight" is not read as XLabs' ".down.weight" family.
 _ROLES = ((".lora_A.weight", "down"), (".lora_B.weight", "up"), (".lora_down.weight", "down"),
           (".lora_up.weight", "up"), (".down.weight", "down"), (".up.weight", "up"), (".alpha", "alpha"))
-_TEXT_ENCODER_PREFIXES = ("lora_te", "text_encoder", "text_encoders.", "te.", "te1.", "te2.")
+_TEXT_ENCODER_PREFIXES = ("lora_te", "text_encoder")  # kohya lora_te1_/lora_te2_, diffusers, ComfyUI text_encoders.
 _DORA_MARKERS = ("dora_scale", "lora_magnitude_vector")
 
 

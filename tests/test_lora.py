@@ -127,6 +127,20 @@ def test_diffusers_peft_file_matches_diffusers(ref, tmp_path):
     assert len(lora.layers) == len(get_peft_model_state_dict(dif)) // 2
 
 
+def test_diffusers_file_with_alpha_keys_matches_diffusers(ref, tmp_path):
+    """diffusers naming with kohya-style `.alpha` keys per layer (diffusers reads them as network alphas)."""
+    gen = torch.Generator().manual_seed(15)
+    modules = {"transformer_blocks.0.attn.to_v": (H, H), "transformer_blocks.1.ff.net.0.proj": (MLP, H),
+               "single_transformer_blocks.0.proj_mlp": (MLP, H), "single_transformer_blocks.1.attn.to_q": (H, H)}
+    sd = {}
+    for j, (name, shape) in enumerate(modules.items()):
+        down, up = factors(gen, 4, *shape)
+        sd |= {f"transformer.{name}.lora_A.weight": down, f"transformer.{name}.lora_B.weight": up,
+               f"transformer.{name}.alpha": torch.tensor(2.0 + 3 * j)}
+    lora = assert_matches_diffusers(ref, write(tmp_path, sd))
+    assert sorted(layer.alpha for layer in lora.layers) == [2.0, 5.0, 8.0, 11.0]
+
+
 def test_kohya_file_matches_diffusers(ref, tmp_path):
     """sd-scripts naming on every block linear but single-block linear1 (diffusers' converter hard-codes FLUX's
     3072 split there: tested below), each layer its own rank and alpha."""
@@ -433,7 +447,7 @@ REFUSALS = {
     "wrong in features": (pair(GOOD, in_features=2 * H), r"does not fit its weight \[128, 128\]"),
     "wrong rows": (pair(GOOD, out_features=H + 1), r"does not fit its weight \[128, 128\]"),
     "block the model lacks": (pair("lora_unet_double_blocks_7_img_attn_proj"),
-                              "targets double_blocks.7.img_attn.proj, which a FLUX model with config"),
+                              "targets double_blocks.7.img_attn.proj, which a FLUX model with hidden size 128, 2 double"),
     "q part of wrong size": (pair("transformer.transformer_blocks.0.attn.to_q", out_features=H // 2),
                              r"updates 64 rows, but the q part of double_blocks.0.img_attn.qkv has 128"),
     "mlp part that overruns": (pair("transformer.single_transformer_blocks.0.proj_mlp", out_features=MLP + 8),
