@@ -151,7 +151,8 @@ def load_lora(path_or_state_dict: str | os.PathLike | Mapping[str, Tensor], conf
     state_dict, metadata = _read(path_or_state_dict)
     fmt, raw_layers = parse_keys(state_dict)
     alphas = _metadata_alphas(metadata, fmt, raw_layers)
-    layers = tuple(sorted((_build_layer(raw, alphas.get(raw.key)) for raw in raw_layers),
+    built = (_build_layer(raw, alphas.get(raw.key)) for raw in raw_layers)
+    layers = tuple(sorted((part for layer in built for part in _split_block_diagonal(layer)),
                           key=lambda layer: (layer.module, layer.row_start)))
     lora = Lora(layers=layers, format=fmt)
     if config is not None:
@@ -250,6 +251,30 @@ def _build_layer(raw: RawLayer, metadata_alpha: float | None) -> LoraLayer:
     part = None if raw.part == "swap" else raw.part
     return LoraLayer(module=raw.module, down=raw.down, up=up, alpha=_alpha(raw, metadata_alpha, rank),
                      row_start=_row_start(raw, part), part=part, key=raw.key)
+
+
+def _split_block_diagonal(layer: LoraLayer) -> tuple[LoraLayer, ...]:
+    """sd-scripts' split_qkv training saves the q, k, v (and mlp) LoRAs of a fused weight as one layer of rank n*r
+    whose B is block-diagonal (part i's rows use only columns i*r:(i+1)*r). Kept as n row-sliced layers of rank r
+    (alpha / n keeps alpha / rank), the update is the same and costs a side branch n times less; a B with anything
+    off the diagonal blocks stays one layer."""
+    parts = {"qkv": ("q", "k", "v"), "linear1": ("q", "k", "v", "mlp")}.get(layer.module.rsplit(".", 1)[-1])
+    if layer.part is not None or parts is None or layer.rank % len(parts):
+        return (layer,)
+    hidden, rows = layer.in_features, layer.up.shape[0]
+    if rows != 3 * hidden if len(parts) == 3 else rows <= 3 * hidden:
+        return (layer,)  # not a fused weight's shape: the fit check names the problem
+    r = layer.rank // len(parts)
+    starts = [i * hidden for i in range(len(parts))] + [rows]
+    diagonal = torch.zeros(layer.up.shape, dtype=torch.bool)
+    for i in range(len(parts)):
+        diagonal[starts[i]:starts[i + 1], i * r:(i + 1) * r] = True
+    if layer.up[~diagonal.to(layer.up.device)].any():
+        return (layer,)
+    return tuple(
+        LoraLayer(module=layer.module, down=layer.down[i * r:(i + 1) * r], up=layer.up[starts[i]:starts[i + 1],
+                  i * r:(i + 1) * r], alpha=layer.alpha / len(parts), row_start=starts[i], part=part, key=layer.key)
+        for i, part in enumerate(parts))
 
 
 def _alpha(raw: RawLayer, metadata_alpha: float | None, rank: int) -> float:

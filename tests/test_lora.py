@@ -150,10 +150,10 @@ def test_kohya_file_matches_diffusers(ref, tmp_path):
     names += [f"single_blocks.{i}.{n}" for i in range(CFG.depth_single_blocks) for n in ("linear2", "modulation.lin")]
     sd = {}
     for j, name in enumerate(names):
-        rank = 2 + j % 5
+        rank = 6 if name.endswith("qkv") else 2 + j % 5  # qkv: a dense B whose rank 3 divides
         kohya_layer(gen, sd, name, *shapes[name], rank, alpha=rank * (0.5 + 0.25 * (j % 4)))
     lora = assert_matches_diffusers(ref, write(tmp_path, sd))
-    assert lora.format == "kohya" and len(lora.layers) == len(names)
+    assert lora.format == "kohya" and len(lora.layers) == len(names), "dense qkv layers stay whole"
 
 
 def test_kohya_layers_outside_the_blocks_fuse_to_the_math(ref, tmp_path):
@@ -184,7 +184,28 @@ def test_kohya_split_trained_qkv_matches_diffusers(ref, tmp_path):
                 up[p * H:(p + 1) * H, p * r:(p + 1) * r] = 0.3 * torch.randn(H, r, generator=gen)
             key = f"lora_unet_double_blocks_{i}_{stream}_attn_qkv"
             sd |= {f"{key}.lora_down.weight": down, f"{key}.lora_up.weight": up, f"{key}.alpha": torch.tensor(4.5)}
-    assert_matches_diffusers(ref, write(tmp_path, sd))
+    lora = assert_matches_diffusers(ref, write(tmp_path, sd))
+    assert [(la.part, la.rank, la.row_start, la.scale) for la in lora.layers[:3]] == [
+        ("q", 3, 0, 0.5), ("k", 3, H, 0.5), ("v", 3, 2 * H, 0.5)], "kept as q, k, v layers of rank 3 each"
+    assert len(lora.layers) == 3 * 2 * CFG.depth
+
+
+def test_kohya_split_trained_linear1_fuses_to_the_math(ref):
+    """The same for single-block linear1 (q, k, v, mlp); a dense B of divisible rank stays one layer."""
+    gen = torch.Generator().manual_seed(16)
+    r, sizes = 2, [H, H, H, MLP]
+    down = torch.randn(4 * r, H, generator=gen) / H**0.5
+    up = torch.zeros(3 * H + MLP, 4 * r)
+    for p, start in enumerate([0, H, 2 * H, 3 * H]):
+        up[start:start + sizes[p], p * r:(p + 1) * r] = 0.3 * torch.randn(sizes[p], r, generator=gen)
+    key = "lora_unet_single_blocks_1_linear1"
+    sd = {f"{key}.lora_down.weight": down, f"{key}.lora_up.weight": up, f"{key}.alpha": torch.tensor(3.0)}
+    dense_down, dense_up = kohya_layer(gen, sd, "single_blocks.0.linear1", 3 * H + MLP, H, rank=8, alpha=3.0)
+    lora = fluxrt.load_lora(sd, config=CFG)
+    assert [(la.module, la.part, la.rank) for la in lora.layers] == [("single_blocks.0.linear1", None, 8)] + [
+        ("single_blocks.1.linear1", part, r) for part in ("q", "k", "v", "mlp")]
+    assert_fuses_to(ref, lora, [("single_blocks.1.linear1", 0, down, up, 3.0),
+                                ("single_blocks.0.linear1", 0, dense_down, dense_up, 3.0)], scale=1.2)
 
 
 def mixture_layer(gen, sd, name, out_features, in_features, rank, alpha):
