@@ -238,7 +238,8 @@ def test_kohya_names_of_diffusers_mlp_modules_fuse_to_the_math(ref):
     out_down, out_up = mixture_layer(gen, sd, "single_transformer_blocks_1_proj_out", H, H + MLP, rank=2, alpha=5.0)
     ff_down, ff_up = mixture_layer(gen, sd, "transformer_blocks_0_ff_context_net_2", H, MLP, rank=4, alpha=1.0)
     assert_fuses_to(ref, fluxrt.load_lora(sd, config=CFG), [
-        ("single_blocks.1.linear1", 3 * H, mlp_down, mlp_up, 2.0), ("single_blocks.1.linear2", 0, out_down, out_up, 5.0),
+        ("single_blocks.1.linear1", 3 * H, mlp_down, mlp_up, 2.0),
+        ("single_blocks.1.linear2", 0, out_down, out_up, 5.0),
         ("double_blocks.0.txt_mlp.2", 0, ff_down, ff_up, 1.0)])
 
 
@@ -468,7 +469,8 @@ REFUSALS = {
     "wrong in features": (pair(GOOD, in_features=2 * H), r"does not fit its weight \[128, 128\]"),
     "wrong rows": (pair(GOOD, out_features=H + 1), r"does not fit its weight \[128, 128\]"),
     "block the model lacks": (pair("lora_unet_double_blocks_7_img_attn_proj"),
-                              "targets double_blocks.7.img_attn.proj, which a FLUX model with hidden size 128, 2 double"),
+                              "targets double_blocks.7.img_attn.proj, which a FLUX model with hidden size 128, "
+                              "2 double"),
     "q part of wrong size": (pair("transformer.transformer_blocks.0.attn.to_q", out_features=H // 2),
                              r"updates 64 rows, but the q part of double_blocks.0.img_attn.qkv has 128"),
     "mlp part that overruns": (pair("transformer.single_transformer_blocks.0.proj_mlp", out_features=MLP + 8),
@@ -496,8 +498,11 @@ def test_refusal(case):
 
 def test_the_good_base_of_the_refusals_loads():
     """The refusals above differ from this file by one defect each."""
-    (layer,) = fluxrt.load_lora(pair(GOOD), config=CFG).layers
+    state_dict = pair(GOOD)
+    keys, tensors = list(state_dict), list(state_dict.values())
+    (layer,) = fluxrt.load_lora(state_dict, config=CFG).layers
     assert (layer.module, layer.rank, layer.scale) == ("double_blocks.0.img_attn.proj", 2, 1.0)
+    assert list(state_dict) == keys and all(a is b for a, b in zip(state_dict.values(), tensors)), "input changed"
 
 
 def test_pickle_file_is_refused_unread(tmp_path):
