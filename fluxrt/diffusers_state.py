@@ -141,8 +141,8 @@ def _check_attention_processors(model: nn.Module, what: str) -> None:
     names = [name for kind in kinds for name in custom[kind]]
     if any("IPAdapter" in kind for kind in kinds):
         raise CheckpointError(f"this {what} runs IP-Adapter attention processors ({', '.join(kinds)}) on "
-                              f"{_paths(names)}: fluxrt.compile does not run IP-Adapters. Call pipe.unload_ip_adapter() "
-                              "first")
+                              f"{_paths(names)}: fluxrt.compile does not run IP-Adapters. Call "
+                              "pipe.unload_ip_adapter() first")
     raise CheckpointError(
         f"this {what} has non-default attention processors ({', '.join(kinds)}) on {_paths(names)}: fluxrt runs its "
         "own attention and would skip what they do. Set the default back (set_default_attn_processor() or "
