@@ -108,6 +108,21 @@ def _records_last_call(method):
     return recorded
 
 
+def _runs_offload_hook(method):
+    """diffusers' apply_forward_hook for FastAutoencoderKL.decode / encode: a pipeline calls those, not forward, so
+    an accelerate hook on the module (enable_model_cpu_offload: move the VAE to the execution device) is run here,
+    before the inputs are checked against the weights' device, as diffusers' AutoencoderKL runs it."""
+
+    @functools.wraps(method)
+    def hooked(self, *args, **kwargs):
+        hook = getattr(self, "_hf_hook", None)
+        if hook is not None and hasattr(hook, "pre_forward"):
+            hook.pre_forward(self)
+        return method(self, *args, **kwargs)
+
+    return hooked
+
+
 class FastAutoEncoder(nn.Module):
     """Same API as fluxrt.reference.AutoEncoder (encode / decode / forward), running its (shared) weights fast.
 
@@ -432,6 +447,7 @@ class FastAutoencoderKL(DiffusersStandIn, nn.Module):
         return self.fast.ae.decoder.conv_in.weight.device
 
     # --- diffusers' API ----------------------------------------------------------------------------------------
+    @_runs_offload_hook
     @_records_last_call
     def decode(self, z: Tensor, return_dict: bool = True, generator=None):
         from diffusers.models.autoencoders.vae import DecoderOutput
@@ -443,6 +459,7 @@ class FastAutoencoderKL(DiffusersStandIn, nn.Module):
             image = self._decode(z)
         return DecoderOutput(sample=image) if return_dict else (image,)
 
+    @_runs_offload_hook
     @_records_last_call
     def encode(self, x: Tensor, return_dict: bool = True):
         from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKLOutput

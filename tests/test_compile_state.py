@@ -214,13 +214,7 @@ class CountingHook(ModelHook):
         return args, kwargs
 
 
-VAE_HOOK_PENDING = pytest.mark.xfail(strict=True, reason="needs FastAutoencoderKL.encode/decode to run accelerate's "
-                                     "hook as diffusers' AutoencoderKL does (diffusers.utils.accelerate_utils."
-                                     "apply_forward_hook; fluxrt/vae.py); then remove this mark")
-
-
-@pytest.mark.parametrize("compiled", [False, pytest.param(True, marks=VAE_HOOK_PENDING)],
-                         ids=["diffusers", "compiled"])
+@pytest.mark.parametrize("compiled", [False, True], ids=["diffusers", "compiled"])
 @torch.no_grad()
 def test_the_vae_decode_runs_the_offload_hook(tmp_path, compiled):
     """The pipeline calls vae.decode, not forward: diffusers' AutoencoderKL runs the model offload hook there

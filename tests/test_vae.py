@@ -283,3 +283,30 @@ def test_gpu_2048_decode_fits_24_gb():
     image = fast.decode(z)
     assert image.shape == (1, 3, 2048, 2048) and torch.isfinite(image).all()
     assert torch.cuda.max_memory_allocated() < 24 * 2**30
+
+
+@torch.no_grad()
+def test_decode_and_encode_run_an_accelerate_hook_as_diffusers_does():
+    """A pipeline calls vae.decode / encode, not forward: diffusers' AutoencoderKL runs an accelerate hook's
+    pre_forward there (model CPU offload moves the VAE to the device in it); the compiled one must too, once each."""
+    from accelerate.hooks import ModelHook, add_hook_to_module
+
+    class Counting(ModelHook):
+        def __init__(self):
+            self.calls = 0
+
+        def pre_forward(self, module, *args, **kwargs):
+            self.calls += 1
+            return args, kwargs
+
+    plain = _diffusers_vae(groups=4).requires_grad_(False)
+    fast = fluxrt.compile(copy.deepcopy(plain))
+    z, images = latents(b=1, h=4, w=4), torch.rand(1, 3, 32, 32) * 2 - 1
+    counts = []
+    for vae in (plain, fast):
+        hook = Counting()
+        add_hook_to_module(vae, hook)
+        vae.decode(z)
+        vae.encode(images)
+        counts.append(hook.calls)
+    assert counts == [2, 2]
