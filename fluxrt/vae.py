@@ -417,8 +417,8 @@ class FastAutoencoderKL(DiffusersStandIn, nn.Module):
     """Drop-in for a FLUX diffusers AutoencoderKL: decode/encode/forward with its kwargs and return types, .config,
     .dtype, .device, save_pretrained (a diffusers folder: fluxrt.diffusers_save), and diffusers' tiling and slicing
     contract (module docstring): use_tiling, use_slicing, tile_sample_min_size, tile_latent_min_size,
-    tile_overlap_factor, enable/disable_tiling, enable/disable_slicing. decode takes UNSCALED latents, as
-    diffusers' does.
+    tile_overlap_factor, enable/disable_tiling, enable/disable_slicing, and an accelerate hook run by decode and
+    encode (model offload; diffusers' apply_forward_hook). decode takes UNSCALED latents, as diffusers' does.
 
     `fast` must not tile by itself (tiling=False): this class tiles as diffusers does. `state`: the diffusers
     model's tiling and slicing attributes (DIFFUSERS_TILING_STATE) to carry over; diffusers' defaults otherwise."""
