@@ -51,10 +51,10 @@ class FastFluxControlNetModel(DiffusersStandIn, FluxControlNetModel):
 
     def __init__(self, fast: FastFlux, source: FluxControlNetModel):
         # ModelMixin's, not FluxControlNetModel's __init__ (the next one DiffusersStandIn's would call): that one would
-        # build (and allocate) the layers the FastFlux replaces. So the stand-in's __module__ is set here, as
-        # DiffusersStandIn.__init__ sets it. The config is the source's, so the pipeline reads the same fields.
+        # build (and allocate) the layers the FastFlux replaces. So the stand-in reports diffusers' module here. The
+        # config is the source's, so the pipeline reads the same fields.
         ModelMixin.__init__(self)
-        self.__dict__["__module__"] = FluxControlNetModel.__module__
+        self._report_diffusers_module()
         self._internal_dict = source.config
         self.fast = fast
         self.plan = fast.plan
