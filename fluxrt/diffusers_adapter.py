@@ -1,9 +1,9 @@
 """fluxrt.compile for a diffusers FluxTransformer2DModel: the same call, kwargs and return type back.
 
 Check, then move. check_flux_conversion runs the whole diffusers -> BFL conversion on meta tensors first (every
-parameter and buffer accounted for, nothing unknown: an unfused LoRA, fuse_qkv_projections' fused layers, extra
-parameters or modules; one floating dtype, one device, shapes that fit the config) and raises CheckpointError with
-the model untouched. Only then are the weights moved: renames keep the storage, q|k|v are fused into one new
+parameter and buffer accounted for, nothing unknown: an unfused LoRA, extra parameters or modules; one floating
+dtype, one device, shapes that fit the config) and raises CheckpointError with the model untouched. Layers fused by
+fuse_qkv_projections() are converted from the fused weights, which are what the model's forward runs. Only then are the weights moved: renames keep the storage, q|k|v are fused into one new
 tensor and their sources are released at once, so peak memory stays about one copy of the weights, and the
 diffusers model is left with empty (meta) parameters. The move phase allocates only the fused q|k|v tensors:
 running out of memory there is the one failure that can interrupt it. check_conversion does the same for any
@@ -30,13 +30,46 @@ from .reference import Flux
 # Names that only adapter libraries put into a diffusers model: peft's LoRA layers wrap a linear as `base_layer`
 # beside `lora_A` / `lora_B` (and `lora_embedding_*`, `lora_magnitude_vector` for DoRA).
 _LORA_MARKERS = (".base_layer.", ".lora_A.", ".lora_B.", ".lora_embedding_", ".lora_magnitude_vector")
-_FUSED_QKV_MARKERS = (".to_qkv.", ".to_added_qkv.")  # diffusers' fuse_qkv_projections()
+# diffusers' fuse_qkv_projections(): each fused layer (the one the model's forward then runs) and the layers whose
+# rows it stacks, which stay in the model beside it
+_FUSED_QKV = {"to_qkv": ("to_q", "to_k", "to_v"), "to_added_qkv": ("add_q_proj", "add_k_proj", "add_v_proj")}
+
+
+def fused_qkv_parts(keys) -> dict[str, tuple[str, int]]:
+    """{unfused key: (fused key, row third)} for the layers fuse_qkv_projections() fused, e.g.
+    "t.0.attn.to_k.weight" -> ("t.0.attn.to_qkv.weight", 1)."""
+    parts = {}
+    for key in keys:
+        module, _, leaf = key.rpartition(".")
+        owner, _, name = module.rpartition(".")
+        for index, split in enumerate(_FUSED_QKV.get(name, ())):
+            parts[f"{owner}.{split}.{leaf}" if owner else f"{split}.{leaf}"] = (key, index)
+    return parts
+
+
+def _without_fused_qkv(meta: dict[str, Tensor], what: str) -> dict[str, Tensor]:
+    """The meta state dict as if fuse_qkv_projections() had not been called (the fused layers' keys dropped, the
+    unfused keys kept: the move reads their values from the fused layers), after checking each fused layer stacks
+    exactly its three unfused layers' rows."""
+    parts = fused_qkv_parts(meta)
+    fused = {fused_key for fused_key, _ in parts.values()}
+    for fused_key in sorted(fused):
+        splits = [key for key, (source, _) in parts.items() if source == fused_key]
+        missing = [key for key in splits if key not in meta]
+        rows = sum(meta[key].shape[0] for key in splits if key in meta)
+        if missing or meta[fused_key].shape[0] != rows or any(meta[key].shape[1:] != meta[fused_key].shape[1:]
+                                                              for key in splits):
+            raise CheckpointError(f"this {what}'s fused projection {fused_key} does not stack "
+                                  f"{', '.join(splits)} ({'missing ' + ', '.join(missing) if missing else 'shapes differ'}"
+                                  "): call unfuse_qkv_projections(), or rebuild the model, before fluxrt.compile")
+    return {key: value for key, value in meta.items() if key not in fused}
 
 
 def check_diffusers_parameters(model: nn.Module, what: str) -> dict[str, Tensor]:
     """The model's state dict as meta tensors (shape, dtype) after the checks every diffusers conversion needs:
-    not consumed already, no adapter or fused-projection layers, every tensor a parameter of one floating dtype on
-    one device. Raises CheckpointError naming what is wrong and what to do; nothing is changed."""
+    not consumed already, no adapter layers, every tensor a parameter of one floating dtype on one device. Layers
+    fused by fuse_qkv_projections() are kept: their keys are left out, and the move reads the unfused layers' values
+    from them (_Consuming). Raises CheckpointError naming what is wrong and what to do; nothing is changed."""
     check_module_state(model, what)  # processors, hooks, IP-Adapter, per-layer offload: what compile would drop
     params = dict(model.named_parameters(remove_duplicate=False))
     state = model.state_dict(keep_vars=True)
@@ -45,9 +78,6 @@ def check_diffusers_parameters(model: nn.Module, what: str) -> dict[str, Tensor]
         raise CheckpointError(f"an unfused LoRA (peft adapter layers) is loaded into this {what}: fluxrt.compile runs "
                               "the base weights only. Call pipe.fuse_lora(); pipe.unload_lora_weights() first (or "
                               "unload the LoRA)")
-    if any(marker in key for key in keys for marker in _FUSED_QKV_MARKERS):
-        raise CheckpointError(f"fuse_qkv_projections() was called on this {what}: call unfuse_qkv_projections() "
-                              "first (fluxrt.compile fuses q, k and v itself)")
     buffers = sorted(set(state) - set(params))
     if buffers:
         raise CheckpointError(f"this {what} has buffers fluxrt does not know ({', '.join(buffers[:5])}): it is not a "
@@ -63,7 +93,8 @@ def check_diffusers_parameters(model: nn.Module, what: str) -> dict[str, Tensor]
     if len(devices) != 1:
         raise CheckpointError(f"this {what} has parameters on several devices ({', '.join(devices)}): move it to one "
                               "(model.to(device)) before fluxrt.compile")
-    return {k: torch.empty(v.shape, dtype=v.dtype, device="meta") for k, v in state.items()}
+    meta = {k: torch.empty(v.shape, dtype=v.dtype, device="meta") for k, v in state.items()}
+    return _without_fused_qkv(meta, what)
 
 
 def check_fits(model: nn.Module, converted: Mapping[str, Tensor], what: str) -> None:
@@ -85,15 +116,39 @@ def _conversion_error(err: CheckpointError, what: str) -> CheckpointError:
 
 
 class _Consuming(Mapping):
-    """A checked model's parameters by state-dict key (all of them, or `keys`); reading one detaches it from the
-    model (the move phase)."""
+    """A checked model's parameters by state-dict key (all of them but fuse_qkv_projections' fused layers, or
+    `keys`); reading one detaches it from the model (the move phase). After fuse_qkv_projections() an unfused
+    layer's value is its rows of the fused layer, which is what the model's forward ran; reading it releases the
+    unfused duplicate, and the fused layer once its three parts are read."""
 
     def __init__(self, model: nn.Module, keys: list[str] | None = None):
         self._model = model
-        self._keys = list(model.state_dict().keys()) if keys is None else list(keys)
+        state_keys = list(model.state_dict().keys())
+        self._fused_parts = fused_qkv_parts(state_keys)
+        fused = {source for source, _ in self._fused_parts.values()}
+        self._keys = [k for k in state_keys if k not in fused] if keys is None else list(keys)
         self._keyset = set(self._keys)
+        state = model.state_dict(keep_vars=True)
+        self._rows = {k: state[k].shape[0] for k in self._fused_parts}  # shapes only: nothing is read yet
+        self._fused_read: dict[str, list] = {}  # fused key -> [its value, parts not read yet]
 
     def __getitem__(self, key: str) -> Tensor:
+        value = self._detach(key)  # an unfused duplicate is released all the same
+        if key not in self._fused_parts:
+            return value
+        fused_key, index = self._fused_parts[key]
+        siblings = [k for k, (source, _) in sorted(self._fused_parts.items(), key=lambda item: item[1][1])
+                    if source == fused_key]
+        if fused_key not in self._fused_read:
+            self._fused_read[fused_key] = [self._detach(fused_key), len(siblings)]
+        entry = self._fused_read[fused_key]
+        part = entry[0].split([self._rows[k] for k in siblings], dim=0)[index]
+        entry[1] -= 1
+        if entry[1] == 0:
+            del self._fused_read[fused_key]  # the last part read: only its views keep the fused storage alive
+        return part
+
+    def _detach(self, key: str) -> Tensor:
         module_name, _, name = key.rpartition(".")
         module = self._model.get_submodule(module_name)
         value = getattr(module, name).detach()

@@ -73,13 +73,32 @@ def test_transformer_with_an_extra_parameter_is_refused_untouched():
 
 
 @torch.no_grad()
-def test_transformer_after_fuse_qkv_projections_is_refused_untouched():
+def test_transformer_after_fuse_qkv_projections_is_converted_from_the_fused_weights():
     model, x = diffusers_flux(seed=2), diffusers_inputs()
     model.fuse_qkv_projections()
-    refused_and_untouched(model, x, fluxrt.CheckpointError, r"fuse_qkv_projections\(\) was called.*unfuse_qkv")
-    model.unfuse_qkv_projections()  # the advice works
+    with torch.no_grad():  # the fused layers are what diffusers then runs: make them differ from the unfused copies
+        for module in model.modules():
+            for name in ("to_qkv", "to_added_qkv"):
+                if hasattr(module, name):
+                    getattr(module, name).weight.mul_(1.5)
     expected = model(**x)[0]
-    torch.testing.assert_close(fluxrt.compile(model, backend="torch")(**x)[0], expected, rtol=1e-5, atol=1e-5)
+    compiled = fluxrt.compile(model, backend="torch")
+    torch.testing.assert_close(compiled(**x)[0], expected, rtol=1e-5, atol=1e-5)
+    assert all(p.is_meta for p in model.parameters())  # every unfused duplicate released too
+
+
+@torch.no_grad()
+def test_a_fused_projection_that_does_not_stack_its_parts_is_refused_untouched():
+    model, x = diffusers_flux(seed=2), diffusers_inputs()
+    model.fuse_qkv_projections()
+    attn = model.transformer_blocks[0].attn
+    attn.to_qkv.weight = torch.nn.Parameter(attn.to_qkv.weight[:-3].clone())
+    attn.to_qkv.bias = torch.nn.Parameter(attn.to_qkv.bias[:-3].clone())
+    attn.to_qkv.out_features -= 3
+    with pytest.raises(fluxrt.CheckpointError, match=r"fused projection transformer_blocks\.0\.attn\.to_qkv\.(weight|bias) "
+                                                      r"does not stack"):
+        fluxrt.compile(model, backend="torch")
+    assert not any(p.is_meta for p in model.parameters())
 
 
 @torch.no_grad()

@@ -121,6 +121,18 @@ def test_whole_pipeline_compile_matches_diffusers(base, case):
     assert all(net.plan["last_call"]["joint_attention"] == ["torch"] for net in nets)
 
 
+@torch.no_grad()
+def test_fuse_qkv_projections_before_compile_is_kept(base):
+    pipe = pipeline(base, "FluxPipeline")
+    pipe.transformer.fuse_qkv_projections()
+    pipe.vae.fuse_qkv_projections()
+    assert pipe.transformer.transformer_blocks[0].attn.fused_projections
+    assert any(name.endswith("to_qkv.weight") for name, _ in pipe.vae.named_parameters())
+    expected = run(pipe, {})
+    fluxrt.compile(pipe, backend="torch")
+    torch.testing.assert_close(run(pipe, {}), expected, atol=1e-4, rtol=0)
+
+
 # ---- what is not a FLUX pipeline, and atomicity ----
 
 
