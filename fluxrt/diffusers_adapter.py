@@ -16,6 +16,7 @@ controlnet_blocks_repeat) with diffusers' meaning: fluxrt.transformer.controlnet
 from __future__ import annotations
 
 import contextlib
+import numbers
 from collections.abc import Callable, Iterator, Mapping
 
 import torch
@@ -210,11 +211,13 @@ def _meta_flux(config: FluxConfig, final_layer: bool) -> Flux:
 
 
 def check_joint_attention_kwargs(joint_attention_kwargs: dict | None) -> None:
-    """NotImplementedError for what diffusers passes to attention processors (fluxrt runs its own attention)."""
+    """NotImplementedError for what diffusers passes to attention processors (fluxrt runs its own attention).
+    'scale' is diffusers' LoRA scale: it scales unfused peft LoRA layers only, and a compiled model has none
+    (compile refuses them; a fused LoRA ignores it in diffusers too), so any number is exact and changes nothing."""
     kwargs = dict(joint_attention_kwargs or {})
-    if kwargs.pop("scale", 1.0) != 1.0:
-        raise NotImplementedError("joint_attention_kwargs['scale'] (a LoRA scale) is not supported by fluxrt's "
-                                  "compiled models: fuse the LoRA into the weights before fluxrt.compile")
+    scale = kwargs.pop("scale", 1.0)
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+        raise TypeError(f"joint_attention_kwargs['scale'] (a LoRA scale) must be a number, got {scale!r}")
     if kwargs:
         raise NotImplementedError(f"joint_attention_kwargs {sorted(kwargs)} are not supported by fluxrt's compiled "
                                   "models (IP-Adapter and custom attention processors included)")

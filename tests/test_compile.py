@@ -236,11 +236,20 @@ def test_diffusers_unsupported_kwargs_are_refused():
     fast = fluxrt.compile(model, backend="torch")
     with pytest.raises(ValueError, match=r"controlnet_block_samples\[0\] must be the image tokens. shape"):
         fast(**x, controlnet_block_samples=[torch.zeros(1)])
-    with pytest.raises(NotImplementedError, match="LoRA scale"):
-        fast(**x, joint_attention_kwargs={"scale": 0.5})
+    with pytest.raises(TypeError, match="LoRA scale"):
+        fast(**x, joint_attention_kwargs={"scale": "0.5"})
     with pytest.raises(NotImplementedError, match="ip_adapter_image_embeds"):
         fast(**x, joint_attention_kwargs={"ip_adapter_image_embeds": [torch.zeros(1)]})
-    fast(**x, joint_attention_kwargs={"scale": 1.0})  # the neutral LoRA scale is honoured
+
+
+@torch.no_grad()
+def test_a_lora_scale_without_a_lora_changes_nothing_as_in_diffusers():
+    model, x = diffusers_model_and_inputs(seed=13)
+    expected = model(**x, joint_attention_kwargs={"scale": 0.5}).sample
+    torch.testing.assert_close(expected, model(**x).sample, rtol=0, atol=0)  # diffusers: no peft layers, no effect
+    fast = fluxrt.compile(model, backend="torch")
+    torch.testing.assert_close(fast(**x, joint_attention_kwargs={"scale": 0.5}).sample, expected, rtol=1e-5,
+                               atol=1e-5)
 
 
 # ---- a real tiny diffusers FluxPipeline (offline tokenizers and encoders, tests/tiny_pipeline.py) ----
