@@ -282,7 +282,9 @@ class FastFlux(nn.Module):
         """nn.Module.to / .cuda / .double / ... convert each parameter on its own, which would turn the blocks'
         modulation views into separate copies of the batched weights (+27 % parameter memory, 6.4 GB at FLUX's size
         in bf16). The views are taken out while the rest converts (nn.Module._apply skips None entries), then
-        re-pointed into the converted batched weights: one storage, as compile left it."""
+        re-pointed into the converted batched weights: one storage, as compile left it. A dtype change that would
+        cast FP8 weights (.to(torch.bfloat16), .half(), ...) is refused before anything converts."""
+        self._refuse_fp8_recast(fn)
         linears = [lin for _, lin in _modulation_linears(self.model)] if self.modulation is not None else []
         names = [name for name, _ in self.modulation.named_parameters(recurse=False)] if linears else []
         for linear in linears:
@@ -294,6 +296,19 @@ class FastFlux(nn.Module):
             self._view_modulation(linears, names)
         self._refresh_plan()
         return self
+
+    def _refuse_fp8_recast(self, fn) -> None:
+        """ValueError if `fn` (what nn.Module._apply maps over the tensors) changes an FP8 weight's dtype: FP8Linear
+        would then hold bf16/fp16 weights with fp8 scales, and every output would be wrong."""
+        for name, module in self.model.named_modules():
+            if isinstance(module, FP8Linear):
+                probe = torch.empty(0, dtype=module.weight.dtype, device=module.weight.device)
+                converted = fn(probe)
+                if converted.dtype != probe.dtype:
+                    raise ValueError(f"this model is quantized (FP8 weights, e.g. {name}), so its dtype cannot change "
+                                     f"to {converted.dtype}: move it with .to(device) only, or compile the "
+                                     "unquantized model in the dtype you want")
+                return  # one probe says it for every FP8 weight (they share a dtype and device)
 
     def _view_modulation(self, linears: list[nn.Module], names: list[str]) -> None:
         """Each block's modulation parameters become views of its rows of the batched weights."""

@@ -373,3 +373,20 @@ def test_diffusers_wrapper_to_keeps_one_storage_and_reports_its_dtype():
     wrapper.to(dtype=torch.float32).to("cpu")
     assert_one_modulation_storage(wrapper.fast)
     torch.testing.assert_close(wrapper(**x)[0], expected, atol=1e-6, rtol=1e-5)
+
+
+@torch.no_grad()
+def test_a_quantized_models_dtype_cannot_change_but_it_still_moves():
+    model, x = reference_flux(seed=6), reference_inputs()
+    fast = fluxrt.compile(model, quantize="fp8-weight", backend="torch")
+    expected = fast(**x)
+    qkv = fast.model.double_blocks[0].img_attn.qkv
+    fp8 = qkv.weight.dtype
+    for convert in (lambda m: m.to(torch.bfloat16), lambda m: m.half(), lambda m: m.float()):
+        with pytest.raises(ValueError, match="quantized .FP8 weights.*cannot change"):
+            convert(fast)
+        assert qkv.weight.dtype == fast.modulation.weight.dtype == fp8  # nothing converted
+        assert fast.model.img_in.weight.dtype == torch.float32
+    fast.to("cpu")  # a move keeps the dtypes
+    assert_one_modulation_storage(fast)
+    torch.testing.assert_close(fast(**x), expected, rtol=0, atol=0)
