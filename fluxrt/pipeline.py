@@ -14,6 +14,8 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
+import numbers
 import os
 import threading
 from collections.abc import Callable, Sequence
@@ -26,6 +28,7 @@ from . import sampling
 from .convert import CheckpointError
 from .devices import resolve_device, resolve_dtype
 from .loading import load_autoencoder, load_transformer
+from .lora import load_lora
 from .reference import AutoEncoder, Flux
 from .compiler import prepare as prepare_compile  # compile's check phase; also takes the autoencoder (-> fluxrt.vae)
 from .validation import (
@@ -92,6 +95,7 @@ class FluxPipeline:
         self.default_negative_prompt = defaults.get("negative_prompt")
         self.plan = None  # what fluxrt.compile chose, once compiled
         self._lock = threading.RLock()
+        self._loras: dict[str, list] = {}  # name -> [Lora, scale, FusedLora], in the order they were fused
         if compile:
             self.accelerate(quantize=quantize, backend=backend)
 
@@ -282,6 +286,70 @@ class FluxPipeline:
                                  "check the autoencoder's weights, and run it in bf16 or fp32 (fp16 overflows)")
         return (image / 2 + 0.5).clamp(0, 1).cpu()
 
+    # ---- LoRA ----
+
+    @property
+    def loras(self) -> dict[str, float]:
+        """The LoRAs applied, {name: scale}, in the order they were loaded."""
+        return {name: entry[1] for name, entry in self._loras.items()}
+
+    def load_lora(self, path: str | Path, scale: float = 1.0, name: str | None = None) -> str:
+        """Apply a FLUX.1 LoRA file at `scale` (fluxrt.load_lora's formats: diffusers/PEFT, kohya, BFL/ComfyUI,
+        XLabs); returns its name (default: the file's stem) for set_lora_scales and unload_lora. Several LoRAs add
+        up, each at its own scale. It is fused into the transformer's bf16/fp32 weights (the compiled transformer
+        runs the same weights), exactly undone by unload_lora; a quantized (FP8) transformer refuses it. The file
+        and its fit to this model are checked before any weight changes."""
+        with self._lock:
+            scale = _check_lora_scale(scale, "scale")
+            name = Path(path).stem if name is None else name
+            if not isinstance(name, str) or not name:
+                raise TypeError(f"name must be a non-empty string, got {name!r}")
+            if name in self._loras:
+                raise ValueError(f"a LoRA named {name!r} is loaded already: pass another name=, or unload_lora({name!r})")
+            lora = load_lora(path, config=self.config)
+            self._loras[name] = [lora, scale, lora.fuse(self._base_transformer(), scale)]
+            return name
+
+    def set_lora_scales(self, scales: dict[str, float]) -> None:
+        """Change loaded LoRAs' scales ({name: scale}); every name and scale is checked before any weight changes."""
+        with self._lock:
+            if not isinstance(scales, dict):
+                raise TypeError(f"scales must be a dict {{name: scale}}, got {type(scales).__name__}")
+            checked = {self._known_lora(name): _check_lora_scale(value, f"scales[{name!r}]")
+                       for name, value in scales.items()}
+            self._unfuse_all()
+            for name, value in checked.items():
+                self._loras[name][1] = value
+            self._fuse_all()
+
+    def unload_lora(self, name: str | None = None) -> None:
+        """Remove one LoRA (or all of them, name=None): the weights come back bit for bit without it."""
+        with self._lock:
+            names = list(self._loras) if name is None else [self._known_lora(name)]
+            self._unfuse_all()
+            for gone in names:
+                del self._loras[gone]
+            self._fuse_all()
+
+    def _known_lora(self, name) -> str:
+        if name not in self._loras:
+            raise KeyError(f"no LoRA named {name!r} is loaded (loaded: {sorted(self._loras) or 'none'})")
+        return name
+
+    def _base_transformer(self) -> Flux:
+        """The fluxrt.reference.Flux whose weights the transformer runs (a compiled FastFlux shares them)."""
+        return self.transformer if isinstance(self.transformer, Flux) else self.transformer.model
+
+    def _unfuse_all(self) -> None:
+        """Unfuse every LoRA, last fused first (the order in which each restore is exact)."""
+        for entry in reversed(list(self._loras.values())):
+            entry[2].unfuse()
+            entry[2] = None
+
+    def _fuse_all(self) -> None:
+        for entry in self._loras.values():
+            entry[2] = entry[0].fuse(self._base_transformer(), entry[1])
+
     def generate(self, requests, max_batch_size: int = 4):
         """Serving entry point: a list of fluxrt.GenerationRequest -> a list of fluxrt.GenerationResult, in order (a
         single request or a string is a TypeError: pass [request]). See fluxrt.serving."""
@@ -292,6 +360,12 @@ class FluxPipeline:
     def _move_text_encoders(self, device) -> None:
         self.clip_encoder.to(device)
         self.t5_encoder.to(device)
+
+
+def _check_lora_scale(scale, what: str) -> float:
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale):
+        raise ValueError(f"{what} must be a finite number (a LoRA's scale), got {scale!r}")
+    return float(scale)
 
 
 def to_pil(images: Tensor) -> list:

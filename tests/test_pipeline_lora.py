@@ -1,0 +1,106 @@
+"""fluxrt.FluxPipeline's LoRA API (load_lora / set_lora_scales / unload_lora) and the CLI's --lora, on the tiny
+random-weight pipeline with real LoRA safetensors files (BFL/ComfyUI naming; every format is tests/test_lora.py's)."""
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import fluxrt
+from fluxrt.tiny import tiny_random_pipeline
+
+CALL = dict(width=32, height=32, num_steps=2, seed=1, output_type="pt")
+PROMPT = "a red circle"
+
+
+def write_lora(path, seed: int, rank: int = 4) -> str:
+    """A LoRA on the first double block's image qkv and the first single block's linear2, in BFL/ComfyUI naming."""
+    gen = torch.Generator().manual_seed(seed)
+    hidden = fluxrt.FluxConfig.preset("tiny").hidden_size
+    mlp = 4 * hidden
+    shapes = {"double_blocks.0.img_attn.qkv": (3 * hidden, hidden), "single_blocks.0.linear2": (hidden, hidden + mlp)}
+    tensors = {}
+    for module, (rows, cols) in shapes.items():
+        tensors[f"diffusion_model.{module}.lora_A.weight"] = torch.randn(rank, cols, generator=gen) * 0.3
+        tensors[f"diffusion_model.{module}.lora_B.weight"] = torch.randn(rows, rank, generator=gen) * 0.3
+    save_file(tensors, path)
+    return str(path)
+
+
+@pytest.fixture
+def pipe():
+    return tiny_random_pipeline(device="cpu", compile=False, progress=False)
+
+
+def weights(pipe) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in pipe.transformer.state_dict().items()}
+
+
+def assert_weights_equal(pipe, expected):
+    got = pipe.transformer.state_dict()
+    assert all(torch.equal(got[k], v) for k, v in expected.items())
+
+
+@torch.no_grad()
+def test_a_lora_changes_the_image_and_unloading_restores_it_bit_for_bit(pipe, tmp_path):
+    base_weights, base = weights(pipe), pipe(PROMPT, **CALL)
+    name = pipe.load_lora(write_lora(tmp_path / "style.safetensors", seed=0), scale=0.8)
+    assert name == "style" and pipe.loras == {"style": 0.8}
+    styled = pipe(PROMPT, **CALL)
+    assert (styled - base).abs().max() > 1e-3
+    pipe.unload_lora("style")
+    assert pipe.loras == {}
+    assert_weights_equal(pipe, base_weights)
+    torch.testing.assert_close(pipe(PROMPT, **CALL), base, rtol=0, atol=0)
+
+
+@torch.no_grad()
+def test_a_new_scale_gives_what_loading_at_that_scale_gives(pipe, tmp_path):
+    first, second = write_lora(tmp_path / "a.safetensors", seed=0), write_lora(tmp_path / "b.safetensors", seed=1)
+    pipe.load_lora(first, scale=0.3)
+    pipe.load_lora(second, scale=1.0)
+    pipe.set_lora_scales({"a": 0.9})
+    assert pipe.loras == {"a": 0.9, "b": 1.0}
+    rescaled = weights(pipe)
+    pipe.unload_lora()
+    pipe.load_lora(first, scale=0.9)
+    pipe.load_lora(second, scale=1.0)
+    assert_weights_equal(pipe, rescaled)
+
+
+@torch.no_grad()
+def test_the_compiled_transformer_runs_the_lora(tmp_path):
+    plain = tiny_random_pipeline(device="cpu", compile=False, progress=False)
+    compiled = tiny_random_pipeline(device="cpu", compile=True, backend="torch", progress=False)
+    path = write_lora(tmp_path / "style.safetensors", seed=0)
+    for pipe in (plain, compiled):
+        pipe.load_lora(path, scale=0.8)
+    torch.testing.assert_close(compiled(PROMPT, **CALL), plain(PROMPT, **CALL), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("call, error, message", [
+    (lambda p, f: p.load_lora(f, scale=float("nan")), ValueError, "scale must be a finite number"),
+    (lambda p, f: p.load_lora(f, name=""), TypeError, "name must be a non-empty string"),
+    (lambda p, f: (p.load_lora(f), p.load_lora(f)), ValueError, "a LoRA named 'style' is loaded already"),
+    (lambda p, f: p.set_lora_scales({"other": 1.0}), KeyError, "no LoRA named 'other' is loaded"),
+    (lambda p, f: p.unload_lora("other"), KeyError, "no LoRA named 'other' is loaded"),
+    (lambda p, f: p.load_lora(f.replace("style", "missing")), fluxrt.CheckpointError, "missing"),
+])
+def test_bad_lora_calls_change_no_weight(pipe, tmp_path, call, error, message):
+    path = write_lora(tmp_path / "style.safetensors", seed=0)
+    before = weights(pipe)
+    with pytest.raises(error, match=message):
+        call(pipe, path)
+    if pipe.loras:  # the duplicate case: the first load stands, the second changed nothing
+        pipe.unload_lora()
+    assert_weights_equal(pipe, before)
+
+
+def test_a_lora_that_does_not_fit_the_model_is_refused_before_any_weight_changes(pipe, tmp_path):
+    path = tmp_path / "wide.safetensors"
+    save_file({"diffusion_model.double_blocks.0.img_attn.qkv.lora_A.weight": torch.ones(2, 7),
+               "diffusion_model.double_blocks.0.img_attn.qkv.lora_B.weight": torch.ones(5, 2)}, path)
+    before = weights(pipe)
+    with pytest.raises(fluxrt.CheckpointError):
+        pipe.load_lora(path)
+    assert pipe.loras == {}
+    assert_weights_equal(pipe, before)
