@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import math
 import os
 import re
 import secrets
@@ -230,6 +231,9 @@ def _add_generate(sub) -> None:
                                             "unconditional one; default: the model's, tiny \"\")")
     g.add_argument("--true-cfg-scale", type=float, help="true classifier-free guidance, two passes a step (default: "
                                                         "the model's; 1, off, for FLUX.1; tiny 3)")
+    g.add_argument("--lora", action="append", metavar="PATH[:SCALE]",
+                   help="a FLUX.1 LoRA .safetensors file (diffusers/PEFT, kohya, BFL/ComfyUI or XLabs naming) at SCALE "
+                        "(default 1); repeat for several. Fused into the transformer's weights before compiling")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--out", type=Path, default=Path("out.png"), help="PNG path (written whole or not at all)")
     g.add_argument("--quantize", choices=["fp8", "fp8-weight"], help="fp8: W8A8 (sm_89+ GPU); fp8-weight: weights")
@@ -266,7 +270,21 @@ def _check_request(args, device: torch.device) -> None:
         validation.check_guidance(args.guidance, "--guidance")
     if args.true_cfg_scale is not None:
         validation.check_true_cfg_scale(args.true_cfg_scale, "--true-cfg-scale")
+    args.lora = [_lora_spec(spec) for spec in args.lora or []]
 
+
+def _lora_spec(spec: str) -> tuple[Path, float]:
+    """--lora PATH[:SCALE] -> (path, scale); a path that itself holds ':' is taken whole unless a number follows."""
+    path, _, scale = spec.rpartition(":")
+    try:
+        path, scale = (Path(path), float(scale)) if path else (Path(spec), 1.0)
+    except ValueError:
+        path, scale = Path(spec), 1.0
+    if not math.isfinite(scale):
+        raise UsageError(f"--lora {spec!r}: the scale after ':' must be a finite number")
+    if not path.exists():
+        raise UsageError(f"--lora {str(path)!r} does not exist (a LoRA .safetensors file, optionally :SCALE)")
+    return path, scale
 
 def _check_model(args) -> None:
     if args.model in (TINY, TINY_RANDOM):
@@ -339,11 +357,19 @@ def _as_flags(message: str) -> str:
 def _build_pipeline(args, compile: bool):
     common = dict(compile=compile, quantize=args.quantize if compile else None, backend=args.backend,
                   progress=not args.no_progress)
+    if args.lora:  # fused into the plain weights first: FP8 weights (--quantize) take no fused LoRA
+        common.update(compile=False, quantize=None)
     if args.model == TINY_RANDOM:
         from .tiny import tiny_random_pipeline
 
-        return tiny_random_pipeline(device=args.device, **common)
-    return _load_model(args, **common)
+        pipe = tiny_random_pipeline(device=args.device, **common)
+    else:
+        pipe = _load_model(args, **common)
+    for k, (path, scale) in enumerate(args.lora):
+        pipe.load_lora(path, scale=scale, name=f"{k}:{path.name}")  # the same file may be given twice
+    if args.lora and compile:
+        pipe.accelerate(quantize=args.quantize, backend=args.backend)
+    return pipe
 
 
 def _timed(pipe, call: dict) -> tuple[torch.Tensor, list[float]]:

@@ -1,6 +1,7 @@
 """fluxrt.FluxPipeline's LoRA API (load_lora / set_lora_scales / unload_lora) and the CLI's --lora, on the tiny
 random-weight pipeline with real LoRA safetensors files (BFL/ComfyUI naming; every format is tests/test_lora.py's)."""
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -104,3 +105,27 @@ def test_a_lora_that_does_not_fit_the_model_is_refused_before_any_weight_changes
         pipe.load_lora(path)
     assert pipe.loras == {}
     assert_weights_equal(pipe, before)
+
+
+def test_cli_lora_flag_applies_the_lora_and_checks_its_argument(tmp_path, capsys):
+    from PIL import Image
+
+    from fluxrt.cli import main
+
+    path = write_lora(tmp_path / "style.safetensors", seed=0)
+    small = ["generate", "--model", "tiny-random", "--device", "cpu", "--width", "32", "--height", "32", "--steps",
+             "2", "--no-progress", "--no-compile"]
+    outputs = {}
+    for label, extra in (("plain", []), ("lora", ["--lora", f"{path}:0.8"]), ("twice", ["--lora", f"{path}:0.4",
+                                                                                      "--lora", f"{path}:0.4"])):
+        out = tmp_path / f"{label}.png"
+        assert main(small + extra + ["--out", str(out)]) == 0, capsys.readouterr().err
+        outputs[label] = torch.from_numpy(np.asarray(Image.open(out).convert("RGB"))).to(torch.int16)
+    assert (outputs["lora"] - outputs["plain"]).abs().max() > 2  # the LoRA changed the picture
+    assert (outputs["twice"] - outputs["lora"]).abs().max() <= 1  # 0.4 + 0.4 is 0.8, up to rounding
+    capsys.readouterr()
+    assert main(small + ["--lora", f"{path}:nan", "--out", str(tmp_path / "x.png")]) == 2
+    assert "the scale after ':' must be a finite number" in capsys.readouterr().err
+    assert main(small + ["--lora", str(tmp_path / "none.safetensors"), "--out", str(tmp_path / "x.png")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert not (tmp_path / "x.png").exists()
