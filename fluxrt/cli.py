@@ -251,10 +251,15 @@ def _default_size(args, device: torch.device) -> tuple[int, int]:
     CPU 256; FLUX.1 1024."""
     if args.model == TINY_RANDOM:
         return (256, 256) if device.type == "cpu" else (1024, 1024)
+    defaults = _model_defaults(args)
+    return defaults.get("width", 1024), defaults.get("height", 1024)
+
+
+def _model_defaults(args) -> dict:
+    """The sampling defaults a model folder records (model_index.json), read before any weight; {} for the rest."""
     from .pipeline import sampling_defaults
 
-    defaults = sampling_defaults(args.model) if Path(args.model).is_dir() else {}
-    return defaults.get("width", 1024), defaults.get("height", 1024)
+    return sampling_defaults(args.model) if args.model != TINY_RANDOM and Path(args.model).is_dir() else {}
 
 
 def _check_request(args, device: torch.device) -> None:
@@ -269,7 +274,10 @@ def _check_request(args, device: torch.device) -> None:
     if args.guidance is not None:
         validation.check_guidance(args.guidance, "--guidance")
     if args.true_cfg_scale is not None:
-        validation.check_true_cfg_scale(args.true_cfg_scale, "--true-cfg-scale")
+        scale = validation.check_true_cfg_scale(args.true_cfg_scale, "--true-cfg-scale")
+        if scale > 1 and args.negative_prompt is None and "negative_prompt" not in _model_defaults(args):
+            raise UsageError(f"--true-cfg-scale {scale:g} needs --negative-prompt to guide away from (\"\" for the "
+                             "unconditional prompt), or --true-cfg-scale 1 to turn it off")
     args.lora = [_lora_spec(spec) for spec in args.lora or []]
 
 

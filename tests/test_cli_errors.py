@@ -78,6 +78,9 @@ def edit_config(model, part, edit):
     (("--seed", "-1"), "--seed must be an int in [0, 2**63), got -1"),
     (("--guidance", "nan"), "--guidance must be a number in [0, 100], got nan"),
     (("--true-cfg-scale", "0.5"), "--true-cfg-scale must be >= 1 (1 turns true classifier-free guidance off), got 0.5"),
+    (("--model", "tiny-random", "--true-cfg-scale", "3"), '--true-cfg-scale 3 needs --negative-prompt to guide away '
+                                                         'from ("" for the unconditional prompt), or --true-cfg-scale '
+                                                         '1 to turn it off'),
     (("--model", "no/such/folder"), "--model 'no/such/folder' does not exist (a local FLUX folder or file, tiny or tiny-random)"),
     (("--quantize", "fp8"), "--quantize fp8 (W8A8) needs an FP8-capable CUDA GPU (sm_89+: Ada, Hopper, Blackwell) and "
                             "none is in use (device cpu); use --quantize fp8-weight"),
