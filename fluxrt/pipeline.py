@@ -38,6 +38,7 @@ from .validation import (
     check_guidance,
     check_image_count,
     check_images_per_prompt,
+    check_max_sequence_length,
     check_negative_prompt,
     check_pipeline_options,
     check_prompt,
@@ -155,7 +156,8 @@ class FluxPipeline:
                  num_steps: int | None = None, guidance: float | None = None, seed: int | Sequence[int] | None = 0,
                  num_images_per_prompt: int = 1, output_type: str = "pil", progress: bool | None = None,
                  callback: Callable[[int, int], None] | None = None, negative_prompt: str | Sequence[str] | None = None,
-                 true_cfg_scale: float | None = None):
+                 true_cfg_scale: float | None = None, *, num_inference_steps: int | None = None,
+                 guidance_scale: float | None = None, max_sequence_length: int | None = None):
         """Images for `prompt` (a string or a list): a list of PIL images, or with output_type="pt" a float tensor
         [N, 3, H, W] in [0, 1] on the CPU. N = prompts x num_images_per_prompt, grouped by prompt.
 
@@ -168,12 +170,17 @@ class FluxPipeline:
         per prompt) runs true classifier-free guidance as diffusers' FluxPipeline does: two transformer passes a
         step, negative + scale * (prompt - negative). Both default to the model's (off for FLUX.1; the tiny model
         3 with ""); a scale > 1 without any negative prompt is an error, a negative prompt at scale 1 is ignored
-        with a warning.
+        with a warning. diffusers' names are accepted too: num_inference_steps (num_steps), guidance_scale (guidance),
+        and max_sequence_length (T5 tokens, 1..512; default the model's); passing both spellings is an error.
         Limits (fluxrt.validation): MAX_STEPS, MAX_PIXELS per image, MAX_IMAGES_PER_CALL. Every argument is checked
         before any work. A prompt longer than the text encoders read is cut, with a warning naming what was dropped.
         NaN or inf latents or pixels raise fluxrt.NonFiniteError instead of returning a broken image.
         """
         prompts = check_prompt(prompt)
+        num_steps = _one_spelling(num_steps, num_inference_steps, "num_steps", "num_inference_steps")
+        guidance = _one_spelling(guidance, guidance_scale, "guidance", "guidance_scale")
+        length = check_max_sequence_length(self.max_sequence_length if max_sequence_length is None
+                                           else max_sequence_length)
         width, height = check_size(self.default_size[0] if width is None else width,
                                    self.default_size[1] if height is None else height)
         num_steps = check_steps(self.default_steps if num_steps is None else num_steps)
@@ -191,11 +198,11 @@ class FluxPipeline:
         if callback is not None and not callable(callback):
             raise TypeError(f"callback must be a function (step, total) -> None, got {type(callback).__name__}")
         with self._lock, torch.inference_mode():
-            txt, vec = self.encode_prompt(prompts)
+            txt, vec = self.encode_prompt(prompts, length)
             txt, vec = txt.repeat_interleave(per_prompt, 0), vec.repeat_interleave(per_prompt, 0)
             negative = None
             if negatives is not None:
-                negative = tuple(f.repeat_interleave(per_prompt, 0) for f in self.encode_prompt(negatives))
+                negative = tuple(f.repeat_interleave(per_prompt, 0) for f in self.encode_prompt(negatives, length))
             images = self._denoise_and_decode(txt, vec, width, height, num_steps, guidance, seeds, progress, callback,
                                               negative, cfg_scale)
         return images if output_type == "pt" else to_pil(images)
@@ -226,15 +233,17 @@ class FluxPipeline:
             return None, scale
         return negatives, scale
 
-    def encode_prompt(self, prompts: Sequence[str]) -> tuple[Tensor, Tensor]:
+    def encode_prompt(self, prompts: Sequence[str], max_sequence_length: int | None = None) -> tuple[Tensor, Tensor]:
         """(T5 last_hidden_state [N, 512|256, 4096], CLIP pooler_output [N, 768]) in the transformer's dtype."""
         prompts = check_prompt(prompts)
+        length = check_max_sequence_length(self.max_sequence_length if max_sequence_length is None
+                                           else max_sequence_length)
         with self._lock, torch.inference_mode():
-            self._warn_if_truncated(prompts)
+            self._warn_if_truncated(prompts, length)
             if self.offload_text_encoders:
                 self._move_text_encoders(self.device)
             try:
-                t5_ids = self.t5_tokenizer(prompts, padding="max_length", max_length=self.max_sequence_length,
+                t5_ids = self.t5_tokenizer(prompts, padding="max_length", max_length=length,
                                            truncation=True, return_tensors="pt").input_ids
                 clip_ids = self.clip_tokenizer(prompts, padding="max_length", max_length=CLIP_LENGTH,
                                                truncation=True, return_tensors="pt").input_ids
@@ -246,10 +255,10 @@ class FluxPipeline:
                     self._move_text_encoders("cpu")
             return txt.to(self.device, self.dtype), vec.to(self.device, self.dtype)
 
-    def _warn_if_truncated(self, prompts: list[str]) -> None:
+    def _warn_if_truncated(self, prompts: list[str], t5_length: int) -> None:
         """One warning per prompt that does not fit the encoders (T5: max_sequence_length tokens, CLIP: 77), saying
         how many tokens each one drops: what is cut never reaches the model."""
-        encoders = (("T5", self.t5_tokenizer, self.max_sequence_length), ("CLIP", self.clip_tokenizer, CLIP_LENGTH))
+        encoders = (("T5", self.t5_tokenizer, t5_length), ("CLIP", self.clip_tokenizer, CLIP_LENGTH))
         lengths = {name: [len(ids) for ids in tokenizer(prompts, truncation=False, verbose=False).input_ids]
                    for name, tokenizer, _ in encoders}
         for k, prompt in enumerate(prompts):
@@ -360,6 +369,13 @@ class FluxPipeline:
     def _move_text_encoders(self, device) -> None:
         self.clip_encoder.to(device)
         self.t5_encoder.to(device)
+
+
+def _one_spelling(fluxrt_value, diffusers_value, fluxrt_name: str, diffusers_name: str):
+    """The value of an argument fluxrt and diffusers name differently; TypeError when both are given."""
+    if fluxrt_value is not None and diffusers_value is not None:
+        raise TypeError(f"pass {fluxrt_name} or {diffusers_name} (diffusers' name for it), not both")
+    return diffusers_value if fluxrt_value is None else fluxrt_value
 
 
 def _check_lora_scale(scale, what: str) -> float:

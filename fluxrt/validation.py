@@ -153,6 +153,17 @@ def check_guidance(guidance, what: str = "guidance") -> float:
     return guidance
 
 
+MAX_SEQUENCE_LENGTH = 512  # T5 tokens FLUX.1 reads at most (dev was trained with 512, schnell 256)
+
+
+def check_max_sequence_length(length, what: str = "max_sequence_length") -> int:
+    """The T5 token count a call encodes prompts to: an int in [1, MAX_SEQUENCE_LENGTH]."""
+    length = as_int(length, what)
+    if not 1 <= length <= MAX_SEQUENCE_LENGTH:
+        raise ValueError(f"{what} must be between 1 and {MAX_SEQUENCE_LENGTH} (T5 tokens), got {length}")
+    return length
+
+
 def check_true_cfg_scale(scale, what: str = "true_cfg_scale") -> float:
     """True classifier-free guidance's scale (diffusers' true_cfg_scale): a float in [1, MAX_GUIDANCE]; 1 is off."""
     scale = check_guidance(scale, what)
