@@ -4,7 +4,7 @@
     for r in results:
         r.image.save(...) if r.ok else log(r.error)
 
-Requests with the same size, steps and guidance run together as one batch (up to max_batch_size images): the
+Requests with the same size, steps, guidance and true-CFG scale run together as one batch (up to max_batch_size images): the
 transformer's cost per image falls with batch size on a GPU, and each image keeps its own seed, so its pixels do
 not depend on what it was batched with beyond floating-point reduction order. A bad request (wrong size, steps,
 seed, type, or past the limits of fluxrt.validation) gets its own error before anything runs and never stops the
@@ -33,6 +33,8 @@ class GenerationRequest:
     num_steps: int | None = None  # None: the model's default (dev 28, schnell 4)
     guidance: float | None = None  # None: the model's default (dev 3.5); schnell ignores it
     seed: int | None = None  # None: a random seed, reported in the result
+    negative_prompt: str | None = None  # true CFG (as FluxPipeline's call); None: the model's default
+    true_cfg_scale: float | None = None  # None: the model's default (off for FLUX.1; the tiny model 3)
 
 
 @dataclass(frozen=True)
@@ -56,7 +58,11 @@ def _resolve(pipe, request) -> GenerationRequest:
     steps = check_steps(pipe.default_steps if request.num_steps is None else request.num_steps)
     guidance = pipe.resolve_guidance(request.guidance)
     seed = draw_seed() if request.seed is None else check_seed(request.seed)
-    return replace(request, width=width, height=height, num_steps=steps, guidance=guidance, seed=seed)
+    if request.negative_prompt is not None and not isinstance(request.negative_prompt, str):
+        raise TypeError(f"negative_prompt must be a string, got {type(request.negative_prompt).__name__}")
+    negatives, cfg_scale = pipe.resolve_true_cfg(request.negative_prompt, request.true_cfg_scale, 1)
+    return replace(request, width=width, height=height, num_steps=steps, guidance=guidance, seed=seed,
+                   negative_prompt=None if negatives is None else negatives[0], true_cfg_scale=cfg_scale)
 
 
 def _request_list(requests) -> list:
@@ -74,8 +80,11 @@ def _request_list(requests) -> list:
 
 def _run(pipe, batch: list[GenerationRequest]) -> list:
     first = batch[0]
+    guided = first.negative_prompt is not None  # the same for the whole batch (generate's key)
     return pipe([r.prompt for r in batch], width=first.width, height=first.height, num_steps=first.num_steps,
-                guidance=first.guidance, seed=[r.seed for r in batch], progress=False)
+                guidance=first.guidance, seed=[r.seed for r in batch], progress=False,
+                negative_prompt=[r.negative_prompt for r in batch] if guided else None,
+                true_cfg_scale=first.true_cfg_scale if guided else 1.0)
 
 
 def generate(pipe, requests, max_batch_size: int = 4) -> list[GenerationResult]:
@@ -92,7 +101,9 @@ def generate(pipe, requests, max_batch_size: int = 4) -> list[GenerationResult]:
         except (TypeError, ValueError) as err:
             results[i] = GenerationResult(request, error=str(err))
             continue
-        key = (resolved.width, resolved.height, resolved.num_steps, resolved.guidance)
+        # true CFG on or off, and its scale, are per call; negative prompts may differ within a batch
+        cfg = resolved.true_cfg_scale if resolved.negative_prompt is not None else None
+        key = (resolved.width, resolved.height, resolved.num_steps, resolved.guidance, cfg)
         groups.setdefault(key, []).append((i, resolved))
     for members in groups.values():
         for start in range(0, len(members), max_batch_size):

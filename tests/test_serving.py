@@ -190,3 +190,23 @@ def test_a_request_that_turns_non_finite_fails_alone():
     with pytest.raises(fluxrt.NonFiniteError):  # the plain call refuses that prompt too
         pipe(requests[1].prompt, **SMALL)
 
+
+
+def test_true_cfg_requests_batch_by_scale_and_match_the_plain_call(pipe):
+    requests = [GenerationRequest("a red circle", negative_prompt="", true_cfg_scale=3.0, seed=1, **SMALL),
+                GenerationRequest("a blue star", negative_prompt="a circle", true_cfg_scale=3.0, seed=2, **SMALL),
+                GenerationRequest("a blue star", seed=3, **SMALL),  # no CFG: its own batch
+                GenerationRequest("a cat", true_cfg_scale=3.0, seed=4, **SMALL),  # no negative prompt: its own error
+                GenerationRequest("a cat", negative_prompt=["x"], true_cfg_scale=3.0, seed=5, **SMALL)]
+    with BatchSizes(pipe) as calls:
+        results = pipe.generate(requests)
+    assert calls.sizes == [2] * 4 + [1] * 2  # 2 steps x (prompt, negative) for the CFG pair; 2 plain steps
+    for result in results[:3]:
+        request = result.request
+        expected = pixels(pipe(request.prompt, width=request.width, height=request.height, num_steps=2,
+                               seed=request.seed, negative_prompt=request.negative_prompt,
+                               true_cfg_scale=request.true_cfg_scale)[0])
+        assert_same_image(result, expected)
+    assert results[2].request.negative_prompt is None and results[2].request.true_cfg_scale == 1.0
+    assert "true_cfg_scale=3 needs a negative_prompt" in results[3].error
+    assert "negative_prompt must be a string, got list" in results[4].error
