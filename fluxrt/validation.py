@@ -61,6 +61,14 @@ def as_int(value, what: str) -> int:
         raise TypeError(f"{what} must be an int, got {type(value).__name__} {value!r}") from None
 
 
+def int_between(value, what: str, low: int, high: int, unit: str) -> int:
+    """`value` as an int in [low, high]; ValueError "what must be between low and high (unit), got value"."""
+    number = as_int(value, what)
+    if not low <= number <= high:
+        raise ValueError(f"{what} must be between {low} and {high} ({unit}), got {number}")
+    return number
+
+
 def check_flag(value, what: str) -> bool:
     """A True/False switch: a string such as "false" would be truthy, so only bools pass."""
     if not isinstance(value, bool):
@@ -88,10 +96,7 @@ def check_size(width, height, names: tuple[str, str] = ("width", "height")) -> t
 
 def check_steps(num_steps, what: str = "num_steps") -> int:
     """The number of denoising steps as an int in [1, MAX_STEPS]."""
-    num_steps = as_int(num_steps, what)
-    if not 1 <= num_steps <= MAX_STEPS:
-        raise ValueError(f"{what} must be between 1 and {MAX_STEPS} (fluxrt.validation.MAX_STEPS), got {num_steps}")
-    return num_steps
+    return int_between(num_steps, what, 1, MAX_STEPS, "fluxrt.validation.MAX_STEPS")
 
 
 def check_seed(seed, what: str = "seed") -> int:
@@ -158,10 +163,7 @@ MAX_SEQUENCE_LENGTH = 512  # T5 tokens FLUX.1 reads at most (dev was trained wit
 
 def check_max_sequence_length(length, what: str = "max_sequence_length") -> int:
     """The T5 token count a call encodes prompts to: an int in [1, MAX_SEQUENCE_LENGTH]."""
-    length = as_int(length, what)
-    if not 1 <= length <= MAX_SEQUENCE_LENGTH:
-        raise ValueError(f"{what} must be between 1 and {MAX_SEQUENCE_LENGTH} (T5 tokens), got {length}")
-    return length
+    return int_between(length, what, 1, MAX_SEQUENCE_LENGTH, "T5 tokens")
 
 
 def check_true_cfg_scale(scale, what: str = "true_cfg_scale") -> float:
@@ -185,11 +187,7 @@ def check_negative_prompt(negative_prompt, num_prompts: int, what: str = "negati
 
 def _image_count(value, what: str) -> int:
     """An int in [1, MAX_IMAGES_PER_CALL]: any count of images one call may run at once."""
-    count = as_int(value, what)
-    if not 1 <= count <= MAX_IMAGES_PER_CALL:
-        raise ValueError(f"{what} must be between 1 and {MAX_IMAGES_PER_CALL} (fluxrt.validation.MAX_IMAGES_PER_CALL), "
-                         f"got {count}")
-    return count
+    return int_between(value, what, 1, MAX_IMAGES_PER_CALL, "fluxrt.validation.MAX_IMAGES_PER_CALL")
 
 
 def check_images_per_prompt(num_images_per_prompt, what: str = "num_images_per_prompt") -> int:
