@@ -9,10 +9,10 @@ import pytest
 import torch
 from diffusers import FluxControlNetModel, FluxTransformer2DModel
 from diffusers.models.controlnets.controlnet_flux import FluxControlNetOutput, FluxMultiControlNetModel
-from test_compile_atomic import assert_as_before, snapshot
+from test_compile_atomic import assert_as_before, diffusers_inputs, snapshot
 
 import fluxrt
-from fluxrt import FluxConfig, sampling
+from fluxrt import FluxConfig
 from fluxrt.testing import randomize_parameters_, rel_error, sqnr_db
 
 TINY = FluxConfig.preset("tiny")
@@ -35,16 +35,10 @@ def controlnet(seed=1, num_layers=1, num_single_layers=1, **extra) -> FluxContro
 
 
 def inputs(seed=2) -> dict:
-    gen = torch.Generator().manual_seed(seed)
-    return dict(
-        hidden_states=sampling.pack(sampling.get_noise(B, HEIGHT, WIDTH, seed=seed)),
-        encoder_hidden_states=torch.randn(B, T, TINY.context_in_dim, generator=gen),
-        pooled_projections=torch.randn(B, TINY.vec_in_dim, generator=gen),
-        timestep=torch.rand(B, generator=gen),
-        img_ids=sampling.prepare_img_ids(1, HEIGHT, WIDTH)[0],
-        txt_ids=sampling.prepare_txt_ids(1, T)[0],
-        guidance=torch.full((B,), 3.5),
-    )
+    """diffusers' transformer inputs, as a ControlNet takes them too (without return_dict: tests set it)."""
+    x = diffusers_inputs(B, HEIGHT, WIDTH, T, seed)
+    del x["return_dict"]
+    return x
 
 
 def control_latents(seed=3) -> torch.Tensor:
