@@ -129,25 +129,27 @@ class _Consuming(Mapping):
         fused = {source for source, _ in self._fused_parts.values()}
         self._keys = [k for k in state_keys if k not in fused] if keys is None else list(keys)
         self._keyset = set(self._keys)
+        # each unfused key's rows of its fused layer, from the shapes alone (nothing is read yet)
         state = model.state_dict(keep_vars=True)
-        self._rows = {k: state[k].shape[0] for k in self._fused_parts}  # shapes only: nothing is read yet
+        self._rows: dict[str, tuple[str, int, int]] = {}
+        for key, (source, _) in sorted(self._fused_parts.items(), key=lambda item: item[1]):
+            start = max((stop for src, _, stop in self._rows.values() if src == source), default=0)
+            self._rows[key] = (source, start, start + state[key].shape[0])
         self._fused_read: dict[str, list] = {}  # fused key -> [its value, parts not read yet]
 
     def __getitem__(self, key: str) -> Tensor:
         value = self._detach(key)  # an unfused duplicate is released all the same
-        if key not in self._fused_parts:
+        if key not in self._rows:
             return value
-        fused_key, index = self._fused_parts[key]
-        siblings = [k for k, (source, _) in sorted(self._fused_parts.items(), key=lambda item: item[1][1])
-                    if source == fused_key]
+        fused_key, start, stop = self._rows[key]
         if fused_key not in self._fused_read:
-            self._fused_read[fused_key] = [self._detach(fused_key), len(siblings)]
+            parts = sum(source == fused_key for source, _, _ in self._rows.values())
+            self._fused_read[fused_key] = [self._detach(fused_key), parts]
         entry = self._fused_read[fused_key]
-        part = entry[0].split([self._rows[k] for k in siblings], dim=0)[index]
         entry[1] -= 1
         if entry[1] == 0:
             del self._fused_read[fused_key]  # the last part read: only its views keep the fused storage alive
-        return part
+        return entry[0][start:stop]
 
     def _detach(self, key: str) -> Tensor:
         module_name, _, name = key.rpartition(".")
