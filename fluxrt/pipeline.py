@@ -219,18 +219,21 @@ class FluxPipeline:
     def resolve_true_cfg(self, negative_prompt, true_cfg_scale, num_prompts: int) -> tuple[list[str] | None, float]:
         """(one negative prompt per prompt, or None when true CFG is off; the scale) a call runs with."""
         scale = check_true_cfg_scale(self.default_true_cfg_scale if true_cfg_scale is None else true_cfg_scale)
-        if negative_prompt is None:
-            negative_prompt = self.default_negative_prompt
-        if negative_prompt is None:
-            if scale > 1:
-                raise ValueError(f"true_cfg_scale={scale:g} needs a negative_prompt to guide away from: pass "
-                                 "negative_prompt=\"\" for the unconditional prompt, or true_cfg_scale=1 to turn it off")
-            return None, scale
-        negatives = check_negative_prompt(negative_prompt, num_prompts)
+        given = negative_prompt is not None
+        if given:
+            negatives = check_negative_prompt(negative_prompt, num_prompts)
+        elif self.default_negative_prompt is not None:
+            negatives = [self.default_negative_prompt] * num_prompts
+        else:
+            negatives = None
         if scale == 1:
-            logger.warning("negative_prompt is ignored at true_cfg_scale=1 (true classifier-free guidance is off); "
-                           "pass true_cfg_scale > 1 to use it")
+            if given:  # only the caller's own negative prompt is worth a word; the model's default is simply off
+                logger.warning("negative_prompt is ignored at true_cfg_scale=1 (true classifier-free guidance is off); "
+                               "pass true_cfg_scale > 1 to use it")
             return None, scale
+        if negatives is None:
+            raise ValueError(f"true_cfg_scale={scale:g} needs a negative_prompt to guide away from: pass "
+                             "negative_prompt=\"\" for the unconditional prompt, or true_cfg_scale=1 to turn it off")
         return negatives, scale
 
     def encode_prompt(self, prompts: Sequence[str], max_sequence_length: int | None = None) -> tuple[Tensor, Tensor]:

@@ -97,3 +97,12 @@ def test_a_folders_guidance_defaults_apply(pipe):
                                pipe("a red circle", negative_prompt="", true_cfg_scale=2.5, **SMALL), rtol=0, atol=0)
     torch.testing.assert_close(guided("a red circle", true_cfg_scale=1, **SMALL), pipe("a red circle", **SMALL),
                                rtol=0, atol=0)
+
+
+def test_turning_off_a_folders_default_guidance_is_silent(pipe, caplog):
+    guided = fluxrt.FluxPipeline(pipe.transformer, pipe.autoencoder, pipe.clip_tokenizer, pipe.clip_encoder,
+                                 pipe.t5_tokenizer, pipe.t5_encoder, compile=False, progress=False,
+                                 sampling_defaults={"true_cfg_scale": 2.5, "negative_prompt": ""})
+    with caplog.at_level(logging.WARNING, logger="fluxrt"):
+        guided("a red circle", true_cfg_scale=1, **SMALL)
+    assert "negative_prompt is ignored" not in caplog.text  # the user gave no negative prompt
