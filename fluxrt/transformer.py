@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from . import ops
 from .convert import CheckpointError
 from .graphs import GraphedCall
+from .lora_branch import LoraBranches, LoraLinear, attach, branch_of, branched_linears, call_linear
 from .quantize import BlockLinear, FP8Linear, FP8Rows
 from .reference.model import DoubleStreamBlock, Flux, SingleStreamBlock, timestep_embedding
 
@@ -62,8 +63,12 @@ class PlainLinear(BlockLinear):
         return _linear_gelu_tanh(self.linear, x)
 
 
-def block_linear(module: nn.Module) -> BlockLinear:
-    return module if isinstance(module, BlockLinear) else PlainLinear(module)
+def block_linear(module: nn.Module, lora_scales: Tensor | None = None, backend: str = "auto") -> BlockLinear:
+    """The module as the fast blocks call it; with its LoRA side branch when it has one and lora_scales (the
+    per-image adapter scales, LoraBranches.row_scales) are given."""
+    base = module if isinstance(module, BlockLinear) else PlainLinear(module)
+    branch = branch_of(module)
+    return base if branch is None or lora_scales is None else LoraLinear(base, branch, lora_scales, backend)
 
 
 def _linear_gelu_tanh(linear: nn.Linear, x: Tensor) -> Tensor:
@@ -78,10 +83,10 @@ def _linear_gelu_tanh(linear: nn.Linear, x: Tensor) -> Tensor:
 
 
 def _mlp_after_attention(mlp: nn.Sequential, h: Tensor, gate1: Tensor, attn_out: Tensor, scale2: Tensor,
-                         shift2: Tensor, gate2: Tensor, backend: str) -> Tensor:
+                         shift2: Tensor, gate2: Tensor, backend: str, lora_scales: Tensor | None = None) -> Tensor:
     """h += gate1 * attn_out, then h += gate2 * mlp(LN(h) * (1 + scale2) + shift2): the norm fused with the first
     residual, the second residual with the down projection."""
-    up, down = block_linear(mlp[0]), block_linear(mlp[2])
+    up, down = block_linear(mlp[0], lora_scales, backend), block_linear(mlp[2], lora_scales, backend)
     h, x = up.after_residual_norm(h, gate1, attn_out, scale2, shift2, backend)
     if up.gelu_in_gemm(x) or not down.reads_fp8_rows(h):
         return down.gated(up.linear_gelu(x), h, gate2, backend)
@@ -92,22 +97,27 @@ def _mlp_after_attention(mlp: nn.Sequential, h: Tensor, gate1: Tensor, attn_out:
 
 def double_block_forward(block: DoubleStreamBlock, img: Tensor, txt: Tensor, img_mod: Tensor, txt_mod: Tensor,
                          cos: Tensor, sin: Tensor, backend: str = "auto", fp8_attention_rows: bool = True,
-                         fp8_attention: bool = False) -> tuple[Tensor, Tensor]:
+                         fp8_attention: bool = False, lora_scales: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """img_mod, txt_mod: the block's modulation outputs [B, 6C] (img_mod.lin / txt_mod.lin of silu(vec)).
 
     fp8_attention_rows: when both attention projections read fp8 rows (W8A8), the attention kernel writes their
     e4m3 input rows itself (scaled by the max |v| bound, kernels/joint_attention.py) instead of bf16 rows that are
     then quantized per token; False keeps the per-token path. fp8_attention: the FP8 attention kernel (its output
-    then goes through the projections like a bf16 one)."""
+    then goes through the projections like a bf16 one). lora_scales: the per-image LoRA adapter scales
+    (fluxrt.lora_branch), None when no side branch runs."""
     img_shift1, img_scale1, img_gate1, img_shift2, img_scale2, img_gate2 = _chunks(img_mod, 6)
     txt_shift1, txt_scale1, txt_gate1, txt_shift2, txt_scale2, txt_gate2 = _chunks(txt_mod, 6)
-    img_qkv = block_linear(block.img_attn.qkv).after_norm(img, img_scale1, img_shift1, backend)
-    txt_qkv = block_linear(block.txt_attn.qkv).after_norm(txt, txt_scale1, txt_shift1, backend)
+
+    def linear(module: nn.Module) -> BlockLinear:
+        return block_linear(module, lora_scales, backend)
+
+    img_qkv = linear(block.img_attn.qkv).after_norm(img, img_scale1, img_shift1, backend)
+    txt_qkv = linear(block.txt_attn.qkv).after_norm(txt, txt_scale1, txt_shift1, backend)
     img_norm, txt_norm = block.img_attn.norm, block.txt_attn.norm
     rope_args = (txt_qkv, img_qkv, txt_norm.query_norm.scale, txt_norm.key_norm.scale, img_norm.query_norm.scale,
                  img_norm.key_norm.scale, cos, sin, block.num_heads)
     T = txt.shape[1]
-    img_proj, txt_proj = block_linear(block.img_attn.proj), block_linear(block.txt_attn.proj)
+    img_proj, txt_proj = linear(block.img_attn.proj), linear(block.txt_attn.proj)
     if fp8_attention_rows and not fp8_attention and img_proj.reads_fp8_rows(img) and txt_proj.reads_fp8_rows(txt):
         qkv, v_absmax = ops.rope_qk_norm_joint_v_absmax(*rope_args, backend=backend)
         attn8, row_scale = ops.joint_attention_fp8_out(qkv[0], qkv[1], qkv[2], v_absmax, backend=backend)
@@ -117,20 +127,23 @@ def double_block_forward(block: DoubleStreamBlock, img: Tensor, txt: Tensor, img
         attn = _attention(ops.rope_qk_norm_joint(*rope_args, backend=backend), backend, fp8_attention)
         img_attn_out, txt_attn_out = img_proj(attn[:, T:]), txt_proj(attn[:, :T])
 
-    img = _mlp_after_attention(block.img_mlp, img, img_gate1, img_attn_out, img_scale2, img_shift2, img_gate2, backend)
-    txt = _mlp_after_attention(block.txt_mlp, txt, txt_gate1, txt_attn_out, txt_scale2, txt_shift2, txt_gate2, backend)
+    img = _mlp_after_attention(block.img_mlp, img, img_gate1, img_attn_out, img_scale2, img_shift2, img_gate2, backend,
+                               lora_scales)
+    txt = _mlp_after_attention(block.txt_mlp, txt, txt_gate1, txt_attn_out, txt_scale2, txt_shift2, txt_gate2, backend,
+                               lora_scales)
     return img, txt
 
 
 def single_block_forward(block: SingleStreamBlock, x: Tensor, mod: Tensor, cos: Tensor, sin: Tensor,
-                         backend: str = "auto", fp8_attention: bool = False) -> Tensor:
-    """mod: the block's modulation output [B, 3C] (modulation.lin of silu(vec))."""
+                         backend: str = "auto", fp8_attention: bool = False,
+                         lora_scales: Tensor | None = None) -> Tensor:
+    """mod: the block's modulation output [B, 3C] (modulation.lin of silu(vec)); lora_scales as double_block_forward's."""
     shift, scale, gate = _chunks(mod, 3)
-    hidden = block_linear(block.linear1).after_norm(x, scale, shift, backend)  # [B, S, 3C + mlp]; qkv read in place
+    hidden = block_linear(block.linear1, lora_scales, backend).after_norm(x, scale, shift, backend)  # [B, S, 3C + mlp]; qkv read in place
     qkv = ops.rope_qk_norm(hidden[..., : 3 * block.hidden_size], block.norm.query_norm.scale,
                            block.norm.key_norm.scale, cos, sin, block.num_heads, backend=backend)
     attention = _attention(qkv, backend, fp8_attention)
-    return block_linear(block.linear2).gated_attention_mlp(attention, hidden, x, gate, backend)
+    return block_linear(block.linear2, lora_scales, backend).gated_attention_mlp(attention, hidden, x, gate, backend)
 
 
 def _concatenation(parts: list[Tensor]) -> Tensor:
@@ -271,12 +284,38 @@ class FastFlux(nn.Module):
         mod_linears = [lin for _, lin in _modulation_linears(model)]
         self.mod_sizes = [lin.weight.shape[0] for lin in mod_linears]
         self.modulation = _batch_linears(mod_linears) if mod_linears else None
+        self.lora: LoraBranches | None = None  # enable_lora_branches
         self.plan = self._describe()
         self.register_forward_pre_hook(refuse_offloaded_weights)
 
     def _graph_weights(self) -> Iterator[Tensor]:
-        """Every tensor a captured CUDA graph reads from the model (fluxrt.graphs drops graphs when they change)."""
-        return itertools.chain(self.parameters(), self.buffers())
+        """Every tensor a captured CUDA graph reads from the model (fluxrt.graphs drops graphs when they change),
+        the LoRA side branches' buffers excepted: they are written in place on purpose (a hot-swap), their addresses
+        never change, and a replay reads their contents as they are then."""
+        lora = set() if self.lora is None else {id(t) for t in self.lora.buffers()}
+        return (t for t in itertools.chain(self.parameters(), self.buffers()) if id(t) not in lora)
+
+    def enable_lora_branches(self, max_rank: int = 64, max_adapters: int = 4) -> LoraBranches:
+        """Reserve every linear's LoRA side branch (fluxrt.lora_branch): padded to max_rank columns per layer, shared
+        by up to max_adapters loaded LoRAs. Once per model: from then on loading, swapping and rescaling LoRAs
+        (self.lora) changes buffer contents only. Memory: max_rank x (in + out) per linear in the activations'
+        dtype (about 0.6 GB in bf16 for FLUX.1-dev at rank 64)."""
+        if self.lora is not None:
+            if (self.lora.max_rank, self.lora.max_adapters) != (max_rank, max_adapters):
+                raise ValueError(f"the LoRA branches are enabled already with max_rank={self.lora.max_rank}, "
+                                 f"max_adapters={self.lora.max_adapters}; they cannot be resized (shapes stay fixed "
+                                 "so that nothing recompiles): compile the model again to change them")
+            return self.lora
+        linears = branched_linears(self.model)
+        self.lora = LoraBranches(linears, max_rank, max_adapters, self._activation_dtype(), self.model.img_in.bias.device)
+        attach(self.model, self.lora)
+        self._mod_branches = [branch_of(lin) for _, lin in _modulation_linears(self.model)]
+        self._refresh_plan()
+        return self.lora
+
+    def _activation_dtype(self) -> torch.dtype:
+        """The dtype activations run in: the model's, also when its linears hold FP8 weights."""
+        return self.model.img_in.bias.dtype
 
     def _apply(self, fn, recurse: bool = True):
         """nn.Module.to / .cuda / .double / ... convert each parameter on its own, which would turn the blocks'
@@ -344,6 +383,9 @@ class FastFlux(nn.Module):
             "modulation": f"{len(self.mod_sizes)} linears batched into one GEMV",
             "attention": "fp8 (e4m3 q, k, v; per-(batch, head) scales)" if self.fp8_attention else "model dtype",
             "mlp_gelu": gelu,
+            "lora": ("fused into the weights, if any (fluxrt.lora)" if self.lora is None else
+                     f"side branches on {len(self.lora.shapes)} linears: padded rank {self.lora.max_rank}, "
+                     f"{self.lora.max_adapters} adapter slots (fluxrt.lora_branch)"),
             "cuda_graphs": (f"on (one graph per input shape, up to {self.graphs.max_graphs} kept)" if self.graphs
                             else "off"),
             "last_call": None,
@@ -351,10 +393,18 @@ class FastFlux(nn.Module):
 
     def forward(self, img: Tensor, img_ids: Tensor, txt: Tensor, txt_ids: Tensor, timesteps: Tensor, y: Tensor,
                 guidance: Tensor | None = None, controlnet_block_samples=None, controlnet_single_block_samples=None,
-                controlnet_blocks_repeat: bool = False) -> Tensor:
+                controlnet_blocks_repeat: bool = False, lora_scales: Tensor | None = None) -> Tensor:
         """BFL's forward; the controlnet_* arguments are a ControlNet's residuals with diffusers' meaning
-        (controlnet_residuals). A call with residuals runs eagerly, not through a CUDA graph."""
+        (controlnet_residuals). A call with residuals runs eagerly, not through a CUDA graph. lora_scales
+        [B, max_adapters]: each image's scale per LoRA slot (self.lora.per_image_scales), with the side branches
+        enabled; None: the loaded LoRAs at their scales."""
         kwargs = dict(img=img, img_ids=img_ids, txt=txt, txt_ids=txt_ids, timesteps=timesteps, y=y, guidance=guidance)
+        if lora_scales is not None:
+            if self.lora is None:
+                raise ValueError("lora_scales needs the LoRA side branches: call enable_lora_branches() and load LoRAs "
+                                 "first")
+            self.lora.check_per_image(lora_scales, img.shape[0])
+            kwargs["lora_scales"] = lora_scales
         residuals = controlnet_residuals(self.model, img, controlnet_block_samples, controlnet_single_block_samples,
                                          controlnet_blocks_repeat)
         if residuals is not None:
@@ -372,43 +422,65 @@ class FastFlux(nn.Module):
         return out
 
     def _forward(self, img: Tensor, img_ids: Tensor, txt: Tensor, txt_ids: Tensor, timesteps: Tensor, y: Tensor,
-                 guidance: Tensor | None = None, residuals: "ControlNetResiduals | None" = None) -> Tensor:
+                 guidance: Tensor | None = None, residuals: "ControlNetResiduals | None" = None,
+                 lora_scales: Tensor | None = None) -> Tensor:
         m = self.model
         img_ids, txt_ids = m._check_inputs(img, img_ids, txt, txt_ids, timesteps, y, guidance)
-        img, txt = m.img_in(img), m.txt_in(txt)
-        vec, mods, cos, sin = self.conditioning(timesteps, y, guidance, txt_ids, img_ids, img.dtype)
-        img = self.run_blocks(img, txt, mods, cos, sin, after_block=residuals)
-        return m.final_layer(img, vec)
+        row_scales = None if self.lora is None else self.lora.row_scales(img.shape[0], lora_scales)
+        img, txt = self._linear(m.img_in, img, row_scales), self._linear(m.txt_in, txt, row_scales)
+        vec, mods, cos, sin = self.conditioning(timesteps, y, guidance, txt_ids, img_ids, img.dtype, row_scales)
+        img = self.run_blocks(img, txt, mods, cos, sin, after_block=residuals, lora_scales=row_scales)
+        if row_scales is None:
+            return m.final_layer(img, vec)
+        # LastLayer's forward (fluxrt.reference.model), its two linears with their side branches
+        final = m.final_layer
+        shift, scale = self._linear(final.adaLN_modulation[1], F.silu(vec), row_scales).chunk(2, dim=1)
+        return self._linear(final.linear, (1 + scale[:, None, :]) * final.norm_final(img) + shift[:, None, :],
+                            row_scales)
+
+    def _linear(self, module: nn.Module, x: Tensor, row_scales: Tensor | None) -> Tensor:
+        return call_linear(module, x, row_scales, self.backend)
+
+    def _embed(self, embedder: nn.Module, x: Tensor, row_scales: Tensor | None) -> Tensor:
+        """MLPEmbedder's forward (fluxrt.reference.model), its linears with their side branches."""
+        hidden = F.silu(self._linear(embedder.in_layer, x, row_scales))
+        return self._linear(embedder.out_layer, hidden, row_scales)
 
     def conditioning(self, timesteps: Tensor, y: Tensor, guidance: Tensor | None, txt_ids: Tensor, img_ids: Tensor,
-                     dtype: torch.dtype) -> tuple[Tensor, list[Tensor], Tensor, Tensor]:
+                     dtype: torch.dtype, row_scales: Tensor | None = None) -> tuple[Tensor, list[Tensor], Tensor,
+                                                                                      Tensor]:
         """What every block reads besides the token streams: vec [B, C], the blocks' modulation vectors (in block
-        order, from one batched GEMV), and RoPE's cos, sin for the joint sequence cat(txt_ids, img_ids) [B, S, 3]."""
+        order, from one batched GEMV, plus each one's LoRA side branch), and RoPE's cos, sin for the joint sequence
+        cat(txt_ids, img_ids) [B, S, 3]. row_scales: the LoRA adapter scales per image (None: no side branches)."""
         m = self.model
-        vec = m.time_in(timestep_embedding(timesteps, 256).to(dtype))
+        vec = self._embed(m.time_in, timestep_embedding(timesteps, 256).to(dtype), row_scales)
         if m.params.guidance_embed:
-            vec = vec + m.guidance_in(timestep_embedding(guidance, 256).to(dtype))
-        vec = vec + m.vector_in(y)
+            vec = vec + self._embed(m.guidance_in, timestep_embedding(guidance, 256).to(dtype), row_scales)
+        vec = vec + self._embed(m.vector_in, y, row_scales)
         cos, sin = ops.rope_cos_sin(m.pe_embedder(torch.cat((txt_ids, img_ids), dim=1)))
-        mods = list(self.modulation(F.silu(vec)).split(self.mod_sizes, dim=1)) if self.modulation else []
+        silu_vec = F.silu(vec)
+        mods = list(self.modulation(silu_vec).split(self.mod_sizes, dim=1)) if self.modulation else []
+        if row_scales is not None:
+            mods = [mod if branch is None else branch.add(mod, silu_vec, row_scales, self.backend)
+                    for mod, branch in zip(mods, self._mod_branches)]
         return vec, mods, cos, sin
 
     def run_blocks(self, img: Tensor, txt: Tensor, mods: list[Tensor], cos: Tensor, sin: Tensor,
-                   after_block=None) -> Tensor:
+                   after_block=None, lora_scales: Tensor | None = None) -> Tensor:
         """The double then the single blocks; returns the image tokens [B, L, C]. after_block(kind, index, tokens),
         kind "double" | "single", sees each block's image tokens (for a single block a view into the joint stream)
         and may add to them in place before the next block reads them: where ControlNet residuals go in and a
-        ControlNet's own block outputs come out."""
+        ControlNet's own block outputs come out. lora_scales: as double_block_forward's."""
         mods = iter(mods)
         for index, block in enumerate(self.model.double_blocks):
             img, txt = double_block_forward(block, img, txt, next(mods), next(mods), cos, sin, self.backend,
-                                            self.fp8_attention_rows, self.fp8_attention)
+                                            self.fp8_attention_rows, self.fp8_attention, lora_scales)
             if after_block is not None:
                 after_block("double", index, img)
         T = txt.shape[1]
         x = torch.cat((txt, img), dim=1)
         for index, block in enumerate(self.model.single_blocks):
-            x = single_block_forward(block, x, next(mods), cos, sin, self.backend, self.fp8_attention)
+            x = single_block_forward(block, x, next(mods), cos, sin, self.backend, self.fp8_attention, lora_scales)
             if after_block is not None:
                 after_block("single", index, x[:, T:])
         return x[:, T:]
