@@ -45,18 +45,25 @@ class GraphCache:
         self.max_entries = max_entries
         self.entries: OrderedDict[Hashable, object] = OrderedDict()
         self.weights: tuple | None = None
+        # builds: values built (graphs captured); invalidations: times a weights change dropped the values held;
+        # evictions: values dropped for room; hits: calls served by a value held
+        self.stats = {"builds": 0, "invalidations": 0, "evictions": 0, "hits": 0}
 
     def get(self, key: Hashable, weights: tuple, build: Callable[[], object]):
         """The value for `key` under `weights`, built (and kept) when missing or when the weights changed."""
         if weights != self.weights:
+            self.stats["invalidations"] += bool(self.entries)
             self.entries.clear()  # release the stale graphs (and their memory pools) before capturing new ones
             self.weights = weights
         if key in self.entries:
             self.entries.move_to_end(key)
+            self.stats["hits"] += 1
             return self.entries[key]
         if len(self.entries) >= self.max_entries:
             self.entries.popitem(last=False)
+            self.stats["evictions"] += 1
         self.entries[key] = value = build()
+        self.stats["builds"] += 1
         return value
 
 

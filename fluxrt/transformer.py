@@ -313,6 +313,17 @@ class FastFlux(nn.Module):
         self._refresh_plan()
         return self.lora
 
+    def compile_stats(self) -> dict:
+        """What has been (re)compiled or (re)captured so far, to check that LoRA swaps and scale changes cost none:
+        torch._dynamo's counters (process-wide: every torch.compile'd function of this process) and this model's
+        CUDA graph cache (captures, invalidations by a weights change, evictions, replays; None with graphs off)."""
+        from torch._dynamo.utils import counters
+
+        return {
+            "dynamo": {"unique_graphs": counters["stats"]["unique_graphs"], "frames_compiled": counters["frames"]["ok"]},
+            "cuda_graphs": None if self.graphs is None else dict(self.graphs.cache.stats),
+        }
+
     def _activation_dtype(self) -> torch.dtype:
         """The dtype activations run in: the model's, also when its linears hold FP8 weights."""
         return self.model.img_in.bias.dtype

@@ -46,6 +46,14 @@ def test_other_weights_drop_every_value():
     assert cache.get("b", ("w2",), build) == "graph 4"
 
 
+def test_stats_count_builds_hits_invalidations_and_evictions():
+    cache, build = GraphCache(max_entries=2), Built()
+    cache.get("a", ("w1",), build), cache.get("a", ("w1",), build), cache.get("b", ("w1",), build)
+    cache.get("c", ("w1",), build)  # evicts a
+    cache.get("c", ("w2",), build)  # the weights changed: drops b and c, builds c again
+    assert cache.stats == {"builds": 4, "invalidations": 1, "evictions": 1, "hits": 1}
+
+
 def test_max_graphs_must_be_positive():
     with pytest.raises(ValueError, match="max_graphs must be >= 1"):
         GraphCache(0)
