@@ -12,13 +12,14 @@ images map [-1, 1] -> [0, 1] -> uint8 with rounding (diffusers; BFL truncates, h
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import math
 import numbers
 import os
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -29,6 +30,8 @@ from .convert import CheckpointError
 from .devices import resolve_device, resolve_dtype
 from .loading import load_autoencoder, load_transformer
 from .lora import load_lora
+from .lora_branch import LoraBranches, check_scale
+from .quantize import FP8Linear
 from .reference import AutoEncoder, Flux
 from .compiler import prepare as prepare_compile  # compile's check phase; also takes the autoencoder (-> fluxrt.vae)
 from .validation import (
@@ -96,7 +99,8 @@ class FluxPipeline:
         self.default_negative_prompt = defaults.get("negative_prompt")
         self.plan = None  # what fluxrt.compile chose, once compiled
         self._lock = threading.RLock()
-        self._loras: dict[str, list] = {}  # name -> [Lora, scale, FusedLora], in the order they were fused
+        # name -> [Lora, scale, FusedLora or None (hot-swapped: a side branch of the compiled transformer)], in load order
+        self._loras: dict[str, list] = {}
         if compile:
             self.accelerate(quantize=quantize, backend=backend)
 
@@ -157,7 +161,8 @@ class FluxPipeline:
                  num_images_per_prompt: int = 1, output_type: str = "pil", progress: bool | None = None,
                  callback: Callable[[int, int], None] | None = None, negative_prompt: str | Sequence[str] | None = None,
                  true_cfg_scale: float | None = None, *, num_inference_steps: int | None = None,
-                 guidance_scale: float | None = None, max_sequence_length: int | None = None):
+                 guidance_scale: float | None = None, max_sequence_length: int | None = None,
+                 loras: Mapping[str, float] | Sequence[Mapping[str, float] | None] | None = None):
         """Images for `prompt` (a string or a list): a list of PIL images, or with output_type="pt" a float tensor
         [N, 3, H, W] in [0, 1] on the CPU. N = prompts x num_images_per_prompt, grouped by prompt.
 
@@ -172,6 +177,8 @@ class FluxPipeline:
         3 with ""); a scale > 1 without any negative prompt is an error, a negative prompt at scale 1 is ignored
         with a warning. diffusers' names are accepted too: num_inference_steps (num_steps), guidance_scale (guidance),
         and max_sequence_length (T5 tokens, 1..512; default the model's); passing both spellings is an error.
+        loras (hot-swap mode, enable_lora_hotswap): the loaded LoRAs this call runs, {name: scale} for every image or
+        one such dict (or None: the loaded scales) per prompt; LoRAs not named are off. Default: the loaded scales.
         Limits (fluxrt.validation): MAX_STEPS, MAX_PIXELS per image, MAX_IMAGES_PER_CALL. Every argument is checked
         before any work. A prompt longer than the text encoders read is cut, with a warning naming what was dropped.
         NaN or inf latents or pixels raise fluxrt.NonFiniteError instead of returning a broken image.
@@ -198,13 +205,15 @@ class FluxPipeline:
         if callback is not None and not callable(callback):
             raise TypeError(f"callback must be a function (step, total) -> None, got {type(callback).__name__}")
         with self._lock, torch.inference_mode():
+            # under the lock: a LoRA loaded or unloaded by another thread cannot move the slots in between
+            lora_scales = self._per_image_lora_scales(loras, len(prompts), per_prompt)
             txt, vec = self.encode_prompt(prompts, length)
             txt, vec = txt.repeat_interleave(per_prompt, 0), vec.repeat_interleave(per_prompt, 0)
             negative = None
             if negatives is not None:
                 negative = tuple(f.repeat_interleave(per_prompt, 0) for f in self.encode_prompt(negatives, length))
             images = self._denoise_and_decode(txt, vec, width, height, num_steps, guidance, seeds, progress, callback,
-                                              negative, cfg_scale)
+                                              negative, cfg_scale, lora_scales)
         return images if output_type == "pt" else to_pil(images)
 
     def resolve_guidance(self, guidance) -> float | None:
@@ -273,8 +282,10 @@ class FluxPipeline:
 
     def _denoise_and_decode(self, txt: Tensor, vec: Tensor, width: int, height: int, num_steps: int,
                             guidance: float | None, seeds: list[int], progress: bool, callback,
-                            negative: tuple[Tensor, Tensor] | None = None, cfg_scale: float = 1.0) -> Tensor:
-        """negative: the negative prompts' (txt, vec), one row per image, for true CFG at cfg_scale; None: off."""
+                            negative: tuple[Tensor, Tensor] | None = None, cfg_scale: float = 1.0,
+                            lora_scales: Tensor | None = None) -> Tensor:
+        """negative: the negative prompts' (txt, vec), one row per image, for true CFG at cfg_scale; None: off.
+        lora_scales: [images, adapter slots] for the hot-swapped LoRAs (None: the loaded scales)."""
         from tqdm.auto import tqdm
 
         batch = txt.shape[0]
@@ -288,7 +299,11 @@ class FluxPipeline:
                 if callback is not None:
                     callback(step, total)
 
-            model = self.transformer if negative is None else sampling.true_cfg(self.transformer, *negative, cfg_scale)
+            model = self.transformer
+            if lora_scales is not None:
+                model = functools.partial(model, lora_scales=lora_scales)
+            if negative is not None:
+                model = sampling.true_cfg(model, *negative, cfg_scale)
             latents = sampling.denoise(model, img, img_ids, txt, txt_ids, vec, timesteps,
                                        guidance=guidance, callback=step_done)  # NonFiniteError names the step
         image = self.autoencoder.decode(sampling.unpack(latents, height, width).to(self.vae_dtype))
@@ -305,12 +320,32 @@ class FluxPipeline:
         """The LoRAs applied, {name: scale}, in the order they were loaded."""
         return {name: entry[1] for name, entry in self._loras.items()}
 
+    @property
+    def lora_hotswap(self) -> bool:
+        """Whether LoRAs run as side branches of the compiled transformer (enable_lora_hotswap) instead of fused."""
+        return self._branches() is not None
+
+    def enable_lora_hotswap(self, max_rank: int = 64, max_adapters: int = 4) -> None:
+        """Run LoRAs as side branches of the compiled transformer (fluxrt.lora_branch) instead of fusing them:
+        loading, unloading and scale changes then rewrite buffers only (no recompile, no CUDA-graph recapture, no
+        weight copy), each call may pick its LoRAs (`loras=`), and one batch may mix them (serving). Costs a branch per
+        linear each step and max_rank x (in + out) values per linear (about 0.6 GB for FLUX.1-dev at rank 64 in bf16).
+        max_rank: the rank all loaded LoRAs share per layer; max_adapters: how many may be loaded at once. Needs a
+        compiled pipeline with no fused LoRA loaded; an FP8 (quantized) transformer enables it at its first LoRA."""
+        with self._lock:
+            fast = self._compiled_transformer()
+            if self._loras and self._branches() is None:
+                raise RuntimeError(f"LoRAs are fused into the weights already ({', '.join(self._loras)}): unload_lora() "
+                                   "first, then enable hot-swap and load them again")
+            fast.enable_lora_branches(max_rank=max_rank, max_adapters=max_adapters)
+
     def load_lora(self, path: str | Path, scale: float = 1.0, name: str | None = None) -> str:
         """Apply a FLUX.1 LoRA file at `scale` (fluxrt.load_lora's formats: diffusers/PEFT, kohya, BFL/ComfyUI,
-        XLabs); returns its name (default: the file's stem) for set_lora_scales and unload_lora. Several LoRAs add
-        up, each at its own scale. It is fused into the transformer's bf16/fp32 weights (the compiled transformer
-        runs the same weights), exactly undone by unload_lora; a quantized (FP8) transformer refuses it. The file
-        and its fit to this model are checked before any weight changes."""
+        XLabs); returns its name (default: the file's stem) for set_lora_scales, unload_lora and `loras=`. Several
+        LoRAs add up, each at its own scale. By default it is fused into the transformer's bf16/fp32 weights (the
+        compiled transformer runs the same weights), exactly undone by unload_lora; in hot-swap mode
+        (enable_lora_hotswap, and always for a quantized FP8 transformer, where fusing would add requantization
+        error) it runs as a side branch. The file and its fit to this model are checked before anything changes."""
         with self._lock:
             scale = _check_lora_scale(scale, "scale")
             name = Path(path).stem if name is None else name
@@ -319,34 +354,66 @@ class FluxPipeline:
             if name in self._loras:
                 raise ValueError(f"a LoRA named {name!r} is loaded already: pass another name=, or unload_lora({name!r})")
             lora = load_lora(path, config=self.config)
-            self._loras[name] = [lora, scale, lora.fuse(self._base_transformer(), scale)]
+            branches = self._branches()
+            if branches is None and self._quantized():
+                branches = self._compiled_transformer().enable_lora_branches()
+            if branches is not None:
+                branches.load(name, lora, scale)
+                self._loras[name] = [lora, scale, None]
+            else:
+                self._loras[name] = [lora, scale, lora.fuse(self._base_transformer(), scale)]
             return name
 
     def set_lora_scales(self, scales: dict[str, float]) -> None:
-        """Change loaded LoRAs' scales ({name: scale}); every name and scale is checked before any weight changes."""
+        """Change loaded LoRAs' scales ({name: scale}); every name and scale is checked before anything changes."""
         with self._lock:
             if not isinstance(scales, dict):
                 raise TypeError(f"scales must be a dict {{name: scale}}, got {type(scales).__name__}")
             checked = {self._known_lora(name): _check_lora_scale(value, f"scales[{name!r}]")
                        for name, value in scales.items()}
-            self._unfuse_all()
+            branches = self._branches()
+            if branches is not None:
+                branches.set_scales(checked)
+            else:
+                self._unfuse_all()
             for name, value in checked.items():
                 self._loras[name][1] = value
-            self._fuse_all()
+            if branches is None:
+                self._fuse_all()
 
     def unload_lora(self, name: str | None = None) -> None:
-        """Remove one LoRA (or all of them, name=None): the weights come back bit for bit without it."""
+        """Remove one LoRA (or all of them, name=None): the output is then exactly the one without it (fused: the
+        weights come back bit for bit; hot-swapped: its branch columns are zeroed)."""
         with self._lock:
             names = list(self._loras) if name is None else [self._known_lora(name)]
-            self._unfuse_all()
+            branches = self._branches()
+            if branches is None:
+                self._unfuse_all()
             for gone in names:
+                if branches is not None:
+                    branches.unload(gone)
                 del self._loras[gone]
-            self._fuse_all()
+            if branches is None:
+                self._fuse_all()
 
     def _known_lora(self, name) -> str:
         if name not in self._loras:
             raise KeyError(f"no LoRA named {name!r} is loaded (loaded: {sorted(self._loras) or 'none'})")
         return name
+
+    def _compiled_transformer(self):
+        from .transformer import FastFlux
+
+        if not isinstance(self.transformer, FastFlux):
+            raise RuntimeError("LoRA hot-swap runs on the compiled transformer: build the pipeline with compile=True "
+                               "(the default on a GPU) or call pipe.accelerate() first")
+        return self.transformer
+
+    def _branches(self) -> LoraBranches | None:
+        return getattr(self.transformer, "lora", None) if not isinstance(self.transformer, Flux) else None
+
+    def _quantized(self) -> bool:
+        return any(isinstance(m, FP8Linear) for m in self._base_transformer().modules())
 
     def _base_transformer(self) -> Flux:
         """The fluxrt.reference.Flux whose weights the transformer runs (a compiled FastFlux shares them)."""
@@ -361,6 +428,33 @@ class FluxPipeline:
     def _fuse_all(self) -> None:
         for entry in self._loras.values():
             entry[2] = entry[0].fuse(self._base_transformer(), entry[1])
+
+    def check_lora_choice(self, choice) -> dict[str, float] | None:
+        """A call's or request's LoRA choice ({name: scale}) checked against the loaded LoRAs: a dict of floats, or
+        None (the loaded scales). ValueError / KeyError / TypeError naming what is wrong."""
+        if choice is None:
+            return None
+        if self._branches() is None:
+            raise ValueError("choosing LoRAs per call or request needs hot-swap mode (pipe.enable_lora_hotswap() "
+                             "before loading them): fused LoRAs apply to every image")
+        if not isinstance(choice, Mapping):
+            raise TypeError(f"a LoRA choice is a dict {{name: scale}}, got {type(choice).__name__}")
+        return {self._known_lora(name): check_scale(scale, f"the scale of LoRA {name!r}") for name, scale in
+                choice.items()}
+
+    def _per_image_lora_scales(self, loras, prompts: int, per_prompt: int) -> Tensor | None:
+        """A call's `loras` as the transformer's lora_scales [images, adapter slots] (None: the loaded scales)."""
+        if loras is None:
+            return None
+        if isinstance(loras, Mapping):
+            choices = [self.check_lora_choice(loras)] * prompts
+        elif isinstance(loras, Sequence) and not isinstance(loras, str) and len(loras) == prompts:
+            choices = [self.check_lora_choice(choice) for choice in loras]
+        else:
+            raise TypeError(f"loras must be a dict {{name: scale}} or a list of {prompts} of them (one per prompt), got "
+                            f"{type(loras).__name__}{f' of {len(loras)}' if isinstance(loras, Sequence) else ''}")
+        per_image = [choice for choice in choices for _ in range(per_prompt)]
+        return self._branches().per_image_scales(per_image)
 
     def generate(self, requests, max_batch_size: int = 4):
         """Serving entry point: a list of fluxrt.GenerationRequest -> a list of fluxrt.GenerationResult, in order (a

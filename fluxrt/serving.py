@@ -4,9 +4,11 @@
     for r in results:
         r.image.save(...) if r.ok else log(r.error)
 
-Requests with the same size, steps, guidance and true-CFG scale run together as one batch (up to max_batch_size images): the
-transformer's cost per image falls with batch size on a GPU, and each image keeps its own seed, so its pixels do
-not depend on what it was batched with beyond floating-point reduction order. A bad request (wrong size, steps,
+Requests with the same size, steps, guidance and true-CFG scale run together as one batch (up to max_batch_size
+images): the transformer's cost per image falls with batch size on a GPU, and each image keeps its own seed, so its
+pixels do not depend on what it was batched with beyond floating-point reduction order. The LoRAs a request names
+(GenerationRequest.loras, {name: scale} of LoRAs loaded in hot-swap mode) do not split batches: the side branch
+(fluxrt.lora_branch) runs each image's own LoRAs at its own scales inside the batch. A bad request (wrong size, steps,
 seed, type, or past the limits of fluxrt.validation) gets its own error before anything runs and never stops the
 others; a batch that fails at run time (out of memory, NaN/inf: fluxrt.NonFiniteError) is retried one request at a
 time so only the failing request reports the error. `requests` must be a list: a single request or a prompt string
@@ -35,6 +37,7 @@ class GenerationRequest:
     seed: int | None = None  # None: a random seed, reported in the result
     negative_prompt: str | None = None  # true CFG (as FluxPipeline's call); None: the model's default
     true_cfg_scale: float | None = None  # None: the model's default (off for FLUX.1; the tiny model 3)
+    loras: Mapping[str, float] | None = None  # loaded LoRAs to run, {name: scale} (hot-swap mode); None: as loaded
 
 
 @dataclass(frozen=True)
@@ -61,8 +64,9 @@ def _resolve(pipe, request) -> GenerationRequest:
     if request.negative_prompt is not None and not isinstance(request.negative_prompt, str):
         raise TypeError(f"negative_prompt must be a string, got {type(request.negative_prompt).__name__}")
     negatives, cfg_scale = pipe.resolve_true_cfg(request.negative_prompt, request.true_cfg_scale, 1)
+    loras = pipe.check_lora_choice(request.loras)
     return replace(request, width=width, height=height, num_steps=steps, guidance=guidance, seed=seed,
-                   negative_prompt=None if negatives is None else negatives[0], true_cfg_scale=cfg_scale)
+                   negative_prompt=None if negatives is None else negatives[0], true_cfg_scale=cfg_scale, loras=loras)
 
 
 def _request_list(requests) -> list:
@@ -84,7 +88,8 @@ def _run(pipe, batch: list[GenerationRequest]) -> list:
     return pipe([r.prompt for r in batch], width=first.width, height=first.height, num_steps=first.num_steps,
                 guidance=first.guidance, seed=[r.seed for r in batch], progress=False,
                 negative_prompt=[r.negative_prompt for r in batch] if guided else None,
-                true_cfg_scale=first.true_cfg_scale if guided else 1.0)
+                true_cfg_scale=first.true_cfg_scale if guided else 1.0,
+                loras=[r.loras for r in batch] if any(r.loras is not None for r in batch) else None)
 
 
 def generate(pipe, requests, max_batch_size: int = 4) -> list[GenerationResult]:
@@ -98,10 +103,11 @@ def generate(pipe, requests, max_batch_size: int = 4) -> list[GenerationResult]:
     for i, request in enumerate(requests):
         try:
             resolved = _resolve(pipe, request)
-        except (TypeError, ValueError) as err:
-            results[i] = GenerationResult(request, error=str(err))
+        except (TypeError, ValueError, KeyError) as err:
+            results[i] = GenerationResult(request, error=str(err) if not isinstance(err, KeyError) else err.args[0])
             continue
-        # true CFG on or off, and its scale, are per call; negative prompts may differ within a batch
+        # true CFG on or off, and its scale, are per call; negative prompts and LoRAs (hot-swapped: the side branch
+        # picks each image's adapters) may differ within a batch
         cfg = resolved.true_cfg_scale if resolved.negative_prompt is not None else None
         key = (resolved.width, resolved.height, resolved.num_steps, resolved.guidance, cfg)
         groups.setdefault(key, []).append((i, resolved))

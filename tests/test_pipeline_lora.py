@@ -129,3 +129,112 @@ def test_cli_lora_flag_applies_the_lora_and_checks_its_argument(tmp_path, capsys
     assert main(small + ["--lora", str(tmp_path / "none.safetensors"), "--out", str(tmp_path / "x.png")]) == 2
     assert "does not exist" in capsys.readouterr().err
     assert not (tmp_path / "x.png").exists()
+
+
+# ---- hot-swap mode: LoRAs as side branches of the compiled transformer ----
+
+
+def compiled_pipe(**kwargs):
+    return tiny_random_pipeline(device="cpu", compile=True, backend="torch", progress=False, **kwargs)
+
+
+@pytest.fixture
+def hot():
+    pipe = compiled_pipe()
+    pipe.enable_lora_hotswap(max_rank=16, max_adapters=3)
+    return pipe
+
+
+@torch.no_grad()
+def test_hot_swapped_loras_draw_what_fused_loras_draw(hot, tmp_path):
+    a, b = write_lora(tmp_path / "a.safetensors", seed=0), write_lora(tmp_path / "b.safetensors", seed=1, rank=2)
+    fused = compiled_pipe()
+    base = hot(PROMPT, **CALL)
+    for pipe in (hot, fused):
+        pipe.load_lora(a, scale=0.8)
+        pipe.load_lora(b, scale=-0.5)
+    assert hot.lora_hotswap and not fused.lora_hotswap
+    assert (hot(PROMPT, **CALL) - base).abs().max() > 0.02, "the LoRAs must change the image"
+    torch.testing.assert_close(hot(PROMPT, **CALL), fused(PROMPT, **CALL), rtol=0, atol=1e-5)
+    for pipe in (hot, fused):
+        pipe.set_lora_scales({"a": 0.3})
+        pipe.unload_lora("b")
+    torch.testing.assert_close(hot(PROMPT, **CALL), fused(PROMPT, **CALL), rtol=0, atol=1e-5)
+    assert hot.loras == fused.loras == {"a": 0.3}
+    hot.unload_lora()
+    assert torch.equal(hot(PROMPT, **CALL), base), "unloading every LoRA must give back the image without them"
+
+
+@torch.no_grad()
+def test_each_prompt_may_run_its_own_loras_in_one_call(hot, tmp_path):
+    hot.load_lora(write_lora(tmp_path / "a.safetensors", seed=0))
+    hot.load_lora(write_lora(tmp_path / "b.safetensors", seed=1))
+    prompts = ["a red circle", "a blue star", "a green square"]
+    choices = [{"a": 0.7}, {"b": 1.2}, None]  # None: the loaded scales (a 1.0, b 1.0)
+    together = hot(prompts, **CALL, loras=choices)
+    for k, (prompt, choice) in enumerate(zip(prompts, choices)):
+        seed = CALL["seed"] + k
+        alone = hot(prompt, **{**CALL, "seed": seed}, loras=choice)
+        torch.testing.assert_close(together[k : k + 1], alone, rtol=0, atol=1e-5)
+    off = hot(prompts[0], **CALL, loras={})
+    assert (together[0:1] - off).abs().max() > 0.02, "loras={} must turn the LoRAs off for that call"
+    assert hot.loras == {"a": 1.0, "b": 1.0}, "a call's choice must not change the loaded scales"
+
+
+@torch.no_grad()
+def test_an_fp8_pipeline_runs_loras_as_side_branches(tmp_path):
+    pipe = compiled_pipe(quantize="fp8-weight")
+    base = pipe(PROMPT, **CALL)
+    pipe.load_lora(write_lora(tmp_path / "style.safetensors", seed=0), scale=0.8)
+    assert pipe.lora_hotswap, "FP8 weights take no fused LoRA: the pipeline must switch to side branches"
+    assert (pipe(PROMPT, **CALL) - base).abs().max() > 0.02
+    pipe.unload_lora()
+    assert torch.equal(pipe(PROMPT, **CALL), base)
+
+
+def test_hot_swap_misuse_gets_one_clear_error(pipe, hot, tmp_path):
+    path = write_lora(tmp_path / "style.safetensors", seed=0)
+    with pytest.raises(RuntimeError, match="compile=True"):
+        pipe.enable_lora_hotswap()
+    pipe.load_lora(path)
+    with pytest.raises(ValueError, match="needs hot-swap mode"):
+        pipe(PROMPT, **CALL, loras={"style": 1.0})
+    fused = compiled_pipe()
+    fused.load_lora(path)
+    with pytest.raises(RuntimeError, match="fused into the weights already"):
+        fused.enable_lora_hotswap()
+    hot.load_lora(path)
+    for loras, error, message in (({"other": 1.0}, KeyError, "no LoRA named 'other'"),
+                                  ({"style": float("inf")}, ValueError, "must be a finite number"),
+                                  ([{"style": 1.0}] * 2, TypeError, "a list of 1 of them"),
+                                  ("style", TypeError, "loras must be a dict")):
+        with pytest.raises(error, match=message):
+            hot(PROMPT, **CALL, loras=loras)
+
+
+@torch.no_grad()
+def test_serving_batches_requests_with_different_loras_together(hot, tmp_path):
+    from fluxrt import GenerationRequest
+
+    hot.load_lora(write_lora(tmp_path / "a.safetensors", seed=0))
+    hot.load_lora(write_lora(tmp_path / "b.safetensors", seed=1))
+    small = dict(width=32, height=32, num_steps=2)
+    requests = [GenerationRequest("a red circle", seed=1, loras={"a": 0.9}, **small),
+                GenerationRequest("a blue star", seed=2, loras={"b": 1.0, "a": 0.2}, **small),
+                GenerationRequest("a cat", seed=3, **small),
+                GenerationRequest("a dog", seed=4, loras={"c": 1.0}, **small)]
+    sizes = []
+    hook = hot.transformer.register_forward_pre_hook(lambda m, a, kw: sizes.append(kw["img"].shape[0]),
+                                                     with_kwargs=True)
+    try:
+        results = hot.generate(requests)
+    finally:
+        hook.remove()
+    assert sizes == [3, 3], "requests with different LoRAs must share one batch"
+    for result in results[:3]:
+        r = result.request
+        alone = hot(r.prompt, width=32, height=32, num_steps=2, seed=r.seed, loras=r.loras)[0]
+        assert result.ok, result.error
+        # batched vs alone differs only in summation order: at most one level at a rounding edge
+        assert np.abs(np.asarray(result.image, dtype=int) - np.asarray(alone, dtype=int)).max() <= 1
+    assert "no LoRA named 'c'" in results[3].error
