@@ -233,7 +233,8 @@ def _add_generate(sub) -> None:
                                                         "the model's; 1, off, for FLUX.1; tiny 3)")
     g.add_argument("--lora", action="append", metavar="PATH[:SCALE]",
                    help="a FLUX.1 LoRA .safetensors file (diffusers/PEFT, kohya, BFL/ComfyUI or XLabs naming) at SCALE "
-                        "(default 1); repeat for several. Fused into the transformer's weights before compiling")
+                        "(default 1); repeat for several. Fused into the transformer's weights before compiling; beside "
+                        "the weights of an FP8 checkpoint (a side branch of the compiled transformer)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--out", type=Path, default=Path("out.png"), help="PNG path (written whole or not at all)")
     g.add_argument("--quantize", choices=["fp8", "fp8-weight"], help="fp8: W8A8 (sm_89+ GPU); fp8-weight: weights")
@@ -373,9 +374,14 @@ def _build_pipeline(args, compile: bool):
         pipe = tiny_random_pipeline(device=args.device, **common)
     else:
         pipe = _load_model(args, **common)
+    # an FP8 checkpoint takes no fused LoRA (fusing would requantize its weights): compiled first, its LoRAs then
+    # run as side branches beside the FP8 weights
+    prequantized = bool(args.lora) and pipe.transformer_quantized
+    if prequantized and compile:
+        pipe.accelerate(quantize=None, backend=args.backend)
     for k, (path, scale) in enumerate(args.lora):
         pipe.load_lora(path, scale=scale, name=f"{k}:{path.name}")  # the same file may be given twice
-    if args.lora and compile:
+    if args.lora and compile and not prequantized:
         pipe.accelerate(quantize=args.quantize, backend=args.backend)
     return pipe
 

@@ -355,7 +355,11 @@ class FluxPipeline:
                 raise ValueError(f"a LoRA named {name!r} is loaded already: pass another name=, or unload_lora({name!r})")
             lora = load_lora(path, config=self.config)
             branches = self._branches()
-            if branches is None and self._quantized():
+            if branches is None and self.transformer_quantized:
+                if isinstance(self.transformer, Flux):
+                    raise RuntimeError("this transformer holds FP8 weights, which take a LoRA only as a side branch of "
+                                       "the compiled transformer (fusing would requantize them): compile the pipeline "
+                                       "(compile=True or pipe.accelerate()) before loading LoRAs")
                 branches = self._compiled_transformer().enable_lora_branches()
             if branches is not None:
                 branches.load(name, lora, scale)
@@ -412,7 +416,9 @@ class FluxPipeline:
     def _branches(self) -> LoraBranches | None:
         return getattr(self.transformer, "lora", None) if not isinstance(self.transformer, Flux) else None
 
-    def _quantized(self) -> bool:
+    @property
+    def transformer_quantized(self) -> bool:
+        """Whether the transformer holds FP8 weights, which take LoRAs as side branches only (never fused)."""
         return any(isinstance(m, FP8Linear) for m in self._base_transformer().modules())
 
     def _base_transformer(self) -> Flux:

@@ -238,3 +238,34 @@ def test_serving_batches_requests_with_different_loras_together(hot, tmp_path):
         # batched vs alone differs only in summation order: at most one level at a rounding edge
         assert np.abs(np.asarray(result.image, dtype=int) - np.asarray(alone, dtype=int)).max() <= 1
     assert "no LoRA named 'c'" in results[3].error
+
+
+def test_cli_lora_on_an_fp8_checkpoint_runs_beside_its_weights(tmp_path, capsys):
+    """An FP8 transformer file (fluxrt.quantize.save_transformer) takes --lora as a side branch of the compiled
+    transformer: the image changes, and it is what the Python API draws with the same LoRA."""
+    from PIL import Image
+
+    from fluxrt.cli import main
+    from fluxrt.quantize import quantize, save_transformer
+
+    tiny = fluxrt.tiny.TRAINED
+    model = fluxrt.load_transformer(tiny / "transformer", dtype=torch.float32)
+    quantize(model)
+    save_transformer(model, tmp_path / "fp8.safetensors")
+    lora = write_lora(tmp_path / "style.safetensors", seed=0)
+    files = ["--model", str(tmp_path / "fp8.safetensors"), "--ae", str(tiny / "vae"), "--text-encoders", str(tiny)]
+    small = ["generate", *files, "--device", "cpu", "--backend", "torch", "--width", "32", "--height", "32",
+             "--steps", "2", "--no-progress", "--prompt", PROMPT]
+    images = {}
+    for label, extra in (("plain", []), ("lora", ["--lora", f"{lora}:0.8"])):
+        out = tmp_path / f"{label}.png"
+        assert main(small + extra + ["--out", str(out)]) == 0, capsys.readouterr().err
+        images[label] = np.asarray(Image.open(out).convert("RGB"), dtype=int)
+    assert np.abs(images["lora"] - images["plain"]).max() > 2, "the LoRA must change the picture"
+    pipe = fluxrt.FluxPipeline.from_pretrained(tmp_path / "fp8.safetensors", autoencoder=tiny / "vae",
+                                               text_encoders=tiny, device="cpu", compile=True, backend="torch",
+                                               progress=False)
+    pipe.load_lora(lora, scale=0.8)
+    assert pipe.lora_hotswap
+    expected = np.asarray(pipe(PROMPT, width=32, height=32, num_steps=2, seed=0)[0], dtype=int)
+    assert np.abs(images["lora"] - expected).max() <= 1
