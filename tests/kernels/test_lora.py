@@ -75,6 +75,16 @@ def test_fp16_operands_split_h_into_two_halves():
     assert_matches_ref(args, atol=2e-5, rtol=2e-5)
 
 
+def test_mixed_dtypes_are_fp32_dots():
+    """x in another dtype than down: both go to fp32 (never x rounded to down's dtype, ~1e-3 off in fp16)."""
+    args = make_inputs(2, 9, 40, 50, 20, seed=11, dense=torch.float16, y_dtype=torch.float32)
+    assert_matches_ref({**args, "x": torch.randn(2, 9, 40, device=DEVICE)}, atol=2e-5, rtol=2e-5)
+    bf16_x = make_inputs(2, 9, 40, 50, 20, seed=12, y_dtype=torch.bfloat16)  # fp32 factors, bf16 x and y
+    bf16_x["x"] = bf16_x["x"].bfloat16()
+    out, ref = run_both(bf16_x)
+    torch.testing.assert_close(out.float(), ref.float(), atol=1e-6, rtol=2**-7)
+
+
 def test_bf16_y_is_rounded_once():
     """fp32 operands, bf16 y and out: one rounding of the fp32 sum; the interpreter's bf16 store truncates, so up
     to one bf16 ulp (2^-7 relative at most) from the reference's round-to-nearest."""
