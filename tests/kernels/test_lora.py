@@ -151,7 +151,7 @@ def test_out_of_range_owner_gives_nan_in_the_kernel():
     owner = args["owner"].clone()
     owner[3], owner[5] = 4, -1  # row_scales has 4 adapters
     h = L._shrink(args["x"].reshape(20, 40), args["down"], None, owner, args["row_scales"], 20)
-    bad = torch.zeros(20, dtype=torch.bool)
+    bad = torch.zeros(20, dtype=torch.bool, device=DEVICE)
     bad[[3, 5]] = True
     assert torch.isnan(h[:, bad]).all() and not torch.isnan(h[:, ~bad]).any()
 
@@ -171,10 +171,11 @@ def test_bad_inputs_are_refused_by_both_backends():
         r"x \(2, 5, 41\), y \(2, 5, 50\), down \(20, 40\), up \(50, 20\) do not chain": {"x": torch.randn(2, 5, 41)},
         r"x must be float32/float16/bfloat16 or float8_e4m3fn, got torch.float64": {"x": args["x"].double()},
         r"y, down, up must be float32/float16/bfloat16, got \{'down': torch.float64\}": {"down": args["down"].double()},
-        r"owner entries must index row_scales' 4 adapters, got values in \[-1, 3\]":
-            {"owner": torch.cat([args["owner"][:-1], torch.tensor([-1])])},
         r"x must be \[B, \.\.\., K\] \(at least 2-d\)": {"x": args["x"][0, 0], "y": args["y"][0, 0]},
     }
+    if DEVICE == "cpu":  # checked on the host only where that costs no device synchronization
+        cases[r"owner entries must index row_scales' 4 adapters, got values in \[-1, 3\]"] = {
+            "owner": torch.cat([args["owner"][:-1], torch.tensor([-1])])}
     for message, change in cases.items():
         for backend in ("triton", "torch"):
             with pytest.raises(ValueError, match="lora_add: .*" + message):
