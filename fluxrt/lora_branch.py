@@ -53,9 +53,32 @@ class LoraBranch(nn.Module):
         self.register_buffer("up", torch.zeros(out_features, max_rank, dtype=dtype, device=device), persistent=False)
         self.register_buffer("owner", torch.full((max_rank,), pad_slot, dtype=torch.int32, device=device),
                              persistent=False)
+        # owner's host copy: which columns are free or whose is read here, never from the device (no sync per layer)
+        self.owner_host = torch.full((max_rank,), pad_slot, dtype=torch.int32)
+
+    def columns_of(self, slot: int) -> Tensor:
+        """The (host) indices of the columns `slot` owns; slot pad_slot: the free ones."""
+        return torch.nonzero(self.owner_host == slot).flatten()
 
     def free_columns(self) -> int:
-        return int((self.owner == self.pad_slot).sum())
+        return len(self.columns_of(self.pad_slot))
+
+    def write(self, columns: Tensor, down: Tensor, up: Tensor, slot: int) -> None:
+        """Columns `columns` (host indices) <- down rows [r, in] and up columns [out, r], owned by `slot`."""
+        index = columns.to(self.owner.device)
+        self.down.index_copy_(0, index, down.to(self.down))
+        self.up.index_copy_(1, index, up.to(self.up))
+        self.owner.index_fill_(0, index, slot)
+        self.owner_host[columns] = slot
+
+    def clear(self, slot: int) -> None:
+        columns = self.columns_of(slot)
+        if len(columns):
+            index = columns.to(self.owner.device)
+            self.down.index_fill_(0, index, 0)
+            self.up.index_fill_(1, index, 0)
+            self.owner.index_fill_(0, index, self.pad_slot)
+            self.owner_host[columns] = self.pad_slot
 
     def add(self, y: Tensor, x: Tensor | FP8Rows, row_scales: Tensor, backend: str) -> Tensor:
         if isinstance(x, FP8Rows):
@@ -88,8 +111,8 @@ class LoraBranches(nn.Module):
         """[batch, max_adapters + 1] fp32: per_image ([batch, max_adapters], one scale per slot) with the free
         columns' 0 appended, or the loaded scales for every image. A view of `scales` when per_image is None, so a
         captured CUDA graph reads the scales as they are at replay."""
-        if per_image is None:
-            return self.scales.expand(batch, -1)
+        if per_image is None:  # .float(): a module-wide .to(dtype) casts this buffer too; a no-op in fp32
+            return self.scales.expand(batch, -1).float()
         return F.pad(per_image.to(torch.float32), (0, 1))
 
     def check_per_image(self, per_image: Tensor, batch: int) -> None:
@@ -133,12 +156,9 @@ class LoraBranches(nn.Module):
         slot = next(s for s in range(self.max_adapters) if s not in self.adapters.values())
         with torch.no_grad():
             for layer, branch, columns in placements:
-                columns = columns.to(branch.owner.device)
-                branch.down[columns] = layer.down.to(branch.down)
                 up = torch.zeros(branch.up.shape[0], layer.rank, dtype=torch.float32, device=branch.up.device)
                 up[layer.rows] = layer.scale * layer.up.to(up)
-                branch.up[:, columns] = up.to(branch.up.dtype)
-                branch.owner[columns] = slot
+                branch.write(columns, layer.down, up, slot)
             self.scales[slot] = scale
         self.adapters[name] = slot
 
@@ -157,7 +177,7 @@ class LoraBranches(nn.Module):
         placements, next_free = [], {}
         for layer in lora.layers:
             branch = self.branch(layer.module)
-            free = next_free.setdefault(layer.module, torch.nonzero(branch.owner.cpu() == branch.pad_slot).flatten())
+            free = next_free.setdefault(layer.module, branch.columns_of(branch.pad_slot))
             placements.append((layer, branch, free[: layer.rank]))
             next_free[layer.module] = free[layer.rank:]
         return placements
@@ -169,10 +189,7 @@ class LoraBranches(nn.Module):
             for gone in names:
                 slot = self.adapters.pop(gone)
                 for branch in self.branches.values():
-                    columns = branch.owner == slot
-                    branch.down[columns] = 0
-                    branch.up[:, columns] = 0
-                    branch.owner[columns] = branch.pad_slot
+                    branch.clear(slot)
                 self.scales[slot] = 0
 
     def set_scales(self, scales: Mapping[str, float]) -> None:

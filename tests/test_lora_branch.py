@@ -88,6 +88,22 @@ def test_scale_changes_and_unload(ref, inputs):
     assert fast.lora.loaded() == {}
 
 
+def test_branches_follow_the_model_to_another_dtype(ref, inputs):
+    """fast.to(torch.bfloat16) casts the branches too (and keeps the scales usable): the output then tracks the
+    bf16 reference with the LoRA fused, to bf16 rounding."""
+    lora = random_lora(ref, 1)
+    fast = branched(ref)
+    fast.lora.load("a", lora, scale=0.6)
+    fast.to(torch.bfloat16)
+    branches = (fast.lora.branch("img_in"), fast.lora.branch("single_blocks.0.linear2"))
+    assert {b.down.dtype for b in branches} | {b.up.dtype for b in branches} == {torch.bfloat16}
+    bf16 = {k: (v.to(torch.bfloat16) if k in ("img", "txt", "y") else v) for k, v in inputs.items()}
+    with torch.no_grad():
+        want = fused_reference(ref, [(lora, 0.6)]).to(torch.bfloat16)(**bf16).float()
+        got = fast(**bf16).float()
+    assert (got - want).abs().max() <= 0.03 * want.abs().max(), "the bf16 branch drifted from the fused bf16 LoRA"
+
+
 def test_per_image_adapters_in_one_batch_match_each_image_alone(ref, inputs):
     """Image 0 runs LoRA a at 0.8, image 1 LoRA b at 1.0: each row equals that image run alone with only its LoRA."""
     a, b = random_lora(ref, 1), random_lora(ref, 2, every=2)
