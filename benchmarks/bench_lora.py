@@ -130,9 +130,10 @@ def bench_row(layer: str, rows: int, R: int, kind: str, copy_gbps: float) -> dic
     times = {"triton": _common.bench(lambda: lora_add(*args)), "torch_ref": _common.bench(lambda: lora_add_ref(*args)),
              "plain_bf16": _common.bench(lambda: plain(*args)), "base": _common.bench(base_linear(i, kind))}
     nbytes = branch_bytes(K, N, rows, R, 1 if kind == "fp8" else 2, 2, 2)
+    gbps = _common.gbps(nbytes, times["triton"])
     return {**row, **{f"{k}_ms": ms for k, ms in times.items()}, "branch_pct": 100 * times["triton"] / times["base"],
-            "plain_pct": 100 * times["plain_bf16"] / times["base"], "triton_GB/s": _common.gbps(nbytes, times["triton"]),
-            "triton_frac_copy_bw": _common.gbps(nbytes, times["triton"]) / copy_gbps}
+            "plain_pct": 100 * times["plain_bf16"] / times["base"], "triton_GB/s": gbps,
+            "triton_frac_copy_bw": gbps / copy_gbps}
 
 
 def step_estimate(rows: list[dict]) -> list[dict]:

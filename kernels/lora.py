@@ -22,9 +22,10 @@ Kernel (lora_add): two launches, punica-style ("shrink" then "expand"), with an 
           products, fp32 accumulation); mixed dtypes are fp32 dots ("tf32x3" on a GPU: 3 TF32 MMAs, fp32-grade).
   expand  out[m, n] = y[m, n] + sum_r h[m, r] up[n, r], rounded once to y's dtype
           one program per (BLOCK_M, BLOCK_N) output tile, a loop over R in BLOCK_R steps. With bf16/fp16 up, h is
-          split into hi + lo halves in up's dtype and both are multiplied on the tensor cores (h to ~16 bits,
-          products exact, fp32 sums): fp32-grade at twice a bf16 dot's cost, where an fp32 dot would cost 3
-          TF32 MMAs (fp16 up: |h| must stay below fp16's 65504, as in any fp16 model). fp32 up: fp32 dots.
+          split into hi + lo halves in up's dtype and both are multiplied on the tensor cores (h kept to ~16
+          significant bits in bf16, ~22 in fp16; products exact, fp32 sums): far below out's one rounding, at
+          twice a bf16 dot's cost where an fp32 dot would cost 3 TF32 MMAs (fp16 up: |h| must stay below
+          fp16's 65504, as in any fp16 model). fp32 up: fp32 dots.
 
 Why two kernels and not one: the expand needs a row's whole h (a reduction over all of K) before any of its N
 outputs, while the shrink's natural tile is a row block over K and the expand's a row x column block; one kernel
@@ -33,15 +34,16 @@ grid-wide barrier. The h buffer is tiny (M x R x 4 bytes: 1.2 MB at M = 4608, R 
 split costs one extra launch (a few us), not bandwidth.
 
 What bounds the time: the branch is ~2 M R (K + N) flops, R / K + R / N of the base GEMM's 2 M K N (2.4-4.2 %
-at R = 64 on FLUX's layers; 1.5 of a step's 59.5 linear TF), so it is bandwidth bound: the shrink reads x again (2 K bytes a row in bf16, K in fp8) and the expand
-reads y and writes out (4 N bytes a row). Over a flux-dev step at 1024² (19 double blocks with 4096 image and 512
-text rows, 38 single blocks with 4608 rows; the block linears only) that is 37 GB moved: ~8 ms at H200's
-~4.8 TB/s, ~11 ms at H100's 3.35 TB/s, against ~85 ms of bf16 block linears (59.5 TF at ~700 TF/s). So this
-design predicts ~9-13 % of the linears, ~7-10 % of a bf16 step and more on an FP8 step, whose linears are ~2x
-faster: above issue 18's 5 % goal. 72 % of those bytes are the expand's y read + out write; fusing the expand
-into the base GEMM's epilogue (acc += h_tile @ up_tile^T before its one store) removes them and leaves the
-shrink's x read, ~2-3 ms a step (~2-3 %). The shrink could in turn fold into the kernel that produces x (the
-modulated norm or quantize_rows hold the row already). Measured numbers: benchmarks/bench_lora.py.
+at R = 64 on FLUX's layers; 1.5 of a step's 59.5 linear TF), so it is bandwidth bound: the shrink reads x again
+(2 K bytes a row in bf16, K in fp8) and the expand reads y and writes out (4 N bytes a row). Over a flux-dev
+step at 1024² (19 double blocks with 4096 image and 512 text rows, 38 single blocks with 4608 rows; the block
+linears only) that is 37 GB moved: ~8 ms at H200's ~4.8 TB/s, ~11 ms at H100's 3.35 TB/s, against ~85 ms of bf16
+block linears (59.5 TF at ~700 TF/s). So this design predicts ~9-13 % of the linears, ~7-10 % of a bf16 step
+and more of an FP8 step, whose linears are ~2x faster: above issue 18's 5 % goal. 72 % of those bytes are the
+expand's y read + out write; fusing the expand into the base GEMM's epilogue (acc += h_tile @ up_tile^T before
+its one store) removes them and leaves the shrink's x read, ~2-3 ms a step (~2-3 %). The shrink could in turn
+fold into the kernel that produces x (the modulated norm or quantize_rows hold the row already). Measured
+numbers: benchmarks/bench_lora.py.
 
 Tiles: the shrink tunes BLOCK_M (16-128, so that M = 4608 gives 36-288 programs on 132 SMs) and BLOCK_K; the
 expand tunes BLOCK_M x BLOCK_N (up to 128 x 256); both are keyed by a power-of-two bucket of M (a new resolution

@@ -125,7 +125,7 @@ def test_per_row_scales_pick_each_rows_adapter():
     args = make_inputs(3, 5, 40, 50, 20, seed=6)
     batched, _ = run_both(args)
     for b in range(3):
-        alone = {**args, "y": args["y"][b : b + 1], "x": args["x"][b : b + 1], "row_scales": args["row_scales"][b : b + 1]}
+        alone = {**args, **{k: args[k][b : b + 1] for k in ("y", "x", "row_scales")}}
         torch.testing.assert_close(batched[b : b + 1], run_both(alone)[0], atol=1e-6, rtol=1e-6)
     without_padding = {**args, "up": args["up"].clone()}
     without_padding["up"][:, -2:] = 0
