@@ -220,3 +220,16 @@ def test_bad_arguments_get_one_clear_error(ref, inputs):
     plain = fluxrt.compile(copy.deepcopy(ref), backend="torch")
     with pytest.raises(ValueError, match="enable_lora_branches"):
         plain(**inputs, lora_scales=torch.ones(2, 3))
+
+
+def test_the_hot_swap_benchmark_dry_run_checks_what_it_would_time(capsys):
+    """benchmarks/bench_lora_swap.py --dry-run: the same load/swap/rescale/unload loop and its check, on the CPU."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_lora_swap.py"
+    spec = importlib.util.spec_from_file_location("bench_lora_swap", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.main(["--dry-run"]) == 0
+    assert "'layers': 26" in capsys.readouterr().out  # every block and modulation linear of the tiny config
