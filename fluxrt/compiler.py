@@ -4,7 +4,8 @@
 
 obj                              what comes back (same call signature and return type as obj)
 fluxrt.reference.Flux            fluxrt.transformer.FastFlux (the model's parameters reused, batched or quantized)
-diffusers FluxTransformer2DModel fluxrt.diffusers_adapter.FastFluxTransformer (the diffusers model's tensors move)
+diffusers FluxTransformer2DModel fluxrt.diffusers_adapter.FastFluxTransformer (the diffusers model's tensors move;
+                                 peft LoRA adapters loaded into it run as side branches: fluxrt.diffusers_lora)
 fluxrt.reference.AutoEncoder     fluxrt.vae.FastAutoEncoder (the weights shared)
 diffusers AutoencoderKL          fluxrt.vae.FastAutoencoderKL (the diffusers model's tensors move)
 diffusers FluxControlNetModel    fluxrt.controlnet.FastFluxControlNetModel (its trunk's tensors move)
@@ -141,8 +142,9 @@ def _refuse_compiled(obj, what: str) -> None:
 def _prepare_transformer(obj, quantize, backend, cuda_graphs, attention) -> Callable[[], nn.Module]:
     """Check everything a transformer's compile needs; return the call that then converts and builds it."""
     _refuse_compiled(obj, "the transformer")
+    adapters = None
     if is_diffusers_flux(obj):
-        convert = check_flux_conversion(obj)
+        convert, adapters = check_flux_conversion(obj)  # adapters: peft LoRAs loaded before compile (or None)
         device = next(obj.parameters()).device
         config = obj.config
     elif isinstance(obj, Flux):
@@ -161,7 +163,12 @@ def _prepare_transformer(obj, quantize, backend, cuda_graphs, attention) -> Call
 
     def build() -> nn.Module:
         fast = build_core(convert())
-        return fast if config is None else FastFluxTransformer(fast, config)
+        if config is None:
+            return fast
+        transformer = FastFluxTransformer(fast, config)
+        if adapters is not None:
+            transformer.adopt_peft_adapters(adapters)  # the same adapters, weights and active set, as side branches
+        return transformer
 
     return build
 

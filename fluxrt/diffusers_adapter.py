@@ -1,7 +1,8 @@
 """fluxrt.compile for a diffusers FluxTransformer2DModel: the same call, kwargs and return type back.
 
 Check, then move. check_flux_conversion runs the whole diffusers -> BFL conversion on meta tensors first (every
-parameter and buffer accounted for, nothing unknown: an unfused LoRA, extra parameters or modules; one floating
+parameter and buffer accounted for, nothing unknown: extra parameters or modules, adapter layers other than the
+plain peft LoRAs fluxrt.diffusers_lora reads and runs as side branches; one floating
 dtype, one device, shapes that fit the config) and raises CheckpointError with the model untouched. Layers fused by
 fuse_qkv_projections() are converted from the fused weights, which are what the model's forward runs. Only then are the weights moved: renames keep the storage, q|k|v are fused into one new
 tensor and their sources are released at once, so peak memory stays about one copy of the weights, and the
@@ -24,6 +25,7 @@ from torch import Tensor, nn
 
 from .config import FluxConfig
 from .convert import CheckpointError, diffusers_to_bfl
+from .diffusers_lora import DiffusersLoraMixin, PeftAdapters, peft_adapters_of
 from .diffusers_save import DiffusersStandIn, save_transformer
 from .diffusers_state import check_module_state
 from .reference import Flux
@@ -31,6 +33,7 @@ from .reference import Flux
 # Names that only adapter libraries put into a diffusers model: peft's LoRA layers wrap a linear as `base_layer`
 # beside `lora_A` / `lora_B` (and `lora_embedding_*`, `lora_magnitude_vector` for DoRA).
 _LORA_MARKERS = (".base_layer.", ".lora_A.", ".lora_B.", ".lora_embedding_", ".lora_magnitude_vector")
+_PEFT_FACTORS = (".lora_A.", ".lora_B.")  # a plain LoRA's factors: read by peft_adapters_of, not converted
 # diffusers' fuse_qkv_projections(): each fused layer (the one the model's forward then runs) and the layers whose
 # rows it stacks, which stay in the model beside it
 _FUSED_QKV = {"to_qkv": ("to_q", "to_k", "to_v"), "to_added_qkv": ("add_q_proj", "add_k_proj", "add_v_proj")}
@@ -66,19 +69,33 @@ def _without_fused_qkv(meta: dict[str, Tensor], what: str) -> dict[str, Tensor]:
     return {key: value for key, value in meta.items() if key not in fused}
 
 
-def check_diffusers_parameters(model: nn.Module, what: str) -> dict[str, Tensor]:
+def base_weight_paths(keys, peft: bool) -> dict[str, str]:
+    """{state-dict key as the model would have it without peft's LoRA layers: its real key}. peft wraps a linear
+    `x` as `x.base_layer` beside its factors `x.lora_A.<adapter>`; with peft=False the keys are returned as they are."""
+    if not peft:
+        return {key: key for key in keys}
+    return {key.replace(".base_layer.", "."): key for key in keys
+            if not any(marker in f".{key}" for marker in _PEFT_FACTORS)}
+
+
+def check_diffusers_parameters(model: nn.Module, what: str, peft: bool = False) -> dict[str, Tensor]:
     """The model's state dict as meta tensors (shape, dtype) after the checks every diffusers conversion needs:
-    not consumed already, no adapter layers, every tensor a parameter of one floating dtype on one device. Layers
-    fused by fuse_qkv_projections() are kept: their keys are left out, and the move reads the unfused layers' values
-    from them (_Consuming). Raises CheckpointError naming what is wrong and what to do; nothing is changed."""
+    not consumed already, no adapter layers (peft=True: plain peft LoRA layers are left out, their base weights
+    kept under the linear's own names; fluxrt.diffusers_lora reads the adapters), every tensor a parameter of one
+    floating dtype on one device. Layers fused by fuse_qkv_projections() are kept: their keys are left out, and the
+    move reads the unfused layers' values from them (_Consuming). Raises CheckpointError naming what is wrong and what
+    to do; nothing is changed."""
     check_module_state(model, what)  # processors, hooks, IP-Adapter, per-layer offload: what compile would drop
-    params = dict(model.named_parameters(remove_duplicate=False))
-    state = model.state_dict(keep_vars=True)
-    keys = [f".{k}" for k in state]  # a leading dot, so markers match at the top level too
+    paths = base_weight_paths(model.state_dict(keep_vars=True), peft)
+    all_params = dict(model.named_parameters(remove_duplicate=False))
+    params = {key: all_params[real] for key, real in paths.items() if real in all_params}
+    full_state = model.state_dict(keep_vars=True)
+    state = {key: full_state[real] for key, real in paths.items()}
+    keys = [f".{k}" for k in paths]  # a leading dot, so markers match at the top level too
     if any(marker in key for key in keys for marker in _LORA_MARKERS):
-        raise CheckpointError(f"an unfused LoRA (peft adapter layers) is loaded into this {what}: fluxrt.compile runs "
-                              "the base weights only. Call pipe.fuse_lora(); pipe.unload_lora_weights() first (or "
-                              "unload the LoRA)")
+        raise CheckpointError(f"an unfused LoRA (peft adapter layers) is loaded into this {what}, which fluxrt.compile "
+                              "does not convert: unload it (pipe.unload_lora_weights()) first, or fuse it "
+                              "(pipe.fuse_lora(); pipe.unload_lora_weights())")
     buffers = sorted(set(state) - set(params))
     if buffers:
         raise CheckpointError(f"this {what} has buffers fluxrt does not know ({', '.join(buffers[:5])}): it is not a "
@@ -122,15 +139,17 @@ class _Consuming(Mapping):
     layer's value is its rows of the fused layer, which is what the model's forward ran; reading it releases the
     unfused duplicate, and the fused layer once its three parts are read."""
 
-    def __init__(self, model: nn.Module, keys: list[str] | None = None):
+    def __init__(self, model: nn.Module, keys: list[str] | None = None, peft: bool = False):
         self._model = model
-        state_keys = list(model.state_dict().keys())
+        self._paths = base_weight_paths(model.state_dict().keys(), peft)  # peft's base_layer: read under its own name
+        state_keys = list(self._paths)
         self._fused_parts = fused_qkv_parts(state_keys)
         fused = {source for source, _ in self._fused_parts.values()}
         self._keys = [k for k in state_keys if k not in fused] if keys is None else list(keys)
         self._keyset = set(self._keys)
         # each unfused key's rows of its fused layer, from the shapes alone (nothing is read yet)
-        state = model.state_dict(keep_vars=True)
+        full_state = model.state_dict(keep_vars=True)
+        state = {key: full_state[real] for key, real in self._paths.items()}
         self._rows: dict[str, tuple[str, int, int]] = {}
         for key, (source, _) in sorted(self._fused_parts.items(), key=lambda item: item[1]):
             start = max((stop for src, _, stop in self._rows.values() if src == source), default=0)
@@ -152,7 +171,7 @@ class _Consuming(Mapping):
         return entry[0][start:stop]
 
     def _detach(self, key: str) -> Tensor:
-        module_name, _, name = key.rpartition(".")
+        module_name, _, name = self._paths[key].rpartition(".")
         module = self._model.get_submodule(module_name)
         value = getattr(module, name).detach()
         setattr(module, name, nn.Parameter(torch.empty(0, device="meta"), requires_grad=False))
@@ -168,25 +187,33 @@ class _Consuming(Mapping):
         return len(self._keys)
 
 
-def check_flux_conversion(model: nn.Module) -> Callable[[], Flux]:
+def check_flux_conversion(model: nn.Module) -> tuple[Callable[[], Flux], PeftAdapters | None]:
     """Check the whole conversion of a diffusers FluxTransformer2DModel (on meta tensors; raises CheckpointError with
-    the model untouched), and return the move: a call that converts it to a fluxrt.reference.Flux by moving its
-    tensors, leaving the diffusers model empty."""
+    the model untouched), and return the move (a call that converts it to a fluxrt.reference.Flux by moving its
+    base tensors, leaving the diffusers model empty) and the peft LoRA adapters loaded into it (None: none), for
+    FastFluxTransformer.adopt_peft_adapters."""
     what = "FluxTransformer2DModel"
     try:
         config = FluxConfig.from_diffusers(dict(model.config))
     except (TypeError, ValueError) as err:
         raise CheckpointError(f"this {what}'s config is not a FLUX.1 transformer's: {err}") from None
-    return check_conversion(model, config, what)
+    adapters = peft_adapters_of(model, config) if _has_peft_layers(model) else None
+    return check_conversion(model, config, what, peft=adapters is not None), adapters
+
+
+def _has_peft_layers(model: nn.Module) -> bool:
+    # by name, so that a model without adapters never imports peft
+    return any(type(m).__module__.startswith("peft.") for m in model.modules())
 
 
 def check_conversion(model: nn.Module, config: FluxConfig, what: str, kept: tuple[str, ...] = (),
-                     final_layer: bool = True) -> Callable[[], Flux]:
+                     final_layer: bool = True, peft: bool = False) -> Callable[[], Flux]:
     """check_flux_conversion for any diffusers model holding a FLUX transformer: the parameters under the `kept`
     prefixes are left out of the conversion (the model's own layers, which its compiled form calls as they are);
-    final_layer=False converts a trunk without the output layer (a ControlNet's). Checked on meta tensors first;
-    the move detaches only the converted parameters."""
-    meta = check_diffusers_parameters(model, what)
+    final_layer=False converts a trunk without the output layer (a ControlNet's); peft=True converts the base
+    weights of peft's LoRA layers (their adapters are read apart). Checked on meta tensors first; the move detaches
+    only the converted parameters."""
+    meta = check_diffusers_parameters(model, what, peft)
     keys = [k for k in meta if not k.startswith(kept)]
     try:
         converted = diffusers_to_bfl({k: meta[k] for k in keys})
@@ -196,7 +223,7 @@ def check_conversion(model: nn.Module, config: FluxConfig, what: str, kept: tupl
     dtype = next(iter(meta.values())).dtype
 
     def move() -> Flux:
-        state_dict = diffusers_to_bfl(_Consuming(model, keys))
+        state_dict = diffusers_to_bfl(_Consuming(model, keys, peft))
         flux = _meta_flux(config, final_layer)
         flux.load_state_dict(state_dict, strict=True, assign=True)
         return flux.to(dtype).requires_grad_(False).eval()
@@ -212,10 +239,10 @@ def _meta_flux(config: FluxConfig, final_layer: bool) -> Flux:
     return flux
 
 
-def check_joint_attention_kwargs(joint_attention_kwargs: dict | None) -> None:
-    """NotImplementedError for what diffusers passes to attention processors (fluxrt runs its own attention).
-    'scale' is diffusers' LoRA scale: it scales unfused peft LoRA layers only, and a compiled model has none
-    (compile refuses them; a fused LoRA ignores it in diffusers too), so any number is exact and changes nothing."""
+def check_joint_attention_kwargs(joint_attention_kwargs: dict | None) -> float:
+    """The LoRA scale in joint_attention_kwargs (1.0 when absent); NotImplementedError for what else diffusers passes
+    to attention processors (fluxrt runs its own attention). 'scale' multiplies the unfused LoRA adapters, as peft's
+    scale_lora_layers does (fluxrt.diffusers_lora); a fused LoRA ignores it, in diffusers too."""
     kwargs = dict(joint_attention_kwargs or {})
     scale = kwargs.pop("scale", 1.0)
     if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
@@ -223,6 +250,7 @@ def check_joint_attention_kwargs(joint_attention_kwargs: dict | None) -> None:
     if kwargs:
         raise NotImplementedError(f"joint_attention_kwargs {sorted(kwargs)} are not supported by fluxrt's compiled "
                                   "models (IP-Adapter and custom attention processors included)")
+    return float(scale)
 
 
 def per_sample(value: Tensor | None, batch: int) -> Tensor | None:
@@ -232,9 +260,10 @@ def per_sample(value: Tensor | None, batch: int) -> Tensor | None:
     return value.reshape(-1).expand(batch)
 
 
-class FastFluxTransformer(DiffusersStandIn, nn.Module):
+class FastFluxTransformer(DiffusersStandIn, DiffusersLoraMixin, nn.Module):
     """Drop-in for diffusers' FluxTransformer2DModel (forward kwargs, return type, .config/.dtype/.device,
-    save_pretrained). A DiffusersStandIn: pipelines register and save it as a FluxTransformer2DModel."""
+    save_pretrained, and diffusers' LoRA methods: fluxrt.diffusers_lora). A DiffusersStandIn: pipelines register and
+    save it as a FluxTransformer2DModel."""
 
     diffusers_class_name = "FluxTransformer2DModel"
 
@@ -243,6 +272,7 @@ class FastFluxTransformer(DiffusersStandIn, nn.Module):
         self.fast = fast
         self.config = config
         self.plan = fast.plan
+        self._init_lora()
 
     def save_pretrained(self, save_directory, safe_serialization: bool = True, variant: str | None = None,
                         max_shard_size: int | str = "10GB") -> None:
@@ -266,7 +296,7 @@ class FastFluxTransformer(DiffusersStandIn, nn.Module):
                 timestep: Tensor = None, img_ids: Tensor = None, txt_ids: Tensor = None, guidance: Tensor = None,
                 joint_attention_kwargs: dict | None = None, controlnet_block_samples=None,
                 controlnet_single_block_samples=None, return_dict: bool = True, controlnet_blocks_repeat: bool = False):
-        check_joint_attention_kwargs(joint_attention_kwargs)
+        lora_scale = check_joint_attention_kwargs(joint_attention_kwargs)
         batch = hidden_states.shape[0]
         out = self.fast(
             img=hidden_states, img_ids=img_ids, txt=encoder_hidden_states, txt_ids=txt_ids,
@@ -275,6 +305,7 @@ class FastFluxTransformer(DiffusersStandIn, nn.Module):
             controlnet_block_samples=controlnet_block_samples,
             controlnet_single_block_samples=controlnet_single_block_samples,
             controlnet_blocks_repeat=controlnet_blocks_repeat,
+            lora_scales=self.lora_scales_for_call(batch, lora_scale),
         )
         if not return_dict:
             return (out,)
