@@ -51,7 +51,9 @@ does not re-tune). The autotuner may re-run either kernel freely: both overwrite
 
 Layouts: x and y may have strided rows (a column slice of a wider buffer) as long as their last dim is contiguous
 and their leading dims merge into one row stride; other layouts are copied to contiguous first (`.contiguous()` /
-`reshape`), as are down, up, owner and row_scales (small). out is a new tensor shaped like y.
+`reshape`), as are down, up, owner and row_scales (small). out is a new tensor with y's shape and layout
+(torch.empty_like: what the torch formula and the op's fake return); a permuted y's out is written contiguous
+and copied into place.
 
 Not proven on hardware: this kernel has run only in Triton's interpreter (fp32/fp16 dots; bf16 dots are wrong
 there, DESIGN.md §4) and been compiled for sm_90 in the tests; its GPU tests and benchmark are ready to run.
@@ -251,6 +253,15 @@ def _rows(t: Tensor, M: int) -> Tensor:
     return t.reshape(M, t.shape[-1])
 
 
+def _writable_rows(out: Tensor, M: int) -> Tensor | None:
+    """out as an [M, N] view with a contiguous last dim the expand can write, or None for layouts without one."""
+    try:
+        rows = out.view(M, out.shape[-1])
+    except RuntimeError:
+        return None
+    return rows if rows.stride(-1) == 1 or rows.shape[-1] == 1 else None
+
+
 def _fp32_dot_precision(device: torch.device) -> str:
     """fp32 x fp32 dots: exact "ieee" in the interpreter (tests), fp32-grade "tf32x3" on the tensor cores."""
     return "tf32x3" if device.type == "cuda" else "ieee"
@@ -302,15 +313,19 @@ def lora_add(y: Tensor, x: Tensor, down: Tensor, up: Tensor, owner: Tensor, row_
     if x.dtype == torch.float8_e4m3fn:
         require_capability(x.device, FP8_MIN_CAPABILITY, "lora_add on e4m3fn x", "pass x dequantized (bf16)")
     M, N = math.prod(x.shape[:-1]), y.shape[-1]
-    out = torch.empty_like(y, memory_format=torch.contiguous_format)
+    out = torch.empty_like(y)  # y's layout, as the torch formula and the op's fake give
     if M == 0 or N == 0:
         return out
-    x2, y2, out2 = _rows(x, M), _rows(y, M), out.view(M, N)
+    x2, y2 = _rows(x, M), _rows(y, M)
     down, up = down.contiguous(), up.contiguous()
     R = down.shape[0]
     if R == 0:  # no rank columns: the expand adds nothing (its R loop is empty)
         h = torch.empty(M, 0, dtype=torch.float32, device=x.device)
     else:
         h = _shrink(x2, down, x_scale, owner.contiguous(), row_scales.contiguous(), M // x.shape[0])
-    _expand(h, up, y2, out2)
+    out_rows = _writable_rows(out, M)
+    target = out_rows if out_rows is not None else out.new_empty(M, N)
+    _expand(h, up, y2, target)
+    if out_rows is None:  # a permuted y: written contiguous, then copied into y's layout (one more pass)
+        out.copy_(target.view(y.shape))
     return out

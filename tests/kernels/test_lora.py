@@ -117,6 +117,10 @@ def test_strided_rows_and_layouts():
     transposed = {**args, "x": args["x"].transpose(0, 1).contiguous().transpose(0, 1),  # batch dims not mergeable
                   "down": args["down"].t().contiguous().t(), "up": args["up"].t().contiguous().t()}
     assert_matches_ref(transposed)
+    permuted_y = {**args, "y": args["y"].transpose(0, 1).contiguous().transpose(0, 1)}  # out keeps y's layout
+    out, ref = run_both(permuted_y)
+    assert out.stride() == ref.stride() == permuted_y["y"].stride()
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
 
 
 def test_per_row_scales_pick_each_rows_adapter():
@@ -191,10 +195,13 @@ def test_bad_inputs_are_refused_by_both_backends():
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_opcheck(backend):
+    """The op's schema, fake (shapes and strides, a permuted y included) and compile tracing, on both backends."""
     args = make_inputs(2, 5, 40, 50, 20, seed=10)
+    permuted_y = {**args, "y": args["y"].transpose(0, 1).contiguous().transpose(0, 1)}
     utils = ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
     with ops.trace() as ran:
-        opcheck(torch.ops.fluxrt.lora_add.default, (), {**args, "backend": backend}, test_utils=utils)
+        for inputs in (args, permuted_y):
+            opcheck(torch.ops.fluxrt.lora_add.default, (), {**inputs, "backend": backend}, test_utils=utils)
     assert ran.backends() == {"lora_add": {backend}}
 
 
