@@ -185,6 +185,31 @@ def test_fp8_weights_with_a_lora_branch_track_bf16_with_the_lora(ref, inputs):
     assert sqnr_without < sqnr - 3, "the branch must be what brings the FP8 model to the LoRA'd output"
 
 
+def test_w8a8_linears_feed_the_branch_their_fp8_rows(ref, inputs):
+    """W8A8 (fp8 activations): the norm kernels still emit fp8 rows for the base GEMM, and the branch reads the same
+    rows through their scales (ops.trace shows both); the output tracks bf16 with the LoRA fused (>= 20 dB)."""
+    from fluxrt.quantize import FP8Linear
+
+    lora = random_lora(ref, 1)
+    model = copy.deepcopy(ref).to(torch.bfloat16)
+    for name, module in list(model.named_modules()):
+        if isinstance(module, torch.nn.Linear) and name.startswith(("double_blocks", "single_blocks")):
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, FP8Linear.from_linear(
+                module, backend="torch", activations="fp8", w8a8_gemm="triton"))
+    fast = FastFlux(model, backend="torch")
+    fast.enable_lora_branches(max_rank=8, max_adapters=2)
+    fast.lora.load("a", lora)
+    bf16 = {k: (v.to(torch.bfloat16) if k in ("img", "txt", "y") else v) for k, v in inputs.items()}
+    with torch.no_grad(), fluxrt.ops.trace() as ran:
+        got = fast(**bf16).float()
+    with torch.no_grad():
+        expected = fused_reference(ref, [(lora, 1.0)]).to(torch.bfloat16)(**bf16).float()
+    assert {"modulated_layer_norm_fp8", "w8a8_linear", "lora_add"} <= set(ran.backends()), ran.backends()
+    sqnr = 10 * torch.log10(expected.pow(2).mean() / (got - expected).pow(2).mean())
+    assert sqnr >= 20, f"W8A8 + LoRA branch vs bf16 + fused LoRA: {sqnr:.1f} dB"
+
+
 def test_a_load_that_does_not_fit_changes_nothing(ref):
     fast = branched(ref, max_rank=4, max_adapters=2)
     fast.lora.load("a", random_lora(ref, 1, rank=3, q_part=False))
