@@ -258,3 +258,26 @@ def test_the_hot_swap_benchmark_dry_run_checks_what_it_would_time(capsys):
     spec.loader.exec_module(bench)
     assert bench.main(["--dry-run"]) == 0
     assert "'layers': 26" in capsys.readouterr().out  # every block and modulation linear of the tiny config
+
+
+@pytest.mark.gpu
+@torch.no_grad()
+def test_gpu_graph_replay_after_a_hot_swap_matches_eager(ref, inputs):
+    """On a GPU with CUDA graphs: a swap and a scale change replay the graph captured before them (no recapture),
+    and the replay runs the new LoRA, as the eager forward does; per-image scales get their own graph once."""
+    a, b = random_lora(ref, 1), random_lora(ref, 2, every=2)
+    fast = fluxrt.compile(copy.deepcopy(ref).cuda(), cuda_graphs=True)
+    fast.enable_lora_branches(max_rank=16, max_adapters=2)
+    x = {k: (v.cuda() if v is not None else None) for k, v in inputs.items()}
+    fast.lora.load("a", a)
+    fast(**x), fast(**x)
+    fast.lora.unload("a")
+    fast.lora.load("b", b, scale=0.7)
+    torch.testing.assert_close(fast(**x), fast._forward(**x), atol=0, rtol=0)
+    fast.lora.set_scales({"b": -0.3})
+    torch.testing.assert_close(fast(**x), fast._forward(**x), atol=0, rtol=0)
+    per_image = fast.lora.per_image_scales([{"b": 1.0}, {}])
+    torch.testing.assert_close(fast(**x, lora_scales=per_image), fast._forward(**x, lora_scales=per_image), atol=0,
+                               rtol=0)
+    assert fast.compile_stats()["cuda_graphs"]["builds"] == 2  # one per signature: without and with lora_scales
+    assert fast.compile_stats()["cuda_graphs"]["invalidations"] == 0
