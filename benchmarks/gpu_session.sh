@@ -38,8 +38,10 @@ case "$stage" in
     copy_out benchmarks/results/gpu_tests.xml benchmarks/results/gpu_tests.log
     ;;
   kernels)
-    for b in modulated_norm rope_qk_norm quantize_rows group_norm_silu; do python3 "benchmarks/bench_$b.py"; done
-    copy_out benchmarks/results/{modulated_norm,rope_qk_norm,quantize_rows,group_norm_silu}_*.{json,md}
+    for b in modulated_norm rope_qk_norm quantize_rows group_norm_silu lora lora_swap; do
+      python3 "benchmarks/bench_$b.py"
+    done
+    copy_out benchmarks/results/{modulated_norm,rope_qk_norm,quantize_rows,group_norm_silu,lora,lora_swap}_*.{json,md}
     ;;
   gemm)
     python3 benchmarks/bench_fp8_gemm.py
