@@ -73,6 +73,7 @@ def files(base, tmp_path_factory):
     return {
         "style": lora_file(root / "style", base, 1, EVERYWHERE, rank=4, alpha=6.0, text_encoder=True),
         "detail": lora_file(root / "detail", base, 2, ATTENTION + ["proj_mlp", "ff.net.2"], rank=2, alpha=1.0),
+        "detail2": lora_file(root / "detail2", base, 3, ATTENTION + ["proj_mlp", "ff.net.2"], rank=2, alpha=1.0),
     }
 
 
@@ -166,6 +167,56 @@ def test_fuse_then_unload_keeps_the_fused_weights_as_diffusers(base, files):
     assert_same(plain, compiled, "fuse_lora then unload_lora_weights")
     assert compiled.transformer.fast.lora.loaded() == {}
     assert not getattr(compiled.transformer.fast.model, "_fluxrt_fused_loras", []), "the host originals must go"
+
+
+def test_hotswap_replaces_the_adapter_in_place_as_diffusers(base, files):
+    plain, compiled = fresh(base), fluxrt.compile(fresh(base), backend="torch")
+    for pipe in (plain, compiled):
+        pipe.load_lora_weights(files["detail"], adapter_name="d")
+    branches = compiled.transformer.fast.lora
+    addresses = {name: t.data_ptr() for name, t in branches.named_buffers()}
+    first = run(compiled)
+    for pipe in (plain, compiled):
+        pipe.load_lora_weights(files["detail2"], adapter_name="d", hotswap=True)
+    assert (run(compiled) - first).abs().max() > 0.05, "the swapped-in LoRA must change the image"
+    assert_same(plain, compiled, "hotswap")
+    assert {name: t.data_ptr() for name, t in branches.named_buffers()} == addresses, "a hotswap reallocated"
+    both((plain, compiled), "fuse_lora")
+    assert_same(plain, compiled, "the swapped-in LoRA fused")
+
+
+def test_deleting_active_adapters_activates_as_peft(base, files):
+    plain, compiled = fresh(base), fluxrt.compile(fresh(base), backend="torch")
+    for pipe in (plain, compiled):
+        for name, file in (("a", "detail"), ("b", "detail2"), ("c", "style")):
+            pipe.load_lora_weights(files[file], adapter_name=name)
+        pipe.set_adapters(["b", "c"], [0.5, 0.8])
+    both((plain, compiled), "delete_adapters", "c")
+    assert compiled.transformer.active_adapters() == ["b"]
+    assert_same(plain, compiled, "c deleted: b stays active")
+    both((plain, compiled), "delete_adapters", "b")
+    assert compiled.transformer.active_adapters() == ["a"]
+    assert_same(plain, compiled, "b deleted: the first adapter left becomes active")
+
+
+def test_fusing_one_adapter_beside_another_follows_peft(base, files):
+    """peft runs a layer holding a merged adapter as its base layer alone: fusing "a" (every layer) while "b" (a
+    subset of a's layers) is active leaves b without effect; fusing b alone would leave a running in part of its
+    layers only, which fluxrt refuses, changing nothing."""
+    plain, compiled = fresh(base), fluxrt.compile(fresh(base), backend="torch")
+    for pipe in (plain, compiled):
+        pipe.load_lora_weights(files["style"], adapter_name="a")
+        pipe.load_lora_weights(files["detail"], adapter_name="b")
+        pipe.set_adapters(["a", "b"], [0.7, 0.9])
+    expected = run(compiled)
+    with pytest.raises(NotImplementedError, match="part of their layers"):
+        compiled.fuse_lora(adapter_names=["b"])
+    assert torch.equal(run(compiled), expected)
+    assert compiled.transformer.fast.lora.loaded() == {"a": pytest.approx(0.7), "b": pytest.approx(0.9)}
+    both((plain, compiled), "fuse_lora", adapter_names=["a"])
+    assert_same(plain, compiled, "a fused, b active unfused")
+    both((plain, compiled), "unfuse_lora")
+    assert_same(plain, compiled, "both unfused")
 
 
 def test_lora_scale_per_call_recompiles_nothing(base, files):
