@@ -16,6 +16,7 @@ from test_compile_atomic import assert_as_before, snapshot
 
 import fluxrt
 from fluxrt import CheckpointError, FluxConfig
+from fluxrt.testing import sqnr_db
 
 SIZE = 32  # pixels: 2 x 2 latent tokens
 CALL = dict(prompt="a red apple", height=SIZE, width=SIZE, num_inference_steps=2, guidance_scale=3.5,
@@ -233,6 +234,22 @@ def test_lora_scale_per_call_recompiles_nothing(base, files):
     assert torch.equal(run(compiled), plain_scale)
     assert all(torch.equal(t, buffers[name][1]) and t.data_ptr() == buffers[name][0]
                for name, t in branches.named_buffers() if name != "scales")
+
+
+def test_loras_on_fp8_weights_run_unfused_and_fusing_is_refused(base, files):
+    """quantize='fp8-weight': the LoRA loaded before compile runs as a side branch beside the FP8 weights (close to
+    diffusers' fp32 LoRA, much closer than without it); fusing into FP8 weights is refused, changing nothing."""
+    plain, pipe = fresh(base), fresh(base)
+    for each in (plain, pipe):
+        each.load_lora_weights(files["style"], adapter_name="a")
+    compiled = fluxrt.compile(pipe, quantize="fp8-weight", backend="torch")
+    want, got = run(plain), run(compiled)
+    plain.disable_lora()
+    without = run(plain)
+    assert sqnr_db(got, want) >= 30 and sqnr_db(got, want) > sqnr_db(without, want) + 10
+    with pytest.raises(TypeError, match="FP8"):
+        compiled.fuse_lora()
+    assert compiled.fused_loras == set() and torch.equal(run(compiled), got)
 
 
 # ---- refusals: the pipeline is left as it was ----
