@@ -156,10 +156,18 @@ def lora_from_diffusers_state_dict(state_dict: Mapping[str, Tensor], network_alp
             metadata = {k.removeprefix(f"{prefix}."): v for k, v in metadata.items() if k.startswith(f"{prefix}.")}
     if not state_dict:
         return None, None  # a file for the text encoders only: diffusers loads nothing into the transformer either
-    if any(".lokr_" in k or "lora_controlnet" in k for k in state_dict):
-        raise CheckpointError(f"{what} is a LoKr or SAI Control-LoRA file: fluxrt runs plain LoRAs only")
+    if any(".lokr_" in k for k in state_dict):
+        raise CheckpointError(f"{what} is a LoKr adapter: fluxrt runs plain LoRAs only")
     if "lora_A" not in next(iter(state_dict)):
         state_dict = convert_unet_state_dict_to_peft(state_dict)
+    if any("lora_magnitude_vector" in k or k.endswith(".lora_B.bias") for k in state_dict):
+        raise CheckpointError(f"{what} uses DoRA or LoRA biases, which fluxrt does not apply")
+    modules = sorted({k.rsplit(".lora_", 1)[0] for k in state_dict})
+    wanted = {f"{m}.lora_{ab}.weight" for m in modules for ab in "AB"}
+    if set(state_dict) != wanted:
+        odd = sorted(set(state_dict) - wanted) + [f"{k} (missing)" for k in sorted(wanted - set(state_dict))]
+        raise CheckpointError(f"{what} is not a complete LoRA (a lora_A and a lora_B per layer): "
+                              f"{', '.join(odd[:6])}")
     ranks = {f"^{k}": v.shape[1] for k, v in state_dict.items() if "lora_B" in k and v.ndim > 1}
     if network_alphas:
         network_alphas = {k.removeprefix(f"{prefix}."): v for k, v in network_alphas.items()
@@ -167,14 +175,8 @@ def lora_from_diffusers_state_dict(state_dict: Mapping[str, Tensor], network_alp
     peft_config = _create_lora_config(state_dict, network_alphas, metadata or None, ranks, adapter_name=adapter_name)
     if peft_config.use_dora or peft_config.use_rslora or peft_config.lora_bias:
         raise CheckpointError(f"{what} uses DoRA, rsLoRA or LoRA biases, which fluxrt does not apply")
-    modules = sorted({k[: -len(".lora_A.weight")] for k in state_dict if k.endswith(".lora_A.weight")})
-    unknown = sorted(set(state_dict) - {f"{m}.lora_{ab}.weight" for m in modules for ab in "AB"})
-    if unknown:
-        raise CheckpointError(f"{what} has keys fluxrt cannot place: {', '.join(unknown[:6])}")
     factors = {}
     for module in modules:
-        if f"{module}.lora_B.weight" not in state_dict:
-            raise CheckpointError(f"{what}: {module} has lora_A but no lora_B")
         r = peft_config.rank_pattern.get(get_pattern_key(peft_config.rank_pattern, module), peft_config.r)
         alpha = peft_config.alpha_pattern.get(get_pattern_key(peft_config.alpha_pattern, module),
                                               peft_config.lora_alpha)
@@ -280,7 +282,12 @@ class DiffusersLoraMixin:
         if hotswap:
             self._hotswap(adapter_name, lora, peft_config)
         else:
-            self._add_adapter(adapter_name, Adapter(lora, 1.0, peft_config))
+            unfused = self._unfuse_for(adapter_name, lora)
+            try:
+                self._add_adapter(adapter_name, Adapter(lora, 1.0, peft_config))
+            except BaseException:
+                self._fuse_again(unfused)
+                raise
             self._lora_active = [adapter_name]  # peft activates the adapter it just loaded, alone
         self._apply_scales()
 
@@ -315,10 +322,38 @@ class DiffusersLoraMixin:
                              "pipe.transformer.fast.enable_lora_branches(max_rank=..., max_adapters=...) before it")
         self._lora_adapters[name] = adapter
 
+    def _unfuse_for(self, name: str, lora: Lora) -> list[str]:
+        """peft unmerges the adapters merged into the layers a new adapter is loaded into: the fused adapters, all
+        unfused when the new one has all of their layers (returned in fusing order, for _fuse_again); refused,
+        changing nothing, when it has only some (peft would leave them fused in the other layers only)."""
+        fused = self._fused_in_order()
+        keys = {layer.key for layer in lora.layers}
+        partial = [n for n in fused if not {layer.key for layer in self._lora_adapters[n].lora.layers} <= keys]
+        if partial:
+            raise NotImplementedError(f"loading LoRA adapter {name!r} would unfuse {partial} in part of their layers "
+                                      "only (peft unmerges the layers it loads into): call unfuse_lora() first")
+        if fused:
+            self.unfuse_lora()
+        return fused
+
+    def _fuse_again(self, names: list[str]) -> None:
+        """Fuse `names` back, in that order, at the weights they were fused with (the same bits: fuse computes from
+        the exact originals)."""
+        for name in names:
+            adapter = self._lora_adapters[name]
+            adapter.fused = adapter.lora.fuse(self.fast.model, adapter.weight)
+        self._apply_scales()
+
+    def _fused_in_order(self) -> list[str]:
+        stack = getattr(self.fast.model, "_fluxrt_fused_loras", [])
+        fused = [n for n, a in self._lora_adapters.items() if a.fused is not None]
+        return sorted(fused, key=lambda n: stack.index(self._lora_adapters[n].fused))
+
     def _hotswap(self, name: str, lora: Lora, peft_config) -> None:
         old = self._lora_adapters[name]
         if old.fused is not None:
             raise ValueError(f"LoRA adapter {name!r} is fused: call unfuse_lora() before hotswapping it")
+        self._check_merged_cover(self._lora_active, new={name: lora})
         self.fast.lora.unload(name)
         try:
             self.fast.lora.load(name, lora, scale=0.0)
@@ -352,10 +387,6 @@ class DiffusersLoraMixin:
         self._lora_active = names
         self._apply_scales()
 
-    def set_adapter(self, adapter_name) -> None:
-        self.set_adapters(adapter_name, [self._lora_adapters[n].weight for n in self._known(
-            [adapter_name] if isinstance(adapter_name, str) else list(adapter_name))])
-
     def active_adapters(self) -> list[str]:
         return list(self._lora_active)
 
@@ -370,8 +401,6 @@ class DiffusersLoraMixin:
         self._lora_enabled = True
         self._apply_scales()
 
-    disable_adapters, enable_adapters = disable_lora, enable_lora
-
     def _apply_scales(self) -> None:
         """Each adapter's side-branch scale, peft's rule: its weight while active and enabled; 0 when inactive,
         disabled or fused (its delta is in the weights), and 0 for every unfused adapter while any is fused (peft
@@ -383,15 +412,17 @@ class DiffusersLoraMixin:
             name: adapter.weight if (self._lora_enabled and name in self._lora_active and not any_fused) else 0.0
             for name, adapter in self._lora_adapters.items()})
 
-    def _check_merged_cover(self, active: list[str], fused: set[str] | None = None) -> None:
-        """NotImplementedError if an active unfused adapter has layers no fused adapter has: peft would run it in
-        those layers only (a merged layer skips every unfused adapter), which one scale per adapter cannot say."""
+    def _check_merged_cover(self, active: list[str], fused: set[str] | None = None,
+                            new: Mapping[str, Lora] | None = None) -> None:
+        """NotImplementedError if an active unfused adapter (one of the loaded ones, or `new`, a hotswap) has
+        layers no fused adapter has: peft would run it in those layers only (a merged layer skips every unfused
+        adapter), which one scale per adapter cannot say."""
         fused = {n for n, a in self._lora_adapters.items() if a.fused is not None} if fused is None else fused
         if not fused:
             return
-        covered = {layer.key for n in fused for layer in self._lora_adapters[n].lora.layers}
-        partial = [n for n in active if n not in fused
-                   and any(layer.key not in covered for layer in self._lora_adapters[n].lora.layers)]
+        loras = {**{n: a.lora for n, a in self._lora_adapters.items()}, **(new or {})}
+        covered = {layer.key for n in fused for layer in loras[n].layers}
+        partial = [n for n in active if n not in fused and any(layer.key not in covered for layer in loras[n].layers)]
         if partial:
             raise NotImplementedError(f"LoRA adapters {partial} would run unfused beside fused ones "
                                       f"({sorted(fused)}) in part of their layers only (peft's rule); fluxrt runs "
@@ -417,8 +448,6 @@ class DiffusersLoraMixin:
         # peft: the remaining active ones, else the first adapter left
         self._lora_active = remaining or ([next(iter(self._lora_adapters))] if self._lora_adapters else [])
         self._apply_scales()
-
-    delete_adapter = delete_adapters
 
     def unload_lora(self) -> None:
         """Remove every adapter; fused ones stay in the weights (diffusers: fuse_lora then unload_lora_weights keeps
@@ -463,9 +492,7 @@ class DiffusersLoraMixin:
     def unfuse_lora(self) -> None:
         """Every fused adapter out of the weights (bit for bit), in the reverse order of fusing; they run unfused
         again at their weights."""
-        fused = [a for a in self._lora_adapters.values() if a.fused is not None]
-        stack = getattr(self.fast.model, "_fluxrt_fused_loras", [])
-        for adapter in sorted(fused, key=lambda a: stack.index(a.fused), reverse=True):
+        for adapter in reversed([self._lora_adapters[n] for n in self._fused_in_order()]):
             adapter.fused.unfuse()
             adapter.fused = None
         self._apply_scales()

@@ -338,3 +338,53 @@ def test_block_wise_weights_and_unknown_adapters_are_refused(base, files):
     with pytest.raises(ValueError, match="not in the list of present adapters"):
         compiled.set_adapters(["nope"], [1.0])
     assert compiled.transformer.fast.lora.loaded() == {"d": 1.0}
+
+
+def test_transformer_level_loads_from_a_path_and_incomplete_or_lokr_files_refused(base, files):
+    plain, compiled = fresh(base), fluxrt.compile(fresh(base), backend="torch")
+    for pipe in (plain, compiled):
+        pipe.transformer.load_lora_adapter(files["detail"], adapter_name="d", prefix="transformer")
+    assert_same(plain, compiled, "transformer.load_lora_adapter(path)")
+    to_q = "transformer.transformer_blocks.0.attn.to_q"
+    for state_dict, match in (({f"{to_q}.lora_A.weight": torch.randn(2, 128)}, "not a complete LoRA.*lora_B.weight"),
+                              ({f"{to_q}.lokr_w1": torch.randn(2, 2)}, "LoKr")):
+        with pytest.raises(CheckpointError, match=match):
+            compiled.transformer.load_lora_adapter(state_dict, adapter_name="x")
+    assert compiled.get_list_adapters() == {"transformer": ["d"]}
+
+
+def test_loading_beside_a_fused_adapter_follows_peft_or_is_refused(base, files):
+    """peft unmerges the adapters merged into the layers a new adapter is loaded into: a LoRA with all of a fused
+    adapter's layers unfuses it (exactly); one with only some of them is refused, changing nothing."""
+    plain, compiled = fresh(base), fluxrt.compile(fresh(base), backend="torch")
+    for pipe in (plain, compiled):
+        pipe.load_lora_weights(files["detail"], adapter_name="d")
+        pipe.fuse_lora(lora_scale=0.5)
+        pipe.load_lora_weights(files["detail2"], adapter_name="e")
+    assert_same(plain, compiled, "e loaded into fused d's layers")
+    both((plain, compiled), "set_adapters", ["d", "e"], [0.3, 1.0])
+    assert_same(plain, compiled, "d unfused by the load, then active again")
+    compiled = fluxrt.compile(fresh(base), backend="torch")
+    compiled.load_lora_weights(files["style"], adapter_name="s")
+    compiled.fuse_lora()
+    expected, weights = run(compiled), snapshot(compiled.transformer)
+    with pytest.raises(NotImplementedError, match="part of their layers"):
+        compiled.load_lora_weights(files["detail"], adapter_name="d")
+    assert compiled.transformer.active_adapters() == ["s"] and torch.equal(run(compiled), expected)
+    assert_as_before(compiled.transformer, weights)
+
+
+def test_a_load_that_does_not_fit_the_branches_changes_nothing(base, files, tmp_path):
+    """Rank 24 on q, k and v needs 72 columns of the fused qkv's 64 reserved: refused with the way to reserve more;
+    the adapter fused before (unfused for the load, as peft does) is fused again, bit for bit."""
+    big = lora_file(tmp_path / "big", base, 7, ATTENTION + ["proj_mlp", "ff.net.2"], rank=24, alpha=24.0)
+    compiled = fluxrt.compile(fresh(base), backend="torch")
+    compiled.load_lora_weights(files["detail"], adapter_name="d")
+    compiled.fuse_lora()
+    expected, weights = run(compiled), snapshot(compiled.transformer)
+    with pytest.raises(ValueError, match=r"free rank.*enable_lora_branches\(max_rank="):
+        compiled.load_lora_weights(big, adapter_name="big")
+    assert_as_before(compiled.transformer, weights)
+    assert compiled.get_list_adapters() == {"transformer": ["d"]} and torch.equal(run(compiled), expected)
+    compiled.unfuse_lora()  # still fused, so it unfuses
+    assert compiled.transformer.fast.lora.loaded() == {"d": 1.0}
