@@ -26,6 +26,23 @@ import torch
 from torch import Tensor, nn
 
 from . import sampling
+from .call_inputs import (
+    DEFAULT_SEED,
+    NoiseSource,
+    TextInput,
+    check_embeds_match,
+    check_generator,
+    check_latents,
+    check_negative_text,
+    check_noise_sources,
+    check_output,
+    check_sigmas,
+    check_step_callback,
+    check_text,
+    format_output,
+    step_hook,
+    to_pil,  # noqa: F401 -- fluxrt.pipeline.to_pil, as the CLI imports it
+)
 from .convert import CheckpointError
 from .devices import resolve_device, resolve_dtype
 from .loading import load_autoencoder, load_transformer
@@ -156,65 +173,110 @@ class FluxPipeline:
 
     # ---- generation ----
 
-    def __call__(self, prompt: str | Sequence[str], width: int | None = None, height: int | None = None,
-                 num_steps: int | None = None, guidance: float | None = None, seed: int | Sequence[int] | None = 0,
-                 num_images_per_prompt: int = 1, output_type: str = "pil", progress: bool | None = None,
+    def __call__(self, prompt: str | Sequence[str] | None = None, width: int | None = None, height: int | None = None,
+                 num_steps: int | None = None, guidance: float | None = None,
+                 seed: int | Sequence[int] | None = DEFAULT_SEED, num_images_per_prompt: int = 1,
+                 output_type: str = "pil", progress: bool | None = None,
                  callback: Callable[[int, int], None] | None = None, negative_prompt: str | Sequence[str] | None = None,
                  true_cfg_scale: float | None = None, *, num_inference_steps: int | None = None,
                  guidance_scale: float | None = None, max_sequence_length: int | None = None,
-                 loras: Mapping[str, float] | Sequence[Mapping[str, float] | None] | None = None):
-        """Images for `prompt` (a string or a list): a list of PIL images, or with output_type="pt" a float tensor
-        [N, 3, H, W] in [0, 1] on the CPU. N = prompts x num_images_per_prompt, grouped by prompt.
+                 loras: Mapping[str, float] | Sequence[Mapping[str, float] | None] | None = None,
+                 prompt_2: str | Sequence[str] | None = None, negative_prompt_2: str | Sequence[str] | None = None,
+                 prompt_embeds: Tensor | None = None, pooled_prompt_embeds: Tensor | None = None,
+                 negative_prompt_embeds: Tensor | None = None, negative_pooled_prompt_embeds: Tensor | None = None,
+                 generator: torch.Generator | Sequence[torch.Generator] | None = None, latents: Tensor | None = None,
+                 sigmas: Sequence[float] | None = None, return_dict: bool | None = None,
+                 callback_on_step_end: Callable | None = None,
+                 callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",)):
+        """Images for `prompt` (a string or a list): N = prompts x num_images_per_prompt, grouped by prompt.
 
-        width / height default to the model's (FLUX.1: 1024; a folder's model_index.json may say otherwise).
-        seed: an int gives image k the seed seed + k (so image 0 is the image that prompt alone gives with that
-        seed); a list gives one seed per image; None draws a random int seed and logs it (INFO, logger
-        "fluxrt") so the images can be made again. num_steps / guidance default to the model's (dev 28 /
-        3.5; schnell 4 / none: schnell has no guidance input and ignores it). callback(step, total) after each step.
-        true_cfg_scale > 1 with a negative_prompt ("" for the unconditional prompt; a string for all prompts or one
-        per prompt) runs true classifier-free guidance as diffusers' FluxPipeline does: two transformer passes a
-        step, negative + scale * (prompt - negative). Both default to the model's (off for FLUX.1; the tiny model
-        3 with ""); a scale > 1 without any negative prompt is an error, a negative prompt at scale 1 is ignored
-        with a warning. diffusers' names are accepted too: num_inference_steps (num_steps), guidance_scale (guidance),
-        and max_sequence_length (T5 tokens, 1..512; default the model's); passing both spellings is an error.
-        loras (hot-swap mode, enable_lora_hotswap): the loaded LoRAs this call runs, {name: scale} for every image or
-        one such dict (or None: the loaded scales) per prompt; LoRAs not named are off. Default: the loaded scales.
+        output_type: "pil" (a list of PIL images), "pt" (a float tensor [N, 3, H, W] in [0, 1] on the CPU), "np"
+        (float32 [N, H, W, 3] in [0, 1]) or "latent" (the packed latents [N, tokens, 64]). return_dict: None (the
+        images alone), True (fluxrt.call_inputs.FluxPipelineOutput, .images or out[0]) or False (a tuple (images,)).
+        width / height / num_steps / guidance default to the model's (FLUX.1 1024 x 1024; dev 28 steps at 3.5;
+        schnell 4 steps and no guidance input, so guidance is ignored); a folder's model_index.json may say otherwise.
+        Start noise: seed (an int s gives image k the seed s + k; a list one seed per image; None draws a random s and
+        logs it, INFO on logger "fluxrt"; default 0), or diffusers' generator (one torch.Generator for the batch or one
+        per image) or latents ([N, tokens, 64], packed); one of the three.
+        negative_prompt ("" for the unconditional prompt; one string or one per prompt) with true_cfg_scale > 1 runs
+        true classifier-free guidance as diffusers does (two transformer passes a step); both default to the model's
+        (off for FLUX.1; the tiny model 3 with ""); a scale > 1 without a negative prompt is an error, a negative
+        prompt at scale 1 is ignored with a warning. callback(step, total) after each step.
+        diffusers' FluxPipeline arguments with its meaning: num_inference_steps, guidance_scale (passing both a name
+        and its fluxrt spelling is an error), max_sequence_length (T5 tokens, 1..512), prompt_2 / negative_prompt_2
+        (T5's prompts; default prompt / negative_prompt), prompt_embeds + pooled_prompt_embeds (instead of prompt) and
+        negative_prompt_embeds + negative_pooled_prompt_embeds, sigmas (one step per noise level, shifted as the
+        model's own schedule), callback_on_step_end(pipe, step_index, timestep, callback_kwargs) -> dict with the
+        tensors named in callback_on_step_end_tensor_inputs ("latents", "prompt_embeds"; what it returns replaces
+        them). loras (hot-swap mode, enable_lora_hotswap): {name: scale} for every image or one (or None) per prompt.
         Limits (fluxrt.validation): MAX_STEPS, MAX_PIXELS per image, MAX_IMAGES_PER_CALL. Every argument is checked
         before any work. A prompt longer than the text encoders read is cut, with a warning naming what was dropped.
         NaN or inf latents or pixels raise fluxrt.NonFiniteError instead of returning a broken image.
         """
-        prompts = check_prompt(prompt)
+        text = check_text(prompt, prompt_2, prompt_embeds, pooled_prompt_embeds, self.config)
         num_steps = _one_spelling(num_steps, num_inference_steps, "num_steps", "num_inference_steps")
         guidance = _one_spelling(guidance, guidance_scale, "guidance", "guidance_scale")
         length = check_max_sequence_length(self.max_sequence_length if max_sequence_length is None
                                            else max_sequence_length)
         width, height = check_size(self.default_size[0] if width is None else width,
                                    self.default_size[1] if height is None else height)
-        num_steps = check_steps(self.default_steps if num_steps is None else num_steps)
+        sigmas = check_sigmas(sigmas, None if num_steps is None else check_steps(num_steps))
+        num_steps = len(sigmas) if sigmas is not None else check_steps(self.default_steps if num_steps is None
+                                                                          else num_steps)
         per_prompt = check_images_per_prompt(num_images_per_prompt)
-        count = check_image_count(len(prompts), per_prompt)
+        count = check_image_count(len(text), per_prompt)
+        noise = self._noise_source(seed, generator, latents, count, width, height)
+        guidance = self.resolve_guidance(guidance)
+        negative, cfg_scale = self._resolve_negative(
+            check_negative_text(negative_prompt, negative_prompt_2, negative_prompt_embeds,
+                                negative_pooled_prompt_embeds, self.config, len(text)), true_cfg_scale, len(text))
+        check_embeds_match(text, negative)
+        check_output(output_type, return_dict)
+        progress = self.progress if progress is None else check_flag(progress, "progress")
+        if callback is not None and not callable(callback):
+            raise TypeError(f"callback must be a function (step, total) -> None, got {type(callback).__name__}")
+        tensor_inputs = check_step_callback(callback_on_step_end, callback_on_step_end_tensor_inputs)
+        with self._lock, torch.inference_mode():
+            # under the lock: a LoRA loaded or unloaded by another thread cannot move the slots in between
+            lora_scales = self._per_image_lora_scales(loras, len(text), per_prompt)
+            txt, vec = (f.repeat_interleave(per_prompt, 0) for f in self._encode(text, length))
+            if negative is not None:
+                negative = tuple(f.repeat_interleave(per_prompt, 0) for f in self._encode(negative, length))
+            hook = None if callback_on_step_end is None else step_hook(self, callback_on_step_end, tensor_inputs,
+                                                                         self.device)
+            result = self._denoise_and_decode(txt, vec, width, height, num_steps, guidance, noise, progress, callback,
+                                              negative, cfg_scale, lora_scales, sigmas=sigmas, on_step_end=hook,
+                                              decode=output_type != "latent")
+        return format_output(result, output_type, return_dict)
+
+    def _noise_source(self, seed, generator, latents, count: int, width: int, height: int) -> NoiseSource:
+        """A call's start noise, checked: latents, diffusers' generator(s) or per-image seeds (one of them)."""
+        check_noise_sources(seed, generator, latents)
+        if latents is not None:
+            return NoiseSource(latents=check_latents(latents, count, width, height, self.config.out_channels))
+        if generator is not None:
+            return NoiseSource(generator=check_generator(generator, count, self.device))
         seeds = check_seeds(seed, count)
         if seed is None:
             logger.info("seed=None: drew seed %d (image k gets %d + k); pass seed=%d to make these images again",
                         seeds[0], seeds[0], seeds[0])
-        guidance = self.resolve_guidance(guidance)
-        negatives, cfg_scale = self.resolve_true_cfg(negative_prompt, true_cfg_scale, len(prompts))
-        if output_type not in ("pil", "pt"):
-            raise ValueError(f"output_type must be 'pil' or 'pt', got {output_type!r}")
-        progress = self.progress if progress is None else check_flag(progress, "progress")
-        if callback is not None and not callable(callback):
-            raise TypeError(f"callback must be a function (step, total) -> None, got {type(callback).__name__}")
-        with self._lock, torch.inference_mode():
-            # under the lock: a LoRA loaded or unloaded by another thread cannot move the slots in between
-            lora_scales = self._per_image_lora_scales(loras, len(prompts), per_prompt)
-            txt, vec = self.encode_prompt(prompts, length)
-            txt, vec = txt.repeat_interleave(per_prompt, 0), vec.repeat_interleave(per_prompt, 0)
-            negative = None
-            if negatives is not None:
-                negative = tuple(f.repeat_interleave(per_prompt, 0) for f in self.encode_prompt(negatives, length))
-            images = self._denoise_and_decode(txt, vec, width, height, num_steps, guidance, seeds, progress, callback,
-                                              negative, cfg_scale, lora_scales)
-        return images if output_type == "pt" else to_pil(images)
+        return NoiseSource(seeds=seeds)
+
+    def _start_noise(self, noise: NoiseSource, count: int, width: int, height: int) -> Tensor:
+        """Packed start latents [count, tokens, 64] in the pipeline's dtype, on its device."""
+        if noise.latents is not None:
+            return noise.latents.to(self.device, self.dtype)
+        if noise.generator is not None:
+            unpacked = sampling.noise_from_generators(count, height, width, noise.generator, self.dtype, self.device)
+        else:
+            unpacked = sampling.get_noise(count, height, width, seed=noise.seeds, dtype=self.dtype, device=self.device)
+        return sampling.pack(unpacked)
+
+    def _encode(self, text: TextInput, length: int) -> tuple[Tensor, Tensor]:
+        """(T5 embeddings, CLIP pooled) of one side of a call's text: its prompts encoded, or its embeddings moved."""
+        if text.embeds is not None:
+            return tuple(f.to(self.device, self.dtype) for f in text.embeds)
+        return self.encode_prompt(text.prompts, length, prompts_2=text.prompts_2)
 
     def resolve_guidance(self, guidance) -> float | None:
         """The guidance a call runs with: the model's default for None; always None for schnell, which has no
@@ -227,35 +289,43 @@ class FluxPipeline:
 
     def resolve_true_cfg(self, negative_prompt, true_cfg_scale, num_prompts: int) -> tuple[list[str] | None, float]:
         """(one negative prompt per prompt, or None when true CFG is off; the scale) a call runs with."""
+        negative = check_negative_text(negative_prompt, None, None, None, self.config, num_prompts)
+        negative, scale = self._resolve_negative(negative, true_cfg_scale, num_prompts)
+        return (None if negative is None else negative.prompts), scale
+
+    def _resolve_negative(self, given: TextInput | None, true_cfg_scale,
+                          num_prompts: int) -> tuple[TextInput | None, float]:
+        """(the negative side of true CFG, or None when it is off; the scale): the caller's negative prompts or
+        embeddings, else the model's default negative prompt."""
         scale = check_true_cfg_scale(self.default_true_cfg_scale if true_cfg_scale is None else true_cfg_scale)
-        given = negative_prompt is not None
-        if given:
-            negatives = check_negative_prompt(negative_prompt, num_prompts)
-        elif self.default_negative_prompt is not None:
-            negatives = [self.default_negative_prompt] * num_prompts
-        else:
-            negatives = None
+        negative = given
+        if negative is None and self.default_negative_prompt is not None:
+            defaults = [self.default_negative_prompt] * num_prompts
+            negative = TextInput(defaults, defaults)
         if scale == 1:
-            if given:  # only the caller's own negative prompt is worth a word; the model's default is simply off
+            if given is not None:  # only the caller's own negative prompt is worth a word; the model's is simply off
                 logger.warning("negative_prompt is ignored at true_cfg_scale=1 (true classifier-free guidance is off); "
                                "pass true_cfg_scale > 1 to use it")
             return None, scale
-        if negatives is None:
+        if negative is None:
             raise ValueError(f"true_cfg_scale={scale:g} needs a negative_prompt to guide away from: pass "
                              "negative_prompt=\"\" for the unconditional prompt, or true_cfg_scale=1 to turn it off")
-        return negatives, scale
+        return negative, scale
 
-    def encode_prompt(self, prompts: Sequence[str], max_sequence_length: int | None = None) -> tuple[Tensor, Tensor]:
-        """(T5 last_hidden_state [N, 512|256, 4096], CLIP pooler_output [N, 768]) in the transformer's dtype."""
+    def encode_prompt(self, prompts: Sequence[str], max_sequence_length: int | None = None, *,
+                      prompts_2: Sequence[str] | None = None) -> tuple[Tensor, Tensor]:
+        """(T5 last_hidden_state [N, 512|256, 4096], CLIP pooler_output [N, 768]) in the transformer's dtype.
+        prompts_2: T5's prompts (diffusers' prompt_2), one per prompt; default `prompts`."""
         prompts = check_prompt(prompts)
+        prompts_2 = prompts if prompts_2 is None else check_negative_prompt(prompts_2, len(prompts), "prompts_2")
         length = check_max_sequence_length(self.max_sequence_length if max_sequence_length is None
                                            else max_sequence_length)
         with self._lock, torch.inference_mode():
-            self._warn_if_truncated(prompts, length)
+            self._warn_if_truncated(prompts, length, prompts_2)
             if self.offload_text_encoders:
                 self._move_text_encoders(self.device)
             try:
-                t5_ids = self.t5_tokenizer(prompts, padding="max_length", max_length=length,
+                t5_ids = self.t5_tokenizer(prompts_2, padding="max_length", max_length=length,
                                            truncation=True, return_tensors="pt").input_ids
                 clip_ids = self.clip_tokenizer(prompts, padding="max_length", max_length=CLIP_LENGTH,
                                                truncation=True, return_tensors="pt").input_ids
@@ -267,32 +337,36 @@ class FluxPipeline:
                     self._move_text_encoders("cpu")
             return txt.to(self.device, self.dtype), vec.to(self.device, self.dtype)
 
-    def _warn_if_truncated(self, prompts: list[str], t5_length: int) -> None:
-        """One warning per prompt that does not fit the encoders (T5: max_sequence_length tokens, CLIP: 77), saying
-        how many tokens each one drops: what is cut never reaches the model."""
-        encoders = (("T5", self.t5_tokenizer, t5_length), ("CLIP", self.clip_tokenizer, CLIP_LENGTH))
-        lengths = {name: [len(ids) for ids in tokenizer(prompts, truncation=False, verbose=False).input_ids]
-                   for name, tokenizer, _ in encoders}
+    def _warn_if_truncated(self, prompts: list[str], t5_length: int, prompts_2: list[str]) -> None:
+        """One warning per prompt that does not fit the encoders (T5 reads prompts_2 to max_sequence_length tokens,
+        CLIP prompts to 77), saying how many tokens each one drops: what is cut never reaches the model."""
+        encoders = (("T5", self.t5_tokenizer, t5_length, prompts_2),
+                    ("CLIP", self.clip_tokenizer, CLIP_LENGTH, prompts))
+        lengths = {name: [len(ids) for ids in tokenizer(texts, truncation=False, verbose=False).input_ids]
+                   for name, tokenizer, _, texts in encoders}
         for k, prompt in enumerate(prompts):
             cut = [f"{name} keeps {limit} of {lengths[name][k]} tokens ({lengths[name][k] - limit} dropped)"
-                   for name, _, limit in encoders if lengths[name][k] > limit]
+                   for name, _, limit, _ in encoders if lengths[name][k] > limit]
             if cut:
+                both = prompt if prompts_2[k] == prompt else f"{prompt} / {prompts_2[k]}"  # CLIP's / T5's
                 logger.warning("prompt %d is longer than the text encoders read: %s; the end of %r is ignored", k,
-                               ", ".join(cut), _shorten(prompt))
+                               ", ".join(cut), _shorten(both))
 
     def _denoise_and_decode(self, txt: Tensor, vec: Tensor, width: int, height: int, num_steps: int,
-                            guidance: float | None, seeds: list[int], progress: bool, callback,
+                            guidance: float | None, noise: NoiseSource, progress: bool, callback,
                             negative: tuple[Tensor, Tensor] | None = None, cfg_scale: float = 1.0,
-                            lora_scales: Tensor | None = None) -> Tensor:
+                            lora_scales: Tensor | None = None, sigmas: list[float] | None = None,
+                            on_step_end: sampling.StepHook | None = None, decode: bool = True) -> Tensor:
         """negative: the negative prompts' (txt, vec), one row per image, for true CFG at cfg_scale; None: off.
-        lora_scales: [images, adapter slots] for the hot-swapped LoRAs (None: the loaded scales)."""
+        lora_scales: [images, adapter slots] for the hot-swapped LoRAs (None: the loaded scales). sigmas: the noise
+        levels to step through (None: the model's schedule of num_steps). decode=False returns the packed latents."""
         from tqdm.auto import tqdm
 
         batch = txt.shape[0]
-        img = sampling.pack(sampling.get_noise(batch, height, width, seed=seeds, dtype=self.dtype, device=self.device))
+        img = self._start_noise(noise, batch, width, height)
         img_ids = sampling.prepare_img_ids(batch, height, width, device=self.device)
         txt_ids = sampling.prepare_txt_ids(batch, txt.shape[1], device=self.device)
-        timesteps = sampling.get_schedule(num_steps, img.shape[1], shift=self.config.guidance_embed)
+        timesteps = self._schedule(num_steps, img.shape[1], sigmas)
         with tqdm(total=num_steps, desc="fluxrt", unit="step", disable=not progress, leave=False) as bar:
             def step_done(step: int, total: int) -> None:
                 bar.update(1)
@@ -304,14 +378,24 @@ class FluxPipeline:
                 model = functools.partial(model, lora_scales=lora_scales)
             if negative is not None:
                 model = sampling.true_cfg(model, *negative, cfg_scale)
-            latents = sampling.denoise(model, img, img_ids, txt, txt_ids, vec, timesteps,
-                                       guidance=guidance, callback=step_done)  # NonFiniteError names the step
+            latents = sampling.denoise(model, img, img_ids, txt, txt_ids, vec, timesteps, guidance=guidance,
+                                       callback=step_done, on_step_end=on_step_end)  # NonFiniteError names the step
+        if not decode:
+            return latents
         image = self.autoencoder.decode(sampling.unpack(latents, height, width).to(self.vae_dtype))
         image = image.float()
         if not torch.isfinite(image).all():  # clamp would keep NaN, and to_pil would turn it into black silently
             raise NonFiniteError(f"the autoencoder decoded NaN or inf pixels ({self.vae_dtype}) from finite latents; "
                                  "check the autoencoder's weights, and run it in bf16 or fp32 (fp16 overflows)")
         return (image / 2 + 0.5).clamp(0, 1).cpu()
+
+    def _schedule(self, num_steps: int, image_seq_len: int, sigmas: list[float] | None) -> list[float]:
+        """The timesteps of a call: dev shifts them by the image's token count, schnell does not (given sigmas
+        too, as diffusers' scheduler shifts them for each model)."""
+        shift = self.config.guidance_embed
+        if sigmas is None:
+            return sampling.get_schedule(num_steps, image_seq_len, shift=shift)
+        return sampling.schedule_from_sigmas(sigmas, image_seq_len, shift=shift)
 
     # ---- LoRA ----
 
@@ -485,14 +569,6 @@ def _check_lora_scale(scale, what: str) -> float:
     if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale):
         raise ValueError(f"{what} must be a finite number (a LoRA's scale), got {scale!r}")
     return float(scale)
-
-
-def to_pil(images: Tensor) -> list:
-    """[N, 3, H, W] in [0, 1] -> PIL RGB images (x * 255 rounded, as diffusers' numpy_to_pil)."""
-    from PIL import Image
-
-    pixels = (images * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
-    return [Image.fromarray(p) for p in pixels]  # uint8 [H, W, 3] -> RGB
 
 
 def _shorten(text: str, keep: int = 60) -> str:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from einops import rearrange
@@ -49,6 +49,26 @@ def get_noise(
             [torch.randn(*shape, generator=torch.Generator("cpu").manual_seed(int(s)), dtype=torch.float32) for s in seed]
         )
     return noise.to(device=device, dtype=dtype)
+
+
+def noise_from_generators(
+    num_samples: int,
+    height: int,
+    width: int,
+    generator: torch.Generator | Sequence[torch.Generator],
+    dtype: torch.dtype,
+    device: torch.device | str,
+) -> Tensor:
+    """Unpacked latent noise drawn as diffusers' randn_tensor draws it: one generator draws the whole batch at once, a
+    list draws one sample from each; in `dtype`, on the generator's device, then moved to `device`."""
+    rows, cols = latent_grid(height, width)
+    shape = (LATENT_CHANNELS, 2 * rows, 2 * cols)
+    if isinstance(generator, torch.Generator):
+        return torch.randn(num_samples, *shape, generator=generator, dtype=dtype, device=generator.device).to(device)
+    if len(generator) != num_samples:
+        raise ValueError(f"got {len(generator)} generators for {num_samples} samples; pass one or one per sample")
+    noise = [torch.randn(1, *shape, generator=g, dtype=dtype, device=g.device) for g in generator]
+    return torch.cat([n.to(device) for n in noise])
 
 
 def pack(latents: Tensor) -> Tensor:
@@ -98,29 +118,50 @@ def get_schedule(
     """num_steps + 1 timesteps from 1 to 0. dev shifts them toward 1 for longer sequences; schnell does not."""
     if num_steps <= 0:
         raise ValueError(f"num_steps must be >= 1, got {num_steps}")
-    timesteps = [1.0 - i / num_steps for i in range(num_steps + 1)]
+    sigmas = [1.0 - i / num_steps for i in range(num_steps)]
+    return schedule_from_sigmas(sigmas, image_seq_len, base_shift, max_shift, shift)
+
+
+def schedule_from_sigmas(
+    sigmas: Sequence[float],
+    image_seq_len: int,
+    base_shift: float = 0.5,
+    max_shift: float = 1.15,
+    shift: bool = True,
+) -> list[float]:
+    """The timesteps of given noise levels (diffusers' `sigmas`), shifted as get_schedule shifts its own (diffusers'
+    FlowMatchEulerDiscreteScheduler with dynamic shifting: the same mu from the token count), then 0 appended: one
+    Euler step per sigma."""
+    timesteps = [float(s) for s in sigmas]
     if shift:
         mu = schedule_mu(image_seq_len, base_shift, max_shift)
         timesteps = [time_shift(mu, 1.0, t) for t in timesteps]
-    return timesteps
+    return timesteps + [0.0]
 
 
 def true_cfg(model: Callable[..., Tensor], negative_txt: Tensor, negative_vec: Tensor,
              scale: float) -> Callable[..., Tensor]:
     """`model` with true classifier-free guidance (diffusers' true_cfg_scale): each call runs the model twice, with
-    the prompt and with the negative prompt's features (negative_txt [B, T, C], negative_vec [B, V]), and returns
-    negative + scale * (positive - negative), in fp32. Two passes as diffusers runs them, not one of twice the batch:
-    the same numerics, and no doubled activation memory."""
+    the prompt and with the negative prompt's features (negative_txt [B, T', C], negative_vec [B, V]; T' may differ
+    from the prompt's T, as with diffusers' negative_prompt_embeds), and returns negative + scale * (positive -
+    negative), in fp32. Two passes as diffusers runs them, not one of twice the batch: the same numerics, and no
+    doubled activation memory."""
+    negative_txt_ids = prepare_txt_ids(negative_txt.shape[0], negative_txt.shape[1], device=negative_txt.device)
 
     def guided(img: Tensor, img_ids: Tensor, txt: Tensor, txt_ids: Tensor, timesteps: Tensor, y: Tensor,
                guidance: Tensor | None = None) -> Tensor:
         positive = model(img=img, img_ids=img_ids, txt=txt, txt_ids=txt_ids, timesteps=timesteps, y=y,
                          guidance=guidance).float()
-        negative = model(img=img, img_ids=img_ids, txt=negative_txt, txt_ids=txt_ids, timesteps=timesteps,
+        negative = model(img=img, img_ids=img_ids, txt=negative_txt, txt_ids=negative_txt_ids, timesteps=timesteps,
                          y=negative_vec, guidance=guidance).float()
         return negative + scale * (positive - negative)
 
     return guided
+
+
+# on_step_end(step_index, t, {"latents": ..., "prompt_embeds": ...}) -> replacements for the next step (or None)
+StepHook = Callable[[int, float, dict[str, Tensor]], Mapping[str, Tensor] | None]
+STEP_HOOK_TENSORS = ("latents", "prompt_embeds")
 
 
 def denoise(
@@ -134,12 +175,17 @@ def denoise(
     guidance: float | None = None,
     callback: Callable[[int, int], None] | None = None,
     check_finite: bool = True,
+    on_step_end: StepHook | None = None,
 ) -> Tensor:
     """Euler integration of the flow from t=timesteps[0] to timesteps[-1].
 
     `model` is any callable with the BFL signature (img, img_ids, txt, txt_ids, timesteps, y, guidance) that
     returns the velocity [B, L, C]: the reference Flux, the accelerated one, or a wrapper. The model sees
     `img` in its own dtype; the running latent stays fp32. `callback(step, total)` runs after each step.
+    on_step_end(step_index, t, tensors) runs after each step first (diffusers' callback_on_step_end; step_index from
+    0, t the step's start time): tensors holds "latents" (the running latents in the model's dtype: with a hook they
+    are kept in it, as diffusers keeps them) and "prompt_embeds" (txt); the mapping it returns may replace either
+    for the next step (same shape, finite).
     check_finite: raise fluxrt.NonFiniteError, naming the first step whose latents hold NaN or inf, instead of
     returning them.
     """
@@ -157,6 +203,8 @@ def denoise(
         x = x + (t_prev - t_curr) * pred.float()
         if check_finite:
             first_bad_step = torch.where((first_bad_step == 0) & ~torch.isfinite(x).all(), step, first_bad_step)
+        if on_step_end is not None:
+            x, txt = _run_step_hook(on_step_end, step - 1, t_curr, x.to(img.dtype), txt)
         if callback is not None:
             callback(step, total)
     if check_finite and (bad := int(first_bad_step)):
@@ -164,3 +212,33 @@ def denoise(
                              "output is not finite. Check the weights (a corrupt or mismatched checkpoint), and run "
                              "in bf16 or fp32 rather than fp16, whose range FLUX's activations overflow")
     return x.to(img.dtype)
+
+
+def _run_step_hook(hook: StepHook, index: int, t: float, latents: Tensor, txt: Tensor) -> tuple[Tensor, Tensor]:
+    """(running fp32 latents, txt) after on_step_end: what it returned, checked, else what it was given (which it may
+    have edited in place)."""
+    changes = hook(index, t, {"latents": latents, "prompt_embeds": txt})
+    changes = {} if changes is None else changes
+    if not isinstance(changes, Mapping):
+        raise TypeError(f"on_step_end must return a dict of tensors (or None), got {type(changes).__name__} at step "
+                        f"index {index}")
+    unknown = sorted(set(changes) - set(STEP_HOOK_TENSORS))
+    if unknown:
+        raise ValueError(f"on_step_end returned {unknown} at step index {index}; it may return only "
+                         f"{list(STEP_HOOK_TENSORS)}")
+    latents = _replacement(changes.get("latents", latents), latents, "latents", index)
+    txt = _replacement(changes.get("prompt_embeds", txt), txt, "prompt_embeds", index)
+    return latents.float(), txt
+
+
+def _replacement(new, old: Tensor, name: str, index: int) -> Tensor:
+    """A hook's replacement for `old`: a finite floating tensor of old's shape, moved to old's device and dtype."""
+    if new is old:
+        return old
+    if not isinstance(new, Tensor) or not new.is_floating_point() or new.shape != old.shape:
+        what = f"{type(new).__name__}" if not isinstance(new, Tensor) else f"a {new.dtype} tensor {tuple(new.shape)}"
+        raise ValueError(f"the {name} returned at step index {index} must be a floating tensor of shape "
+                         f"{tuple(old.shape)}, as given; got {what}")
+    if not torch.isfinite(new).all():
+        raise NonFiniteError(f"the {name} returned at step index {index} hold NaN or inf")
+    return new.to(old.device, old.dtype)
