@@ -388,3 +388,39 @@ def test_a_load_that_does_not_fit_the_branches_changes_nothing(base, files, tmp_
     assert compiled.get_list_adapters() == {"transformer": ["d"]} and torch.equal(run(compiled), expected)
     compiled.unfuse_lora()  # still fused, so it unfuses
     assert compiled.transformer.fast.lora.loaded() == {"d": 1.0}
+
+
+def test_a_text_encoder_only_lora_is_diffusers_own(base, files):
+    """The text encoders are not compiled: a LoRA for them alone loads, scales and unloads as in diffusers, and the
+    compiled transformer is left without adapters."""
+    from safetensors.torch import load_file
+
+    text_only = {k: v for k, v in load_file(files["style"]).items() if k.startswith("text_encoder.")}
+    plain, compiled = fresh(base), fluxrt.compile(fresh(base), backend="torch")
+    before = run(compiled)
+    for pipe in (plain, compiled):
+        pipe.load_lora_weights(dict(text_only), adapter_name="t")
+    assert compiled.get_list_adapters() == plain.get_list_adapters() == {"text_encoder": ["t"]}
+    assert (run(compiled) - before).abs().max() > 1e-3, "the text-encoder LoRA must change the image"
+    assert_same(plain, compiled, "text-encoder LoRA")
+    assert_same(plain, compiled, "text-encoder LoRA at scale 0.3", joint_attention_kwargs={"scale": 0.3})
+
+
+def test_a_bare_transformer_with_loras_compiles_with_them(base, files):
+    from test_compile_atomic import diffusers_inputs
+
+    plain, model = copy.deepcopy(base.transformer), copy.deepcopy(base.transformer)
+    for each in (plain, model):
+        each.load_lora_adapter(files["style"], adapter_name="a", prefix="transformer")
+        each.load_lora_adapter(files["detail"], adapter_name="b", prefix="transformer")
+        each.set_adapters(["a", "b"], [0.6, 1.2])
+    compiled = fluxrt.compile(model, backend="torch")
+    x = diffusers_inputs(height=SIZE, width=SIZE, T=5)
+    with torch.no_grad():
+        without = base.transformer(**x)[0]
+        for scale in (1.0, 0.4):
+            kwargs = dict(x, joint_attention_kwargs={"scale": scale})
+            expected = plain(**kwargs)[0]
+            assert (expected - without).abs().max() > 0.05, "the LoRAs must move the output"
+            torch.testing.assert_close(compiled(**kwargs)[0], expected, atol=2e-5, rtol=1e-5)
+    assert compiled.peft_config.keys() == plain.peft_config.keys()
