@@ -9,7 +9,18 @@ from diffusers import FlowMatchEulerDiscreteScheduler
 from diffusers.pipelines.flux.pipeline_flux import FluxPipeline, calculate_shift, retrieve_timesteps
 from torch.testing import assert_close
 
-from fluxrt.sampling import denoise, get_noise, get_schedule, pack, prepare_img_ids, prepare_txt_ids, unpack
+from fluxrt.sampling import (
+    denoise,
+    get_noise,
+    get_schedule,
+    noise_from_generators,
+    pack,
+    prepare_img_ids,
+    prepare_txt_ids,
+    schedule_from_sigmas,
+    true_cfg,
+    unpack,
+)
 from fluxrt.validation import NonFiniteError
 
 SEQ_LENS = [256, 1024, 3600, 4096, 4352, 8704, 16384]
@@ -222,3 +233,115 @@ def test_non_finite_check_can_be_turned_off():
     x0 = torch.randn(2, 6, 64, generator=torch.Generator().manual_seed(5))
     out = denoise(BlowsUpAt(2, float("nan")), x0, None, None, None, None, get_schedule(3, 6), check_finite=False)
     assert out[-1, 0, 0].isnan() and out[0].isfinite().all()
+
+
+# ---- diffusers' sigmas, generators and callback_on_step_end (fluxrt.FluxPipeline's diffusers-named arguments) ----
+
+CUSTOM_SIGMAS = [1.0, 0.83, 0.6, 0.41, 0.2, 0.07]
+
+
+@pytest.mark.parametrize("shift", [True, False], ids=["dev", "schnell"])
+@pytest.mark.parametrize("seq_len", [256, 1024, 4096, 8704])
+def test_schedule_from_sigmas_matches_diffusers(seq_len, shift):
+    """Given sigmas, diffusers' scheduler shifts them as it shifts its own (dev: mu from the token count)."""
+    sched = diffusers_scheduler(1, seq_len, shift)  # dev's or schnell's config, then set up with the sigmas
+    mu = calculate_shift(seq_len, 256, 4096, 0.5, 1.15)
+    retrieve_timesteps(sched, None, "cpu", sigmas=CUSTOM_SIGMAS, mu=mu)
+    ours = torch.tensor(schedule_from_sigmas(CUSTOM_SIGMAS, seq_len, shift=shift), dtype=torch.float64)
+    assert_close(ours, sched.sigmas.double(), atol=1e-6, rtol=0)  # diffusers shifts in float32
+
+
+def test_schedule_from_sigmas_is_get_schedule_for_its_own_sigmas():
+    for shift in (True, False):
+        sigmas = [1 - i / 7 for i in range(7)]
+        assert schedule_from_sigmas(sigmas, 3600, shift=shift) == get_schedule(7, 3600, shift=shift)
+
+
+@pytest.mark.parametrize("per_image", [False, True], ids=["one generator", "one per image"])
+def test_generator_noise_is_diffusers_randn_tensor(per_image):
+    from diffusers.utils.torch_utils import randn_tensor
+
+    def generators():
+        return [torch.Generator().manual_seed(s) for s in (5, 9)] if per_image else torch.Generator().manual_seed(5)
+
+    theirs = randn_tensor((2, 16, 6, 10), generator=generators(), dtype=torch.float32)
+    ours = noise_from_generators(2, 48, 80, generators(), torch.float32, "cpu")
+    assert torch.equal(ours, theirs)
+    if not per_image:  # one generator draws the batch at once: not the same as one seed per image
+        assert not torch.equal(ours[1], get_noise(1, 48, 80, seed=5)[0])
+
+
+def test_generator_noise_needs_one_generator_per_sample():
+    with pytest.raises(ValueError, match="got 1 generators for 2 samples"):
+        noise_from_generators(2, 32, 32, [torch.Generator()], torch.float32, "cpu")
+
+
+def _hooked_run(hook, steps=3):
+    """denoise with a toy model, on_step_end=hook: (output, what the model saw each step: (img, txt), txt given)."""
+    x0 = torch.randn(2, 6, 8, generator=torch.Generator().manual_seed(1))
+    txt = torch.randn(2, 3, 4, generator=torch.Generator().manual_seed(2))
+    seen = []
+
+    def model(*, img, txt, timesteps, **_):
+        seen.append((img.clone(), txt.clone()))
+        return img * 0.5 + txt.mean()
+
+    out = denoise(model, x0, None, txt, None, None, get_schedule(steps, 6, shift=False), on_step_end=hook)
+    return out, seen, txt
+
+
+def test_on_step_end_sees_each_step_and_its_replacements_feed_the_next():
+    calls = []
+
+    def hook(index, t, tensors):
+        calls.append((index, t, tensors["latents"].clone()))
+        if index == 1:
+            return {"latents": tensors["latents"] * 0.5, "prompt_embeds": tensors["prompt_embeds"] + 1}
+        return None
+
+    out, seen, txt = _hooked_run(hook)
+    assert [(i, t) for i, t, _ in calls] == list(enumerate(get_schedule(3, 6, shift=False)[:-1]))
+    plain, plain_seen, _ = _hooked_run(None)
+    torch.testing.assert_close(calls[0][2], plain_seen[1][0], rtol=0, atol=0)  # the latents after step 0
+    torch.testing.assert_close(seen[2][0], calls[1][2] * 0.5, rtol=0, atol=0)  # step 2 ran on the halved latents
+    torch.testing.assert_close(seen[1][1], txt, rtol=0, atol=0)
+    torch.testing.assert_close(seen[2][1], txt + 1, rtol=0, atol=0)  # and read the new prompt_embeds
+    torch.testing.assert_close(out, calls[2][2], rtol=0, atol=0)  # no replacement at the last step: its latents out
+    assert (out - plain).abs().max() > 1e-3
+
+
+def test_on_step_end_can_edit_in_place():
+    def hook(index, t, tensors):
+        if index == 0:
+            tensors["latents"].mul_(0.0)
+
+    out, _, _ = _hooked_run(hook, steps=1)
+    assert torch.equal(out, torch.zeros_like(out))
+
+
+@pytest.mark.parametrize("returned, error, message", [
+    ([1], TypeError, "on_step_end must return a dict of tensors"),
+    ({"noise": torch.zeros(1)}, ValueError, r"returned \['noise'\] at step index 0; it may return only"),
+    ({"latents": torch.zeros(2, 6, 9)}, ValueError, r"latents returned at step index 0 must be a floating tensor of "
+                                                     r"shape \(2, 6, 8\)"),
+    ({"latents": torch.zeros(2, 6, 8, dtype=torch.int64)}, ValueError, "must be a floating tensor"),
+    ({"prompt_embeds": "text"}, ValueError, "prompt_embeds returned at step index 0 must be a floating tensor"),
+    ({"latents": torch.full((2, 6, 8), float("nan"))}, NonFiniteError, "latents returned at step index 0 hold NaN"),
+])
+def test_on_step_end_bad_returns_are_refused(returned, error, message):
+    with pytest.raises(error, match=message):
+        _hooked_run(lambda index, t, tensors: returned)
+
+
+def test_true_cfg_negative_features_may_have_their_own_length():
+    calls = []
+
+    def model(*, txt, txt_ids, **_):
+        calls.append((txt.shape[1], txt_ids.shape[1]))
+        return torch.ones(1, 4, 8) * txt.shape[1]
+
+    guided = true_cfg(model, torch.zeros(1, 5, 2), torch.zeros(1, 3), 2.0)
+    out = guided(img=None, img_ids=None, txt=torch.zeros(1, 3, 2), txt_ids=torch.zeros(1, 3, 3), timesteps=None,
+                 y=None)
+    assert calls == [(3, 3), (5, 5)]  # each pass its own text length and matching position ids
+    torch.testing.assert_close(out, torch.full((1, 4, 8), 5 + 2.0 * (3 - 5)))
