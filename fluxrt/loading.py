@@ -16,6 +16,9 @@ Order of work, so that a bad input costs nothing and leaves nothing behind:
   3. the weights, read straight onto `device` and converted (no second copy, no random init), then checked for
      NaN/inf with one device sync for the whole checkpoint before the model is returned.
 Pickles are never loaded.
+
+Which model a transformer is (detect_mode: text-to-image, Fill, Canny/Depth, Kontext) comes from its input channels;
+Kontext, which has dev's shapes, from its folder's model_index.json or its BFL file name.
 """
 
 from __future__ import annotations
@@ -680,3 +683,57 @@ def _autoencoder_format(keys: list[str], path: Path) -> tuple[Callable, str]:
                               "the vae/ folder (and give this one to fluxrt.load_transformer)")
     raise CheckpointError(f"unrecognized autoencoder layout in {path}: expected BFL (encoder.down.*) or diffusers "
                           f"(encoder.down_blocks.*) naming; found keys like {sorted(keys)[:5]}")
+
+
+# ---- which FLUX.1 model: text-to-image, Fill, Canny/Depth or Kontext ----
+
+MODES = ("text-to-image", "fill", "control", "kontext")
+# each mode's transformer input channels (latents 64 + Fill's masked image 64 and mask 256, or Control's image 64);
+# every one outputs the 64 latent channels
+MODE_IN_CHANNELS = {"text-to-image": 64, "fill": 384, "control": 128, "kontext": 64}
+_MODE_BY_PIPELINE = {  # model_index.json's _class_name
+    "FluxPipeline": "text-to-image", "FluxImg2ImgPipeline": "text-to-image", "FluxInpaintPipeline": "text-to-image",
+    "FluxFillPipeline": "fill", "FluxControlPipeline": "control", "FluxControlImg2ImgPipeline": "control",
+    "FluxControlInpaintPipeline": "control", "FluxKontextPipeline": "kontext", "FluxKontextInpaintPipeline": "kontext",
+}
+
+
+def detect_mode(config: FluxConfig, path: str | os.PathLike | None = None) -> str:
+    """The model a FLUX.1 transformer is, one of MODES: "fill" (384 input channels: latents + masked image + mask),
+    "control" (128: Canny / Depth), else "kontext" or "text-to-image" (dev, schnell, Krea), which have the same
+    shapes: Kontext is told by its folder's model_index.json (_class_name FluxKontextPipeline, in the folder or the
+    one above a transformer/ folder) or a BFL file name holding "kontext" (flux1-kontext-dev.safetensors).
+    CheckpointError for channels no FLUX.1 model has, or a model_index.json that names another model."""
+    by_channels = next((m for m, c in MODE_IN_CHANNELS.items() if c == config.in_channels), None)
+    if by_channels is None or config.out_channels != 64:
+        raise CheckpointError(
+            f"a transformer with {config.in_channels} input and {config.out_channels} output channels is no FLUX.1 "
+            "model fluxrt knows: text-to-image and Kontext take 64, Fill 384, Canny/Depth 128, and all output 64")
+    index, named = _pipeline_class(Path(path)) if path is not None else (None, None)
+    by_name = _MODE_BY_PIPELINE.get(named)
+    if by_name is not None and by_name != by_channels and {by_name, by_channels} != {"kontext", "text-to-image"}:
+        raise CheckpointError(f"{index} names a {named} ({by_name}), but its transformer takes {config.in_channels} "
+                              f"input channels, a {by_channels} model's; the folder mixes two models")
+    if by_channels == "text-to-image" and (by_name == "kontext" or (path is not None and _kontext_file(Path(path)))):
+        return "kontext"
+    return by_channels
+
+
+def _pipeline_class(path: Path) -> tuple[Path | None, str | None]:
+    """(model_index.json, its _class_name) for a diffusers folder, its transformer/ folder, or a file in either."""
+    folder = path if path.is_dir() else path.parent
+    candidates = [folder / "model_index.json"]
+    if folder.name == _TRANSFORMER.subfolder:
+        candidates.append(folder.parent / "model_index.json")
+    for candidate in candidates:
+        if candidate.is_file():
+            data = _read_json(candidate)
+            name = data.get("_class_name") if isinstance(data, dict) else None
+            return candidate, name if isinstance(name, str) else None
+    return None, None
+
+
+def _kontext_file(path: Path) -> bool:
+    """A BFL Kontext file (flux1-kontext-dev.safetensors), or a BFL folder holding one."""
+    files = sorted(path.glob("*.safetensors")) if path.is_dir() else [path]
+    return any("kontext" in f.name.lower() for f in files if f.name != _BFL_AE_FILE)

@@ -14,6 +14,7 @@ Weights are deterministic in ``seed``; nothing touches the network.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import pathlib
@@ -26,6 +27,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config,
 
 from .config import FluxConfig
 from .devices import resolve_device, resolve_dtype
+from .loading import MODE_IN_CHANNELS, MODES
 from .reference import AutoEncoder, AutoEncoderParams, Flux
 from .testing import randomize_parameters_
 from .validation import check_flag, check_pipeline_options
@@ -210,23 +212,28 @@ TRAINED = pathlib.Path(__file__).resolve().parent / "weights" / "tiny"
 TINY_AUTOENCODER = AutoEncoderParams(ch=32, ch_mult=(1, 1, 2, 2), num_res_blocks=1)
 
 
-def tiny_random_pipeline(device: torch.device | str | None = None, full_width: bool | None = None, seed: int = 0, *,
-                         compile: bool | None = None, quantize: str | None = None, backend: str = "auto",
-                         offload_text_encoders: bool = False, progress: bool = True):
-    """The `--model tiny-random` pipeline: real tokenizer and encoder classes, random weights, built in process.
+# The CLI's offline models: --model NAME -> the mode of its tiny random transformer (fluxrt.loading.MODES).
+TINY_RANDOM_MODELS = {"tiny-random": "text-to-image", "tiny-random-fill": "fill", "tiny-random-canny": "control",
+                      "tiny-random-kontext": "kontext"}
 
-    full_width (default: on a CUDA device) gives the transformer and autoencoder flux-dev's real widths (12B
-    parameters, 24 GB in bf16, filled in place on the device) so the latency it shows is FLUX's; otherwise the
-    "tiny" preset and TINY_AUTOENCODER (milliseconds per step on a CPU). The text encoders stay tiny either way.
-    compile, quantize, backend, offload_text_encoders, progress: as FluxPipeline's, checked before anything is built.
-    """
-    from .pipeline import FluxPipeline
 
+def tiny_config(mode: str = "text-to-image", full_width: bool = False) -> FluxConfig:
+    """The transformer config of a random model of `mode`: the "tiny" preset (flux-dev's with full_width) with the
+    mode's input channels (Fill 384, Canny/Depth 128, text-to-image and Kontext 64; 64 output channels always)."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {list(MODES)}, got {mode!r}")
+    cfg = FluxConfig.preset("flux-dev" if full_width else "tiny")
+    return dataclasses.replace(cfg, in_channels=MODE_IN_CHANNELS[mode], out_channels=64)
+
+
+def tiny_random_components(mode: str = "text-to-image", device: torch.device | str | None = None,
+                           full_width: bool | None = None, seed: int = 0) -> dict:
+    """FluxPipeline's components for a random model of `mode`: transformer (tiny_config(mode)), autoencoder, the
+    two tokenizers and text encoders, as FluxPipeline's keyword arguments. Widths and seeds: tiny_random_pipeline."""
     device = resolve_device(device)
-    check_pipeline_options(device, compile, quantize, backend, offload_text_encoders, progress)
     full_width = device.type == "cuda" if full_width is None else check_flag(full_width, "full_width")
     dtype = resolve_dtype(None, device)
-    cfg = FluxConfig.preset("flux-dev" if full_width else "tiny")
+    cfg = tiny_config(mode, full_width)
     ae_params = AutoEncoderParams() if full_width else TINY_AUTOENCODER
     with tempfile.TemporaryDirectory(prefix="fluxrt-tiny-") as folder:  # tokenizers load into memory
         clip_tokenizer = build_clip_tokenizer(pathlib.Path(folder) / "clip")
@@ -240,6 +247,29 @@ def tiny_random_pipeline(device: torch.device | str | None = None, full_width: b
     # of pixel values rather than mostly saturated ones. 84M parameters at full width: a second on the CPU.
     torch.manual_seed(seed + 2)
     autoencoder = AutoEncoder(ae_params).to(device, dtype)
-    return FluxPipeline(transformer.eval().requires_grad_(False), autoencoder.eval().requires_grad_(False),
-                        clip_tokenizer, clip, t5_tokenizer, t5, compile=compile, quantize=quantize, backend=backend,
-                        offload_text_encoders=offload_text_encoders, progress=progress)
+    return dict(transformer=transformer.eval().requires_grad_(False),
+                autoencoder=autoencoder.eval().requires_grad_(False), clip_tokenizer=clip_tokenizer, clip_encoder=clip,
+                t5_tokenizer=t5_tokenizer, t5_encoder=t5)
+
+
+def tiny_random_pipeline(device: torch.device | str | None = None, full_width: bool | None = None, seed: int = 0, *,
+                         mode: str = "text-to-image", compile: bool | None = None, quantize: str | None = None,
+                         backend: str = "auto", offload_text_encoders: bool = False, progress: bool = True):
+    """The `--model tiny-random` pipeline (tiny-random-fill, -canny, -kontext: TINY_RANDOM_MODELS): real tokenizer
+    and encoder classes, random weights, built in process.
+
+    mode: the model's kind (fluxrt.loading.MODES); Fill and Canny/Depth are told by their input channels, Kontext
+    (dev's shapes) is named to the pipeline. full_width (default: on a CUDA device) gives the transformer and
+    autoencoder flux-dev's real widths (12B parameters, 24 GB in bf16, filled in place on the device) so the latency
+    it shows is FLUX's; otherwise the "tiny" preset and TINY_AUTOENCODER (milliseconds per step on a CPU). The text
+    encoders stay tiny either way. compile, quantize, backend, offload_text_encoders, progress: as FluxPipeline's,
+    checked before anything is built.
+    """
+    from .pipeline import FluxPipeline
+
+    tiny_config(mode)  # an unknown mode is refused before anything is built
+    check_pipeline_options(resolve_device(device), compile, quantize, backend, offload_text_encoders, progress)
+    components = tiny_random_components(mode, device, full_width, seed)
+    told = {"mode": mode} if mode == "kontext" else {}  # the one mode the transformer's shapes do not tell
+    return FluxPipeline(**components, compile=compile, quantize=quantize, backend=backend,
+                        offload_text_encoders=offload_text_encoders, progress=progress, **told)

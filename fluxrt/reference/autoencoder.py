@@ -2,7 +2,7 @@
 so BFL's ae.safetensors loads with load_state_dict(strict=True).
 
 Differences from BFL, both deliberate: encode() returns the scaled *mean* of the posterior (deterministic;
-BFL samples by default), and the config is a frozen dataclass with FLUX's values as defaults.
+BFL samples by default; encode_moments() gives mean and logvar to sample from), and the config is a frozen dataclass with FLUX's values as defaults.
 """
 
 from __future__ import annotations
@@ -165,8 +165,13 @@ class AutoEncoder(nn.Module):
 
     def encode(self, x: Tensor) -> Tensor:
         """Images in [-1, 1] -> the scaled posterior mean: scale * (mean - shift)."""
-        mean, _logvar = torch.chunk(self.encoder(x), 2, dim=1)
+        mean, _logvar = torch.chunk(self.encode_moments(x), 2, dim=1)
         return self.scale_factor * (mean - self.shift_factor)
+
+    def encode_moments(self, x: Tensor) -> Tensor:
+        """[B, 3, H, W] -> [B, 2z, H/8, W/8] (mean | logvar), unscaled: what sampling the posterior needs
+        (fluxrt.conditioning.encode_image; FastAutoEncoder has the same method)."""
+        return self.encoder(x)
 
     def decode(self, z: Tensor) -> Tensor:
         """Scaled latents (what the transformer denoises) -> images in about [-1, 1]."""
