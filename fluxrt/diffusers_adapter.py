@@ -2,11 +2,13 @@
 
 Check, then move. check_flux_conversion runs the whole diffusers -> BFL conversion on meta tensors first (every
 parameter and buffer accounted for, nothing unknown: extra parameters or modules, adapter layers other than the
-plain peft LoRAs fluxrt.diffusers_lora reads and runs as side branches; one floating
-dtype, one device, shapes that fit the config) and raises CheckpointError with the model untouched. Layers fused by
-fuse_qkv_projections() are converted from the fused weights, which are what the model's forward runs. Only then are the weights moved: renames keep the storage, q|k|v are fused into one new
-tensor and their sources are released at once, so peak memory stays about one copy of the weights, and the
-diffusers model is left with empty (meta) parameters. The move phase allocates only the fused q|k|v tensors:
+plain peft LoRAs fluxrt.diffusers_lora reads and runs as side branches; one floating dtype, one device, shapes that
+fit the config) and raises CheckpointError with the model untouched. Layers fused by fuse_qkv_projections() are
+converted from the fused weights, which are what the model's forward runs; a peft LoRA layer's base weight is
+converted under the linear's own name. Only then are the weights moved: renames keep the storage, q|k|v are fused
+into one new tensor and their sources are released at once, so peak memory stays about one copy of the weights, and
+the diffusers model is left with empty (meta) parameters (its LoRA factors stay: the compiled model's adapters hold
+them, for fuse_lora). The move phase allocates only the fused q|k|v tensors:
 running out of memory there is the one failure that can interrupt it. check_conversion does the same for any
 diffusers model holding a FLUX trunk beside layers of its own (a ControlNet: fluxrt.controlnet).
 

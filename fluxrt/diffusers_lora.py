@@ -85,8 +85,9 @@ def peft_adapters_of(model: nn.Module, config: FluxConfig) -> PeftAdapters | Non
                               "reset_to_overwritten_params=True) first, or compile a FLUX.1 Canny/Depth model instead")
     other = [f"{n} ({type(m).__name__})" for n, m in layers.items() if not isinstance(m, PeftLoraLinear)]
     if other:
-        raise CheckpointError(f"{what} holds peft adapter layers other than LoRA on linear layers ({', '.join(other[:3])}"
-                              "): fluxrt runs plain LoRAs only; unload them (pipe.unload_lora_weights()) first")
+        raise CheckpointError(f"{what} holds peft adapter layers other than LoRA on linear layers "
+                              f"({', '.join(other[:3])}): fluxrt runs plain LoRAs only; unload them "
+                              "(pipe.unload_lora_weights()) first")
     merged = sorted({a for m in layers.values() for a in m.merged_adapters})
     if merged:
         raise CheckpointError(f"{what} has LoRA adapters fused by fuse_lora() with their peft layers still loaded "
@@ -301,25 +302,27 @@ class DiffusersLoraMixin:
         self._apply_scales()
 
     def _enable_branches(self, adapters: list[Adapter]) -> None:
-        """At the first load: every linear's side branch, padded to the rank all `adapters` need together in any one
-        layer (at least MIN_RANK), with at least MIN_ADAPTERS slots."""
-        if self.fast.lora is not None:
-            return
-        need: dict[str, int] = {}
-        for adapter in adapters:
-            for layer in adapter.lora.layers:
-                need[layer.module] = need.get(layer.module, 0) + layer.rank
-        max_rank = max([MIN_RANK, *need.values()])
-        self.fast.enable_lora_branches(max_rank=max_rank, max_adapters=max(MIN_ADAPTERS, len(adapters)))
-        self.add_module("peft_view", _peft_view_class()(self))
+        """At the first load, unless the caller reserved them (fast.enable_lora_branches): every linear's side branch,
+        padded to the rank all `adapters` need together in any one layer (at least MIN_RANK), with at least
+        MIN_ADAPTERS slots."""
+        if self.fast.lora is None:
+            need: dict[str, int] = {}
+            for adapter in adapters:
+                for layer in adapter.lora.layers:
+                    need[layer.module] = need.get(layer.module, 0) + layer.rank
+            max_rank = max([MIN_RANK, *need.values()])
+            self.fast.enable_lora_branches(max_rank=max_rank, max_adapters=max(MIN_ADAPTERS, len(adapters)))
+        if "peft_view" not in self._modules:
+            self.add_module("peft_view", _peft_view_class()(self))
 
     def _add_adapter(self, name: str, adapter: Adapter) -> None:
         self._enable_branches([adapter])
         try:
             self.fast.lora.load(name, adapter.lora, scale=0.0)  # _apply_scales sets its scale
         except ValueError as err:
-            raise ValueError(f"{err}. The side branches were reserved at the first LoRA load; to reserve more, call "
-                             "pipe.transformer.fast.enable_lora_branches(max_rank=..., max_adapters=...) before it")
+            raise ValueError(f"{err}. The side branches were reserved at the first LoRA load; to reserve more, "
+                             "compile again and call pipe.transformer.fast.enable_lora_branches(max_rank=..., "
+                             "max_adapters=...) before loading LoRAs") from None
         self._lora_adapters[name] = adapter
 
     def _unfuse_for(self, name: str, lora: Lora) -> list[str]:

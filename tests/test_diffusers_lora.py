@@ -376,7 +376,8 @@ def test_loading_beside_a_fused_adapter_follows_peft_or_is_refused(base, files):
 
 def test_a_load_that_does_not_fit_the_branches_changes_nothing(base, files, tmp_path):
     """Rank 24 on q, k and v needs 72 columns of the fused qkv's 64 reserved: refused with the way to reserve more;
-    the adapter fused before (unfused for the load, as peft does) is fused again, bit for bit."""
+    the adapter fused before (unfused for the load, as peft does) is fused again, bit for bit. Branches reserved
+    larger before the first load take it."""
     big = lora_file(tmp_path / "big", base, 7, ATTENTION + ["proj_mlp", "ff.net.2"], rank=24, alpha=24.0)
     compiled = fluxrt.compile(fresh(base), backend="torch")
     compiled.load_lora_weights(files["detail"], adapter_name="d")
@@ -388,6 +389,10 @@ def test_a_load_that_does_not_fit_the_branches_changes_nothing(base, files, tmp_
     assert compiled.get_list_adapters() == {"transformer": ["d"]} and torch.equal(run(compiled), expected)
     compiled.unfuse_lora()  # still fused, so it unfuses
     assert compiled.transformer.fast.lora.loaded() == {"d": 1.0}
+    reserved = fluxrt.compile(fresh(base), backend="torch")
+    reserved.transformer.fast.enable_lora_branches(max_rank=96, max_adapters=2)  # linear1: q, k, v, mlp
+    reserved.load_lora_weights(big, adapter_name="big")
+    assert reserved.transformer.fast.lora.max_rank == 96 and reserved.get_active_adapters() == ["big"]
 
 
 def test_a_text_encoder_only_lora_is_diffusers_own(base, files):
