@@ -174,8 +174,8 @@ def check_generator(generator, count: int, device: torch.device) -> torch.Genera
         raise ValueError(f"got {len(generators)} generators for {count} images; pass one generator, or one per image")
     kinds = {g.device.type for g in generators}
     if len(kinds) > 1 or not kinds <= {"cpu", device.type}:
-        raise ValueError(f"the generators are on {sorted(kinds)} and the pipeline on {device}: pass generators on the "
-                         f"CPU or on {device.type}, all on one device")
+        raise ValueError(f"the generators are on {sorted(kinds)} and the pipeline on {device}: pass CPU generators "
+                         "(or ones on the pipeline's device), all on one device")
     return generators if isinstance(generator, (list, tuple)) else generator
 
 
