@@ -736,4 +736,4 @@ def _pipeline_class(path: Path) -> tuple[Path | None, str | None]:
 def _kontext_file(path: Path) -> bool:
     """A BFL Kontext file (flux1-kontext-dev.safetensors), or a BFL folder holding one."""
     files = sorted(path.glob("*.safetensors")) if path.is_dir() else [path]
-    return any("kontext" in f.name.lower() for f in files if f.name != _BFL_AE_FILE)
+    return any("kontext" in f.name.lower() for f in files)

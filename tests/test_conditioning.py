@@ -101,6 +101,7 @@ IMAGE_INPUTS = {
 }
 
 
+@pytest.mark.filterwarnings("ignore:Passing `image` as torch tensor with value range in \\[-1,1\\]:FutureWarning")
 @pytest.mark.parametrize("size", [(None, None), (H, W), (50, 81)])
 @pytest.mark.parametrize("kind", IMAGE_INPUTS)
 def test_preprocess_image_matches_diffusers(kind, size):
@@ -122,6 +123,21 @@ def test_preprocess_image_reads_uint8_as_0_255_and_converts_pil_to_rgb():
     torch.testing.assert_close(cond.preprocess_image(rgba), cond.preprocess_image(rgba.convert("RGB")), **EXACT)
 
 
+def test_preprocess_image_warns_when_it_takes_pixels_as_normalized(caplog):
+    pixels = random_pixels(12, 1, 3, 32, 32) * 2 - 1
+    with caplog.at_level("WARNING", logger="fluxrt"):
+        out = cond.preprocess_image(pixels)
+    torch.testing.assert_close(out, pixels, **EXACT)
+    assert "taken to be in [-1, 1] already" in caplog.text
+
+
+def test_repeat_to_batch_repeats_each_image_for_consecutive_images():
+    images = random_pixels(13, 2, 3, 16, 16)
+    torch.testing.assert_close(cond.repeat_to_batch(images, 4), images[[0, 0, 1, 1]], **EXACT)
+    with pytest.raises(ValueError, match="got 2 images for 3 images"):
+        cond.repeat_to_batch(images, 3)
+
+
 MASK_INPUTS = {
     "pil L": lambda: random_pil(20, 70, 52, "L"),
     "pil RGB": lambda: random_pil(21, 70, 52, "RGB"),
@@ -131,6 +147,7 @@ MASK_INPUTS = {
     "tensor HW": lambda: random_pixels(25, 37, 50),
     "tensor BHW": lambda: random_pixels(26, 2, 37, 50),
     "tensor B1HW": lambda: random_pixels(27, 2, 1, 37, 50),
+    "tensor holding 0.5": lambda: (random_pixels(28, 1, 1, 32, 48) * 4).round() / 4,  # 0.5 binarizes to 1
 }
 
 
@@ -189,6 +206,17 @@ def test_encode_image_matches_diffusers(autoencoders):
     torch.testing.assert_close(next_draws(ours), next_draws(theirs), **EXACT)
     with pytest.raises(ValueError, match="1 generators for 2 images"):
         cond.encode_image(ae, pixels, ours[:1])
+
+
+@torch.no_grad()
+def test_encode_image_clamps_logvar_as_diffusers(autoencoders):
+    """A posterior whose log-variance exceeds diffusers' clamp (20): the sample's std is exp(10), not exp(20)."""
+    ae, vae = copy.deepcopy(autoencoders[0]), copy.deepcopy(autoencoders[1])
+    for conv in (ae.encoder.conv_out, vae.encoder.conv_out):
+        conv.bias[16:] += 60
+    pixels = random_pixels(31, 1, 3, 32, 32) * 2 - 1
+    expected = diffusers_pipeline("FluxImg2ImgPipeline", vae)._encode_vae_image(pixels, cond.make_generators([1]))
+    torch.testing.assert_close(cond.encode_image(ae, pixels, cond.make_generators([1])), expected, **FP32)
 
 
 # ---- img2img ----
