@@ -188,6 +188,15 @@ def lora_from_diffusers_state_dict(state_dict: Mapping[str, Tensor], network_alp
 # ---- the module the pipeline's BaseTunerLayer walks find ----
 
 
+class _Pinned:
+    def to(self, *args, **kwargs):
+        raise NotImplementedError("a compiled transformer keeps its LoRAs in side branches on the model's device, "
+                                  "which cannot move on their own: delete_adapters() frees an adapter's share")
+
+
+_PINNED = _Pinned()
+
+
 @functools.cache
 def _peft_view_class() -> type:
     from peft.tuners.tuners_utils import BaseTunerLayer
@@ -214,6 +223,12 @@ def _peft_view_class() -> type:
 
         def unmerge(self) -> None:
             self._owner.unfuse_lora()
+
+        @property
+        def lora_A(self) -> dict:
+            """What pipe.set_lora_device moves per adapter name (peft's lora_A modules): the transformer's adapters
+            cannot move (text-encoder adapters still do)."""
+            return {name: _PINNED for name in self._owner._lora_adapters}
 
         def forward(self, *args, **kwargs):
             raise RuntimeError("PeftView only answers diffusers' adapter queries; it is not called")

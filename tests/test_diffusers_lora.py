@@ -330,13 +330,15 @@ def test_loras_fluxrt_cannot_run_after_compile_are_refused_untouched(base, files
     assert torch.equal(run(compiled), expected)
 
 
-def test_block_wise_weights_and_unknown_adapters_are_refused(base, files):
+def test_block_wise_weights_unknown_adapters_and_set_lora_device_are_refused(base, files):
     compiled = fluxrt.compile(fresh(base), backend="torch")
     compiled.load_lora_weights(files["detail"], adapter_name="d")
     with pytest.raises(NotImplementedError, match="block-wise"):
         compiled.transformer.set_adapters(["d"], [{"transformer_blocks": 0.5}])
     with pytest.raises(ValueError, match="not in the list of present adapters"):
         compiled.set_adapters(["nope"], [1.0])
+    with pytest.raises(NotImplementedError, match="side branches on the model's device"):
+        compiled.set_lora_device(["d"], "cpu")
     assert compiled.transformer.fast.lora.loaded() == {"d": 1.0}
 
 
