@@ -12,15 +12,22 @@ those methods with peft's meaning on fluxrt's own machinery:
 - fuse_lora fuses into the weights with fluxrt.lora's fuse (unfuse_lora restores them bit for bit); lora_scale
   multiplies the active adapters' weights and stays, as in peft;
 - one module, a BaseTunerLayer with no weights (PeftView), answers the pipeline's module walks: its active_adapters,
-  merged_adapters and unmerge().
+  merged_adapters and unmerge();
+- peft's per-layer rules around merged adapters (a merged layer runs no unfused adapter; loading into a merged
+  layer unmerges it) are followed where they apply to whole adapters; a call that would leave an adapter fused or
+  running in part of its layers only raises NotImplementedError, changing nothing.
 
 A LoRA loaded into the diffusers model before fluxrt.compile is read by peft_adapters_of (check phase: nothing
 changes) and loaded the same way once the transformer is compiled (adopt_peft_adapters). Refused, with the model
 as it was: DoRA, rsLoRA, LoRA biases, other peft tuners, block-wise set_adapters weights, Control LoRAs (FLUX.1
 Canny/Depth LoRAs widen x_embedder and overwrite norms), a LoRA made for another model size, and (before compile)
 adapters fused by diffusers' fuse_lora with their peft layers still loaded: unfuse_lora() before compile and
-fuse_lora() after it does the same, with fluxrt's exact unfuse. Text-encoder parts of a file are diffusers' own:
-the text encoders are not compiled, and the pipeline loads, scales and removes those parts as without fluxrt.
+fuse_lora() after it does the same, with fluxrt's exact unfuse (fuse, then unload_lora_weights(), then compile
+keeps working: no peft layers are left). The branches' padded rank is fixed at the first load (enough for the
+adapters loaded then, at least MIN_RANK); a later LoRA that needs more is refused, naming fast.enable_lora_branches.
+pipe.set_lora_device cannot move the transformer's adapters (they live in the branches, on the model's device).
+Text-encoder parts of a file are diffusers' own: the text encoders are not compiled, and the pipeline loads, scales
+and removes those parts as without fluxrt.
 """
 
 from __future__ import annotations
