@@ -44,7 +44,7 @@ from torch import Tensor, nn
 
 from .config import FluxConfig
 from .convert import CheckpointError
-from .lora import FusedLora, Lora, load_lora
+from .lora import FusedLora, Lora, fused_loras, load_lora
 
 log = logging.getLogger("fluxrt")
 
@@ -370,7 +370,7 @@ class DiffusersLoraMixin:
         self._apply_scales()
 
     def _fused_in_order(self) -> list[str]:
-        stack = getattr(self.fast.model, "_fluxrt_fused_loras", [])
+        stack = fused_loras(self.fast.model)
         fused = [n for n, a in self._lora_adapters.items() if a.fused is not None]
         return sorted(fused, key=lambda n: stack.index(self._lora_adapters[n].fused))
 
@@ -479,10 +479,9 @@ class DiffusersLoraMixin:
         the fused model), and their originals are released."""
         if self.fast.lora is not None:
             self.fast.lora.unload()
-        stack = getattr(self.fast.model, "_fluxrt_fused_loras", [])
         for adapter in self._lora_adapters.values():
-            if adapter.fused is not None and adapter.fused in stack:
-                stack.remove(adapter.fused)  # permanent now: nobody will unfuse it, so free its host copy
+            if adapter.fused is not None and adapter.fused.fused:
+                adapter.fused.keep()  # permanent now: nobody will unfuse it, so free its host copy
         self._init_lora()
 
     # ---- fusing ----

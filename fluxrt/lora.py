@@ -143,6 +143,24 @@ class FusedLora:
                 below._versions[name] = _version(weight)
         self._originals = None
 
+    @property
+    def fused(self) -> bool:
+        """Whether this LoRA is still fused and can be unfused (not unfused, not kept)."""
+        return self._originals is not None
+
+    def keep(self) -> None:
+        """Make this fuse permanent: the originals it holds (a host copy of every weight it changed) are released and
+        it can no longer be unfused. LoRAs fused after it unfuse as before (their originals include this one)."""
+        if self._originals is None:
+            raise RuntimeError("this LoRA was unfused or kept already")
+        self._stack().remove(self)
+        self._originals = None
+
+
+def fused_loras(model: nn.Module) -> list[FusedLora]:
+    """The LoRAs fused into `model` that can still be unfused, in the order they were fused."""
+    return list(getattr(model, "_fluxrt_fused_loras", []))
+
 
 def load_lora(path_or_state_dict: str | os.PathLike | Mapping[str, Tensor], config=None) -> Lora:
     """Read a FLUX.1 LoRA (a .safetensors file, a folder holding one, or a state dict) into a Lora.

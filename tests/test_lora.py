@@ -538,3 +538,20 @@ def test_alphas_in_keys_and_metadata_at_once_are_refused(tmp_path):
     write(tmp_path, sd, {"lora_adapter_metadata": json.dumps({"transformer.lora_alpha": 4})})
     with pytest.raises(CheckpointError, match="alphas twice"):
         fluxrt.load_lora(tmp_path)
+
+
+def test_a_kept_fuse_is_permanent_and_frees_its_originals(ref):
+    a, b = every_layer_lora(ref, 1), every_layer_lora(ref, 2)
+    original = {k: v.clone() for k, v in ref.state_dict().items()}
+    first = a.fuse(ref, 0.5)
+    after_first = {k: v.clone() for k, v in ref.state_dict().items()}
+    second = b.fuse(ref, 1.0)
+    first.keep()
+    assert fluxrt.lora.fused_loras(ref) == [second] and not first.fused and second.fused
+    with pytest.raises(RuntimeError, match="unfused or kept already"):
+        first.keep()
+    with pytest.raises(RuntimeError, match="unfused already"):
+        first.unfuse()
+    second.unfuse()  # the LoRA fused on top still unfuses, back to the kept fuse's weights
+    assert all(torch.equal(v, after_first[k]) for k, v in ref.state_dict().items())
+    assert any(not torch.equal(v, original[k]) for k, v in ref.state_dict().items())
