@@ -64,8 +64,8 @@ def test_diffusers_names_draw_what_diffusers_draws(pipe, theirs, max_sequence_le
     assert_same(ours, expected)
 
 
-def embeds(theirs, prompt):
-    prompt_embeds, pooled, _ = theirs.encode_prompt(prompt, None, max_sequence_length=80)
+def embeds(theirs, prompt, length=80):
+    prompt_embeds, pooled, _ = theirs.encode_prompt(prompt, None, max_sequence_length=length)
     return prompt_embeds, pooled
 
 
@@ -80,6 +80,10 @@ CASES = {
     "prompt_embeds": lambda theirs: dict(zip(("prompt_embeds", "pooled_prompt_embeds"), embeds(theirs, PROMPT)))
     | dict(zip(("negative_prompt_embeds", "negative_pooled_prompt_embeds"), embeds(theirs, ""))) | dict(
         generator=seeded(5)),
+    # T5 embeddings of 40 tokens beside a negative prompt encoded to max_sequence_length (80): each pass its own
+    "prompt_embeds of their own length": lambda theirs: dict(
+        zip(("prompt_embeds", "pooled_prompt_embeds"), embeds(theirs, PROMPT, 40))) | dict(negative_prompt="",
+                                                                                           generator=seeded(12)),
     "prompt_2": lambda _: dict(prompt=PROMPT, prompt_2=OTHER, negative_prompt="", negative_prompt_2="a gray square",
                                generator=seeded(6)),
     "sigmas": lambda _: dict(prompt=PROMPT, negative_prompt="", sigmas=[1.0, 0.7, 0.4, 0.15], generator=seeded(7)),
