@@ -74,7 +74,7 @@ def check_text(prompt, prompt_2, prompt_embeds, pooled_prompt_embeds, config: Fl
         prompts_2 = prompts if prompt_2 is None else check_negative_prompt(prompt_2, len(prompts), "prompt_2")
         return TextInput(prompts, prompts_2)
     for name, value in (("prompt", prompt), ("prompt_2", prompt_2)):
-        if value is not None:
+        if value is not None and prompt_embeds is not None:  # pooled_prompt_embeds alone: check_embeds says so
             raise ValueError(f"pass {name} or prompt_embeds, not both: prompt_embeds replace what the prompts encode")
     return TextInput(embeds=check_embeds(prompt_embeds, pooled_prompt_embeds, config, ""))
 
@@ -95,7 +95,7 @@ def check_negative_text(negative_prompt, negative_prompt_2, negative_prompt_embe
             negative_prompt_2, num_prompts, "negative_prompt_2")
         return TextInput(negatives, negatives_2)
     for name, value in (("negative_prompt", negative_prompt), ("negative_prompt_2", negative_prompt_2)):
-        if value is not None:
+        if value is not None and negative_prompt_embeds is not None:
             raise ValueError(f"pass {name} or negative_prompt_embeds, not both: negative_prompt_embeds replace what "
                              "the negative prompts encode")
     embeds = check_embeds(negative_prompt_embeds, negative_pooled_prompt_embeds, config, "negative_")
