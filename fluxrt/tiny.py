@@ -1,5 +1,6 @@
-"""Tiny, randomly initialised FLUX.1 components built offline: the `--model tiny-random` default of the CLI and the
-building blocks of the tests' diffusers pipeline (tests/tiny_pipeline.py).
+"""Tiny, randomly initialised FLUX.1 components built offline: the `--model tiny-random` default of the CLI (and one
+model per tool mode: tiny-random-fill, -canny, -kontext, TINY_RANDOM_MODELS) and the building blocks of the tests'
+diffusers pipeline (tests/tiny_pipeline.py).
 
 Every text component is the genuine class FLUX.1 uses (``CLIPTokenizer`` + ``CLIPTextModel``, ``T5TokenizerFast`` +
 ``T5EncoderModel``), only tiny:

@@ -206,6 +206,8 @@ def test_encode_image_matches_diffusers(autoencoders):
     torch.testing.assert_close(next_draws(ours), next_draws(theirs), **EXACT)
     with pytest.raises(ValueError, match="1 generators for 2 images"):
         cond.encode_image(ae, pixels, ours[:1])
+    fast = fluxrt.compile(copy.deepcopy(ae))  # FastAutoEncoder: the same encode_moments
+    torch.testing.assert_close(cond.encode_image(fast, pixels, cond.make_generators([5, 6])), expected, **FP32)
 
 
 @torch.no_grad()
