@@ -220,9 +220,7 @@ class FluxPipeline:
                                            else max_sequence_length)
         width, height = check_size(self.default_size[0] if width is None else width,
                                    self.default_size[1] if height is None else height)
-        sigmas = check_sigmas(sigmas, None if num_steps is None else check_steps(num_steps))
-        num_steps = len(sigmas) if sigmas is not None else check_steps(self.default_steps if num_steps is None
-                                                                          else num_steps)
+        num_steps, sigmas = self._steps(num_steps, sigmas)
         per_prompt = check_images_per_prompt(num_images_per_prompt)
         count = check_image_count(len(text), per_prompt)
         noise = self._noise_source(seed, generator, latents, count, width, height)
@@ -248,6 +246,16 @@ class FluxPipeline:
                                               negative, cfg_scale, lora_scales, sigmas=sigmas, on_step_end=hook,
                                               decode=output_type != "latent")
         return format_output(result, output_type, return_dict)
+
+    def _steps(self, num_steps, sigmas) -> tuple[int, list[float] | None]:
+        """(steps, sigmas) of a call: one step per sigma when sigmas are given (a num_steps given too must agree),
+        else num_steps or the model's default."""
+        if num_steps is not None:
+            num_steps = check_steps(num_steps)
+        sigmas = check_sigmas(sigmas, num_steps)
+        if sigmas is not None:
+            return len(sigmas), sigmas
+        return (self.default_steps if num_steps is None else num_steps), None
 
     def _noise_source(self, seed, generator, latents, count: int, width: int, height: int) -> NoiseSource:
         """A call's start noise, checked: latents, diffusers' generator(s) or per-image seeds (one of them)."""
