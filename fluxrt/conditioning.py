@@ -12,8 +12,9 @@ Modes and the diffusers pipeline each one follows:
 
 Everything here is a short function the pipeline calls; tensors are "unpacked" latents [B, 16, h, w] or packed
 tokens [B, L, C] (fluxrt.sampling.pack). Randomness follows diffusers draw for draw: the caller makes one CPU
-torch.Generator per image (make_generators) and passes the same list to every function that takes one, in
-diffusers' order (see each docstring), so a diffusers pipeline given those generators gives the same latents.
+torch.Generator per image (make_generators) and passes the same list to every function that takes one and to
+fluxrt.sampling.noise_from_generators (the start noise), in diffusers' order (see each docstring), so a diffusers
+pipeline given those generators gives the same latents.
 
 Batches: a function given fewer conditioning images than images to make repeats each one for consecutive images
 (repeat_interleave: one image for all, or one per prompt with images grouped by prompt). diffusers' img2img, inpaint,
@@ -232,14 +233,6 @@ def make_generators(seeds: Sequence[int]) -> list[torch.Generator]:
     return [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
 
 
-def draw_noise(generators: Sequence[torch.Generator], height: int, width: int) -> Tensor:
-    """Latent noise [B, 16, 2*(H//16), 2*(W//16)] float32 on the CPU, image b's from generators[b] (diffusers'
-    randn_tensor with a generator list; sampling.get_noise draws the same from fresh generators)."""
-    rows, cols = height // SIZE_MULTIPLE, width // SIZE_MULTIPLE
-    shape = (sampling.LATENT_CHANNELS, 2 * rows, 2 * cols)
-    return torch.stack([torch.randn(shape, generator=g, dtype=torch.float32) for g in generators])
-
-
 def encode_image(autoencoder, pixels: Tensor, generators: Sequence[torch.Generator] | None = None) -> Tensor:
     """Scaled latents (z - shift_factor) * scale_factor [B, 16, H/8, W/8] of pixels [B, 3, H, W] in [-1, 1].
 
@@ -323,7 +316,8 @@ def fill_conditioning(autoencoder, pixels: Tensor, mask: Tensor, batch: int,
     """Fill's conditioning tokens [batch, L, 320]: the masked image's latents (64) then the mask (256).
 
     pixels [N, 3, H, W] in [-1, 1] and mask [N or 1, 1, H, W] at the output size. The masked image is encoded by
-    sampling, image n from generators[n]: diffusers draws this after the start noise (call draw_noise first).
+    sampling, image n from generators[n]: diffusers draws this after the start noise (draw that first,
+    sampling.noise_from_generators).
     """
     masked = pixels * (1 - mask)
     latents = repeat_to_batch(encode_image(autoencoder, masked, generators), batch)
@@ -346,7 +340,7 @@ def channel_conditioned(model: Callable[..., Tensor], conditioning: Tensor) -> C
 def control_conditioning(autoencoder, pixels: Tensor, batch: int, generators: Sequence[torch.Generator]) -> Tensor:
     """The control image's tokens [batch, L, 64]: pixels [N, 3, H, W] in [-1, 1] repeated to the batch, then encoded
     by sampling, row b from generators[b]: diffusers draws this before the start noise (call it before
-    draw_noise). The control image is the user's Canny edges or depth map, as in diffusers."""
+    sampling.noise_from_generators). The control image is the user's Canny edges or depth map, as in diffusers."""
     latents = encode_image(autoencoder, repeat_to_batch(pixels, batch, "control image"), generators)
     return sampling.pack(latents.float())
 

@@ -78,6 +78,11 @@ def next_draws(generators) -> torch.Tensor:
     return torch.stack([torch.randn(3, generator=g) for g in generators])
 
 
+def start_noise(generators) -> torch.Tensor:
+    """The start noise at the output size H x W, image b's from generators[b]."""
+    return sampling.noise_from_generators(len(generators), H, W, generators, torch.float32, "cpu")
+
+
 def start_schedule(num_steps: int, strength: float, seq_len: int):
     """(fluxrt's kept timesteps, diffusers' scheduler with its kept timesteps) for an img2img-style call."""
     kept = cond.strength_timesteps(sampling.get_schedule(num_steps, seq_len), strength)
@@ -257,7 +262,7 @@ def test_img2img_start_matches_prepare_latents(autoencoders, batch, seeds):
                                          theirs)
 
     latents = cond.encode_image(ae, cond.preprocess_image(image, H, W), ours)
-    noise = cond.draw_noise(ours, H, W)
+    noise = start_noise(ours)
     start = cond.img2img_start(cond.repeat_to_batch(latents, batch), noise, kept)
     torch.testing.assert_close(start, expected, **FP32)
     torch.testing.assert_close(next_draws(ours), next_draws(theirs), **EXACT)
@@ -286,7 +291,7 @@ def test_inpaint_mask_and_blending_match_flux_inpaint(autoencoders):
 
     pixels, pixel_mask = cond.preprocess_image(image, H, W), cond.preprocess_mask(mask, H, W)
     encoded = cond.repeat_to_batch(cond.encode_image(ae, pixels, ours), batch)
-    our_noise = cond.draw_noise(ours, H, W)
+    our_noise = start_noise(ours)
     x = cond.img2img_start(encoded, our_noise, kept)
     mask_tokens = cond.inpaint_mask_latents(pixel_mask, batch)
     torch.testing.assert_close(mask_tokens, mask_latents, **EXACT)
@@ -329,7 +334,7 @@ def test_fill_conditioning_matches_flux_fill(autoencoders, strength):
 
     pixels, pixel_mask = cond.preprocess_image(image, H, W), cond.preprocess_mask(mask, H, W)
     encoded = cond.repeat_to_batch(cond.encode_image(ae, pixels, ours), batch)
-    start = cond.img2img_start(encoded, cond.draw_noise(ours, H, W), kept)  # the start noise first, as diffusers
+    start = cond.img2img_start(encoded, start_noise(ours), kept)  # the start noise first, as diffusers
     conditioning = cond.fill_conditioning(ae, pixels, pixel_mask, batch, ours)
     assert conditioning.shape == (batch, 12, cond.FILL_CHANNELS) == (batch, 12, 320)
     torch.testing.assert_close(start, latents, **FP32)
@@ -356,7 +361,7 @@ def test_control_conditioning_matches_flux_control(autoencoders):
     latents, _ = pipe.prepare_latents(batch, 16, H, W, torch.float32, "cpu", theirs)
 
     conditioning = cond.control_conditioning(ae, cond.preprocess_image(control, H, W), batch, ours)
-    noise = cond.draw_noise(ours, H, W)
+    noise = start_noise(ours)
     torch.testing.assert_close(conditioning, expected, **FP32)
     torch.testing.assert_close(sampling.pack(noise), latents, **EXACT)
     torch.testing.assert_close(next_draws(ours), next_draws(theirs), **EXACT)
@@ -410,7 +415,7 @@ def test_kontext_reference_matches_prepare_latents(autoencoders):
     torch.testing.assert_close(tokens, image_latents, **FP32)
     assert ids.shape == (batch, 15, 3) and (ids[..., 0] == 1).all()
     torch.testing.assert_close(ids[1], image_ids, **EXACT)
-    torch.testing.assert_close(sampling.pack(cond.draw_noise(ours, H, W)), latents, **EXACT)  # argmax: no draw
+    torch.testing.assert_close(sampling.pack(start_noise(ours)), latents, **EXACT)  # argmax: no draw
     torch.testing.assert_close(next_draws(ours), next_draws(theirs), **EXACT)
 
 
@@ -559,3 +564,70 @@ def test_tiny_random_components_and_pipeline_per_mode():
     assert pipe.transformer.params.in_channels == 128 and detect_mode(pipe.config) == "control"
     with pytest.raises(ValueError, match="mode must be one of"):
         tiny_random_pipeline("cpu", mode="canny")
+
+
+# ---- the pieces composed as the pipeline composes them, vs each diffusers pipeline's whole call ----
+
+RECIPE_PIPELINES = {"img2img": ("FluxImg2ImgPipeline", "text-to-image"), "inpaint": ("FluxInpaintPipeline",
+                    "text-to-image"), "fill": ("FluxFillPipeline", "fill"), "control": ("FluxControlPipeline", "control"),
+                    "kontext": ("FluxKontextPipeline", "kontext")}
+
+
+def fluxrt_recipe(mode: str, model, ae, image, mask, generators, txt, vec, num_steps: int, strength: float):
+    """Final packed latents from fluxrt's pieces and sampling.denoise: the wiring the pipeline is to follow."""
+    batch, height, width = len(generators), H, W
+    if mode == "kontext":
+        height, width = cond.kontext_output_size(H, W, max_area=H * W)
+    tokens = (height // 16) * (width // 16)
+    timesteps, hook = sampling.get_schedule(num_steps, tokens), None
+    if mode in ("img2img", "inpaint", "fill"):
+        timesteps = cond.strength_timesteps(timesteps, strength)
+        pixels = cond.preprocess_image(image, height, width)
+        latents = cond.repeat_to_batch(cond.encode_image(ae, pixels, generators), batch)  # draws before the noise
+        noise = sampling.noise_from_generators(batch, height, width, generators, torch.float32, "cpu")
+        start = cond.img2img_start(latents, noise, timesteps)
+        if mode == "fill":  # draws after the noise
+            conditioning = cond.fill_conditioning(ae, pixels, cond.preprocess_mask(mask, height, width), batch,
+                                                  generators)
+            model = cond.channel_conditioned(model, conditioning)
+        if mode == "inpaint":
+            mask_tokens = cond.inpaint_mask_latents(cond.preprocess_mask(mask, height, width), batch)
+
+            def hook(index, t, tensors):
+                return {"latents": cond.inpaint_blend(tensors["latents"], sampling.pack(latents), sampling.pack(noise),
+                                                      mask_tokens, timesteps[index + 1])}
+    elif mode == "control":  # draws before the noise
+        conditioning = cond.control_conditioning(ae, cond.preprocess_image(image, height, width), batch, generators)
+        model = cond.channel_conditioned(model, conditioning)
+        start = sampling.pack(sampling.noise_from_generators(batch, height, width, generators, torch.float32, "cpu"))
+    else:  # kontext: the mean, no draw
+        reference = cond.preprocess_image(image, *cond.kontext_image_size(image, auto_resize=False))
+        model = cond.sequence_conditioned(model, *cond.kontext_reference(ae, reference, batch))
+        start = sampling.pack(sampling.noise_from_generators(batch, height, width, generators, torch.float32, "cpu"))
+    txt, vec = txt.expand(batch, -1, -1), vec.expand(batch, -1)
+    return sampling.denoise(model, start, sampling.prepare_img_ids(batch, height, width), txt,
+                            sampling.prepare_txt_ids(batch, txt.shape[1]), vec, timesteps, guidance=3.5,
+                            on_step_end=hook)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("mode", RECIPE_PIPELINES)
+def test_recipe_matches_the_diffusers_pipeline(autoencoders, mode):
+    """Each mode's pieces, run by fluxrt.sampling.denoise with the reference transformer, end on the latents the
+    diffusers pipeline's own __call__ ends on (same weights, images, generator seeds; output_type="latent")."""
+    ae, vae = autoencoders
+    name, transformer_mode = RECIPE_PIPELINES[mode]
+    ref, _, dif = model_pair(transformer_mode, seed=8)
+    image, mask, seeds = random_pil(100, 70, 52), random_pil(101, 64, 48, "L"), [61, 62]
+    gen = torch.Generator().manual_seed(9)
+    txt, vec = torch.randn(1, 6, ref.params.context_in_dim, generator=gen), torch.randn(1, 32, generator=gen)
+    call = dict(prompt_embeds=txt, pooled_prompt_embeds=vec, num_images_per_prompt=2, height=H, width=W,
+                num_inference_steps=3, guidance_scale=3.5, output_type="latent",
+                generator=cond.make_generators(seeds))
+    call.update({"img2img": dict(image=image, strength=0.7), "inpaint": dict(image=image, mask_image=mask, strength=0.7),
+                 "fill": dict(image=image, mask_image=mask), "control": dict(control_image=image),
+                 "kontext": dict(image=image, _auto_resize=False, max_area=H * W)}[mode])
+    expected = diffusers_pipeline(name, vae, dif)(**call).images
+    out = fluxrt_recipe(mode, ref, ae, image, mask, cond.make_generators(seeds), txt, vec, 3,
+                        0.7 if mode in ("img2img", "inpaint") else 1.0)
+    torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-4)
