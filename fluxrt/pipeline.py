@@ -5,7 +5,8 @@ on a GPU by default), the flow-matching sampler of fluxrt.sampling and the autoe
     images = pipe("a red apple on a wooden table", width=1024, height=1024, seed=0)   # -> [PIL.Image]
 
 Conventions follow BFL and diffusers (which agree): T5 padded to 512 tokens for dev / 256 for schnell with no
-attention mask, CLIP to 77; noise from a CPU generator per image seed; dev shifts the schedule, schnell does not;
+attention mask, CLIP to 77; noise from a CPU generator per image seed (or diffusers' generator= / latents=);
+dev shifts the schedule (given sigmas too), schnell does not;
 images map [-1, 1] -> [0, 1] -> uint8 with rounding (diffusers; BFL truncates, half a level darker on average).
 """
 
