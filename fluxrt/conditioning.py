@@ -117,23 +117,27 @@ def _positive_int(value, what: str) -> int:
     return int(value)
 
 
-def _to_float(x: Tensor) -> Tensor:
-    """Integer pixels (uint8 0..255) -> [0, 1]; float pixels as they are (diffusers expects [0, 1] already and
-    takes uint8 arrays as 0..255 floats, which no one means)."""
-    if x.dtype == torch.bool:
-        return x.float()
-    return x.float() / 255 if not x.is_floating_point() else x.float()
+def _to_float(x: Tensor, what: str) -> Tensor:
+    """float32 values: uint8 pixels 0..255 -> [0, 1] (diffusers would take them as 0..255 floats, which no one
+    means), bool -> 0 / 1, other numbers as they are; NaN or inf refused."""
+    x = x.float() / 255 if x.dtype == torch.uint8 else x.float()
+    if not torch.isfinite(x).all():
+        raise ValueError(f"{what} holds NaN or inf values; pass finite pixel values in [0, 1]")
+    return x
 
 
-def _pil_batch(images: list, height: int, width: int, mode: str, resize_first: bool) -> Tensor:
-    """PIL images -> [B, C, H, W] in [0, 1]: resized with Lanczos as diffusers does, converted to `mode`."""
+def _cat(tensors: list[Tensor], what: str) -> Tensor:
+    if len({t.shape[1:] for t in tensors}) > 1:
+        raise ValueError(f"{what}: the images of a list must have one shape, got {[tuple(t.shape) for t in tensors]}")
+    return torch.cat(tensors)
+
+
+def _pil_batch(images: list, height: int, width: int, mode: str) -> Tensor:
+    """PIL images -> [B, C, H, W] in [0, 1]: resized with Lanczos, then converted to `mode`, in diffusers' order
+    (which a mask's RGB -> grayscale conversion makes visible)."""
     out = []
     for image in images:
-        if not resize_first:
-            image = image.convert(mode)
-        image = image.resize((width, height), resample=PIL.Image.Resampling.LANCZOS)
-        if resize_first:
-            image = image.convert(mode)
+        image = image.resize((width, height), resample=PIL.Image.Resampling.LANCZOS).convert(mode)
         out.append(np.array(image).astype(np.float32) / 255.0)
     array = np.stack(out)
     return torch.from_numpy(array if array.ndim == 4 else array[..., None]).permute(0, 3, 1, 2)
@@ -148,17 +152,15 @@ def _array_batch(images: list, what: str, channels_last: bool) -> Tensor:
             x = x[None]
         if x.ndim != 4:
             raise ValueError(f"{what} has shape {tuple(x.shape)}; {_IMAGE_TYPES}")
-        tensors.append(_to_float(x.permute(0, 3, 1, 2) if channels_last else x))
-    if len({t.shape[1:] for t in tensors}) > 1:
-        raise ValueError(f"{what}: the images of a list must have one shape, got {[tuple(t.shape) for t in tensors]}")
-    return torch.cat(tensors)
+        tensors.append(_to_float(x.permute(0, 3, 1, 2) if channels_last else x, what))
+    return _cat(tensors, what)
 
 
 def preprocess_image(image, height: int | None = None, width: int | None = None, what: str = "image") -> Tensor:
     """Pixels [B, 3, H, W] float32 in [-1, 1], as FLUX pipelines' VaeImageProcessor.preprocess makes them.
 
     image: a PIL image (any mode; converted to RGB), a numpy array [H, W, 3] / [B, H, W, 3] or a tensor [3, H, W] /
-    [B, 3, H, W] with values in [0, 1] (uint8 is read as 0..255), or a list of one kind. Size: height / width, else
+    [B, 3, H, W] with values in [0, 1] (uint8 is read as 0..255), or a list of one kind (one size). Size: height / width, else
     the image's own, rounded down to multiples of 16; PIL images are resized with Lanczos, arrays and tensors with
     nearest-neighbour interpolation. An array or tensor that already holds negative values is taken to be in
     [-1, 1] and not normalized again (diffusers' rule, with its warning).
@@ -166,7 +168,7 @@ def preprocess_image(image, height: int | None = None, width: int | None = None,
     images = _as_list(image, what)
     height, width = snapped_size(images, height, width, what)
     if isinstance(images[0], PIL.Image.Image):
-        pixels = _pil_batch(images, height, width, "RGB", resize_first=False)
+        pixels = _pil_batch(images, height, width, "RGB")
     else:
         pixels = _array_batch(images, what, channels_last=isinstance(images[0], np.ndarray))
         if pixels.shape[1] != 3:
@@ -190,7 +192,7 @@ def preprocess_mask(mask, height: int | None = None, width: int | None = None, w
     masks = _as_list(mask, what)
     height, width = snapped_size(masks, height, width, what, mask=True)
     if isinstance(masks[0], PIL.Image.Image):
-        values = _pil_batch(masks, height, width, "L", resize_first=True)
+        values = _pil_batch(masks, height, width, "L")
     else:
         values = F.interpolate(_mask_batch(masks, what), size=(height, width))
     return (values >= 0.5).float()
@@ -206,7 +208,7 @@ def _mask_batch(masks: list, what: str) -> Tensor:
     for m in masks:
         if m.ndim != 4 or m.shape[1] != 1:
             raise ValueError(f"{what} has shape {tuple(m.shape)}; pass a single-channel mask ([H, W] or [B, 1, H, W])")
-    return _to_float(torch.cat(masks))
+    return _cat([_to_float(m, what) for m in masks], what)
 
 
 def check_mask_size(image, mask) -> None:

@@ -118,12 +118,15 @@ def test_preprocess_image_matches_diffusers(kind, size):
     assert out.shape[-2] % 16 == 0 and out.shape[-1] % 16 == 0
 
 
-def test_preprocess_image_reads_uint8_as_0_255_and_converts_pil_to_rgb():
+def test_preprocess_reads_uint8_as_0_255_bool_and_int_masks_as_0_1_and_pil_as_rgb():
     array = (random_pixels(10, 32, 48, 3) * 255).round().to(torch.uint8).numpy()
     torch.testing.assert_close(cond.preprocess_image(array), cond.preprocess_image(array.astype(np.float32) / 255),
                                **EXACT)
     torch.testing.assert_close(cond.preprocess_image(torch.from_numpy(array).permute(2, 0, 1)),
                                cond.preprocess_image(array), **EXACT)
+    mask = random_pixels(14, 32, 48) > 0.5
+    torch.testing.assert_close(cond.preprocess_mask(mask.numpy()), cond.preprocess_mask(mask.long()), **EXACT)
+    torch.testing.assert_close(cond.preprocess_mask(mask), cond.preprocess_mask(mask.float()), **EXACT)
     rgba = random_pil(11, 48, 32, "RGBA")
     torch.testing.assert_close(cond.preprocess_image(rgba), cond.preprocess_image(rgba.convert("RGB")), **EXACT)
 
@@ -182,6 +185,9 @@ def test_preprocess_mask_matches_diffusers(kind, size):
     (lambda: cond.preprocess_image([np.zeros((32, 32, 3)), np.zeros((48, 32, 3))]), ValueError, "one shape"),
     (lambda: cond.preprocess_mask(np.zeros((32, 32, 3))), ValueError, "RGB.*single-channel"),
     (lambda: cond.preprocess_mask(torch.zeros(1, 3, 32, 32)), ValueError, "single-channel"),
+    (lambda: cond.preprocess_mask([torch.zeros(32, 32), torch.zeros(48, 32)]), ValueError, "one shape"),
+    (lambda: cond.preprocess_image(torch.full((3, 32, 32), float("nan"))), ValueError, "NaN or inf"),
+    (lambda: cond.preprocess_mask(np.full((32, 32), np.inf)), ValueError, "NaN or inf"),
     (lambda: cond.check_mask_size(random_pil(0, 64, 48), random_pil(0, 64, 64, "L")), ValueError,
      "mask is 64x64 pixels but the image is 64x48"),
 ])
