@@ -30,6 +30,7 @@ from .convert import (  # noqa: E402
     vae_bfl_to_diffusers,
     vae_diffusers_to_bfl,
 )
+from .call_inputs import FluxPipelineOutput  # noqa: E402
 from .loading import load_autoencoder, load_transformer  # noqa: E402
 from .lora import Lora, load_lora  # noqa: E402
 from .pipeline import FluxPipeline  # noqa: E402
@@ -44,6 +45,7 @@ __all__ = [
     "CheckpointError",
     "FluxConfig",
     "FluxPipeline",
+    "FluxPipelineOutput",
     "Lora",
     "GenerationRequest",
     "GenerationResult",

@@ -180,7 +180,7 @@ def test_seeds_are_per_image(tiny):
     (dict(num_images_per_prompt=True), TypeError, "num_images_per_prompt must be an int, got bool True"),
     (dict(prompt=["a cat", "a dog"], num_images_per_prompt=MAX_IMAGES_PER_CALL // 2 + 1), ValueError,
      f"this call asks for {MAX_IMAGES_PER_CALL + 2} images \\(2 prompts x"),
-    (dict(output_type="np"), ValueError, "output_type must be 'pil' or 'pt', got 'np'"),
+    (dict(output_type="jpg"), ValueError, "output_type must be 'pil', 'np', 'pt' or 'latent', got 'jpg'"),
     (dict(progress="no"), TypeError, "progress must be True or False, got str 'no'"),
     (dict(callback=5), TypeError, r"callback must be a function \(step, total\) -> None, got int"),
 ])
