@@ -448,7 +448,9 @@ def model_pair(mode: str, seed: int):
     ref = randomize_parameters_(Flux(cfg), seed).eval()
     dif = FluxTransformer2DModel(**cfg.to_diffusers()).eval()
     dif.load_state_dict(fluxrt.bfl_to_diffusers(ref.state_dict()), strict=True)
-    return ref, fluxrt.compile(copy.deepcopy(ref)), dif
+    fast = fluxrt.compile(copy.deepcopy(ref))
+    assert type(fast).__name__ == "FastFlux"
+    return ref, fast, dif
 
 
 @torch.no_grad()
@@ -540,6 +542,16 @@ def test_detect_mode_of_a_loaded_bfl_file(tmp_path, mode, name):
     model = fluxrt.load_transformer(tmp_path / name, dtype=torch.float32)
     assert detect_mode(model.params, tmp_path / name) == mode
     assert MODES == ("text-to-image", "fill", "control", "kontext")
+
+
+@pytest.mark.parametrize("mode, class_name", [("fill", "FluxFillPipeline"), ("control", "FluxControlPipeline"),
+                                              ("kontext", "FluxKontextPipeline")])
+def test_detect_mode_of_a_loaded_diffusers_folder(tmp_path, mode, class_name):
+    torch.manual_seed(0)
+    FluxTransformer2DModel(**tiny_config(mode).to_diffusers()).save_pretrained(str(tmp_path / "transformer"))
+    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": class_name}))
+    model = fluxrt.load_transformer(tmp_path, dtype=torch.float32)
+    assert detect_mode(model.params, tmp_path) == mode
 
 
 # ---- the tiny per-mode presets ----
