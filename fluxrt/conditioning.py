@@ -160,10 +160,10 @@ def preprocess_image(image, height: int | None = None, width: int | None = None,
     """Pixels [B, 3, H, W] float32 in [-1, 1], as FLUX pipelines' VaeImageProcessor.preprocess makes them.
 
     image: a PIL image (any mode; converted to RGB), a numpy array [H, W, 3] / [B, H, W, 3] or a tensor [3, H, W] /
-    [B, 3, H, W] with values in [0, 1] (uint8 is read as 0..255), or a list of one kind (one size). Size: height / width, else
-    the image's own, rounded down to multiples of 16; PIL images are resized with Lanczos, arrays and tensors with
-    nearest-neighbour interpolation. An array or tensor that already holds negative values is taken to be in
-    [-1, 1] and not normalized again (diffusers' rule, with its warning).
+    [B, 3, H, W] with values in [0, 1] (uint8 is read as 0..255), or a list of one kind (one size). Size: height /
+    width, else the image's own, rounded down to multiples of 16; PIL images are resized with Lanczos, arrays and
+    tensors with nearest-neighbour interpolation. An array or tensor that already holds negative values is taken to
+    be in [-1, 1] and not normalized again (diffusers' rule, with its warning).
     """
     images = _as_list(image, what)
     height, width = snapped_size(images, height, width, what)

@@ -242,7 +242,8 @@ def test_strength_timesteps_match_get_timesteps(num_steps, strength):
     pipe.scheduler = sched
     timesteps, steps = pipe.get_timesteps(num_steps, strength, "cpu")
     assert len(kept) - 1 == steps == len(timesteps)
-    torch.testing.assert_close(torch.tensor(kept[:-1], dtype=torch.float64) * 1000, timesteps.double(), atol=1e-3, rtol=0)
+    torch.testing.assert_close(torch.tensor(kept[:-1], dtype=torch.float64) * 1000, timesteps.double(), atol=1e-3,
+                               rtol=0)
     assert kept[-1] == 0
 
 
@@ -431,7 +432,8 @@ def test_kontext_reference_matches_prepare_latents(autoencoders):
 def transformer_inputs(cfg, batch: int, tokens: int, seed: int) -> dict:
     gen = torch.Generator().manual_seed(seed)
     return dict(img=torch.randn(batch, tokens, 64, generator=gen), img_ids=sampling.prepare_img_ids(batch, H, W),
-                txt=torch.randn(batch, 5, cfg.context_in_dim, generator=gen), txt_ids=sampling.prepare_txt_ids(batch, 5),
+                txt=torch.randn(batch, 5, cfg.context_in_dim, generator=gen),
+                txt_ids=sampling.prepare_txt_ids(batch, 5),
                 timesteps=torch.rand(batch, generator=gen), y=torch.randn(batch, cfg.vec_in_dim, generator=gen),
                 guidance=torch.full((batch,), 3.5))
 
@@ -534,7 +536,8 @@ def test_detect_mode_refuses_a_folder_that_names_another_model(tmp_path, class_n
         detect_mode(tiny_config(mode), folder / "transformer")
 
 
-@pytest.mark.parametrize("mode, name", [("fill", "flux1-fill-dev.safetensors"), ("control", "flux1-canny-dev.safetensors"),
+@pytest.mark.parametrize("mode, name", [("fill", "flux1-fill-dev.safetensors"),
+                                        ("control", "flux1-canny-dev.safetensors"),
                                         ("kontext", "flux1-kontext-dev.safetensors")])
 def test_detect_mode_of_a_loaded_bfl_file(tmp_path, mode, name):
     weights = randomize_parameters_(Flux(tiny_config(mode)), seed=1).state_dict()
@@ -586,9 +589,11 @@ def test_tiny_random_components_and_pipeline_per_mode():
 
 # ---- the pieces composed as the pipeline composes them, vs each diffusers pipeline's whole call ----
 
-RECIPE_PIPELINES = {"img2img": ("FluxImg2ImgPipeline", "text-to-image"), "inpaint": ("FluxInpaintPipeline",
-                    "text-to-image"), "fill": ("FluxFillPipeline", "fill"), "control": ("FluxControlPipeline", "control"),
-                    "kontext": ("FluxKontextPipeline", "kontext")}
+RECIPE_PIPELINES = {  # mode -> (diffusers pipeline, the transformer's mode)
+    "img2img": ("FluxImg2ImgPipeline", "text-to-image"), "inpaint": ("FluxInpaintPipeline", "text-to-image"),
+    "fill": ("FluxFillPipeline", "fill"), "control": ("FluxControlPipeline", "control"),
+    "kontext": ("FluxKontextPipeline", "kontext"),
+}
 
 
 def fluxrt_recipe(mode: str, model, ae, image, mask, generators, txt, vec, num_steps: int, strength: float):
@@ -642,7 +647,8 @@ def test_recipe_matches_the_diffusers_pipeline(autoencoders, mode):
     call = dict(prompt_embeds=txt, pooled_prompt_embeds=vec, num_images_per_prompt=2, height=H, width=W,
                 num_inference_steps=3, guidance_scale=3.5, output_type="latent",
                 generator=cond.make_generators(seeds))
-    call.update({"img2img": dict(image=image, strength=0.7), "inpaint": dict(image=image, mask_image=mask, strength=0.7),
+    call.update({"img2img": dict(image=image, strength=0.7),
+                 "inpaint": dict(image=image, mask_image=mask, strength=0.7),
                  "fill": dict(image=image, mask_image=mask), "control": dict(control_image=image),
                  "kontext": dict(image=image, _auto_resize=False, max_area=H * W)}[mode])
     expected = diffusers_pipeline(name, vae, dif)(**call).images

@@ -2,7 +2,8 @@
 so BFL's ae.safetensors loads with load_state_dict(strict=True).
 
 Differences from BFL, both deliberate: encode() returns the scaled *mean* of the posterior (deterministic;
-BFL samples by default; encode_moments() gives mean and logvar to sample from), and the config is a frozen dataclass with FLUX's values as defaults.
+BFL samples by default; encode_moments() gives mean and logvar to sample from), and the config is a frozen
+dataclass with FLUX's values as defaults.
 """
 
 from __future__ import annotations
