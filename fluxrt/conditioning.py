@@ -342,7 +342,9 @@ def channel_conditioned(model: Callable[..., Tensor], conditioning: Tensor) -> C
 def control_conditioning(autoencoder, pixels: Tensor, batch: int, generators: Sequence[torch.Generator]) -> Tensor:
     """The control image's tokens [batch, L, 64]: pixels [N, 3, H, W] in [-1, 1] repeated to the batch, then encoded
     by sampling, row b from generators[b]: diffusers draws this before the start noise (call it before
-    sampling.noise_from_generators). The control image is the user's Canny edges or depth map, as in diffusers."""
+    sampling.noise_from_generators). The control image is the user's Canny edges or depth map, as in diffusers.
+    (diffusers' FluxControlPipeline passes a tensor control image to the VAE unprocessed, as if already in [-1, 1] at
+    the output size; here every input goes through preprocess_image alike.)"""
     latents = encode_image(autoencoder, repeat_to_batch(pixels, batch, "control image"), generators)
     return sampling.pack(latents.float())
 
