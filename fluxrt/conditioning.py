@@ -10,6 +10,8 @@ Modes and the diffusers pipeline each one follows:
   kontext   FluxKontextPipeline: the reference image's tokens appended to the sequence, position ids (1, row, col);
             only the generated tokens are read from the output.
 
+call_mode says which of these a call runs (or refuses an argument the loaded model does not take).
+
 Everything here is a short function the pipeline calls; tensors are "unpacked" latents [B, 16, h, w] or packed
 tokens [B, L, C] (fluxrt.sampling.pack). Randomness follows diffusers draw for draw: the caller makes one CPU
 torch.Generator per image (make_generators) and passes the same list to every function that takes one and to
@@ -51,6 +53,40 @@ KONTEXT_MAX_AREA = 1024 ** 2
 
 _IMAGE_TYPES = "a PIL image, a numpy array [H, W, C] / [B, H, W, C], a torch tensor [C, H, W] / [B, C, H, W], " \
                "or a list of one of these"
+
+
+# ---- which mode a call runs ----
+
+_MODEL_NAMES = {"text-to-image": "a text-to-image model (dev, schnell, Krea)", "fill": "a Fill model",
+                "control": "a Canny/Depth model", "kontext": "a Kontext model"}
+_TAKES = {  # model mode -> the image arguments a call may give it (diffusers' pipelines for that model)
+    "text-to-image": ("image", "mask_image", "strength"), "fill": ("image", "mask_image", "strength"),
+    "control": ("control_image",), "kontext": ("image",),
+}
+_NEEDS = {"fill": ("image", "mask_image"), "control": ("control_image",)}  # Kontext runs without an image too
+_WANTS = {  # the models that take an argument
+    "mask_image": "a text-to-image model (inpainting) or a Fill model", "control_image": "a Canny/Depth model",
+    "strength": "a text-to-image or Fill model", "image": "a text-to-image, Fill or Kontext model",
+}
+
+
+def call_mode(model_mode: str, image=None, mask_image=None, control_image=None, strength=None) -> str:
+    """What a call runs: "text-to-image", "img2img", "inpaint", "fill", "control" or "kontext", from the loaded
+    model's mode (fluxrt.loading.MODES) and the image arguments given (None: not given). One ValueError for an
+    argument the model does not take (a mask with a Kontext model), or one it needs and lacks."""
+    values = dict(image=image, mask_image=mask_image, control_image=control_image, strength=strength)
+    given = {name for name, value in values.items() if value is not None}
+    refused = sorted(given - set(_TAKES[model_mode]))
+    if refused:
+        raise ValueError(f"{refused[0]}= needs {_WANTS[refused[0]]}; the loaded model is {_MODEL_NAMES[model_mode]}")
+    missing = [name for name in _NEEDS.get(model_mode, ()) if name not in given]
+    if missing:
+        raise ValueError(f"{_MODEL_NAMES[model_mode]} needs {' and '.join(name + '=' for name in missing)}")
+    if model_mode != "text-to-image":
+        return model_mode
+    if given and "image" not in given:
+        raise ValueError(f"{sorted(given)[0]}= works on an image: pass image= too")
+    return "inpaint" if "mask_image" in given else "img2img" if given else "text-to-image"
 
 
 # ---- image inputs (VaeImageProcessor.preprocess) ----

@@ -200,6 +200,43 @@ def test_check_mask_size_accepts_the_image_size():
     cond.check_mask_size(random_pil(0, 64, 48), np.zeros((48, 64)))  # no error
 
 
+# ---- which mode a call runs ----
+
+IMAGE, MASK, CONTROL = "image", "mask", "control"
+
+
+@pytest.mark.parametrize("model_mode, arguments, expected", [
+    ("text-to-image", {}, "text-to-image"),
+    ("text-to-image", dict(image=IMAGE), "img2img"),
+    ("text-to-image", dict(image=IMAGE, strength=0.5), "img2img"),
+    ("text-to-image", dict(image=IMAGE, mask_image=MASK), "inpaint"),
+    ("fill", dict(image=IMAGE, mask_image=MASK), "fill"),
+    ("fill", dict(image=IMAGE, mask_image=MASK, strength=0.9), "fill"),
+    ("control", dict(control_image=CONTROL), "control"),
+    ("kontext", dict(image=IMAGE), "kontext"),
+    ("kontext", {}, "kontext"),
+])
+def test_call_mode(model_mode, arguments, expected):
+    assert cond.call_mode(model_mode, **arguments) == expected
+
+
+@pytest.mark.parametrize("model_mode, arguments, message", [
+    ("kontext", dict(image=IMAGE, mask_image=MASK), "mask_image= needs a text-to-image model.*loaded model is a "
+                                                    "Kontext model"),
+    ("kontext", dict(strength=0.5), "strength= needs a text-to-image or Fill model"),
+    ("text-to-image", dict(control_image=CONTROL), "control_image= needs a Canny/Depth model"),
+    ("control", dict(image=IMAGE, control_image=CONTROL), "image= needs a text-to-image, Fill or Kontext model"),
+    ("fill", dict(image=IMAGE), "a Fill model needs mask_image="),
+    ("fill", {}, "a Fill model needs image= and mask_image="),
+    ("control", {}, "a Canny/Depth model needs control_image="),
+    ("text-to-image", dict(mask_image=MASK), "mask_image= works on an image: pass image= too"),
+    ("text-to-image", dict(strength=0.3), "strength= works on an image"),
+])
+def test_call_mode_refuses_arguments_the_model_does_not_take(model_mode, arguments, message):
+    with pytest.raises(ValueError, match=message):
+        cond.call_mode(model_mode, **arguments)
+
+
 # ---- the autoencoder ----
 
 
