@@ -719,6 +719,18 @@ def detect_mode(config: FluxConfig, path: str | os.PathLike | None = None) -> st
     return by_channels
 
 
+def check_mode(mode, config: FluxConfig) -> str:
+    """A mode named by the caller (FluxPipeline(mode=...)), checked against the transformer's channels: "kontext"
+    and "text-to-image" share a dev's shapes, so either may be named for one; the others must fit."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    detected = detect_mode(config)
+    if mode != detected and {mode, detected} != {"kontext", "text-to-image"}:
+        raise ValueError(f"mode={mode!r} needs a transformer with {MODE_IN_CHANNELS[mode]} input channels; this one "
+                         f"has {config.in_channels} (a {detected} model)")
+    return mode
+
+
 def _pipeline_class(path: Path) -> tuple[Path | None, str | None]:
     """(model_index.json, its _class_name) for a diffusers folder, its transformer/ folder, or a file in either."""
     folder = path if path.is_dir() else path.parent

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from . import sampling
+from . import modes, sampling
 from .call_inputs import (
     DEFAULT_SEED,
     NoiseSource,
@@ -46,9 +46,10 @@ from .call_inputs import (
 )
 from .convert import CheckpointError
 from .devices import resolve_device, resolve_dtype
-from .loading import load_autoencoder, load_transformer
+from .loading import check_mode, detect_mode, load_autoencoder, load_transformer
 from .lora import load_lora
 from .lora_branch import LoraBranches, check_scale
+from .modes import ModeArgs
 from .quantize import FP8Linear
 from .reference import AutoEncoder, Flux
 from .compiler import prepare as prepare_compile  # compile's check phase; also takes the autoencoder (-> fluxrt.vae)
@@ -87,7 +88,7 @@ class FluxPipeline:
     def __init__(self, transformer: Flux, autoencoder: AutoEncoder, clip_tokenizer, clip_encoder: nn.Module,
                  t5_tokenizer, t5_encoder: nn.Module, *, compile: bool | None = None, quantize: str | None = None,
                  backend: str = "auto", offload_text_encoders: bool = False, progress: bool = True,
-                 sampling_defaults: dict | None = None):
+                 sampling_defaults: dict | None = None, mode: str | None = None):
         if not isinstance(transformer, Flux):
             raise TypeError(f"transformer must be a fluxrt.reference.Flux (see fluxrt.load_transformer), got "
                             f"{type(transformer).__name__}")
@@ -95,6 +96,9 @@ class FluxPipeline:
         # every switch is checked before anything is moved or compiled: a refused pipeline leaves the modules as given
         compile = check_pipeline_options(param.device, compile, quantize, backend, offload_text_encoders, progress)
         self.config = transformer.params
+        # which FLUX.1 model this is (fluxrt.loading.MODES): text-to-image, fill, control or kontext; a Kontext
+        # model has a dev's shapes, so only its folder, its file name or mode= tell it apart
+        self.mode = detect_mode(self.config) if mode is None else check_mode(mode, self.config)
         self.transformer, self.autoencoder = transformer, autoencoder
         self.device, self.dtype = param.device, param.dtype
         self.vae_dtype = next(autoencoder.parameters()).dtype
@@ -156,7 +160,7 @@ class FluxPipeline:
             text = _load_text_encoders(text_encoders, dtype, torch.device("cpu") if offload_text_encoders else device)
         return cls(flux, ae, *text, compile=compile, quantize=quantize, backend=backend,
                    offload_text_encoders=offload_text_encoders, progress=progress,
-                   sampling_defaults=sampling_defaults(path))
+                   sampling_defaults=sampling_defaults(path), mode=detect_mode(flux.params, transformer))
 
     def accelerate(self, quantize: str | None = None, backend: str = "auto", attention: str = "bf16") -> None:
         """Swap in the fluxrt-compiled models (in place: weights are reused, not copied). The one acceleration step.
@@ -188,7 +192,9 @@ class FluxPipeline:
                  generator: torch.Generator | Sequence[torch.Generator] | None = None, latents: Tensor | None = None,
                  sigmas: Sequence[float] | None = None, return_dict: bool | None = None,
                  callback_on_step_end: Callable | None = None,
-                 callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",)):
+                 callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",), image=None, mask_image=None,
+                 control_image=None, strength: float | None = None, max_area: int | None = None,
+                 _auto_resize: bool = True):
         """Images for `prompt` (a string or a list): N = prompts x num_images_per_prompt, grouped by prompt.
 
         output_type: "pil" (a list of PIL images), "pt" (a float tensor [N, 3, H, W] in [0, 1] on the CPU), "np"
@@ -210,22 +216,28 @@ class FluxPipeline:
         model's own schedule), callback_on_step_end(pipe, step_index, timestep, callback_kwargs) -> dict with the
         tensors named in callback_on_step_end_tensor_inputs ("latents", "prompt_embeds"; what it returns replaces
         them). loras (hot-swap mode, enable_lora_hotswap): {name: scale} for every image or one (or None) per prompt.
+        The tools modes (fluxrt.modes), as diffusers' pipelines take them: image= + strength= (img2img; default 0.6),
+        image= + mask_image= (inpainting; FluxInpaintPipeline's blending with a text-to-image model, the channels of a
+        Fill model), control_image= (a Canny / Depth model), image= (a Kontext model: max_area, _auto_resize).
+        Images: PIL, numpy or tensors, one or one per prompt. The wrong argument for the loaded model is an error.
         Limits (fluxrt.validation): MAX_STEPS, MAX_PIXELS per image, MAX_IMAGES_PER_CALL. Every argument is checked
         before any work. A prompt longer than the text encoders read is cut, with a warning naming what was dropped.
         NaN or inf latents or pixels raise fluxrt.NonFiniteError instead of returning a broken image.
         """
         text = check_text(prompt, prompt_2, prompt_embeds, pooled_prompt_embeds, self.config)
+        mode = ModeArgs.check(self.mode, image, mask_image, control_image, strength, max_area, _auto_resize)
         num_steps = _one_spelling(num_steps, num_inference_steps, "num_steps", "num_inference_steps")
         guidance = _one_spelling(guidance, guidance_scale, "guidance", "guidance_scale")
         length = check_max_sequence_length(self.max_sequence_length if max_sequence_length is None
                                            else max_sequence_length)
-        width, height = check_size(self.default_size[0] if width is None else width,
-                                   self.default_size[1] if height is None else height)
-        num_steps, sigmas = self._steps(num_steps, sigmas)
+        width, height = mode.output_size(*check_size(self.default_size[0] if width is None else width,
+                                                     self.default_size[1] if height is None else height))
+        num_steps, sigmas = self._steps(num_steps, sigmas, mode.mode)
         per_prompt = check_images_per_prompt(num_images_per_prompt)
         count = check_image_count(len(text), per_prompt)
         noise = self._noise_source(seed, generator, latents, count, width, height)
-        guidance = self.resolve_guidance(guidance)
+        mode.check_batch(count, len(text), noise.generator, noise.latents)
+        guidance = self.resolve_guidance(guidance, mode.mode)
         negative, cfg_scale = self._resolve_negative(
             check_negative_text(negative_prompt, negative_prompt_2, negative_prompt_embeds,
                                 negative_pooled_prompt_embeds, self.config, len(text)), true_cfg_scale, len(text))
@@ -245,18 +257,18 @@ class FluxPipeline:
                                                                          self.device)
             result = self._denoise_and_decode(txt, vec, width, height, num_steps, guidance, noise, progress, callback,
                                               negative, cfg_scale, lora_scales, sigmas=sigmas, on_step_end=hook,
-                                              decode=output_type != "latent")
+                                              decode=output_type != "latent", mode=mode)
         return format_output(result, output_type, return_dict)
 
-    def _steps(self, num_steps, sigmas) -> tuple[int, list[float] | None]:
+    def _steps(self, num_steps, sigmas, mode: str = "text-to-image") -> tuple[int, list[float] | None]:
         """(steps, sigmas) of a call: one step per sigma when sigmas are given (a num_steps given too must agree),
-        else num_steps or the model's default."""
+        else num_steps or the default (the model's; diffusers' Fill pipeline's 50 for a Fill model)."""
         if num_steps is not None:
             num_steps = check_steps(num_steps)
         sigmas = check_sigmas(sigmas, num_steps)
         if sigmas is not None:
             return len(sigmas), sigmas
-        return (self.default_steps if num_steps is None else num_steps), None
+        return (modes.DEFAULT_STEPS.get(mode, self.default_steps) if num_steps is None else num_steps), None
 
     def _noise_source(self, seed, generator, latents, count: int, width: int, height: int) -> NoiseSource:
         """A call's start noise, checked: latents, diffusers' generator(s) or per-image seeds (one of them)."""
@@ -287,14 +299,15 @@ class FluxPipeline:
             return tuple(f.to(self.device, self.dtype) for f in text.embeds)
         return self.encode_prompt(text.prompts, length, prompts_2=text.prompts_2)
 
-    def resolve_guidance(self, guidance) -> float | None:
-        """The guidance a call runs with: the model's default for None; always None for schnell, which has no
-        guidance input (diffusers ignores it there too; a given value is still checked)."""
+    def resolve_guidance(self, guidance, mode: str = "text-to-image") -> float | None:
+        """The guidance a call runs with: for None the default (the model's; diffusers' img2img / inpaint pipelines'
+        7.0 and Fill's 30 in those modes); always None for schnell, which has no guidance input (diffusers ignores it
+        there too; a given value is still checked)."""
         if guidance is not None:
             guidance = check_guidance(guidance)
         if not self.config.guidance_embed:
             return None
-        return self.default_guidance if guidance is None else guidance
+        return modes.DEFAULT_GUIDANCE.get(mode, self.default_guidance) if guidance is None else guidance
 
     def resolve_true_cfg(self, negative_prompt, true_cfg_scale, num_prompts: int) -> tuple[list[str] | None, float]:
         """(one negative prompt per prompt, or None when true CFG is off; the scale) a call runs with."""
@@ -365,26 +378,34 @@ class FluxPipeline:
                             guidance: float | None, noise: NoiseSource, progress: bool, callback,
                             negative: tuple[Tensor, Tensor] | None = None, cfg_scale: float = 1.0,
                             lora_scales: Tensor | None = None, sigmas: list[float] | None = None,
-                            on_step_end: sampling.StepHook | None = None, decode: bool = True) -> Tensor:
+                            on_step_end: sampling.StepHook | None = None, decode: bool = True,
+                            mode: ModeArgs | None = None) -> Tensor:
         """negative: the negative prompts' (txt, vec), one row per image, for true CFG at cfg_scale; None: off.
         lora_scales: [images, adapter slots] for the hot-swapped LoRAs (None: the loaded scales). sigmas: the noise
-        levels to step through (None: the model's schedule of num_steps). decode=False returns the packed latents."""
+        levels to step through (None: the model's schedule of num_steps). decode=False returns the packed latents.
+        mode: the call's image arguments (fluxrt.modes): start latents, timesteps, conditioning and step hook."""
         from tqdm.auto import tqdm
 
         batch = txt.shape[0]
-        img = self._start_noise(noise, batch, width, height)
+        rows, cols = sampling.latent_grid(height, width)
+        timesteps = self._schedule(num_steps, rows * cols, sigmas)
+        model = self.transformer
+        if lora_scales is not None:
+            model = functools.partial(model, lora_scales=lora_scales)
+        if mode is None or mode.mode == "text-to-image":
+            img = self._start_noise(noise, batch, width, height)
+        else:
+            prepared = self._prepare_mode(mode, noise, batch, width, height, timesteps)
+            img, timesteps, model = prepared.start, prepared.timesteps, prepared.wrap(model)
+            on_step_end = modes.chain_hooks(prepared.hook, on_step_end)
         img_ids = sampling.prepare_img_ids(batch, height, width, device=self.device)
         txt_ids = sampling.prepare_txt_ids(batch, txt.shape[1], device=self.device)
-        timesteps = self._schedule(num_steps, img.shape[1], sigmas)
-        with tqdm(total=num_steps, desc="fluxrt", unit="step", disable=not progress, leave=False) as bar:
+        with tqdm(total=len(timesteps) - 1, desc="fluxrt", unit="step", disable=not progress, leave=False) as bar:
             def step_done(step: int, total: int) -> None:
                 bar.update(1)
                 if callback is not None:
                     callback(step, total)
 
-            model = self.transformer
-            if lora_scales is not None:
-                model = functools.partial(model, lora_scales=lora_scales)
             if negative is not None:
                 model = sampling.true_cfg(model, *negative, cfg_scale)
             latents = sampling.denoise(model, img, img_ids, txt, txt_ids, vec, timesteps, guidance=guidance,
@@ -397,6 +418,20 @@ class FluxPipeline:
             raise NonFiniteError(f"the autoencoder decoded NaN or inf pixels ({self.vae_dtype}) from finite latents; "
                                  "check the autoencoder's weights, and run it in bf16 or fp32 (fp16 overflows)")
         return (image / 2 + 0.5).clamp(0, 1).cpu()
+
+    def _prepare_mode(self, mode: ModeArgs, noise: NoiseSource, batch: int, width: int, height: int,
+                      timesteps: list[float]) -> modes.Prepared:
+        """An image mode's start, timesteps, conditioning and hook; its random draws in diffusers' order, from one
+        generator per image (the seeds' own, or the caller's)."""
+        generators = modes.generators_for(mode.mode, noise.seeds, noise.generator)
+
+        def draw() -> Tensor:  # unpacked start noise, drawn when the mode's order says
+            if generators is not None:
+                return sampling.noise_from_generators(batch, height, width, generators, self.dtype, self.device)
+            return sampling.unpack(self._start_noise(noise, batch, width, height), height, width)
+
+        return modes.prepare(mode, self.autoencoder, batch, width, height, timesteps, generators, draw, self.device,
+                             self.dtype)
 
     def _schedule(self, num_steps: int, image_seq_len: int, sigmas: list[float] | None) -> list[float]:
         """The timesteps of a call: dev shifts them by the image's token count, schnell does not (given sigmas

@@ -1,0 +1,156 @@
+"""fluxrt.FluxPipeline's tools modes (img2img, inpaint, Fill, Canny/Depth, Kontext) against the matching diffusers
+pipeline holding the same tiny random weights (transformer, autoencoder, text encoders), with the same images and
+seeds (diffusers given a generator list equal to fluxrt's per-image seeds): the same pixels within 1e-4 in fp32.
+And each mode's argument errors, before any work."""
+
+import diffusers
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+
+import fluxrt
+from fluxrt.tiny import tiny_random_components
+
+H, W = 48, 64
+PROMPTS = ["a red circle", "a blue square"]
+SEEDS = [61, 62]
+DIFFUSERS = {"img2img": "FluxImg2ImgPipeline", "inpaint": "FluxInpaintPipeline", "fill": "FluxFillPipeline",
+             "control": "FluxControlPipeline", "kontext": "FluxKontextPipeline"}
+MODEL = {"img2img": "text-to-image", "inpaint": "text-to-image", "fill": "fill", "control": "control",
+         "kontext": "kontext"}
+
+
+def pil(seed: int, width: int, height: int, mode: str = "RGB") -> PIL.Image.Image:
+    values = np.random.RandomState(seed).rand(height, width, 3 if mode == "RGB" else 1) * 255
+    image = PIL.Image.fromarray(values.astype(np.uint8).squeeze())
+    return image.convert(mode)
+
+
+IMAGE, MASK = pil(100, 70, 52), pil(101, W, H, "L")
+ARGUMENTS = {"img2img": dict(image=IMAGE, strength=0.7), "inpaint": dict(image=IMAGE, mask_image=MASK, strength=0.7),
+             "fill": dict(image=IMAGE, mask_image=MASK), "control": dict(control_image=IMAGE),
+             "kontext": dict(image=IMAGE, _auto_resize=False, max_area=H * W)}
+
+
+def diffusers_twin(parts: dict, pipeline: str):
+    """The diffusers pipeline `pipeline` with fluxrt's components' weights (the text encoders are the same objects)."""
+    flux, ae = parts["transformer"], parts["autoencoder"]
+    transformer = FluxTransformer2DModel(**flux.params.to_diffusers()).eval()
+    transformer.load_state_dict(fluxrt.bfl_to_diffusers(flux.state_dict()), strict=True)
+    p = ae.params
+    config = dict(in_channels=3, out_channels=3, latent_channels=16, block_out_channels=[p.ch * m for m in p.ch_mult],
+                  layers_per_block=p.num_res_blocks, down_block_types=["DownEncoderBlock2D"] * len(p.ch_mult),
+                  up_block_types=["UpDecoderBlock2D"] * len(p.ch_mult), norm_num_groups=p.norm_groups,
+                  use_quant_conv=False, use_post_quant_conv=False, scaling_factor=p.scale_factor,
+                  shift_factor=p.shift_factor)
+    vae = AutoencoderKL(**config).eval()
+    vae.load_state_dict(fluxrt.vae_bfl_to_diffusers(ae.state_dict()), strict=True)
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True,
+                                                base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
+                                                max_image_seq_len=4096)
+    twin = getattr(diffusers, pipeline)(scheduler=scheduler, vae=vae, text_encoder=parts["clip_encoder"],
+                                        tokenizer=parts["clip_tokenizer"], text_encoder_2=parts["t5_encoder"],
+                                        tokenizer_2=parts["t5_tokenizer"], transformer=transformer)
+    twin.set_progress_bar_config(disable=True)
+    return twin
+
+
+@pytest.fixture(scope="module", params=list(DIFFUSERS))
+def pair(request):
+    mode = request.param
+    parts = tiny_random_components(MODEL[mode], device="cpu", full_width=False, seed=4)
+    twin = diffusers_twin(parts, DIFFUSERS[mode])
+    ours = fluxrt.FluxPipeline(**parts, compile=False, progress=False, mode=MODEL[mode])
+    return mode, ours, twin
+
+
+@torch.no_grad()
+def test_each_mode_draws_what_its_diffusers_pipeline_draws(pair):
+    mode, ours, twin = pair
+    call = dict(height=H, width=W, num_inference_steps=3, guidance_scale=3.5, **ARGUMENTS[mode])
+    expected = twin(prompt=PROMPTS, generator=[torch.Generator().manual_seed(s) for s in SEEDS], output_type="np",
+                    **call).images
+    got = ours(PROMPTS, seed=SEEDS, output_type="np", **call)
+    assert got.shape == expected.shape
+    assert np.abs(got - expected).max() <= 1e-4, f"{mode}: {np.abs(got - expected).max():.2e}"
+
+
+@pytest.mark.parametrize("mode", list(DIFFUSERS))
+def test_each_mode_defaults_to_its_diffusers_pipelines_defaults(mode):
+    """guidance, steps and strength a call gets when it does not say, read from the diffusers pipeline's signature
+    (FLUX.1-dev's model defaults are 28 steps and 3.5)."""
+    import inspect
+
+    theirs = inspect.signature(getattr(diffusers, DIFFUSERS[mode]).__call__).parameters
+    parts = tiny_random_components(MODEL[mode], device="cpu", full_width=False)
+    pipe = fluxrt.FluxPipeline(**parts, compile=False, progress=False, mode=MODEL[mode], sampling_defaults={
+        "num_steps": 28})
+    args = fluxrt.modes.ModeArgs.check(pipe.mode, **{k: v for k, v in ARGUMENTS[mode].items() if k in (
+        "image", "mask_image", "control_image")})
+    assert pipe.resolve_guidance(None, args.mode) == theirs["guidance_scale"].default
+    assert pipe._steps(None, None, args.mode)[0] == theirs["num_inference_steps"].default
+    if "strength" in theirs:
+        assert args.strength == theirs["strength"].default
+
+
+@torch.no_grad()
+def test_the_compiled_pipeline_runs_each_mode_as_the_reference_does(pair):
+    mode, ours, _ = pair
+    compiled = fluxrt.FluxPipeline(ours.transformer.__class__(ours.config).eval(), ours.autoencoder,
+                                   ours.clip_tokenizer, ours.clip_encoder, ours.t5_tokenizer, ours.t5_encoder,
+                                   compile=False, progress=False, mode=ours.mode)
+    compiled.transformer.load_state_dict(ours.transformer.state_dict())
+    compiled.accelerate(backend="torch")
+    call = dict(height=H, width=W, num_steps=2, seed=SEEDS, output_type="pt", **ARGUMENTS[mode])
+    torch.testing.assert_close(compiled(PROMPTS, **call), ours(PROMPTS, **call), atol=1e-5, rtol=0)
+
+
+def test_the_conditioning_changes_the_image():
+    parts = tiny_random_components("text-to-image", device="cpu", full_width=False, seed=4)
+    pipe = fluxrt.FluxPipeline(**parts, compile=False, progress=False)
+    call = dict(height=H, width=W, num_steps=2, seed=SEEDS[:1], output_type="pt")
+    plain, edited = pipe(PROMPTS[0], **call), pipe(PROMPTS[0], image=IMAGE, strength=0.5, **call)
+    other = pipe(PROMPTS[0], image=pil(7, W, H), strength=0.5, **call)
+    assert (edited - plain).abs().max() > 0.05 and (edited - other).abs().max() > 0.05
+
+
+@pytest.fixture(scope="module")
+def by_model():
+    return {mode: fluxrt.FluxPipeline(**tiny_random_components(mode, device="cpu", full_width=False), compile=False,
+                                      progress=False, mode=mode) for mode in ("text-to-image", "fill", "kontext")}
+
+
+@pytest.mark.parametrize("model, kwargs, error, message", [
+    ("kontext", dict(image=IMAGE, mask_image=MASK), ValueError, "mask_image= needs"),
+    ("fill", dict(image=IMAGE), ValueError, "needs mask_image="),
+    ("text-to-image", dict(control_image=IMAGE), ValueError, "control_image= needs"),
+    ("text-to-image", dict(mask_image=MASK), ValueError, "pass image= too"),
+    ("text-to-image", dict(image=IMAGE, strength=1.5), ValueError, r"strength must be a number in \[0, 1\]"),
+    ("text-to-image", dict(image=IMAGE, max_area=4096), ValueError, "Kontext model's arguments"),
+    ("text-to-image", dict(image="photo.png"), TypeError, "image"),
+    ("text-to-image", dict(image=[IMAGE] * 3), ValueError, "got 3 images for 2 prompts"),
+    ("text-to-image", dict(image=IMAGE, latents=torch.zeros(2, 12, 64)), TypeError, "latents= cannot be used"),
+    ("text-to-image", dict(image=IMAGE, seed=None, generator=torch.Generator()), ValueError,
+     "one torch.Generator per image"),
+])
+def test_mode_argument_errors_come_before_any_work(by_model, model, kwargs, error, message):
+    pipe = by_model[model]
+    calls = []
+    hook = pipe.t5_encoder.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        with pytest.raises(error, match=message):
+            pipe(PROMPTS, height=H, width=W, num_steps=2, **kwargs)
+    finally:
+        hook.remove()
+    assert not calls, "an argument error must come before the text encoders run"
+
+
+def test_from_pretrained_detects_the_mode_and_mode_is_checked(tmp_path):
+    parts = tiny_random_components("fill", device="cpu", full_width=False)
+    assert fluxrt.FluxPipeline(**parts, compile=False, progress=False).mode == "fill"
+    with pytest.raises(ValueError, match="needs a transformer with 64 input channels"):
+        fluxrt.FluxPipeline(**parts, compile=False, progress=False, mode="kontext")
+    with pytest.raises(ValueError, match="mode must be one of"):
+        fluxrt.FluxPipeline(**parts, compile=False, progress=False, mode="canny")
