@@ -1,8 +1,9 @@
 """fluxrt command line.
 
-  fluxrt generate [--model PATH|tiny|tiny-random] --prompt TEXT --width W --height H --steps N --guidance G
-                  [--negative-prompt TEXT --true-cfg-scale S] --seed S --out FILE.png [--quantize fp8|fp8-weight]
-                  [--no-compile] [--compare-reference]
+  fluxrt generate [--model PATH|tiny|tiny-random[-fill|-canny|-kontext]] --prompt TEXT --width W --height H
+                  --steps N --guidance G [--negative-prompt TEXT --true-cfg-scale S] [--lora PATH[:SCALE]]
+                  [--image IN.png [--mask M.png] [--strength S]] [--control-image C.png] --seed S --out FILE.png
+                  [--quantize fp8|fp8-weight] [--no-compile] [--compare-reference]
   fluxrt bench ...   per-step latency of the transformer, diffusers vs fluxrt (fluxrt.bench)
 
 The default model, tiny, is the embedded teaching-size FLUX trained on coloured shapes (fluxrt/weights/tiny, 64x64,
@@ -33,7 +34,7 @@ import torch
 from . import devices, validation
 
 TINY = "tiny"  # the embedded trained model (fluxrt/weights/tiny, fluxrt.tiny.TRAINED)
-TINY_RANDOM = "tiny-random"
+TINY_RANDOM = "tiny-random"  # and one per tools mode, tiny-random-fill, -canny, -kontext: fluxrt.tiny.TINY_RANDOM_MODELS
 DEFAULT_PROMPT = "an astronaut riding a horse on the surface of the moon"
 TINY_PROMPT = "a large red star at the center on a white background"  # what the tiny model knows: fluxrt.shapes
 EXIT_USER_ERROR = 2
@@ -46,6 +47,10 @@ LIBRARY_ARGUMENTS_AS_FLAGS = {
     "transformer=": "a transformer file as --model (with --ae and --text-encoders)",
     "autoencoder=": "--ae",
     "text_encoders=": "--text-encoders",
+    "image=": "--image",
+    "mask_image=": "--mask",
+    "control_image=": "--control-image",
+    "strength=": "--strength",
 }
 
 
@@ -217,7 +222,7 @@ def _add_generate(sub) -> None:
                    help="a local FLUX folder (diffusers layout, or BFL's flux1-*.safetensors + ae.safetensors beside "
                         "the text-encoder folders), a BFL transformer file (with --ae and --text-encoders), tiny "
                         "(default: the embedded teaching-size FLUX trained on coloured shapes, 64x64) or tiny-random "
-                        "(random weights, any size)")
+                        "(random weights, any size; tiny-random-fill, -canny, -kontext: the tools models)")
     g.add_argument("--ae", type=Path, help="autoencoder (ae.safetensors or a diffusers vae folder) for a file --model")
     g.add_argument("--text-encoders", type=Path,
                    help="folder with tokenizer, text_encoder, tokenizer_2, text_encoder_2 for a file --model")
@@ -235,6 +240,15 @@ def _add_generate(sub) -> None:
                    help="a FLUX.1 LoRA .safetensors file (diffusers/PEFT, kohya, BFL/ComfyUI or XLabs naming) at SCALE "
                         "(default 1); repeat for several. Fused into the transformer's weights before compiling; beside "
                         "the weights of an FP8 checkpoint (a side branch of the compiled transformer)")
+    g.add_argument("--image", type=Path, help="input image: img2img (a text-to-image model; with --mask: inpainting), "
+                                              "Fill (with --mask) or Kontext (the image to edit)")
+    g.add_argument("--mask", type=Path, help="inpainting mask for --image, its size (white: repaint)")
+    g.add_argument("--strength", type=float, help="img2img / inpainting: how far from --image, 0..1 (default 0.6; "
+                                                  "Fill 1.0)")
+    g.add_argument("--no-auto-resize", action="store_true",
+                   help="Kontext: edit --image at its own size (multiples of 16) instead of the nearest preferred "
+                        "Kontext resolution (about 1 MP, as diffusers)")
+    g.add_argument("--control-image", type=Path, help="a Canny / Depth model's control image (edges or depth map)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--out", type=Path, default=Path("out.png"), help="PNG path (written whole or not at all)")
     g.add_argument("--quantize", choices=["fp8", "fp8-weight"], help="fp8: W8A8 (sm_89+ GPU); fp8-weight: weights")
@@ -247,10 +261,17 @@ def _add_generate(sub) -> None:
     _add_debug(g, default=argparse.SUPPRESS)
 
 
+def _random_mode(model: str) -> str | None:
+    """The tools mode of a tiny-random --model name (None for any other --model)."""
+    from .tiny import TINY_RANDOM_MODELS
+
+    return TINY_RANDOM_MODELS.get(model)
+
+
 def _default_size(args, device: torch.device) -> tuple[int, int]:
     """The model's own image size: a folder's model_index.json may name it (the tiny model's 64x64); tiny-random on a
     CPU 256; FLUX.1 1024."""
-    if args.model == TINY_RANDOM:
+    if _random_mode(args.model):
         return (256, 256) if device.type == "cpu" else (1024, 1024)
     defaults = _model_defaults(args)
     return defaults.get("width", 1024), defaults.get("height", 1024)
@@ -260,7 +281,7 @@ def _model_defaults(args) -> dict:
     """The sampling defaults a model folder records (model_index.json), read before any weight; {} for the rest."""
     from .pipeline import sampling_defaults
 
-    return sampling_defaults(args.model) if args.model != TINY_RANDOM and Path(args.model).is_dir() else {}
+    return sampling_defaults(args.model) if not _random_mode(args.model) and Path(args.model).is_dir() else {}
 
 
 def _check_request(args, device: torch.device) -> None:
@@ -280,6 +301,42 @@ def _check_request(args, device: torch.device) -> None:
             raise UsageError(f"--true-cfg-scale {scale:g} needs --negative-prompt to guide away from (\"\" for the "
                              "unconditional prompt), or --true-cfg-scale 1 to turn it off")
     args.lora = [_lora_spec(spec) for spec in args.lora or []]
+    args.images = _read_images(args)
+
+
+def _read_images(args) -> dict:
+    """--image, --mask, --control-image as PIL images (read whole now: a bad file is a usage error before any model
+    is loaded), as the pipeline's image=, mask_image=, control_image=."""
+    from .conditioning import check_mask_size
+
+    flags = {"image": ("--image", args.image), "mask_image": ("--mask", args.mask),
+             "control_image": ("--control-image", args.control_image)}
+    images = {name: _read_image(flag, path) for name, (flag, path) in flags.items() if path is not None}
+    if "mask_image" in images and "image" not in images:
+        raise UsageError("--mask goes with --image (the image to inpaint)")
+    if args.strength is not None and "image" not in images:
+        raise UsageError("--strength goes with --image (img2img or inpainting)")
+    if args.no_auto_resize and "image" not in images:
+        raise UsageError("--no-auto-resize goes with a Kontext model's --image")
+    if "mask_image" in images:
+        try:
+            check_mask_size(images["image"], images["mask_image"])
+        except ValueError as err:
+            raise UsageError(f"--mask {str(args.mask)!r}: {err}") from None
+    return images
+
+
+def _read_image(flag: str, path: Path):
+    from PIL import Image, UnidentifiedImageError
+
+    if not path.is_file():
+        raise UsageError(f"{flag} {str(path)!r} does not exist")
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return image.copy()
+    except (UnidentifiedImageError, OSError) as err:
+        raise UsageError(f"{flag} {str(path)!r} is not an image file PIL can read ({err})") from None
 
 
 def _lora_spec(spec: str) -> tuple[Path, float]:
@@ -296,7 +353,7 @@ def _lora_spec(spec: str) -> tuple[Path, float]:
     return path, scale
 
 def _check_model(args) -> None:
-    if args.model in (TINY, TINY_RANDOM):
+    if args.model == TINY or _random_mode(args.model):
         if args.ae is not None or args.text_encoders is not None:
             raise UsageError(f"--ae and --text-encoders go with a transformer file as --model; {args.model} brings "
                              "its own (drop them)")
@@ -309,7 +366,7 @@ def _check_model(args) -> None:
     model = Path(args.model)
     if not model.exists():
         raise UsageError(f"--model {args.model!r} does not exist (a local FLUX folder or file, {TINY} or "
-                         f"{TINY_RANDOM})")
+                         f"{TINY_RANDOM}[-fill|-canny|-kontext])")
     if model.is_file() and (args.ae is None or args.text_encoders is None):
         raise UsageError(f"--model {args.model!r} is a single transformer file: also pass --ae (ae.safetensors or a "
                          "diffusers vae folder) and --text-encoders (a folder with tokenizer, text_encoder, "
@@ -368,10 +425,10 @@ def _build_pipeline(args, compile: bool):
                   progress=not args.no_progress)
     if args.lora:  # fused into the plain weights first: FP8 weights (--quantize) take no fused LoRA
         common.update(compile=False, quantize=None)
-    if args.model == TINY_RANDOM:
+    if _random_mode(args.model):
         from .tiny import tiny_random_pipeline
 
-        pipe = tiny_random_pipeline(device=args.device, **common)
+        pipe = tiny_random_pipeline(device=args.device, mode=_random_mode(args.model), **common)
     else:
         pipe = _load_model(args, **common)
     # an FP8 checkpoint takes no fused LoRA (fusing would requantize its weights): compiled first, its LoRAs then
@@ -406,16 +463,24 @@ def _run_generate(args, tmp: Path) -> None:
     pipe = _build_pipeline(args, compile=compile and not args.compare_reference)
     call = dict(prompt=DEFAULT_PROMPT if args.prompt is None else args.prompt, width=args.width, height=args.height,
                 num_steps=args.steps, guidance=args.guidance, seed=args.seed, negative_prompt=args.negative_prompt,
-                true_cfg_scale=args.true_cfg_scale)
+                true_cfg_scale=args.true_cfg_scale, strength=args.strength, **args.images)
+    if pipe.mode == "kontext" and "image" in args.images:
+        # --width / --height are the output's size (diffusers would rescale them to a 1024² pixel budget)
+        call.update(max_area=args.width * args.height, _auto_resize=not args.no_auto_resize)
+    elif args.no_auto_resize:
+        raise UsageError("--no-auto-resize goes with a Kontext model's --image")
     columns = {}
     if args.compare_reference:
         reference_image, columns["reference"] = _timed(pipe, call)
         pipe.accelerate(quantize=args.quantize, backend=args.backend)
-    image, columns["fluxrt" if compile else "reference"] = _timed(pipe, call)
+    try:
+        image, columns["fluxrt" if compile else "reference"] = _timed(pipe, call)
+    except (ValueError, TypeError) as err:  # the call's own checks (a mask for a Kontext model): in flags' words
+        raise ValueError(_as_flags(str(err))) from err
     to_pil(image)[0].save(tmp, format="PNG")  # no timestamps or other metadata: same seed, same bytes
 
     steps = len(next(iter(columns.values())))
-    what = "random weights" if args.model == TINY_RANDOM else args.model
+    what = f"random weights, {pipe.mode}" if _random_mode(args.model) else args.model
     print(f"fluxrt generate: {call['width']}x{call['height']}, {steps} steps, seed {args.seed}, {pipe.dtype} on "
           f"{pipe.device} ({what}; transformer hidden {pipe.config.hidden_size}, "
           f"{pipe.config.depth}+{pipe.config.depth_single_blocks} blocks)")

@@ -81,7 +81,7 @@ def edit_config(model, part, edit):
     (("--model", "tiny-random", "--true-cfg-scale", "3"), '--true-cfg-scale 3 needs --negative-prompt to guide away '
                                                          'from ("" for the unconditional prompt), or --true-cfg-scale '
                                                          '1 to turn it off'),
-    (("--model", "no/such/folder"), "--model 'no/such/folder' does not exist (a local FLUX folder or file, tiny or tiny-random)"),
+    (("--model", "no/such/folder"), "--model 'no/such/folder' does not exist (a local FLUX folder or file, tiny or tiny-random[-fill|-canny|-kontext])"),
     (("--quantize", "fp8"), "--quantize fp8 (W8A8) needs an FP8-capable CUDA GPU (sm_89+: Ada, Hopper, Blackwell) and "
                             "none is in use (device cpu); use --quantize fp8-weight"),
     (("--quantize", "fp8-weight", "--no-compile"), "--quantize and --compare-reference need the compiled transformer; "
