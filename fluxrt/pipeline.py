@@ -232,7 +232,7 @@ class FluxPipeline:
                                            else max_sequence_length)
         width, height = mode.output_size(*check_size(self.default_size[0] if width is None else width,
                                                      self.default_size[1] if height is None else height))
-        num_steps, sigmas = self._steps(num_steps, sigmas, mode.mode)
+        num_steps, sigmas = self.resolve_steps(num_steps, sigmas, mode.mode)
         per_prompt = check_images_per_prompt(num_images_per_prompt)
         count = check_image_count(len(text), per_prompt)
         noise = self._noise_source(seed, generator, latents, count, width, height)
@@ -260,7 +260,7 @@ class FluxPipeline:
                                               decode=output_type != "latent", mode=mode)
         return format_output(result, output_type, return_dict)
 
-    def _steps(self, num_steps, sigmas, mode: str = "text-to-image") -> tuple[int, list[float] | None]:
+    def resolve_steps(self, num_steps, sigmas=None, mode: str = "text-to-image") -> tuple[int, list[float] | None]:
         """(steps, sigmas) of a call: one step per sigma when sigmas are given (a num_steps given too must agree),
         else num_steps or the default (the model's; diffusers' Fill pipeline's 50 for a Fill model)."""
         if num_steps is not None:

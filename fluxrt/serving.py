@@ -24,7 +24,9 @@ from collections.abc import Iterable, Mapping, Set
 from dataclasses import dataclass, replace
 from typing import Any
 
-from .validation import check_batch_size, check_seed, check_size, check_steps, draw_seed
+from . import conditioning as cond
+from .modes import ModeArgs
+from .validation import check_batch_size, check_seed, check_size, draw_seed
 
 
 @dataclass(frozen=True)
@@ -38,6 +40,11 @@ class GenerationRequest:
     negative_prompt: str | None = None  # true CFG (as FluxPipeline's call); None: the model's default
     true_cfg_scale: float | None = None  # None: the model's default (off for FLUX.1; the tiny model 3)
     loras: Mapping[str, float] | None = None  # loaded LoRAs to run, {name: scale} (hot-swap mode); None: as loaded
+    # the tools modes, as FluxPipeline's call takes them (fluxrt.modes): img2img / inpainting / Fill / Kontext
+    image: Any = None
+    mask_image: Any = None
+    control_image: Any = None  # a Canny / Depth model's
+    strength: float | None = None  # img2img / inpainting / Fill; None: the mode's default (0.6; Fill 1.0)
 
 
 @dataclass(frozen=True)
@@ -57,16 +64,26 @@ def _resolve(pipe, request) -> GenerationRequest:
         raise TypeError(f"expected a fluxrt.GenerationRequest, got {type(request).__name__}")
     if not isinstance(request.prompt, str):
         raise TypeError(f"prompt must be a string, got {type(request.prompt).__name__}")
+    mode = ModeArgs.check(pipe.mode, request.image, request.mask_image, request.control_image, request.strength)
     width, height = check_size(request.width, request.height)
-    steps = check_steps(pipe.default_steps if request.num_steps is None else request.num_steps)
-    guidance = pipe.resolve_guidance(request.guidance)
+    steps = pipe.resolve_steps(request.num_steps, None, mode.mode)[0]
+    guidance = pipe.resolve_guidance(request.guidance, mode.mode)
     seed = draw_seed() if request.seed is None else check_seed(request.seed)
     if request.negative_prompt is not None and not isinstance(request.negative_prompt, str):
         raise TypeError(f"negative_prompt must be a string, got {type(request.negative_prompt).__name__}")
     negatives, cfg_scale = pipe.resolve_true_cfg(request.negative_prompt, request.true_cfg_scale, 1)
     loras = pipe.check_lora_choice(request.loras)
     return replace(request, width=width, height=height, num_steps=steps, guidance=guidance, seed=seed,
-                   negative_prompt=None if negatives is None else negatives[0], true_cfg_scale=cfg_scale, loras=loras)
+                   negative_prompt=None if negatives is None else negatives[0], true_cfg_scale=cfg_scale, loras=loras,
+                   strength=mode.strength)
+
+
+def _mode_key(pipe, request: GenerationRequest) -> tuple:
+    """What must be equal for requests to share a batch besides size, steps and guidance: the mode and strength,
+    and for Kontext the reference image's size (its tokens join the sequence)."""
+    mode = ModeArgs.check(pipe.mode, request.image, request.mask_image, request.control_image, request.strength)
+    reference = cond.kontext_image_size(request.image) if mode.mode == "kontext" else None
+    return mode.mode, mode.strength, reference
 
 
 def _request_list(requests) -> list:
@@ -85,11 +102,15 @@ def _request_list(requests) -> list:
 def _run(pipe, batch: list[GenerationRequest]) -> list:
     first = batch[0]
     guided = first.negative_prompt is not None  # the same for the whole batch (generate's key)
+    images = {name: [getattr(r, name) for r in batch] for name in ("image", "mask_image", "control_image")
+              if getattr(first, name) is not None}  # the same for the whole batch (one mode: generate's key)
+    kontext = pipe.mode == "kontext" and "image" in images  # the request's size is the output's, as in the CLI
     return pipe([r.prompt for r in batch], width=first.width, height=first.height, num_steps=first.num_steps,
                 guidance=first.guidance, seed=[r.seed for r in batch], progress=False,
                 negative_prompt=[r.negative_prompt for r in batch] if guided else None,
                 true_cfg_scale=first.true_cfg_scale if guided else 1.0,
-                loras=[r.loras for r in batch] if any(r.loras is not None for r in batch) else None)
+                loras=[r.loras for r in batch] if any(r.loras is not None for r in batch) else None,
+                strength=first.strength, max_area=first.width * first.height if kontext else None, **images)
 
 
 def generate(pipe, requests, max_batch_size: int = 4) -> list[GenerationResult]:
@@ -109,7 +130,7 @@ def generate(pipe, requests, max_batch_size: int = 4) -> list[GenerationResult]:
         # true CFG on or off, and its scale, are per call; negative prompts and LoRAs (hot-swapped: the side branch
         # picks each image's adapters) may differ within a batch
         cfg = resolved.true_cfg_scale if resolved.negative_prompt is not None else None
-        key = (resolved.width, resolved.height, resolved.num_steps, resolved.guidance, cfg)
+        key = (resolved.width, resolved.height, resolved.num_steps, resolved.guidance, cfg, _mode_key(pipe, resolved))
         groups.setdefault(key, []).append((i, resolved))
     for members in groups.values():
         for start in range(0, len(members), max_batch_size):

@@ -90,7 +90,7 @@ def test_each_mode_defaults_to_its_diffusers_pipelines_defaults(mode):
     args = fluxrt.modes.ModeArgs.check(pipe.mode, **{k: v for k, v in ARGUMENTS[mode].items() if k in (
         "image", "mask_image", "control_image")})
     assert pipe.resolve_guidance(None, args.mode) == theirs["guidance_scale"].default
-    assert pipe._steps(None, None, args.mode)[0] == theirs["num_inference_steps"].default
+    assert pipe.resolve_steps(None, None, args.mode)[0] == theirs["num_inference_steps"].default
     if "strength" in theirs:
         assert args.strength == theirs["strength"].default
 
@@ -154,3 +154,43 @@ def test_from_pretrained_detects_the_mode_and_mode_is_checked(tmp_path):
         fluxrt.FluxPipeline(**parts, compile=False, progress=False, mode="kontext")
     with pytest.raises(ValueError, match="mode must be one of"):
         fluxrt.FluxPipeline(**parts, compile=False, progress=False, mode="canny")
+
+
+@torch.no_grad()
+def test_serving_batches_each_mode_apart_and_matches_each_request_alone():
+    """Text-to-image, img2img and inpainting requests mixed in one list: compatible ones share a batch (same mode
+    and strength), each image is the one its request draws alone, and a bad image argument is that request's own
+    error."""
+    from fluxrt import GenerationRequest
+
+    pipe = fluxrt.FluxPipeline(**tiny_random_components("text-to-image", device="cpu", full_width=False),
+                               compile=False, progress=False)
+    size = dict(width=W, height=H, num_steps=2)
+    requests = [GenerationRequest("a red circle", seed=1, image=IMAGE, strength=0.7, **size),
+                GenerationRequest("a blue square", seed=2, **size),
+                GenerationRequest("a green star", seed=3, image=pil(5, W, H), strength=0.7, **size),
+                GenerationRequest("a cat", seed=4, image=IMAGE, mask_image=MASK, **size),
+                GenerationRequest("a dog", seed=5, image=IMAGE, strength=0.3, **size),
+                GenerationRequest("a cow", seed=6, mask_image=MASK, **size),
+                GenerationRequest("a fox", seed=7, control_image=IMAGE, **size)]
+    sizes = []
+    hook = pipe.transformer.register_forward_pre_hook(lambda m, a, kw: sizes.append(kw["img"].shape[0]),
+                                                      with_kwargs=True)
+    try:
+        results = pipe.generate(requests)
+    finally:
+        hook.remove()
+    # transformer calls, batch by batch: the two img2img requests at strength 0.7 together (both steps kept:
+    # diffusers' get_timesteps skips int(2 - 2 * 0.7) = 0), text-to-image (2 steps), inpainting at 0.6 (2 steps),
+    # img2img at 0.3 (int(2 - 0.6) = 1 step skipped)
+    assert sizes == [2, 2, 1, 1, 1, 1, 1], sizes
+    for result in results[:5]:
+        r = result.request
+        assert result.ok, result.error
+        extra = {k: v for k, v in (("image", r.image), ("mask_image", r.mask_image)) if v is not None}
+        if r.image is not None:
+            extra["strength"] = r.strength
+        alone = pipe(r.prompt, seed=r.seed, **size, **extra)[0]
+        assert np.abs(np.asarray(result.image, dtype=int) - np.asarray(alone, dtype=int)).max() <= 1
+    assert "pass image= too" in results[5].error
+    assert "control_image= needs" in results[6].error
