@@ -194,3 +194,26 @@ def test_serving_batches_each_mode_apart_and_matches_each_request_alone():
         assert np.abs(np.asarray(result.image, dtype=int) - np.asarray(alone, dtype=int)).max() <= 1
     assert "pass image= too" in results[5].error
     assert "control_image= needs" in results[6].error
+
+
+def test_from_pretrained_reads_a_kontext_folder_as_kontext(tmp_path):
+    """A diffusers folder whose model_index.json names FluxKontextPipeline loads as a Kontext model (a dev's
+    shapes: only the folder tells), and its image= edits; the same folder as FluxPipeline is text-to-image."""
+    import json
+    import shutil
+
+    from fluxrt.tiny import TRAINED
+
+    folder = tmp_path / "kontext"
+    shutil.copytree(TRAINED, folder)
+    index = json.loads((folder / "model_index.json").read_text())
+    plain = fluxrt.FluxPipeline.from_pretrained(folder, device="cpu", compile=False, progress=False)
+    assert plain.mode == "text-to-image"
+    (folder / "model_index.json").write_text(json.dumps({**index, "_class_name": "FluxKontextPipeline"}))
+    pipe = fluxrt.FluxPipeline.from_pretrained(folder, device="cpu", compile=False, progress=False)
+    assert pipe.mode == "kontext"
+    with pytest.raises(ValueError, match="strength= needs"):
+        pipe("a star", image=IMAGE, strength=0.5)
+    edited = pipe("a star", image=IMAGE, width=W, height=H, num_steps=1, max_area=W * H, _auto_resize=False,
+                  output_type="pt")
+    assert edited.shape == (1, 3, H, W)
