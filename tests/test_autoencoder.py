@@ -5,9 +5,8 @@ import dataclasses
 
 import pytest
 import torch
-from diffusers import AutoencoderKL
-from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
 from safetensors.torch import save_file
+from tiny_pipeline import diffusers_vae_twin as diffusers_twin
 
 import fluxrt
 
@@ -16,20 +15,6 @@ from fluxrt.testing import randomize_parameters_, rel_error
 
 # FLUX's structure (4 levels, 8x, z 16, one mid attention, GroupNorm(32)) at small widths
 TINY_AE = AutoEncoderParams(ch=32, ch_mult=(1, 1, 2, 2), num_res_blocks=1)
-
-
-def diffusers_twin(ae: AutoEncoder) -> AutoencoderKL:
-    p = ae.params
-    config = dict(
-        in_channels=p.in_channels, out_channels=p.out_ch, latent_channels=p.z_channels,
-        block_out_channels=[p.ch * m for m in p.ch_mult], layers_per_block=p.num_res_blocks,
-        down_block_types=["DownEncoderBlock2D"] * len(p.ch_mult), up_block_types=["UpDecoderBlock2D"] * len(p.ch_mult),
-        norm_num_groups=p.norm_groups, use_quant_conv=False, use_post_quant_conv=False, scaling_factor=p.scale_factor,
-        shift_factor=p.shift_factor, sample_size=p.resolution,
-    )
-    vae = AutoencoderKL(**config).eval()
-    vae.load_state_dict(convert_ldm_vae_checkpoint(dict(ae.state_dict()), config), strict=True)
-    return vae
 
 
 def test_flux_defaults_have_diffusers_flux_vae_shapes():

@@ -10,11 +10,11 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
-from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
 from diffusers.image_processor import VaeImageProcessor
-from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
 from diffusers.pipelines.flux.pipeline_flux_img2img import calculate_shift, retrieve_timesteps
 from safetensors.torch import save_file
+from tiny_pipeline import diffusers_vae_twin
 
 import fluxrt
 from fluxrt import conditioning as cond
@@ -38,14 +38,7 @@ def autoencoders():
     """fluxrt's reference AutoEncoder and diffusers' AutoencoderKL holding the same random weights (diffusers' own
     LDM converter)."""
     ae = randomize_parameters_(AutoEncoder(TINY_AUTOENCODER), seed=7, bias_std=0.02).eval()
-    p = ae.params
-    config = dict(in_channels=3, out_channels=3, latent_channels=16, block_out_channels=[p.ch * m for m in p.ch_mult],
-                  layers_per_block=p.num_res_blocks, down_block_types=["DownEncoderBlock2D"] * len(p.ch_mult),
-                  up_block_types=["UpDecoderBlock2D"] * len(p.ch_mult), norm_num_groups=p.norm_groups,
-                  use_quant_conv=False, use_post_quant_conv=False, scaling_factor=p.scale_factor,
-                  shift_factor=p.shift_factor)
-    vae = AutoencoderKL(**config).eval()
-    vae.load_state_dict(convert_ldm_vae_checkpoint(dict(ae.state_dict()), config), strict=True)
+    vae = diffusers_vae_twin(ae)
     return ae, vae
 
 

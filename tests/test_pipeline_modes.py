@@ -8,7 +8,8 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
-from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+from tiny_pipeline import diffusers_vae_twin
 
 import fluxrt
 from fluxrt.tiny import tiny_random_components
@@ -39,14 +40,7 @@ def diffusers_twin(parts: dict, pipeline: str):
     flux, ae = parts["transformer"], parts["autoencoder"]
     transformer = FluxTransformer2DModel(**flux.params.to_diffusers()).eval()
     transformer.load_state_dict(fluxrt.bfl_to_diffusers(flux.state_dict()), strict=True)
-    p = ae.params
-    config = dict(in_channels=3, out_channels=3, latent_channels=16, block_out_channels=[p.ch * m for m in p.ch_mult],
-                  layers_per_block=p.num_res_blocks, down_block_types=["DownEncoderBlock2D"] * len(p.ch_mult),
-                  up_block_types=["UpDecoderBlock2D"] * len(p.ch_mult), norm_num_groups=p.norm_groups,
-                  use_quant_conv=False, use_post_quant_conv=False, scaling_factor=p.scale_factor,
-                  shift_factor=p.shift_factor)
-    vae = AutoencoderKL(**config).eval()
-    vae.load_state_dict(fluxrt.vae_bfl_to_diffusers(ae.state_dict()), strict=True)
+    vae = diffusers_vae_twin(ae)
     scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True,
                                                 base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
                                                 max_image_seq_len=4096)

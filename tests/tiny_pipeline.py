@@ -16,6 +16,7 @@ import pathlib
 
 import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
 
 from fluxrt import FluxConfig
 from fluxrt.tiny import (
@@ -102,3 +103,19 @@ def build_tiny_flux_pipeline(
     if save:
         pipe.save_pretrained(str(folder / "pipeline"), safe_serialization=True)
     return pipe
+
+
+def diffusers_vae_twin(ae) -> AutoencoderKL:
+    """diffusers' AutoencoderKL holding a fluxrt.reference.AutoEncoder's weights, converted by diffusers' own LDM
+    converter (so a test comparing the two checks fluxrt's key mapping against diffusers', not against itself)."""
+    p = ae.params
+    config = dict(
+        in_channels=p.in_channels, out_channels=p.out_ch, latent_channels=p.z_channels,
+        block_out_channels=[p.ch * m for m in p.ch_mult], layers_per_block=p.num_res_blocks,
+        down_block_types=["DownEncoderBlock2D"] * len(p.ch_mult), up_block_types=["UpDecoderBlock2D"] * len(p.ch_mult),
+        norm_num_groups=p.norm_groups, use_quant_conv=False, use_post_quant_conv=False, scaling_factor=p.scale_factor,
+        shift_factor=p.shift_factor, sample_size=p.resolution,
+    )
+    vae = AutoencoderKL(**config).eval()
+    vae.load_state_dict(convert_ldm_vae_checkpoint(dict(ae.state_dict()), config), strict=True)
+    return vae
