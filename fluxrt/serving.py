@@ -58,8 +58,10 @@ class GenerationResult:
         return self.error is None
 
 
-def _resolve(pipe, request) -> GenerationRequest:
-    """The request with defaults filled in, or TypeError / ValueError naming what is wrong with it."""
+def resolve(pipe, request) -> GenerationRequest:
+    """The request with defaults filled in (steps, guidance, a drawn seed, true CFG, strength), or TypeError /
+    ValueError / KeyError naming what is wrong with it. A server resolves each request when it is submitted, so a bad
+    one is refused before it queues (fluxrt.serve)."""
     if not isinstance(request, GenerationRequest):
         raise TypeError(f"expected a fluxrt.GenerationRequest, got {type(request).__name__}")
     if not isinstance(request.prompt, str):
@@ -123,7 +125,7 @@ def generate(pipe, requests, max_batch_size: int = 4) -> list[GenerationResult]:
     groups: dict[tuple, list[tuple[int, GenerationRequest]]] = {}
     for i, request in enumerate(requests):
         try:
-            resolved = _resolve(pipe, request)
+            resolved = resolve(pipe, request)
         except (TypeError, ValueError, KeyError) as err:
             results[i] = GenerationResult(request, error=str(err) if not isinstance(err, KeyError) else err.args[0])
             continue
