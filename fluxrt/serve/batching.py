@@ -1,0 +1,369 @@
+"""The batchers a serving engine's one worker thread drives: how queued jobs share the transformer.
+
+    batcher = make_batcher("step", pipe, max_batch=8)
+    if batcher.admits(request):            # a request resolved by fluxrt.serving.resolve
+        batcher.admit(job_id, request)
+    finished = batcher.step()             # {job_id: fluxrt.GenerationResult} of the jobs done in this step
+
+- "serial": one job at a time, start to end, in one step().
+- "request": request-level batching, as pipe.generate batches: compatible jobs (generate's key: size, steps,
+  guidance, true-CFG scale, mode) admitted while the batcher is idle run start to end as one batch in one step().
+- "step": step-level (continuous) batching. Text-to-image jobs of one size run as rows of one transformer call per
+  denoising step, each with its own schedule (steps), position in it, seed, guidance, true CFG (its negative pass as
+  extra rows of the same call, combined after) and LoRA choice (per-row lora_scales, hot-swap mode). Jobs admitted
+  between steps join at the next step (their prompts encoded together in one encoder call); a row whose last step
+  is done leaves, and the rows that finish together are decoded together. The image modes (img2img, inpainting,
+  Fill, Control, Kontext) run whole, one job at a time (through pipe.generate), not as rows.
+
+Every kind gives each job the image pipe.generate([request]) gives it alone, up to one 8-bit level from batched
+summation order, and a job's failure (NaN/inf latents: fluxrt.NonFiniteError; a run-time error) is its own result's
+error, in generate's words, never the other jobs'. Only the engine's one worker thread may call a batcher.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Hashable
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from .. import sampling
+from ..call_inputs import NoiseSource, to_pil
+from ..serving import GenerationRequest, GenerationResult, _mode_key
+from ..validation import NonFiniteError, check_batch_size
+
+KINDS = ("step", "request", "serial")
+
+
+def make_batcher(kind: str, pipe, max_batch: int) -> "Batcher":
+    """The batcher of `kind` ("step", "request" or "serial") over `pipe`, at most max_batch jobs in flight (serial:
+    one whatever max_batch says)."""
+    if kind not in KINDS:
+        raise ValueError(f"batching must be one of {list(KINDS)}, got {kind!r}")
+    max_batch = check_batch_size(max_batch)
+    if kind == "step":
+        return StepBatcher(pipe, max_batch)
+    return RequestBatcher(pipe, 1 if kind == "serial" else max_batch)
+
+
+def generate_key(pipe, request: GenerationRequest) -> tuple:
+    """What pipe.generate requires equal for requests to share a batch (fluxrt.serving.generate's key)."""
+    cfg = request.true_cfg_scale if request.negative_prompt is not None else None
+    return request.width, request.height, request.num_steps, request.guidance, cfg, _mode_key(pipe, request)
+
+
+def _check_resolved(request) -> GenerationRequest:
+    if not isinstance(request, GenerationRequest) or request.num_steps is None or request.seed is None:
+        raise ValueError("a batcher takes requests resolved by fluxrt.serving.resolve(pipe, request) (steps and seed "
+                         f"filled in), got {request!r}")
+    return request
+
+
+def _error_text(err: Exception) -> str:
+    """A run-time failure in pipe.generate's words."""
+    return f"{type(err).__name__}: {err}"
+
+
+class Batcher:
+    """The interface the engine drives (see the module docstring); only its one worker thread calls it."""
+
+    def __init__(self, pipe, max_batch: int):
+        self.pipe = pipe
+        self.max_batch = check_batch_size(max_batch)
+        self.last_step: tuple[int, float] | None = None  # (rows in the last transformer batch, seconds of the step)
+        self._dropped: set[Hashable] = set()
+
+    def admits(self, request: GenerationRequest) -> bool:
+        raise NotImplementedError
+
+    def admit(self, key: Hashable, request: GenerationRequest) -> None:
+        raise NotImplementedError
+
+    def step(self) -> dict:
+        raise NotImplementedError
+
+    def drop(self, key: Hashable) -> None:
+        """Cancel a job: it leaves at the next step boundary with no result (a key not in flight: nothing to do, as
+        a job may finish while its client goes away)."""
+        self._dropped.add(key)
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def _check_new_key(self, key: Hashable, keys) -> None:
+        if key in keys:
+            raise ValueError(f"job {key!r} is in flight already: each job needs its own key")
+        self._dropped.discard(key)
+
+
+class RequestBatcher(Batcher):
+    """"request" (and "serial", max_batch 1): jobs admitted while idle that share generate's key run start to end
+    as one pipe.generate batch in one step()."""
+
+    def __init__(self, pipe, max_batch: int):
+        super().__init__(pipe, max_batch)
+        self._jobs: dict[Hashable, GenerationRequest] = {}
+
+    def admits(self, request: GenerationRequest) -> bool:
+        if not self._jobs:
+            return True
+        first = next(iter(self._jobs.values()))
+        return len(self._jobs) < self.max_batch and generate_key(self.pipe, request) == generate_key(self.pipe, first)
+
+    def admit(self, key: Hashable, request: GenerationRequest) -> None:
+        request = _check_resolved(request)
+        self._check_new_key(key, self._jobs)
+        if not self.admits(request):
+            raise ValueError(f"job {key!r} cannot join now (batch full or another size/steps/mode): ask admits() first")
+        self._jobs[key] = request
+
+    def step(self) -> dict:
+        jobs = {key: request for key, request in self._jobs.items() if key not in self._dropped}
+        self._jobs.clear()
+        self._dropped.clear()
+        if not jobs:
+            return {}
+        started = time.perf_counter()
+        results = self.pipe.generate(list(jobs.values()), max_batch_size=len(jobs))
+        self.last_step = (len(jobs), time.perf_counter() - started)
+        return dict(zip(jobs, results))
+
+    def __len__(self) -> int:
+        return len(self._jobs)
+
+
+@dataclass(eq=False)
+class _Row:
+    """One text-to-image job in the step batcher: its own schedule, position and running fp32 latents."""
+
+    key: Hashable
+    request: GenerationRequest
+    timesteps: list[float]
+    latents: Tensor  # packed [1, L, 64], fp32 (as sampling.denoise keeps them)
+    txt: Tensor  # [1, T, C] in the pipeline's dtype
+    vec: Tensor
+    negative: tuple[Tensor, Tensor] | None  # true CFG's negative (txt, vec), or None when off
+    position: int = 0  # steps done
+    first_bad_step: Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.int64))
+
+    @property
+    def done(self) -> bool:
+        return self.position == len(self.timesteps) - 1
+
+
+class StepBatcher(Batcher):
+    """"step": step-level (continuous) batching; see the module docstring."""
+
+    def __init__(self, pipe, max_batch: int):
+        super().__init__(pipe, max_batch)
+        self._pending: dict[Hashable, GenerationRequest] = {}  # admitted, joining at the next step
+        self._rows: list[_Row] = []
+        self._group: tuple | None = None  # what every job in flight shares (size; or one whole image-mode job)
+
+    def group_of(self, request: GenerationRequest) -> tuple:
+        """Jobs of one group run together: text-to-image jobs of one size (the T5 length is the pipeline's, the
+        same for every job); an image-mode job is a group of its own (it runs whole)."""
+        mode = _mode_key(self.pipe, request)[0]
+        if mode != "text-to-image":
+            return ("whole", id(request))
+        return (mode, request.width, request.height)
+
+    def admits(self, request: GenerationRequest) -> bool:
+        if len(self) == 0:
+            return True
+        return len(self) < self.max_batch and self.group_of(request) == self._group
+
+    def admit(self, key: Hashable, request: GenerationRequest) -> None:
+        request = _check_resolved(request)
+        self._check_new_key(key, set(self._pending) | {row.key for row in self._rows})
+        if not self.admits(request):
+            raise ValueError(f"job {key!r} cannot join now (batch full or another size/mode): ask admits() first")
+        if len(self) == 0:
+            self._group = self.group_of(request)
+        self._pending[key] = request
+
+    def __len__(self) -> int:
+        return len(self._pending) + len(self._rows)
+
+    def step(self) -> dict:
+        """One denoising step of every row (the joiners' first), then the finished rows decoded."""
+        self._leave_dropped()
+        if len(self) == 0:
+            return {}
+        started = time.perf_counter()
+        if self._group[0] == "whole":
+            return self._run_whole(started)
+        finished: dict[Hashable, GenerationResult] = {}
+        with self.pipe._lock, torch.inference_mode():  # a LoRA load on another thread waits for the step's end
+            self._join_pending(finished)
+            rows = self._advance_rows(finished)
+            self.last_step = (rows, time.perf_counter() - started)
+            self._decode_finished(finished)
+        return finished
+
+    def _leave_dropped(self) -> None:
+        for key in self._dropped & set(self._pending):
+            del self._pending[key]
+        self._rows = [row for row in self._rows if row.key not in self._dropped]
+        self._dropped.clear()
+        if len(self) == 0:
+            self._group = None
+
+    def _run_whole(self, started: float) -> dict:
+        """An image-mode job: start to end alone, as pipe.generate runs it."""
+        (key, request), = self._pending.items()
+        self._pending.clear()
+        self._group = None
+        result, = self.pipe.generate([request], max_batch_size=1)
+        self.last_step = (1, time.perf_counter() - started)
+        return {key: result}
+
+    # ---- joining ----
+
+    def _join_pending(self, finished: dict) -> None:
+        """The pending jobs become rows: prompts (and negative prompts) encoded in one call, noise from each seed."""
+        if not self._pending:
+            return
+        jobs = list(self._pending.items())
+        self._pending.clear()
+        try:
+            encoded = self._encode([request for _, request in jobs])
+        except Exception:  # noqa: BLE001 -- which job's text fails? each alone
+            encoded = None
+        for i, (key, request) in enumerate(jobs):
+            try:
+                features = encoded[i] if encoded is not None else self._encode([request])[0]
+                self._rows.append(self._new_row(key, request, *features))
+            except Exception as err:  # noqa: BLE001 -- one job's failure must not take the others down
+                finished[key] = GenerationResult(request, error=_error_text(err))
+
+    def _encode(self, requests: list[GenerationRequest]) -> list[tuple]:
+        """[(txt, vec, negative (txt, vec) or None)] per request, from one encoder call for all their texts."""
+        negatives = [r for r in requests if r.negative_prompt is not None]
+        texts = [r.prompt for r in requests] + [r.negative_prompt for r in negatives]
+        txt, vec = self.pipe.encode_prompt(texts, self.pipe.max_sequence_length)
+        out, next_negative = [], len(requests)
+        for i, request in enumerate(requests):
+            negative = None
+            if request.negative_prompt is not None:
+                negative = (txt[next_negative : next_negative + 1], vec[next_negative : next_negative + 1])
+                next_negative += 1
+            out.append((txt[i : i + 1], vec[i : i + 1], negative))
+        return out
+
+    def _new_row(self, key: Hashable, request: GenerationRequest, txt: Tensor, vec: Tensor, negative) -> _Row:
+        pipe = self.pipe
+        rows, cols = sampling.latent_grid(request.height, request.width)
+        timesteps = pipe._schedule(request.num_steps, rows * cols, None)
+        noise = pipe._start_noise(NoiseSource(seeds=[request.seed]), 1, request.width, request.height)
+        return _Row(key, request, timesteps, noise.float(), txt, vec, negative,
+                    first_bad_step=torch.zeros((), dtype=torch.int64, device=pipe.device))
+
+    # ---- one step ----
+
+    def _advance_rows(self, finished: dict) -> int:
+        """One Euler step of every row; returns the transformer batch's rows. A batch that fails at run time is
+        retried one row at a time, so only the failing row reports the error."""
+        if not self._rows:
+            return 0
+        try:
+            velocities = self._velocities(self._rows)
+        except Exception:  # noqa: BLE001 -- which row fails? each alone
+            velocities = []
+            for row in list(self._rows):
+                try:
+                    velocities.append(self._velocities([row])[0])
+                except Exception as err:  # noqa: BLE001
+                    finished[row.key] = GenerationResult(row.request, error=_error_text(err))
+                    self._rows.remove(row)
+        for row, velocity in zip(self._rows, velocities):
+            self._euler(row, velocity)
+        return len(self._rows) + sum(row.negative is not None for row in self._rows)
+
+    def _velocities(self, rows: list[_Row]) -> list[Tensor]:
+        """Each row's velocity (fp32 [1, L, 64]) from one transformer call: the rows, then the negative rows of
+        those with true CFG (same image, timestep, guidance and LoRAs; the negative prompt), combined as
+        sampling.true_cfg combines them."""
+        pipe = self.pipe
+        guided = [row for row in rows if row.negative is not None]
+        every = rows + guided
+        img = torch.cat([row.latents for row in every]).to(pipe.dtype)
+        txt = torch.cat([row.txt for row in rows] + [row.negative[0] for row in guided])
+        vec = torch.cat([row.vec for row in rows] + [row.negative[1] for row in guided])
+        times = torch.tensor([row.timesteps[row.position] for row in every], dtype=torch.float32, device=pipe.device)
+        guidance = None
+        if rows[0].request.guidance is not None:  # None for every row of a model without a guidance input
+            guidance = torch.tensor([row.request.guidance for row in every], dtype=torch.float32, device=pipe.device)
+        extra = {}
+        if any(row.request.loras is not None for row in rows):
+            extra["lora_scales"] = pipe._branches().per_image_scales([row.request.loras for row in every])
+        size = rows[0].request
+        img_ids = sampling.prepare_img_ids(len(every), size.height, size.width, device=pipe.device)
+        txt_ids = sampling.prepare_txt_ids(len(every), txt.shape[1], device=pipe.device)
+        pred = pipe.transformer(img=img, img_ids=img_ids, txt=txt, txt_ids=txt_ids, timesteps=times, y=vec,
+                                guidance=guidance, **extra).float()
+        velocities = list(pred[: len(rows)].split(1))
+        for i, row in enumerate(guided):
+            k = rows.index(row)
+            positive, negative = velocities[k], pred[len(rows) + i : len(rows) + i + 1]
+            velocities[k] = negative + row.request.true_cfg_scale * (positive - negative)
+        return velocities
+
+    def _euler(self, row: _Row, velocity: Tensor) -> None:
+        """sampling.denoise's update of one row, and its first non-finite step noted on the device (read at the end:
+        no host sync per step)."""
+        t_curr, t_prev = row.timesteps[row.position], row.timesteps[row.position + 1]
+        row.latents = row.latents + (t_prev - t_curr) * velocity
+        row.position += 1
+        bad = (row.first_bad_step == 0) & ~torch.isfinite(row.latents).all()
+        row.first_bad_step = torch.where(bad, row.position, row.first_bad_step)
+
+    # ---- leaving ----
+
+    def _decode_finished(self, finished: dict) -> None:
+        """The rows whose last step is done leave: NaN/inf rows fail alone, the others are decoded together."""
+        leaving = [row for row in self._rows if row.done]
+        self._rows = [row for row in self._rows if not row.done]
+        good = []
+        for row in leaving:
+            bad = int(row.first_bad_step)
+            if bad:
+                finished[row.key] = GenerationResult(row.request, error=_error_text(_non_finite_latents(bad, row)))
+            else:
+                good.append(row)
+        if good:
+            try:
+                images = self._decode(good)
+            except Exception:  # noqa: BLE001 -- which row fails? each alone
+                images = []
+                for row in good:
+                    try:
+                        images.append(self._decode([row])[0])
+                    except Exception as err:  # noqa: BLE001
+                        images.append(err)
+            for row, image in zip(good, images):
+                failed = isinstance(image, Exception)
+                finished[row.key] = GenerationResult(row.request, error=_error_text(image) if failed else None,
+                                                     image=None if failed else image)
+        if len(self) == 0:
+            self._group = None
+
+    def _decode(self, rows: list[_Row]) -> list:
+        """PIL images of rows of one size, in one autoencoder call (the pipeline's decode and pixel mapping)."""
+        pipe, first = self.pipe, rows[0].request
+        latents = torch.cat([row.latents for row in rows]).to(pipe.dtype)  # sampling.denoise returns the model's dtype
+        pixels = pipe.autoencoder.decode(sampling.unpack(latents, first.height, first.width).to(pipe.vae_dtype)).float()
+        if not torch.isfinite(pixels).all():
+            raise NonFiniteError(f"the autoencoder decoded NaN or inf pixels ({pipe.vae_dtype}) from finite latents; "
+                                 "check the autoencoder's weights, and run it in bf16 or fp32 (fp16 overflows)")
+        return to_pil((pixels / 2 + 0.5).clamp(0, 1).cpu())
+
+
+def _non_finite_latents(step: int, row: _Row) -> NonFiniteError:
+    """sampling.denoise's error for latents that went NaN/inf at `step`."""
+    total = len(row.timesteps) - 1
+    return NonFiniteError(f"the latents hold NaN or inf after denoising step {step} of {total}: the transformer's "
+                          "output is not finite. Check the weights (a corrupt or mismatched checkpoint), and run "
+                          "in bf16 or fp32 rather than fp16, whose range FLUX's activations overflow")
