@@ -1,0 +1,228 @@
+"""fluxrt.serve.batching: every batcher gives each job the image pipe.generate gives it alone; the step batcher shares
+transformer calls between jobs that join and leave at step boundaries; drop; a failing job fails alone."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from fluxrt import GenerationRequest
+from fluxrt.serve.batching import KINDS, make_batcher
+from fluxrt.serving import resolve
+from fluxrt.tiny import tiny_random_pipeline
+
+POISONED_GUIDANCE = 6.5  # rows run at this guidance get NaN velocities (poisoned_rows)
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return tiny_random_pipeline(progress=False)
+
+
+def request(pipe, prompt, seed, steps=2, width=64, height=48, **extra) -> GenerationRequest:
+    return resolve(pipe, GenerationRequest(prompt, width=width, height=height, num_steps=steps, seed=seed, **extra))
+
+
+def mixed_jobs(pipe) -> dict:
+    """Different steps, guidance, seeds; true CFG on some; two sizes that cannot share a batch."""
+    return {
+        "cat": request(pipe, "a cat", 1, steps=2),
+        "dog": request(pipe, "a dog", 2, steps=4, guidance=5.0),
+        "fox": request(pipe, "a fox", 3, steps=3, negative_prompt="blurry", true_cfg_scale=2.5),
+        "hen": request(pipe, "a hen", 4, steps=2, width=32, height=32),
+        "owl": request(pipe, "an owl", 5, steps=3, negative_prompt="", true_cfg_scale=1.5, guidance=2.0),
+    }
+
+
+def pixels(image) -> np.ndarray:
+    return np.asarray(image).astype(int)
+
+
+def assert_as_alone(pipe, result, job: GenerationRequest) -> None:
+    alone = pipe.generate([job])[0]
+    assert result.ok, result.error
+    assert result.request == job, "the result must carry the request as run"
+    gap = np.abs(pixels(result.image) - pixels(alone.image)).max()
+    assert gap <= 1, f"{job.prompt!r}: {gap} levels from the image it gets alone"
+
+
+def drive(batcher, jobs: dict, joins_at: dict | None = None) -> tuple[dict, dict]:
+    """The engine's loop: admit (in order) what may join, step, collect. joins_at: {key: the step before which it
+    is first offered} (default 0). Returns ({key: result}, {key: the step (from 1) that returned it})."""
+    joins_at = joins_at or {}
+    waiting, results, finished_at, steps = list(jobs), {}, {}, 0
+    while waiting or len(batcher):
+        while waiting and joins_at.get(waiting[0], 0) <= steps and batcher.admits(jobs[waiting[0]]):
+            key = waiting.pop(0)
+            batcher.admit(key, jobs[key])
+        steps += 1
+        for key, result in batcher.step().items():
+            results[key], finished_at[key] = result, steps
+        assert steps < 100, "the batcher does not finish its jobs"
+    return results, finished_at
+
+
+class TransformerBatches:
+    """Records the batch size of each transformer call (a forward pre-hook)."""
+
+    def __init__(self, pipe):
+        self.module, self.sizes = pipe.transformer, []
+
+    def __enter__(self):
+        self.handle = self.module.register_forward_pre_hook(
+            lambda module, args, kwargs: self.sizes.append(kwargs["img"].shape[0]), with_kwargs=True)
+        return self
+
+    def __exit__(self, *exc):
+        self.handle.remove()
+
+
+class poisoned_rows:
+    """Makes the transformer's output NaN in every row run at POISONED_GUIDANCE, wherever that row is batched."""
+
+    def __init__(self, pipe):
+        self.module = pipe.transformer
+
+    def __enter__(self):
+        def poison(module, args, kwargs, output):
+            bad = kwargs["guidance"] == POISONED_GUIDANCE
+            return torch.where(bad[:, None, None], torch.full_like(output, float("nan")), output)
+
+        self.handle = self.module.register_forward_hook(poison, with_kwargs=True)
+        return self
+
+    def __exit__(self, *exc):
+        self.handle.remove()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_every_kind_gives_each_job_its_image_alone(pipe, kind):
+    jobs = mixed_jobs(pipe)
+    results, _ = drive(make_batcher(kind, pipe, max_batch=4), jobs)
+    assert set(results) == set(jobs)
+    for key, job in jobs.items():
+        assert_as_alone(pipe, results[key], job)
+
+
+def expected_batches(steps: dict, cfg: set, joins: dict) -> list[int]:
+    """Rows of each step's transformer call: a job in flight from its join step for its own steps, twice with CFG."""
+    last = max(joins.get(k, 0) + n for k, n in steps.items())
+    return [sum(1 + (k in cfg) for k, n in steps.items() if joins.get(k, 0) < s <= joins.get(k, 0) + n)
+            for s in range(1, last + 1)]
+
+
+def test_step_batching_shares_each_step_between_joining_and_leaving_jobs(pipe):
+    jobs = {key: job for key, job in mixed_jobs(pipe).items() if key != "hen"}  # one size
+    joins = {"owl": 1}  # joins after the first step, while the others run
+    with TransformerBatches(pipe) as calls:
+        results, finished_at = drive(make_batcher("step", pipe, max_batch=4), jobs, joins)
+    steps = {key: job.num_steps for key, job in jobs.items()}
+    cfg = {key for key, job in jobs.items() if job.negative_prompt is not None}
+    assert calls.sizes == expected_batches(steps, cfg, joins)
+    assert finished_at == {key: joins.get(key, 0) + steps[key] for key in jobs}, "each job leaves after its own steps"
+    for key, job in jobs.items():
+        assert_as_alone(pipe, results[key], job)
+
+
+def test_request_batching_runs_a_compatible_group_as_one_batch(pipe):
+    jobs = {"a": request(pipe, "a cat", 1, steps=2), "b": request(pipe, "a dog", 2, steps=2),
+            "c": request(pipe, "a fox", 3, steps=3)}  # other steps: its own batch
+    with TransformerBatches(pipe) as calls:
+        results, finished_at = drive(make_batcher("request", pipe, max_batch=4), jobs)
+    assert calls.sizes == [2, 2, 1, 1, 1]
+    assert finished_at == {"a": 1, "b": 1, "c": 2}
+    for key, job in jobs.items():
+        assert_as_alone(pipe, results[key], job)
+
+
+def test_serial_runs_one_job_at_a_time(pipe):
+    batcher = make_batcher("serial", pipe, max_batch=4)
+    first, second = request(pipe, "a cat", 1), request(pipe, "a dog", 2)
+    batcher.admit("a", first)
+    assert not batcher.admits(second), "serial takes a second job only when the first is done"
+    with TransformerBatches(pipe) as calls:
+        assert set(batcher.step()) == {"a"}
+    assert calls.sizes == [1, 1] and len(batcher) == 0 and batcher.admits(second)
+
+
+def test_step_batcher_admits_one_size_up_to_max_batch(pipe):
+    batcher = make_batcher("step", pipe, max_batch=2)
+    batcher.admit("a", request(pipe, "a cat", 1))
+    assert not batcher.admits(request(pipe, "a hen", 2, width=32, height=32)), "another size cannot join"
+    assert batcher.admits(request(pipe, "a dog", 3))
+    batcher.admit("b", request(pipe, "a dog", 3))
+    assert not batcher.admits(request(pipe, "a fox", 4)), "max_batch jobs are in flight"
+    with pytest.raises(ValueError, match="cannot join now"):
+        batcher.admit("c", request(pipe, "a fox", 4))
+
+    fresh = make_batcher("step", pipe, max_batch=2)
+    fresh.admit("a", request(pipe, "a cat", 1))
+    with pytest.raises(ValueError, match="in flight already"):
+        fresh.admit("a", request(pipe, "a dog", 2))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_bad_arguments_are_refused_clearly(pipe, kind):
+    batcher = make_batcher(kind, pipe, max_batch=2)
+    with pytest.raises(ValueError, match="resolved by fluxrt.serving.resolve"):
+        batcher.admit("a", GenerationRequest("a cat", width=64, height=48))
+    with pytest.raises(ValueError, match="batching must be one of"):
+        make_batcher("continuous", pipe, 2)
+    with pytest.raises(ValueError):
+        make_batcher(kind, pipe, 0)
+    assert len(batcher) == 0 and batcher.step() == {}
+
+
+def test_drop_leaves_at_the_next_step_boundary(pipe):
+    batcher = make_batcher("step", pipe, max_batch=4)
+    jobs = {"keep": request(pipe, "a cat", 1, steps=3), "gone": request(pipe, "a dog", 2, steps=3),
+            "never": request(pipe, "a fox", 3, steps=3)}
+    for key, job in jobs.items():
+        batcher.admit(key, job)
+    batcher.drop("never")  # dropped before it joined: never runs
+    with TransformerBatches(pipe) as calls:
+        results = batcher.step()
+        batcher.drop("gone")
+        batcher.drop("unknown")  # not in flight (a job that finished, say): nothing to do
+        while len(batcher):
+            results.update(batcher.step())
+    assert calls.sizes == [2, 1, 1], "the dropped job leaves the batch at the next step"
+    assert set(results) == {"keep"}
+    assert_as_alone(pipe, results["keep"], jobs["keep"])
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_failing_job_fails_alone(pipe, kind):
+    jobs = {"ok": request(pipe, "a cat", 1, steps=2), "bad": request(pipe, "a dog", 2, steps=3,
+                                                                       guidance=POISONED_GUIDANCE),
+            "ok2": request(pipe, "a fox", 3, steps=2, negative_prompt="", true_cfg_scale=2.0)}
+    with poisoned_rows(pipe):
+        results, _ = drive(make_batcher(kind, pipe, max_batch=4), jobs)
+        alone = pipe.generate([jobs["bad"]])[0]
+    assert not alone.ok and alone.error.startswith("NonFiniteError: ")
+    assert not results["bad"].ok and results["bad"].image is None
+    assert results["bad"].error == alone.error, "the failing job reports what it reports alone"
+    for key in ("ok", "ok2"):
+        assert_as_alone(pipe, results[key], jobs[key])
+
+
+def test_step_batcher_runs_an_image_mode_job_whole(pipe):
+    photo = Image.fromarray(np.random.default_rng(0).integers(0, 256, (48, 64, 3), dtype=np.uint8))
+    edit = request(pipe, "a painting", 7, steps=3, image=photo, strength=0.7)
+    plain = request(pipe, "a cat", 1, steps=2)
+    batcher = make_batcher("step", pipe, max_batch=4)
+    batcher.admit("edit", edit)
+    assert not batcher.admits(plain), "nothing joins an image-mode job"
+    results, _ = drive(batcher, {})
+    results.update(drive(batcher, {"plain": plain})[0])
+    assert_as_alone(pipe, results["edit"], edit)
+    assert_as_alone(pipe, results["plain"], plain)
+
+
+def test_last_step_reports_the_transformer_rows(pipe):
+    batcher = make_batcher("step", pipe, max_batch=4)
+    batcher.admit("a", request(pipe, "a cat", 1))
+    batcher.admit("b", request(pipe, "a dog", 2, negative_prompt="", true_cfg_scale=2.0))
+    batcher.step()
+    rows, seconds = batcher.last_step
+    assert rows == 3 and seconds > 0, batcher.last_step
