@@ -5,6 +5,10 @@
                   [--image IN.png [--mask M.png] [--strength S]] [--control-image C.png] --seed S --out FILE.png
                   [--quantize fp8|fp8-weight] [--no-compile] [--compare-reference]
   fluxrt bench ...   per-step latency of the transformer, diffusers vs fluxrt (fluxrt.bench)
+  fluxrt serve [--model PATH|tiny|tiny-random[...]] [--host 127.0.0.1] [--port 8000] [--max-batch N] [--max-queue N]
+               [--api-key KEY] [--timeout S] [--batching step|request|serial] [--warmup 1024x1024,...]
+               the OpenAI-compatible image server (fluxrt.serve); prints "fluxrt serve: listening on URL" when ready;
+               SIGTERM finishes the requests in flight, then exits 0
 
 The default model, tiny, is the embedded teaching-size FLUX trained on coloured shapes (fluxrt/weights/tiny, 64x64,
 nothing to download); tiny-random is built in process with random weights: tiny on a CPU, flux-dev's real widths on
@@ -81,7 +85,7 @@ def _is_user_error(err: BaseException) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    command = _bench if args.command == "bench" else _generate
+    command = {"generate": _generate, "bench": _bench, "serve": _serve}[args.command]
     outputs: list[_Output] = []
     with _sigterm_raises(), _library_log_on_stderr():
         try:
@@ -107,6 +111,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_generate(sub)
     _add_bench(sub)
+    _add_serve(sub)
     return parser
 
 
@@ -565,3 +570,148 @@ def _bench(args, outputs: list[_Output]) -> None:
     if chart_out:
         chart_out.commit()
     print(f"wrote {out_path}" + (f" and {chart}" if chart_out else " (no chart: matplotlib is not installed)"))
+
+
+# ---- serve ----
+
+
+def _add_serve(sub) -> None:
+    s = sub.add_parser("serve", help="the OpenAI-compatible image server: POST /v1/images/generations, /v1/images/edits")
+    s.add_argument("--model", default=TINY,
+                   help="as generate's --model: a local FLUX folder, tiny (default) or tiny-random[-fill|-canny|-kontext]")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only; 0.0.0.0: all)")
+    s.add_argument("--port", type=int, default=8000, help="TCP port (0: any free one; the ready line names it)")
+    s.add_argument("--max-batch", type=int, default=4, help="images per denoising step (the batch), default 4")
+    s.add_argument("--max-queue", type=int, default=64, help="images waiting for the batch; more get 429, default 64")
+    s.add_argument("--api-key", default=os.environ.get("FLUXRT_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' on /v1/ (default: $FLUXRT_API_KEY; unset: open)")
+    s.add_argument("--timeout", type=float, default=600.0,
+                   help="seconds a request may take from arrival to answer (504 after), default 600")
+    s.add_argument("--batching", default="step", choices=["step", "request", "serial"],
+                   help="step: requests join and leave the running batch at each denoising step (default); request: "
+                        "a batch runs start to end; serial: one image at a time")
+    s.add_argument("--warmup", default="", metavar="WxH,...",
+                   help="sizes to generate once before listening (compilation and caches), e.g. 1024x1024,768x1024")
+    s.add_argument("--device", help="default: cuda when there is a GPU, else cpu")
+    s.add_argument("--no-compile", action="store_true", help="run the plain-PyTorch reference transformer")
+    s.set_defaults(ae=None, text_encoders=None, prompt=None)
+    _add_debug(s, default=argparse.SUPPRESS)
+
+
+def _check_serve_args(args) -> tuple[torch.device, list[tuple[int, int]]]:
+    device = devices.resolve_device(args.device, "--device")
+    _check_model(args)
+    if not 0 <= args.port <= 65535:
+        raise UsageError(f"--port must be between 0 and 65535 (0: any free port), got {args.port}")
+    validation.check_batch_size(args.max_batch, "--max-batch")
+    if args.max_queue < 1:
+        raise UsageError(f"--max-queue must be at least 1, got {args.max_queue}")
+    if not (math.isfinite(args.timeout) and args.timeout > 0):
+        raise UsageError(f"--timeout must be a positive number of seconds, got {args.timeout}")
+    if args.api_key is not None and not args.api_key.strip():
+        raise UsageError("--api-key is empty: give a key, or leave it (and $FLUXRT_API_KEY) unset for an open server")
+    warmup = [(w, h) for h, w in _parse_sizes([t for t in args.warmup.split(",") if t.strip()])]
+    return device, warmup
+
+
+def _listen(host: str, port: int):
+    """The listening socket, bound before the model loads: a busy port fails at once."""
+    import socket
+
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        sock = socket.socket(family, socket.SOCK_STREAM)
+    except OSError as err:
+        raise UsageError(f"--host {host!r}: {err.strerror or err}") from None
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+    except OSError as err:
+        sock.close()
+        raise UsageError(f"cannot listen on {host}:{port}: {err.strerror or err}; pick another --port (0: any free "
+                         "one)") from None
+    return sock
+
+
+def _serve_pipeline(args, device: torch.device):
+    compile = False if args.no_compile else None  # None: compiled on a GPU, the reference on a CPU
+    if _random_mode(args.model):
+        from .tiny import tiny_random_pipeline
+
+        return tiny_random_pipeline(device=device, mode=_random_mode(args.model), compile=compile, progress=False)
+    return _load_model(args, compile=compile, progress=False)
+
+
+def _model_name(args, requested: str) -> str:
+    """The name /v1/models shows and requests' "model" must match: tiny, tiny-random..., or the folder's name."""
+    return requested if requested == TINY or _random_mode(requested) else Path(requested).resolve().name
+
+
+def _serve(args, outputs: list[_Output]) -> None:
+    from .serve.app import create_app
+    from .serve.engine import Engine
+    from .serving import GenerationRequest
+
+    requested = args.model
+    device, warmup = _check_serve_args(args)
+    sock = _listen(args.host, args.port)
+    try:
+        pipe = _serve_pipeline(args, device)
+        engine = Engine(pipe, max_batch=args.max_batch, max_queue=args.max_queue, batching=args.batching,
+                        timeout_s=args.timeout).start()
+        try:
+            for width, height in warmup:
+                engine.submit(GenerationRequest("warm-up", width=width, height=height, num_steps=2, seed=0)).future.result()
+            app = create_app(engine, _model_name(args, requested), api_key=args.api_key,
+                             default_size=_default_size(args, device))
+            signals = _run_uvicorn(app, sock, engine)
+        finally:
+            engine.shutdown(drain=True)
+    finally:
+        sock.close()
+    print("fluxrt serve: stopped", flush=True)
+    if signal.SIGINT in signals:
+        raise KeyboardInterrupt
+
+
+def _run_uvicorn(app, sock, engine) -> list[int]:
+    """Serve until SIGTERM or SIGINT; returns the signals received. Either signal stops the engine accepting and
+    uvicorn listening, then the requests in flight finish (uvicorn waits for their connections)."""
+    import uvicorn
+
+    host, port = sock.getsockname()[:2]
+    url = f"http://{host}:{port}" if ":" not in host else f"http://[{host}]:{port}"
+
+    class Server(uvicorn.Server):
+        def __init__(self, config):
+            super().__init__(config)
+            self.received: list[int] = []
+
+        @contextlib.contextmanager
+        def capture_signals(self):
+            # uvicorn's own re-raises the signal after a graceful stop, which would end the process by SIGTERM (143)
+            # instead of exit 0 once everything in flight is answered
+            if threading.current_thread() is not threading.main_thread():
+                yield
+                return
+            previous = {sig: signal.signal(sig, self.on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+            try:
+                yield
+            finally:
+                for sig, handler in previous.items():
+                    signal.signal(sig, handler)
+
+        def on_signal(self, sig, frame) -> None:
+            self.received.append(sig)
+            engine.stop_accepting()
+            self.force_exit = self.should_exit and sig == signal.SIGINT  # a second Ctrl-C: stop waiting
+            self.should_exit = True
+
+        async def startup(self, sockets=None) -> None:
+            await super().startup(sockets=sockets)
+            if self.started and not self.should_exit:
+                print(f"fluxrt serve: listening on {url}", flush=True)
+
+    server = Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off"))
+    server.run(sockets=[sock])
+    return server.received

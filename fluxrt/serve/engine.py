@@ -15,7 +15,8 @@ worker removes it from the batch at the next boundary. A step that raises fails 
 Errors a caller sees: submit raises the request's TypeError / ValueError / KeyError (a bad request: nothing queued),
 QueueFull (max_queue jobs wait; retry after QueueFull.retry_after_s) or EngineDraining (shutdown began); a job's
 future raises JobTimeout, CancelledError (Job.cancel), or returns a GenerationResult whose .error says why it failed.
-Metrics are Prometheus text (Engine.metrics()); the HTTP layer adds its request counts through Engine.stats.
+Metrics are Prometheus text (Engine.metrics()): jobs by outcome, queue depth, batch sizes, step latency, images/s;
+the HTTP layer adds its request and error counts through Engine.stats.
 """
 
 from __future__ import annotations
@@ -324,8 +325,6 @@ class Engine:
                 if job is not None and not job.future.done():
                     job.future.set_result(result)
                     self.stats.count_job("completed" if result.ok else "failed", time.monotonic() - job.submitted)
-                    if not result.ok:
-                        self.stats.count_error("generation")
 
     def _fail_running(self, err: Exception) -> None:
         with self._lock:
@@ -335,7 +334,6 @@ class Engine:
                 if not job.future.done():
                     job.future.set_result(GenerationResult(job.request, error=f"{type(err).__name__}: {err}"))
                     self.stats.count_job("failed", time.monotonic() - job.submitted)
-                    self.stats.count_error("generation")
 
     # ---- metrics ----
 
@@ -349,7 +347,7 @@ class Engine:
             lines = _family("fluxrt_requests_total", "counter", "HTTP requests by endpoint and status code",
                             [f"fluxrt_requests_total{_labels(endpoint=e, status=s)} {n}"
                              for (e, s), n in sorted(stats.requests.items())])
-            lines += _family("fluxrt_errors_total", "counter", "errors by kind",
+            lines += _family("fluxrt_errors_total", "counter", "error answers by kind (their OpenAI error code)",
                              [f"fluxrt_errors_total{_labels(kind=k)} {n}" for k, n in sorted(stats.errors.items())])
             lines += _family("fluxrt_jobs_total", "counter", "images by outcome (completed, failed, cancelled, timeout)",
                              [f"fluxrt_jobs_total{_labels(outcome=k)} {n}" for k, n in sorted(stats.jobs.items())])

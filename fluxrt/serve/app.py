@@ -1,0 +1,351 @@
+"""The HTTP API of `fluxrt serve`: OpenAI's images endpoints in front of an Engine (fluxrt.serve.engine).
+
+    POST /v1/images/generations   JSON: prompt, n, size "WxH", response_format "b64_json", model; FLUX extras: steps
+                                  (or num_inference_steps), guidance (or guidance_scale), seed, negative_prompt,
+                                  true_cfg_scale, loras {name: scale}
+    POST /v1/images/edits         multipart: image, optional mask, prompt, n, size, response_format, strength, the
+                                  extras above but loras: img2img / inpainting / Fill / Kontext, by the loaded model
+    GET  /v1/models               the one model;  GET /health: the process is up;  GET /ready: the engine accepts jobs
+    GET  /metrics                 Prometheus text
+
+A request for n images is n jobs with seeds seed, seed + 1, ... (no seed: one is drawn and reported per image);
+they are queued together or not at all. Answers: {"created", "data": [{"b64_json": PNG, "revised_prompt": null,
+"seed"}]}; errors: {"error": {"message", "type", "param", "code"}} with 400 (a bad request, fluxrt.validation's
+limits), 401 (api_key set: no or a wrong Bearer token on /v1/), 404, 429 (the queue is full; Retry-After), 500 (the
+generation failed), 503 (shutting down), 504 (--timeout passed). A client that disconnects cancels its jobs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+import re
+import secrets
+import time
+from concurrent.futures import CancelledError
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from .. import validation
+from ..serving import GenerationRequest
+from .engine import EngineDraining, JobTimeout, QueueFull
+
+GENERATIONS, EDITS = "/v1/images/generations", "/v1/images/edits"
+ENDPOINTS = (GENERATIONS, EDITS, "/v1/models", "/health", "/ready", "/metrics")
+DISCONNECT_POLL_S = 0.25  # how often a waiting request checks that its client is still there
+CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that left before the answer (counted, never sent)
+EXTRAS = ("steps", "num_inference_steps", "guidance", "guidance_scale", "seed", "negative_prompt", "true_cfg_scale")
+GENERATION_FIELDS = {"prompt", "n", "size", "response_format", "model", "user", "loras", *EXTRAS}
+EDIT_FIELDS = {"image", "mask", "prompt", "n", "size", "response_format", "model", "user", "strength", *EXTRAS}
+SIZE_PATTERN = re.compile(r"(\d+)x(\d+)")
+
+
+class ApiError(Exception):
+    """One error answer in OpenAI's shape."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 kind: str = "invalid_request_error", headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
+        self.headers = headers or {}
+
+    def response(self, stats) -> JSONResponse:
+        """The answer, counted in /metrics' fluxrt_errors_total by its code."""
+        stats.count_error(self.code or f"http_{self.status}")
+        body = {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
+        return JSONResponse(body, status_code=self.status, headers=self.headers)
+
+
+def create_app(engine, model_name: str, api_key: str | None = None,
+               default_size: tuple[int, int] = (1024, 1024)) -> FastAPI:
+    """The FastAPI app serving `engine` (started and shut down by the caller) as model `model_name`. api_key: the
+    Bearer token /v1/ requires (None: open). default_size: (width, height) of a generation without size."""
+    app = FastAPI(title="fluxrt serve", docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_middleware(_Guard, stats=engine.stats, api_key=api_key)
+    created = int(time.time())
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, err: ApiError) -> JSONResponse:
+        return err.response(engine.stats)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, err: StarletteHTTPException) -> JSONResponse:
+        message = f"{request.method} {request.url.path}: {err.detail}"
+        if err.status_code == 404:
+            message += f"; this server has {', '.join(ENDPOINTS)}"
+        code = "not_found" if err.status_code == 404 else None
+        return ApiError(err.status_code, message, code=code).response(engine.stats)
+
+    @app.post(GENERATIONS)
+    async def generations(request: Request) -> JSONResponse:
+        body = _json_object(await request.body())
+        _check_fields(body, GENERATION_FIELDS)
+        _check_model(body.get("model"), model_name)
+        size = _size(body.get("size"), default_size)
+        return await _serve(request, engine, body, size, images={})
+
+    @app.post(EDITS)
+    async def edits(request: Request) -> JSONResponse:
+        form = await _form(request)
+        _check_fields(form, EDIT_FIELDS)
+        _check_model(form.get("model"), model_name)
+        fields = _edit_fields(form)
+        images = {"image": await _read_image(form, "image")}
+        if form.get("mask") is not None:
+            images["mask_image"] = await _read_image(form, "mask")
+            _check_mask(images)
+        size = _size(fields.get("size"), images["image"].size, "the image's size (pass size)")
+        return await _serve(request, engine, fields, size, images)
+
+    @app.get("/v1/models")
+    async def models() -> dict:
+        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created,
+                                            "owned_by": "fluxrt"}]}
+
+    @app.get("/health")
+    async def health() -> dict:
+        return {"status": "ok"}
+
+    @app.get("/ready")
+    async def ready() -> dict:
+        if not engine.accepting:
+            raise ApiError(503, "the engine is not running or is shutting down", code="not_ready", kind="server_error")
+        return {"status": "ready"}
+
+    @app.get("/metrics")
+    async def metrics() -> PlainTextResponse:
+        return PlainTextResponse(engine.metrics(), media_type="text/plain; version=0.0.4")
+
+    return app
+
+
+class _Guard:
+    """ASGI middleware (a plain one: Starlette's BaseHTTPMiddleware hides client disconnects from the endpoint):
+    the Bearer token on /v1/, and the request count by endpoint and status for /metrics."""
+
+    def __init__(self, app, stats, api_key: str | None):
+        self.app, self.stats, self.api_key = app, stats, api_key
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path = scope["path"]
+        endpoint = path if path in ENDPOINTS else "other"
+        status = [CLIENT_CLOSED_REQUEST]
+
+        async def send_counted(message):
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            if self.api_key is not None and path.startswith("/v1/") and not self._authorized(scope):
+                response = ApiError(401, "missing or wrong API key: send the header 'Authorization: Bearer KEY' with "
+                                    "the server's --api-key", code="invalid_api_key").response(self.stats)
+                return await response(scope, receive, send_counted)
+            await self.app(scope, receive, send_counted)
+        finally:
+            self.stats.count_request(endpoint, status[0])
+
+    def _authorized(self, scope) -> bool:
+        header = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
+        scheme, _, token = header.partition(" ")
+        return scheme.lower() == "bearer" and secrets.compare_digest(token.strip().encode(), self.api_key.encode())
+
+
+# ---- parsing ----
+
+
+def _json_object(raw: bytes) -> dict:
+    try:
+        body = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ApiError(400, f"the request body is not valid JSON ({err}); send a JSON object with at least "
+                            "\"prompt\"", code="invalid_json") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, f"the request body must be a JSON object, got {type(body).__name__}", code="invalid_json")
+    return body
+
+
+async def _form(request: Request) -> dict:
+    if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+        raise ApiError(400, "/v1/images/edits takes multipart/form-data (an image file, optional mask file, prompt, "
+                            "...)", code="invalid_content_type")
+    form = await request.form()
+    return {key: form.get(key) for key in form.keys()}
+
+
+def _check_fields(body: dict, known: set) -> None:
+    unknown = sorted(set(body) - known)
+    if unknown:
+        raise ApiError(400, f"unknown field{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}; this endpoint "
+                            f"takes {', '.join(sorted(known))}", param=unknown[0], code="unknown_parameter")
+
+
+def _check_model(model, model_name: str) -> None:
+    if model is not None and model != model_name:
+        raise ApiError(404, f"model {model!r} is not served here; this server serves {model_name!r} (GET /v1/models)",
+                       param="model", code="model_not_found")
+
+
+def _size(size, default: tuple[int, int], default_what: str = "") -> tuple[int, int]:
+    """"WxH" -> (width, height) by fluxrt.validation's size rules; None -> default."""
+    if size is None or size == "auto":
+        width, height = default
+        what = default_what or "the default size"
+    else:
+        match = SIZE_PATTERN.fullmatch(size) if isinstance(size, str) else None
+        if match is None:
+            raise ApiError(400, f"size must be \"WIDTHxHEIGHT\" (multiples of 16, e.g. \"1024x768\"), got {size!r}",
+                           param="size", code="invalid_size")
+        width, height = int(match[1]), int(match[2])
+        what = "size"
+    try:
+        return validation.check_size(width, height)
+    except ValueError as err:
+        raise ApiError(400, f"{what}: {err}", param="size", code="invalid_size") from None
+
+
+def _one_of(body: dict, names: tuple[str, str]):
+    """A value that has two names (OpenAI-style and diffusers-style): either, or both if they agree."""
+    values = [body[name] for name in names if body.get(name) is not None]
+    if len(values) == 2 and values[0] != values[1]:
+        raise ApiError(400, f"{names[0]} and {names[1]} are the same setting and disagree ({values[0]!r} vs "
+                            f"{values[1]!r}): pass one", param=names[1])
+    return values[0] if values else None
+
+
+def _edit_fields(form: dict) -> dict:
+    """The form's text fields as the JSON body's types (multipart sends everything as text)."""
+    fields = {k: v for k, v in form.items() if isinstance(v, str)}
+    for name in ("n", "steps", "num_inference_steps", "seed"):
+        if name in fields:
+            fields[name] = _parse_number(fields[name], name, int)
+    for name in ("guidance", "guidance_scale", "true_cfg_scale", "strength"):
+        if name in fields:
+            fields[name] = _parse_number(fields[name], name, float)
+    return fields
+
+
+def _parse_number(text: str, name: str, kind: type):
+    try:
+        return kind(text)
+    except ValueError:
+        raise ApiError(400, f"{name} must be {'an int' if kind is int else 'a number'}, got {text!r}",
+                       param=name) from None
+
+
+async def _read_image(form: dict, name: str):
+    from PIL import Image, UnidentifiedImageError
+
+    upload = form.get(name)
+    if upload is None or isinstance(upload, str):
+        raise ApiError(400, f"{name} must be an image file (multipart file field {name!r})", param=name)
+    data = await upload.read()
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.load()
+            return image.copy()
+    except (UnidentifiedImageError, OSError) as err:
+        raise ApiError(400, f"{name} is not an image file PIL can read ({err})", param=name) from None
+
+
+def _check_mask(images: dict) -> None:
+    from ..conditioning import check_mask_size
+
+    try:
+        check_mask_size(images["image"], images["mask_image"])
+    except ValueError as err:
+        raise ApiError(400, str(err), param="mask") from None
+
+
+def _requests(body: dict, size: tuple[int, int], images: dict) -> list[GenerationRequest]:
+    """The n GenerationRequests of one HTTP request: seeds seed, seed + 1, ... (None: drawn)."""
+    prompt = body.get("prompt")
+    if not isinstance(prompt, str):
+        raise ApiError(400, "prompt is required: a string", param="prompt")
+    format_ = body.get("response_format") or "b64_json"
+    if format_ != "b64_json":
+        raise ApiError(400, f"response_format {format_!r} is not served: this server returns images inline only, as "
+                            "response_format \"b64_json\" (base64 PNG)", param="response_format")
+    loras = body.get("loras")
+    if loras is not None and not (isinstance(loras, dict) and all(isinstance(k, str) for k in loras)):
+        raise ApiError(400, f"loras must be an object {{name: scale}} of loaded LoRAs, got {loras!r}", param="loras")
+    try:
+        n = validation.check_images_per_prompt(body.get("n", 1), "n")
+        seeds = validation.check_seeds(body.get("seed"), n, "seed")
+    except (TypeError, ValueError) as err:
+        raise ApiError(400, str(err), param="seed" if "seed" in str(err) else "n") from None
+    common = dict(prompt=prompt, width=size[0], height=size[1],
+                  num_steps=_one_of(body, ("steps", "num_inference_steps")),
+                  guidance=_one_of(body, ("guidance", "guidance_scale")),
+                  negative_prompt=body.get("negative_prompt"), true_cfg_scale=body.get("true_cfg_scale"),
+                  loras=loras, strength=body.get("strength"), **images)
+    return [GenerationRequest(seed=seed, **common) for seed in seeds]
+
+
+# ---- running ----
+
+
+async def _serve(request: Request, engine, body: dict, size: tuple[int, int], images: dict) -> JSONResponse:
+    jobs = _submit(engine, _requests(body, size, images))
+    try:
+        await _wait(request, jobs)
+    finally:  # a client that left, or any error: what is still queued or running is not wanted any more
+        for job in jobs:
+            job.cancel()
+    results = [_result(job) for job in jobs]
+    data = await run_in_threadpool(lambda: [{"b64_json": _png_base64(r.image), "revised_prompt": None,
+                                             "seed": r.request.seed} for r in results])
+    return JSONResponse({"created": int(time.time()), "data": data})
+
+
+def _submit(engine, requests: list[GenerationRequest]) -> list:
+    try:
+        return engine.submit_all(requests)
+    except QueueFull as err:
+        raise ApiError(429, str(err), code="queue_full", kind="rate_limit_error",
+                       headers={"Retry-After": str(err.retry_after_s)}) from None
+    except EngineDraining as err:
+        raise ApiError(503, str(err), code="shutting_down", kind="server_error") from None
+    except (TypeError, ValueError, KeyError) as err:
+        message = err.args[0] if isinstance(err, KeyError) else str(err)
+        raise ApiError(400, message, code="invalid_request") from None
+
+
+async def _wait(request: Request, jobs: list) -> None:
+    """Until every job is done; a client that disconnects meanwhile cancels them (ClientGone)."""
+    pending = {asyncio.wrap_future(job.future) for job in jobs}
+    while pending:
+        _, pending = await asyncio.wait(pending, timeout=DISCONNECT_POLL_S)
+        if pending and await request.is_disconnected():
+            raise ApiError(CLIENT_CLOSED_REQUEST, "the client disconnected; its request was cancelled",
+                           code="client_disconnected")
+
+
+def _result(job):
+    """The job's GenerationResult, or the ApiError its future holds."""
+    try:
+        error = job.future.exception(timeout=0)
+    except CancelledError:
+        raise ApiError(CLIENT_CLOSED_REQUEST, "the request was cancelled", code="cancelled") from None
+    if isinstance(error, JobTimeout):
+        raise ApiError(504, str(error), code="timeout", kind="server_error")
+    if error is not None:
+        raise error
+    result = job.future.result()
+    if not result.ok:
+        raise ApiError(500, f"the image could not be generated: {result.error}", code="generation_failed",
+                       kind="server_error")
+    return result
+
+
+def _png_base64(image) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
