@@ -12,6 +12,7 @@ from fluxrt.serving import resolve
 from fluxrt.tiny import tiny_random_pipeline
 
 POISONED_GUIDANCE = 6.5  # rows run at this guidance get NaN velocities (poisoned_rows)
+CRASHING_GUIDANCE = 7.25  # a transformer call with a row at this guidance raises
 
 
 @pytest.fixture(scope="module")
@@ -29,8 +30,8 @@ def mixed_jobs(pipe) -> dict:
         "cat": request(pipe, "a cat", 1, steps=2),
         "dog": request(pipe, "a dog", 2, steps=4, guidance=5.0),
         "fox": request(pipe, "a fox", 3, steps=3, negative_prompt="blurry", true_cfg_scale=2.5),
-        "hen": request(pipe, "a hen", 4, steps=2, width=32, height=32),
         "owl": request(pipe, "an owl", 5, steps=3, negative_prompt="", true_cfg_scale=1.5, guidance=2.0),
+        "hen": request(pipe, "a hen", 4, steps=2, width=32, height=32),
     }
 
 
@@ -226,3 +227,21 @@ def test_last_step_reports_the_transformer_rows(pipe):
     batcher.step()
     rows, seconds = batcher.last_step
     assert rows == 3 and seconds > 0, batcher.last_step
+
+
+def test_a_step_that_raises_is_retried_row_by_row(pipe):
+    def refuse_crashing_rows(module, args, kwargs):
+        if (kwargs["guidance"] == CRASHING_GUIDANCE).any():
+            raise RuntimeError("out of memory (a test's)")
+
+    jobs = {"ok": request(pipe, "a cat", 1, steps=2), "crash": request(pipe, "a dog", 2, steps=2,
+                                                                         guidance=CRASHING_GUIDANCE)}
+    handle = pipe.transformer.register_forward_pre_hook(refuse_crashing_rows, with_kwargs=True)
+    try:
+        results, finished_at = drive(make_batcher("step", pipe, max_batch=4), jobs)
+        alone = pipe.generate([jobs["crash"]])[0]
+    finally:
+        handle.remove()
+    assert results["crash"].error == alone.error == "RuntimeError: out of memory (a test's)"
+    assert finished_at["crash"] == 1, "the failing row leaves at once"
+    assert_as_alone(pipe, results["ok"], jobs["ok"])
