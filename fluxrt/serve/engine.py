@@ -294,7 +294,9 @@ class Engine:
                     self._timer.notify_all()
                     return
                 self._admit_queued()
-            if self._running:
+                if self._queue and not len(self._batcher):
+                    self._refuse_head()  # an empty batcher that admits nothing would spin this loop forever
+            if len(self._batcher):  # also when only dropped jobs are left: the step lets them go
                 self._step()
 
     def _drop_abandoned(self) -> None:
@@ -308,6 +310,12 @@ class Engine:
             job = self._queue.popleft()
             self._batcher.admit(job.id, job.request)
             self._running[job.id] = job
+
+    def _refuse_head(self) -> None:
+        job = self._queue.popleft()
+        job.future.set_result(GenerationResult(job.request, error="the batcher cannot run this request (it admits "
+                                                                  "nothing else either): a fluxrt bug, please report it"))
+        self.stats.count_job("failed", time.monotonic() - job.submitted)
 
     def _step(self) -> None:
         start = time.perf_counter()
