@@ -1,6 +1,11 @@
 """fluxrt.serve.batching: every batcher gives each job the image pipe.generate gives it alone; the step batcher shares
 transformer calls between jobs that join and leave at step boundaries; drop; a failing job fails alone."""
 
+import json
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -11,6 +16,7 @@ from fluxrt.serve.batching import KINDS, make_batcher
 from fluxrt.serving import resolve
 from fluxrt.tiny import tiny_random_pipeline
 
+BENCH = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_serve.py"
 POISONED_GUIDANCE = 6.5  # rows run at this guidance get NaN velocities (poisoned_rows)
 CRASHING_GUIDANCE = 7.25  # a transformer call with a row at this guidance raises
 
@@ -245,3 +251,24 @@ def test_a_step_that_raises_is_retried_row_by_row(pipe):
     assert results["crash"].error == alone.error == "RuntimeError: out of memory (a test's)"
     assert finished_at["crash"] == 1, "the failing row leaves at once"
     assert_as_alone(pipe, results["ok"], jobs["ok"])
+
+
+def test_bench_serve_dry_run_compares_every_kind_and_checks_the_images(tmp_path):
+    out = tmp_path / "serve.json"
+    run = subprocess.run([sys.executable, str(BENCH), "--dry-run", "--out", str(out)], capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr
+    report = json.loads(out.read_text())
+    rows = report["rows"]
+    assert {(r["kind"], r["concurrency"]) for r in rows} == {(k, c) for k in KINDS for c in (1, 4)}
+    assert all(r["verified"] and r["images_per_s"] > 0 and r["latency_p99_s"] >= r["latency_p50_s"] > 0
+               for r in rows), rows
+    assert report["meta"]["label"].endswith("not a GPU claim") and "no HTTP" in report["meta"]["transport"]
+    assert "| step | 4 |" in out.with_suffix(".md").read_text()
+
+
+def test_bench_serve_bad_flags_are_one_line(tmp_path):
+    run = subprocess.run([sys.executable, str(BENCH), "--steps", "0,2", "--out", str(tmp_path / "x.json")],
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 2 and "--steps takes positive ints" in run.stderr.strip().splitlines()[-1], run.stderr
+    assert not (tmp_path / "x.json").exists()
