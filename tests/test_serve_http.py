@@ -1,0 +1,334 @@
+"""`fluxrt serve` as a subprocess on loopback, driven by real clients: the openai package for the round trips,
+httpx for the error paths, a bounded load test, cancellation on disconnect, the queue bound, timeouts and SIGTERM.
+
+Every server is started with --port 0 and read back from its ready line; every test bounds its own waits, and each
+fixture kills its process at the end. The images are compared with the same requests run alone in process
+(tiny_random_pipeline is seeded, so the server's random weights are these)."""
+
+import base64
+import io
+import os
+import queue
+import signal
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import numpy as np
+import openai
+import pytest
+from PIL import Image
+
+from fluxrt import GenerationRequest
+from fluxrt.tiny import tiny_random_pipeline
+
+API_KEY = "test-key"
+START_S = 120  # a server's start, import to ready line, on a loaded 2-core box
+WAIT_S = 60
+STEPS_IN_FLIGHT = 100  # seconds of work on a CPU: still running when SIGTERM comes
+SLOW = dict(size="256x256", steps=1000)  # a request that runs far longer than any test waits for it
+
+
+class ServerProcess:
+    """`python -m fluxrt serve --port 0 ARGS` with its URL read from the ready line."""
+
+    def __init__(self, *args: str):
+        env = dict(os.environ, OMP_NUM_THREADS="1")
+        command = [sys.executable, "-m", "fluxrt", "serve", "--port", "0", *args]
+        self.proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+        self.lines: queue.Queue = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+        self.url = self._ready_url()
+
+    def _read(self):
+        for line in self.proc.stdout:
+            self.lines.put(line)
+        self.lines.put(None)
+
+    def _ready_url(self) -> str:
+        deadline, seen = time.monotonic() + START_S, []
+        while time.monotonic() < deadline:
+            try:
+                line = self.lines.get(timeout=1)
+            except queue.Empty:
+                continue
+            if line is None:
+                break
+            seen.append(line)
+            if line.startswith("fluxrt serve: listening on "):
+                return line.split()[-1]
+        self.stop()
+        raise AssertionError(f"the server did not print its ready line; its output:\n{''.join(seen)}")
+
+    def output(self) -> str:
+        lines = []
+        while not self.lines.empty():
+            line = self.lines.get()
+            if line is not None:
+                lines.append(line)
+        return "".join(lines)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(WAIT_S)
+
+
+@pytest.fixture(scope="module")
+def server():
+    process = ServerProcess("--model", "tiny-random", "--max-batch", "4", "--api-key", API_KEY)
+    yield process
+    process.stop()
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return tiny_random_pipeline(progress=False)
+
+
+@pytest.fixture
+def http(server):
+    with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=WAIT_S) as client:
+        yield client
+
+
+def client(server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=server.url + "/v1", api_key=API_KEY, max_retries=0, timeout=WAIT_S)
+
+
+def decoded(b64: str) -> np.ndarray:
+    with Image.open(io.BytesIO(base64.b64decode(b64))) as image:
+        assert image.format == "PNG"
+        return np.asarray(image.convert("RGB")).astype(int)
+
+
+def alone(pipe, **request) -> np.ndarray:
+    result, = pipe.generate([GenerationRequest(**request)])
+    assert result.ok, result.error
+    return np.asarray(result.image).astype(int)
+
+
+def assert_same(got: np.ndarray, expected: np.ndarray, what: str) -> None:
+    assert got.shape == expected.shape, f"{what}: shape {got.shape}, expected {expected.shape}"
+    difference = np.abs(got - expected).max()
+    assert difference <= 1, f"{what}: differs from the request run alone by {difference} levels"
+
+
+def assert_error(response: httpx.Response, status: int, *words: str) -> dict:
+    assert response.status_code == status, (response.status_code, response.text)
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}, error
+    for word in words:
+        assert word in error["message"], f"{word!r} not in {error['message']!r}"
+    return error
+
+
+def metric(http: httpx.Client, name: str, **labels) -> float:
+    label_text = ",".join(f'{k}="{v}"' for k, v in labels.items())
+    sample = name + (f"{{{label_text}}}" if labels else "")
+    for line in http.get("/metrics").text.splitlines():
+        if line.startswith(sample + " "):
+            return float(line.split()[-1])
+    return 0.0
+
+
+def wait_until(condition, what: str) -> None:
+    deadline = time.monotonic() + WAIT_S
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def png_bytes(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+# ---- the openai client ----
+
+
+def test_openai_generate_round_trip(server, pipe):
+    response = client(server).images.generate(model="tiny-random", prompt="a red star", n=2, size="64x64",
+                                              response_format="b64_json", extra_body={"steps": 2, "seed": 5})
+    assert isinstance(response.created, int) and len(response.data) == 2
+    for k, item in enumerate(response.data):
+        assert item.to_dict()["seed"] == 5 + k
+        assert item.revised_prompt is None
+        expected = alone(pipe, prompt="a red star", width=64, height=64, num_steps=2, seed=5 + k)
+        assert_same(decoded(item.b64_json), expected, f"image {k}")
+
+
+def test_a_missing_seed_is_drawn_and_reported(server, pipe):
+    item, = client(server).images.generate(prompt="a blue circle", size="48x64", extra_body={"steps": 2}).data
+    seed = item.to_dict()["seed"]
+    assert_same(decoded(item.b64_json), alone(pipe, prompt="a blue circle", width=48, height=64, num_steps=2,
+                                              seed=seed), "a drawn seed's image")
+
+
+def test_openai_edit_inpaint_and_img2img(server, pipe):
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    mask = Image.fromarray(np.where(np.arange(64)[None, :].repeat(64, 0) < 32, 255, 0).astype(np.uint8))
+    image_png, mask_png = png_bytes(image), png_bytes(mask)
+    extras = {"steps": 2, "seed": 9, "strength": 0.8}
+    common = dict(prompt="a green square", size="64x64", response_format="b64_json", extra_body=extras)
+    inpainted = client(server).images.edit(image=("in.png", image_png), mask=("mask.png", mask_png), **common)
+    img2img = client(server).images.edit(image=("in.png", image_png), **common)
+    as_sent = {name: Image.open(io.BytesIO(data)) for name, data in (("image", image_png), ("mask", mask_png))}
+    request = dict(prompt="a green square", width=64, height=64, num_steps=2, seed=9, strength=0.8,
+                   image=as_sent["image"])
+    assert_same(decoded(inpainted.data[0].b64_json), alone(pipe, mask_image=as_sent["mask"], **request), "inpainting")
+    assert_same(decoded(img2img.data[0].b64_json), alone(pipe, **request), "img2img")
+    assert np.abs(decoded(inpainted.data[0].b64_json) - decoded(img2img.data[0].b64_json)).max() > 0, \
+        "the mask made no difference: was it ignored?"
+
+
+# ---- the error paths ----
+
+
+def test_bad_requests_get_400_with_openai_error_body(http):
+    ok = dict(prompt="x", size="64x64", steps=2, seed=1)
+    cases = [
+        (dict(ok, size="65x64"), "size", "multiple of 16"),
+        (dict(ok, size="big"), "size", "WIDTHxHEIGHT"),
+        (dict(ok, size="4096x4096"), "size", "pixels"),
+        (dict(ok, steps=1001), None, "num_steps must be between 1 and 1000"),
+        (dict(ok, n=65), "n", "n must be between 1 and 64"),
+        (dict(ok, response_format="url"), "response_format", "b64_json"),
+        (dict(ok, quality="hd"), "quality", "unknown field quality"),
+        (dict(ok, steps=2, num_inference_steps=3), "num_inference_steps", "disagree"),
+        ({"size": "64x64"}, "prompt", "prompt is required"),
+    ]
+    for body, param, words in cases:
+        error = assert_error(http.post("/v1/images/generations", json=body), 400, words)
+        assert error["param"] == param, (body, error)
+        assert error["type"] == "invalid_request_error"
+    assert_error(http.post("/v1/images/generations", content=b"{not json", headers={"content-type":
+                                                                                    "application/json"}), 400, "JSON")
+    assert_error(http.post("/v1/images/generations", json=["a list"]), 400, "JSON object")
+    assert metric(http, "fluxrt_errors_total", kind="invalid_size") == 3
+
+
+def test_wrong_model_and_unknown_paths_get_404(http):
+    error = assert_error(http.post("/v1/images/generations", json={"prompt": "x", "model": "dall-e-3"}), 404,
+                         "'dall-e-3' is not served", "tiny-random")
+    assert error["code"] == "model_not_found"
+    assert_error(http.get("/v1/nothing"), 404, "/v1/images/generations")
+
+
+def test_api_key(server, http):
+    body = {"prompt": "x", "size": "64x64", "steps": 2}
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": API_KEY}):
+        response = httpx.post(server.url + "/v1/images/generations", json=body, headers=headers, timeout=WAIT_S)
+        assert assert_error(response, 401, "Bearer")["code"] == "invalid_api_key"
+    assert httpx.get(server.url + "/v1/models", timeout=WAIT_S).status_code == 401
+    assert httpx.get(server.url + "/health", timeout=WAIT_S).status_code == 200, "probes need no key"
+    models = http.get("/v1/models").json()
+    assert [m["id"] for m in models["data"]] == ["tiny-random"]
+    assert http.get("/ready").json() == {"status": "ready"}
+
+
+def test_edits_need_an_image_file(http):
+    files = {"image": ("x.png", b"not a png", "image/png")}
+    assert_error(http.post("/v1/images/edits", data={"prompt": "x"}, files=files), 400, "not an image file")
+    assert_error(http.post("/v1/images/edits", json={"prompt": "x"}), 400, "multipart/form-data")
+    image = png_bytes(Image.new("RGB", (64, 64)))
+    mask = png_bytes(Image.new("L", (32, 32)))
+    files = {"image": ("x.png", image, "image/png"), "mask": ("m.png", mask, "image/png")}
+    assert_error(http.post("/v1/images/edits", data={"prompt": "x"}, files=files), 400, "the mask is 32x32")
+    files = {"image": ("x.png", png_bytes(Image.new("RGB", (60, 64))), "image/png")}
+    assert_error(http.post("/v1/images/edits", data={"prompt": "x"}, files=files), 400, "the image's size")
+
+
+def test_a_client_that_disconnects_cancels_its_job(http, server):
+    cancelled = metric(http, "fluxrt_jobs_total", outcome="cancelled")
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(server.url + "/v1/images/generations", json=dict(prompt="slow", **SLOW),
+                   headers={"Authorization": f"Bearer {API_KEY}"}, timeout=httpx.Timeout(WAIT_S, read=1.0))
+    wait_until(lambda: metric(http, "fluxrt_jobs_total", outcome="cancelled") == cancelled + 1, "the cancellation")
+    wait_until(lambda: metric(http, "fluxrt_jobs_running") == 0, "the job to leave the batch")
+    assert metric(http, "fluxrt_errors_total", kind="client_disconnected") >= 1
+    response = http.post("/v1/images/generations", json={"prompt": "after", "size": "64x64", "steps": 2})
+    assert response.status_code == 200, "the worker stopped after a cancellation"
+
+
+def test_load_64_requests_from_16_clients(server, http, pipe):
+    """Nothing lost or mixed up: each answer is its own request's image, as if it ran alone."""
+    requests = [dict(prompt=f"shape {i}", size=("64x64", "48x64")[i % 2], steps=2 + i % 2, seed=1000 + i)
+                for i in range(64)]
+
+    def send(body):
+        start = time.perf_counter()
+        response = http.post("/v1/images/generations", json=body)
+        return response, time.perf_counter() - start
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(16) as pool:
+        answers = list(pool.map(send, requests))
+    elapsed = time.perf_counter() - start
+    latencies = sorted(seconds for _, seconds in answers)
+    for body, (response, _) in zip(requests, answers):
+        assert response.status_code == 200, response.text
+        item, = response.json()["data"]
+        assert item["seed"] == body["seed"]
+        width, height = map(int, body["size"].split("x"))
+        expected = alone(pipe, prompt=body["prompt"], width=width, height=height, num_steps=body["steps"],
+                         seed=body["seed"])
+        assert_same(decoded(item["b64_json"]), expected, body["prompt"])
+    p99 = latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))]
+    print(f"\nload test (CPU, tiny-random model, 64x64 / 48x64, 2-3 steps, 16 clients, 64 requests): latency p50 "
+          f"{statistics.median(latencies) * 1e3:.0f} ms, p99 {p99 * 1e3:.0f} ms, {64 / elapsed:.1f} images/s")
+
+
+# ---- the queue bound, timeouts, shutdown: servers of their own ----
+
+
+@pytest.fixture(scope="module")
+def small_server():
+    process = ServerProcess("--model", "tiny-random", "--max-batch", "1", "--max-queue", "2", "--timeout", "4")
+    yield process
+    process.stop()
+
+
+def test_overload_gets_429_and_slow_requests_504(small_server):
+    url = small_server.url + "/v1/images/generations"
+    with httpx.Client(base_url=small_server.url, timeout=WAIT_S) as http, ThreadPoolExecutor(2) as pool:
+        running = pool.submit(httpx.post, url, json=dict(prompt="runs", **SLOW), timeout=WAIT_S)
+        wait_until(lambda: metric(http, "fluxrt_jobs_running") == 1, "the first job to run")
+        queued = pool.submit(httpx.post, url, json=dict(prompt="waits", n=2, **SLOW), timeout=WAIT_S)
+        wait_until(lambda: metric(http, "fluxrt_queue_depth") == 2, "the queue to fill")
+        response = http.post(url, json={"prompt": "one too many", "size": "64x64", "steps": 2})
+        assert assert_error(response, 429, "the queue is full")["code"] == "queue_full"
+        assert int(response.headers["Retry-After"]) >= 1
+        for future in (running, queued):
+            assert assert_error(future.result(WAIT_S), 504, "timeout of 4 s")["code"] == "timeout"
+        wait_until(lambda: metric(http, "fluxrt_jobs_running") == 0, "the timed-out job to leave the batch")
+        assert metric(http, "fluxrt_jobs_total", outcome="timeout") == 3
+        ok = http.post(url, json={"prompt": "after", "size": "64x64", "steps": 2})
+        assert ok.status_code == 200, "the worker stopped after the timeouts"
+
+
+def test_sigterm_finishes_requests_in_flight_then_exits_0(pipe):
+    process = ServerProcess("--model", "tiny-random", "--max-batch", "4")
+    try:
+        url = process.url + "/v1/images/generations"
+        bodies = [dict(prompt=f"in flight {i}", size="64x64", steps=STEPS_IN_FLIGHT, seed=i) for i in range(3)]
+        with httpx.Client(base_url=process.url, timeout=WAIT_S) as http, ThreadPoolExecutor(3) as pool:
+            futures = [pool.submit(httpx.post, url, json=body, timeout=WAIT_S) for body in bodies]
+            wait_until(lambda: metric(http, "fluxrt_jobs_running") == 3, "the requests to run")
+            process.proc.send_signal(signal.SIGTERM)
+            for body, future in zip(bodies, futures):
+                response = future.result(WAIT_S)
+                assert response.status_code == 200, response.text
+                expected = alone(pipe, prompt=body["prompt"], width=64, height=64, num_steps=STEPS_IN_FLIGHT,
+                                 seed=body["seed"])
+                assert_same(decoded(response.json()["data"][0]["b64_json"]), expected, body["prompt"])
+        assert process.proc.wait(WAIT_S) == 0, process.output()
+        assert "fluxrt serve: stopped" in process.output()
+    finally:
+        process.stop()
