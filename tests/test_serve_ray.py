@@ -1,0 +1,252 @@
+"""fluxrt.serve.ray: `python -m fluxrt.serve.ray` on a local Ray instance, 2 CPU replicas of tiny-random (64x64).
+
+One Ray instance for the module (2 CPUs, no dashboard, its own temp dir, shut down whatever happens); the command
+runs as a subprocess connected to it, as on a cluster. The tests: both replicas answer with the same model; a
+replica killed with requests in flight fails them cleanly (HTTP 500 at once, the OpenAI client's retry lands on a
+live replica), never hangs, and is replaced; SIGTERM removes the app and exits 0. The argument checks run without
+Ray, and one replica class without Ray Serve.
+"""
+
+import asyncio
+import base64
+import io
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import numpy as np
+import openai
+import pytest
+from PIL import Image
+
+ray = pytest.importorskip("ray", reason="the optional extra fluxrt[ray]")
+from ray import serve  # noqa: E402
+
+from fluxrt.serve import ray as flux_ray  # noqa: E402
+from fluxrt.serving import GenerationRequest  # noqa: E402
+
+API_KEY = "test-key"
+SIZE = "64x64"
+READY_TIMEOUT_S = 90  # two replicas importing torch and building tiny-random on 2 busy cores
+REQUEST_TIMEOUT_S = 30  # the bound within which every request must end, answered or failed
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """A local Ray instance of 2 CPUs; its address. (Ray's own ports follow the node's address, not loopback; its
+    token authentication, on by default, guards them.)"""
+    temp_dir = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's socket paths must fit in 107 bytes
+    try:
+        context = ray.init(num_cpus=2, include_dashboard=False, _temp_dir=temp_dir, log_to_driver=False,
+                           configure_logging=False)
+        yield context.address_info["gcs_address"]
+    finally:
+        ray.shutdown()
+        shutil.rmtree(temp_dir, ignore_errors=True)  # Ray's sockets and logs; the test's verdict does not need them
+
+
+@pytest.fixture(scope="module")
+def server(cluster):
+    """`python -m fluxrt.serve.ray` with 2 CPU replicas on the cluster: (process, base URL) once it is serving."""
+    port = _free_port()
+    command = [sys.executable, "-m", "fluxrt.serve.ray", "--address", cluster, "--host", "127.0.0.1", "--port",
+               str(port), "--model", "tiny-random", "--replicas", "2", "--gpus-per-replica", "0", "--cpus-per-replica",
+               "0.5", "--max-batch", "2", "--size", SIZE, "--api-key", API_KEY]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        _wait_for_line(process, "fluxrt serving", READY_TIMEOUT_S)
+        yield process, f"http://127.0.0.1:{port}"
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+def _wait_for_line(process, text: str, timeout_s: float) -> None:
+    found = threading.Event()
+
+    def read():
+        for line in process.stdout:
+            if text in line:
+                found.set()
+                return
+
+    threading.Thread(target=read, daemon=True).start()
+    if not found.wait(timeout_s):
+        process.kill()
+        pytest.fail(f"no {text!r} line within {timeout_s} s; stderr:\n{process.stderr.read()[-3000:]}")
+
+
+def _client(url: str, max_retries: int, on_response=None) -> openai.OpenAI:
+    hooks = {"response": [on_response]} if on_response else {}
+    return openai.OpenAI(base_url=f"{url}/v1", api_key=API_KEY, max_retries=max_retries,
+                         http_client=httpx.Client(timeout=REQUEST_TIMEOUT_S, event_hooks=hooks))
+
+
+def _generate(client: openai.OpenAI, seed: int, steps: int = 2) -> tuple[str, np.ndarray]:
+    """(the replica that answered, the image as uint8 pixels)."""
+    raw = client.images.with_raw_response.generate(prompt="a red star", size=SIZE, response_format="b64_json",
+                                                   extra_body={"steps": steps, "seed": seed})
+    image = Image.open(io.BytesIO(base64.b64decode(raw.parse().data[0].b64_json)))
+    return raw.headers[flux_ray.REPLICA_HEADER], np.asarray(image.convert("RGB"))
+
+
+def _replica_states() -> dict:
+    app = serve.status().applications.get(flux_ray.APP_NAME)
+    return app.deployments["FluxReplica"].replica_states if app else {}
+
+
+# ---- with Ray ----
+
+
+def test_both_replicas_answer_with_the_same_model(server):
+    _, url = server
+    client = _client(url, max_retries=0)
+    with ThreadPoolExecutor(4) as pool:
+        answers = list(pool.map(lambda seed: _generate(client, seed % 2), range(8)))
+    replicas = {replica for replica, _ in answers}
+    assert len(replicas) == 2, f"8 concurrent requests were served by {replicas}, not by both replicas"
+    assert all(r.startswith("SERVE_REPLICA::fluxrt#FluxReplica#") for r in replicas), replicas
+    for seed in (0, 1):  # every replica built the same model: a seed draws the same image wherever it runs
+        images = [image for k, (_, image) in enumerate(answers) if k % 2 == seed]
+        assert images[0].shape == (64, 64, 3)
+        for image in images[1:]:
+            difference = np.abs(image.astype(int) - images[0]).max()
+            assert difference <= 1, f"seed {seed}: images differ by {difference} levels between requests"
+
+
+def test_api_key_reaches_the_replicas(server):
+    _, url = server
+    response = httpx.post(f"{url}/v1/images/generations", json={"prompt": "a red star", "size": SIZE},
+                          timeout=REQUEST_TIMEOUT_S)
+    assert response.status_code == 401, response.text
+    assert response.json()["error"]["code"] == "invalid_api_key"
+
+
+def test_killed_replica_fails_its_requests_cleanly_and_is_replaced(server):
+    _, url = server
+    victim, _ = _generate(_client(url, max_retries=0), seed=0)
+    statuses = []  # every attempt's HTTP status, retries included
+    client = _client(url, max_retries=2, on_response=lambda response: statuses.append(response.status_code))
+
+    def request(seed):
+        start = time.monotonic()
+        try:
+            return _generate(client, seed, steps=60)[0], time.monotonic() - start
+        except openai.APIStatusError as err:  # a clean HTTP error: fine, as long as it came in time
+            return err.status_code, time.monotonic() - start
+
+    with ThreadPoolExecutor(8) as pool:
+        futures = [pool.submit(request, seed) for seed in range(8)]
+        time.sleep(1.0)  # 8 requests of 60 steps: each replica is mid-batch now
+        ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)
+        outcomes = [future.result(timeout=3 * REQUEST_TIMEOUT_S) for future in futures]
+    for outcome, seconds in outcomes:  # openai.APITimeoutError / APIConnectionError would have raised above
+        assert seconds < 2 * REQUEST_TIMEOUT_S, f"a request took {seconds:.0f} s: {outcome}"
+        assert outcome != victim, f"a request was answered by the killed replica {victim}"
+    assert 500 in statuses, f"the kill hit no request in flight (statuses {statuses}): the test proved nothing"
+    answered = [outcome for outcome, _ in outcomes if isinstance(outcome, str)]
+    assert len(answered) >= statuses.count(500), f"failed requests were not retried onto a live replica: {outcomes}"
+
+    deadline = time.monotonic() + 45
+    while _replica_states() != {"RUNNING": 2} and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert _replica_states() == {"RUNNING": 2}, f"the killed replica was not replaced: {_replica_states()}"
+    replacement_answers = set()
+    probe = _client(url, max_retries=0)
+    while time.monotonic() < deadline and not replacement_answers - {victim, *answered}:
+        with ThreadPoolExecutor(4) as pool:
+            replacement_answers |= {replica for replica, _ in pool.map(lambda s: _generate(probe, s), range(4))}
+    assert replacement_answers - {victim, *answered}, f"no new replica answered: {replacement_answers}"
+
+
+def test_sigterm_removes_the_app_and_exits_0(server):
+    process, _ = server
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=60) == 0, process.stderr.read()[-3000:]
+    assert flux_ray.APP_NAME not in serve.status().applications
+
+
+# ---- without Ray ----
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(num_replicas=0), "num_replicas must be a positive int"),
+    (dict(num_replicas=2, autoscaling_config={"max_replicas": 4}), "not both"),
+    (dict(autoscaling_config=[1, 4]), "autoscaling_config must be a dict"),  # a TypeError
+    (dict(num_gpus_per_replica=-1), "num_gpus_per_replica must be a number >= 0"),
+    (dict(num_cpus_per_replica="1"), "num_cpus_per_replica must be a number >= 0"),
+    (dict(max_batch=0), "max_batch must be a positive int"),
+    (dict(max_queue=True), "max_queue must be a positive int"),
+    (dict(batching="dynamic"), "batching must be one of"),
+    (dict(timeout_s=0), "timeout_s must be a positive number"),
+    (dict(default_size=(64, 60)), "default_size height must be a multiple of 16"),
+    (dict(default_size="64x64"), "default_size must be (width, height)"),
+    (dict(api_key=""), "api_key must be a non-empty string"),
+])
+def test_deployment_refuses_bad_arguments(kwargs, message):
+    with pytest.raises((TypeError, ValueError), match=re.escape(message)):
+        flux_ray.deployment("tiny-random", **kwargs)
+
+
+def test_deployment_places_replicas_on_gpus_or_cpus():
+    on_gpus = flux_ray.deployment("/models/flux1-dev", num_replicas=3, max_batch=2, max_queue=6)
+    deployed = on_gpus._bound_deployment
+    assert deployed.num_replicas == 3
+    assert deployed.ray_actor_options["num_gpus"] == 1
+    assert deployed.max_ongoing_requests == 8, "a replica should take what its engine holds: batch + queue"
+    model, device, engine_options, api_key, model_name, _ = on_gpus._bound_deployment.init_args
+    assert (model, device, model_name, api_key) == ("/models/flux1-dev", "cuda", "flux1-dev", None)
+    assert engine_options["max_batch"] == 2 and engine_options["max_queue"] == 6
+    on_cpus = flux_ray.deployment("tiny-random", num_gpus_per_replica=0, autoscaling_config={"max_replicas": 4})
+    assert on_cpus._bound_deployment.init_args[1] == "cpu"
+    assert on_cpus._bound_deployment._deployment_config.autoscaling_config.max_replicas == 4
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--replicas", "0"], "num_replicas must be a positive int"),
+    (["--replicas", "3", "--max-replicas", "2"], "--max-replicas (2) must be at least --replicas (3)"),
+    (["--size", "64"], "expected WIDTHxHEIGHT"),
+])
+def test_command_refuses_bad_arguments(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        flux_ray.main(argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_command_without_a_cluster_says_how_to_start_one(capsys, monkeypatch):
+    def no_cluster(**kwargs):
+        raise ConnectionError("Could not find any running Ray instance.")
+
+    monkeypatch.setattr(flux_ray.ray, "init", no_cluster)
+    assert flux_ray.main(["--address", "auto"]) == 2
+    assert "no Ray cluster at --address auto" in capsys.readouterr().err
+
+
+def test_replica_health_check_and_drain():
+    replica = flux_ray.FluxReplica("tiny-random", "cpu", dict(max_batch=2, max_queue=4, batching="step",
+                                                             timeout_s=60), None, "tiny-random", (64, 64),
+                                   replica_id="replica-under-test")
+    replica.check_health()
+    job = replica.engine.submit(GenerationRequest("a red star", width=64, height=64, num_steps=2, seed=0))
+    asyncio.run(replica.drain())
+    assert job.future.done() and job.future.result().ok, "drain should finish the accepted job"
+    with pytest.raises(RuntimeError, match="replica-under-test: the engine's worker thread is not running"):
+        replica.check_health()
