@@ -11,6 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
+import fluxrt.conditioning
 from fluxrt import GenerationRequest
 from fluxrt.serve.batching import KINDS, make_batcher
 from fluxrt.serving import resolve
@@ -213,17 +214,69 @@ def test_a_failing_job_fails_alone(pipe, kind):
         assert_as_alone(pipe, results[key], jobs[key])
 
 
-def test_step_batcher_runs_an_image_mode_job_whole(pipe):
-    photo = Image.fromarray(np.random.default_rng(0).integers(0, 256, (48, 64, 3), dtype=np.uint8))
-    edit = request(pipe, "a painting", 7, steps=3, image=photo, strength=0.7)
-    plain = request(pipe, "a cat", 1, steps=2)
+def picture(seed: int, width: int = 32, height: int = 32) -> Image.Image:
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+def half_mask(width: int = 32, height: int = 32) -> Image.Image:
+    mask = np.zeros((height, width), dtype=np.uint8)
+    mask[:, width // 2 :] = 255
+    return Image.fromarray(mask)
+
+
+@pytest.fixture
+def small_kontext_references(monkeypatch):
+    """Kontext resizes references to ~1 megapixel resolutions: small ones here keep the CPU's work small (the
+    batcher and the job alone both read this table)."""
+    monkeypatch.setattr(fluxrt.conditioning, "PREFERRED_KONTEXT_RESOLUTIONS", ((32, 32), (48, 32), (32, 48)))
+
+
+@pytest.fixture(scope="module")
+def mode_pipes(pipe):
+    return {"text-to-image": pipe, **{mode: tiny_random_pipeline(progress=False, mode=mode)
+                                      for mode in ("fill", "control", "kontext")}}
+
+
+def image_mode_jobs(pipe, mode: str) -> dict:
+    """Jobs of one image mode (on a text-to-image model: text-to-image, img2img and inpainting together) that may
+    share each step, with different strengths, steps, seeds and true CFG."""
+    small = dict(width=32, height=32)
+    if mode == "text-to-image":
+        return {"plain": request(pipe, "a cat", 1, steps=2, **small),
+                "img2img": request(pipe, "a dog", 2, steps=4, image=picture(0), strength=0.6, **small),
+                "inpaint": request(pipe, "a fox", 3, steps=3, image=picture(1), mask_image=half_mask(), strength=0.9,
+                                   negative_prompt="", true_cfg_scale=2.0, **small)}
+    if mode == "fill":
+        return {"a": request(pipe, "a cat", 1, steps=2, image=picture(0), mask_image=half_mask(), **small),
+                "b": request(pipe, "a dog", 2, steps=3, image=picture(1), mask_image=half_mask(), strength=0.8,
+                             negative_prompt="", true_cfg_scale=2.0, **small)}
+    if mode == "control":
+        return {"a": request(pipe, "a cat", 1, steps=2, control_image=picture(0), **small),
+                "b": request(pipe, "a dog", 2, steps=3, control_image=picture(1), guidance=5.0, **small)}
+    return {"a": request(pipe, "a cat", 1, steps=2, image=picture(0), **small),  # kontext: one reference size
+            "b": request(pipe, "a dog", 2, steps=3, image=picture(1), negative_prompt="", true_cfg_scale=2.0,
+                         **small)}
+
+
+@pytest.mark.parametrize("mode", ["text-to-image", "fill", "control", "kontext"])
+def test_step_batcher_runs_image_modes_as_rows(mode_pipes, mode, small_kontext_references):
+    pipe = mode_pipes[mode]
+    jobs = image_mode_jobs(pipe, mode)
+    with TransformerBatches(pipe) as calls:
+        results, _ = drive(make_batcher("step", pipe, max_batch=4), jobs)
+    rows = len(jobs) + sum(job.negative_prompt is not None for job in jobs.values())
+    assert calls.sizes[0] == rows, f"every job's first step in one call: {calls.sizes}"
+    for key, job in jobs.items():
+        assert_as_alone(pipe, results[key], job)
+
+
+def test_kontext_rows_share_only_one_reference_size(mode_pipes, small_kontext_references):
+    pipe = mode_pipes["kontext"]
     batcher = make_batcher("step", pipe, max_batch=4)
-    batcher.admit("edit", edit)
-    assert not batcher.admits(plain), "nothing joins an image-mode job"
-    results, _ = drive(batcher, {})
-    results.update(drive(batcher, {"plain": plain})[0])
-    assert_as_alone(pipe, results["edit"], edit)
-    assert_as_alone(pipe, results["plain"], plain)
+    batcher.admit("a", request(pipe, "a cat", 1, width=32, height=32, image=picture(0)))
+    assert batcher.admits(request(pipe, "a dog", 2, width=32, height=32, image=picture(1)))
+    assert not batcher.admits(request(pipe, "a fox", 3, width=32, height=32, image=picture(2, 48, 32))), \
+        "another reference size cannot share the call"
 
 
 def test_last_step_reports_the_transformer_rows(pipe):

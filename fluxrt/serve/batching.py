@@ -12,8 +12,10 @@
   denoising step, each with its own schedule (steps), position in it, seed, guidance, true CFG (its negative pass as
   extra rows of the same call, combined after) and LoRA choice (per-row lora_scales, hot-swap mode). Jobs admitted
   between steps join at the next step (their prompts encoded together in one encoder call); a row whose last step
-  is done leaves, and the rows that finish together are decoded together. The image modes (img2img, inpainting,
-  Fill, Control, Kontext) run whole, one job at a time (through pipe.generate), not as rows.
+  is done leaves, and the rows that finish together are decoded together. The image modes run as rows too, each
+  with its own start latents and strength-cut schedule (img2img, inpainting), its inpainting blend after each step,
+  its conditioning channels (Fill, Canny/Depth) or reference tokens (Kontext: rows of one reference size share a
+  call): on a text-to-image model, text-to-image, img2img and inpainting jobs of one size share one call.
 
 Every kind gives each job the image pipe.generate([request]) gives it alone, up to one 8-bit level from batched
 summation order, and a job's failure (NaN/inf latents: fluxrt.NonFiniteError; a run-time error) is its own result's
@@ -31,6 +33,7 @@ from torch import Tensor
 
 from .. import sampling
 from ..call_inputs import NoiseSource, to_pil
+from ..modes import ModeArgs
 from ..serving import GenerationRequest, GenerationResult, _mode_key
 from ..validation import NonFiniteError, check_batch_size
 
@@ -145,12 +148,61 @@ class _Row:
     txt: Tensor  # [1, T, C] in the pipeline's dtype
     vec: Tensor
     negative: tuple[Tensor, Tensor] | None  # true CFG's negative (txt, vec), or None when off
+    conditioning: "_Conditioning"
+    width: int  # of the image generated (Kontext: its output size)
+    height: int
+    hook: sampling.StepHook | None = None  # the inpainting blend after each step
     position: int = 0  # steps done
     first_bad_step: Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.int64))
 
     @property
     def done(self) -> bool:
         return self.position == len(self.timesteps) - 1
+
+
+@dataclass(frozen=True)
+class _Conditioning:
+    """What an image mode adds to the transformer's input of one row, as its fluxrt.modes wrapper adds it: channels
+    appended to each image token (Fill, Canny/Depth; [1, L, c]) or reference tokens and ids appended to the sequence
+    (Kontext; [1, L', 64], [1, L', 3]). Empty for text-to-image, img2img and inpainting."""
+
+    channels: Tensor | None = None
+    tokens: Tensor | None = None
+    ids: Tensor | None = None
+
+    @classmethod
+    def of(cls, wrap, start: Tensor, img_ids: Tensor) -> "_Conditioning":
+        """Read off a mode's wrapper (fluxrt.modes.Prepared.wrap) by calling it once around a probe that keeps the
+        input it would pass the transformer: each row's conditioning then joins a batch exactly as appended alone."""
+        seen = {}
+
+        def probe(img, img_ids, **_):
+            seen.update(img=img, img_ids=img_ids)
+            return torch.zeros(img.shape[0], img.shape[1], start.shape[-1], dtype=img.dtype, device=img.device)
+
+        wrap(probe)(img=start, img_ids=img_ids)
+        length, width = start.shape[1], start.shape[2]
+        img, ids = seen["img"], seen["img_ids"]
+        channels = img[:, :length, width:] if img.shape[2] > width else None
+        tokens = img[:, length:] if img.shape[1] > length else None
+        return cls(channels, tokens, None if tokens is None else ids[:, length:])
+
+    @property
+    def shape_key(self) -> tuple:
+        """Rows share a call when their conditioning has the same shape."""
+        return (0 if self.channels is None else self.channels.shape[-1], 0 if self.tokens is None else
+                self.tokens.shape[1])
+
+    @staticmethod
+    def batch(rows: list, img: Tensor, img_ids: Tensor) -> tuple[Tensor, Tensor]:
+        """The batch's transformer input (img, img_ids) with each row's conditioning appended, as alone."""
+        first = rows[0].conditioning
+        if first.channels is not None:
+            img = torch.cat([img, torch.cat([row.conditioning.channels for row in rows]).to(img.dtype)], dim=-1)
+        if first.tokens is not None:
+            img = torch.cat([img, torch.cat([row.conditioning.tokens for row in rows]).to(img.dtype)], dim=1)
+            img_ids = torch.cat([img_ids, torch.cat([row.conditioning.ids for row in rows]).to(img_ids)], dim=1)
+        return img, img_ids
 
 
 class StepBatcher(Batcher):
@@ -160,15 +212,20 @@ class StepBatcher(Batcher):
         super().__init__(pipe, max_batch)
         self._pending: dict[Hashable, GenerationRequest] = {}  # admitted, joining at the next step
         self._rows: list[_Row] = []
-        self._group: tuple | None = None  # what every job in flight shares (size; or one whole image-mode job)
+        self._group: tuple | None = None  # what every job in flight shares (group_of)
 
     def group_of(self, request: GenerationRequest) -> tuple:
-        """Jobs of one group run together: text-to-image jobs of one size (the T5 length is the pipeline's, the
-        same for every job); an image-mode job is a group of its own (it runs whole)."""
-        mode = _mode_key(self.pipe, request)[0]
-        if mode != "text-to-image":
-            return ("whole", id(request))
-        return (mode, request.width, request.height)
+        """Jobs of one group share each transformer call: one output size and, for Kontext, one reference size.
+        The T5 length is the pipeline's and the conditioning channels the model's, the same for every job."""
+        width, height = self._mode_args(request).output_size(request.width, request.height)
+        return width, height, _mode_key(self.pipe, request)[2]
+
+    def _mode_args(self, request: GenerationRequest) -> ModeArgs:
+        """The request's image arguments as pipe.generate passes them (Kontext: the requested size is the output's
+        pixel budget)."""
+        kontext = self.pipe.mode == "kontext" and request.image is not None
+        return ModeArgs.check(self.pipe.mode, request.image, request.mask_image, request.control_image,
+                              request.strength, max_area=request.width * request.height if kontext else None)
 
     def admits(self, request: GenerationRequest) -> bool:
         if len(self) == 0:
@@ -193,8 +250,6 @@ class StepBatcher(Batcher):
         if len(self) == 0:
             return {}
         started = time.perf_counter()
-        if self._group[0] == "whole":
-            return self._run_whole(started)
         finished: dict[Hashable, GenerationResult] = {}
         with self.pipe._lock, torch.inference_mode():  # a LoRA load on another thread waits for the step's end
             self._join_pending(finished)
@@ -210,15 +265,6 @@ class StepBatcher(Batcher):
         self._dropped.clear()
         if len(self) == 0:
             self._group = None
-
-    def _run_whole(self, started: float) -> dict:
-        """An image-mode job: start to end alone, as pipe.generate runs it."""
-        (key, request), = self._pending.items()
-        self._pending.clear()
-        self._group = None
-        result, = self.pipe.generate([request], max_batch_size=1)
-        self.last_step = (1, time.perf_counter() - started)
-        return {key: result}
 
     # ---- joining ----
 
@@ -254,11 +300,22 @@ class StepBatcher(Batcher):
         return out
 
     def _new_row(self, key: Hashable, request: GenerationRequest, txt: Tensor, vec: Tensor, negative) -> _Row:
-        pipe = self.pipe
-        rows, cols = sampling.latent_grid(request.height, request.width)
+        """A job's row: its schedule, start latents and conditioning as pipe's _denoise_and_decode makes them for
+        a batch of one (its seed's noise; an image mode's start, strength-cut schedule, conditioning and blend)."""
+        pipe, mode = self.pipe, self._mode_args(request)
+        width, height = mode.output_size(request.width, request.height)
+        rows, cols = sampling.latent_grid(height, width)
         timesteps = pipe._schedule(request.num_steps, rows * cols, None)
-        noise = pipe._start_noise(NoiseSource(seeds=[request.seed]), 1, request.width, request.height)
-        return _Row(key, request, timesteps, noise.float(), txt, vec, negative,
+        noise = NoiseSource(seeds=[request.seed])
+        conditioning, hook = _Conditioning(), None
+        if mode.mode == "text-to-image":
+            start = pipe._start_noise(noise, 1, width, height)
+        else:
+            prepared = pipe._prepare_mode(mode, noise, 1, width, height, timesteps)
+            start, timesteps, hook = prepared.start, prepared.timesteps, prepared.hook
+            img_ids = sampling.prepare_img_ids(1, height, width, device=pipe.device)
+            conditioning = _Conditioning.of(prepared.wrap, start, img_ids)
+        return _Row(key, request, timesteps, start.float(), txt, vec, negative, conditioning, width, height, hook,
                     first_bad_step=torch.zeros((), dtype=torch.int64, device=pipe.device))
 
     # ---- one step ----
@@ -278,8 +335,12 @@ class StepBatcher(Batcher):
                 except Exception as err:  # noqa: BLE001
                     finished[row.key] = GenerationResult(row.request, error=_error_text(err))
                     self._rows.remove(row)
-        for row, velocity in zip(self._rows, velocities):
-            self._euler(row, velocity)
+        for row, velocity in zip(list(self._rows), velocities):
+            try:
+                self._euler(row, velocity)
+            except Exception as err:  # noqa: BLE001 -- a step hook's refusal (NaN/inf latents) is the row's alone
+                finished[row.key] = GenerationResult(row.request, error=_error_text(err))
+                self._rows.remove(row)
         return len(self._rows) + sum(row.negative is not None for row in self._rows)
 
     def _velocities(self, rows: list[_Row]) -> list[Tensor]:
@@ -299,11 +360,12 @@ class StepBatcher(Batcher):
         extra = {}
         if any(row.request.loras is not None for row in rows):
             extra["lora_scales"] = pipe._branches().per_image_scales([row.request.loras for row in every])
-        size = rows[0].request
-        img_ids = sampling.prepare_img_ids(len(every), size.height, size.width, device=pipe.device)
+        img_ids = sampling.prepare_img_ids(len(every), rows[0].height, rows[0].width, device=pipe.device)
         txt_ids = sampling.prepare_txt_ids(len(every), txt.shape[1], device=pipe.device)
+        tokens = img.shape[1]
+        img, img_ids = _Conditioning.batch(every, img, img_ids)
         pred = pipe.transformer(img=img, img_ids=img_ids, txt=txt, txt_ids=txt_ids, timesteps=times, y=vec,
-                                guidance=guidance, **extra).float()
+                                guidance=guidance, **extra)[:, :tokens].float()  # Kontext: the generated tokens
         velocities = list(pred[: len(rows)].split(1))
         for i, row in enumerate(guided):
             k = rows.index(row)
@@ -312,13 +374,16 @@ class StepBatcher(Batcher):
         return velocities
 
     def _euler(self, row: _Row, velocity: Tensor) -> None:
-        """sampling.denoise's update of one row, and its first non-finite step noted on the device (read at the end:
-        no host sync per step)."""
+        """sampling.denoise's update of one row, its first non-finite step noted on the device (read at the end: no
+        host sync per step), then the row's step hook (inpainting's blend), as denoise runs it."""
         t_curr, t_prev = row.timesteps[row.position], row.timesteps[row.position + 1]
         row.latents = row.latents + (t_prev - t_curr) * velocity
         row.position += 1
         bad = (row.first_bad_step == 0) & ~torch.isfinite(row.latents).all()
         row.first_bad_step = torch.where(bad, row.position, row.first_bad_step)
+        if row.hook is not None:
+            row.latents, _ = sampling._run_step_hook(row.hook, row.position - 1, t_curr,
+                                                     row.latents.to(self.pipe.dtype), row.txt)
 
     # ---- leaving ----
 
@@ -352,7 +417,7 @@ class StepBatcher(Batcher):
 
     def _decode(self, rows: list[_Row]) -> list:
         """PIL images of rows of one size, in one autoencoder call (the pipeline's decode and pixel mapping)."""
-        pipe, first = self.pipe, rows[0].request
+        pipe, first = self.pipe, rows[0]
         latents = torch.cat([row.latents for row in rows]).to(pipe.dtype)  # sampling.denoise returns the model's dtype
         pixels = pipe.autoencoder.decode(sampling.unpack(latents, first.height, first.width).to(pipe.vae_dtype)).float()
         if not torch.isfinite(pixels).all():
