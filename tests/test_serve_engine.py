@@ -168,6 +168,9 @@ def test_cancel_a_queued_and_a_running_job(pipe, make_engine):
     after = GenerationRequest("after", seed=2, **SMALL)
     assert_as_alone(pipe, engine.submit(after).future.result(WAIT_S), after)
     assert metric(engine.metrics(), "fluxrt_jobs_total", outcome="cancelled") == 2
+    # the running job's first step, then the next job's two: the cancelled one ran none of its 3 other steps
+    assert metric(engine.metrics(), "fluxrt_step_seconds_count") == 1 + 2
+    assert metric(engine.metrics(), "fluxrt_batch_size_sum") == 1 + 2
 
 
 def test_shutdown_finishes_what_was_accepted(pipe):

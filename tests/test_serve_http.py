@@ -24,12 +24,12 @@ import pytest
 from PIL import Image
 
 from fluxrt import GenerationRequest
-from fluxrt.tiny import tiny_random_pipeline
+from fluxrt.tiny import TINY_RANDOM_MODELS, tiny_random_pipeline
 
 API_KEY = "test-key"
 START_S = 120  # a server's start, import to ready line, on a loaded 2-core box
 WAIT_S = 60
-STEPS_IN_FLIGHT = 100  # seconds of work on a CPU: still running when SIGTERM comes
+STEPS_IN_FLIGHT = 50  # seconds of work on a CPU: still running when SIGTERM comes
 SLOW = dict(size="256x256", steps=1000)  # a request that runs far longer than any test waits for it
 
 
@@ -290,7 +290,8 @@ def test_load_64_requests_from_16_clients(server, http, pipe):
 
 @pytest.fixture(scope="module")
 def small_server():
-    process = ServerProcess("--model", "tiny-random", "--max-batch", "1", "--max-queue", "2", "--timeout", "4")
+    process = ServerProcess("--model", "tiny-random", "--max-batch", "1", "--max-queue", "2", "--timeout", "4",
+                            "--warmup", "64x64,48x64")
     yield process
     process.stop()
 
@@ -298,6 +299,7 @@ def small_server():
 def test_overload_gets_429_and_slow_requests_504(small_server):
     url = small_server.url + "/v1/images/generations"
     with httpx.Client(base_url=small_server.url, timeout=WAIT_S) as http, ThreadPoolExecutor(2) as pool:
+        assert metric(http, "fluxrt_jobs_total", outcome="completed") == 2, "--warmup 64x64,48x64: two images"
         running = pool.submit(httpx.post, url, json=dict(prompt="runs", **SLOW), timeout=WAIT_S)
         wait_until(lambda: metric(http, "fluxrt_jobs_running") == 1, "the first job to run")
         queued = pool.submit(httpx.post, url, json=dict(prompt="waits", n=2, **SLOW), timeout=WAIT_S)
@@ -332,3 +334,92 @@ def test_sigterm_finishes_requests_in_flight_then_exits_0(pipe):
         assert "fluxrt serve: stopped" in process.output()
     finally:
         process.stop()
+
+
+# ---- edits on the tools models: routed by the loaded model ----
+
+
+EDIT_CASES = {  # --model: (what runs with a mask, without one), an expected error's words instead of an image
+    "tiny-random-fill": ("image", "a Fill model needs a mask"),
+    "tiny-random-kontext": ("a mask needs a text-to-image model", "image"),
+    "tiny-random-canny": ("an input image needs a text-to-image, Fill or Kontext model",) * 2,
+}
+
+
+@pytest.mark.parametrize("model", sorted(EDIT_CASES))
+def test_edits_are_routed_by_the_loaded_model(model):
+    rng = np.random.default_rng(1)
+    image = Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    mask = Image.fromarray(np.where(rng.random((64, 64)) < 0.5, 255, 0).astype(np.uint8))
+    files = {"image": ("in.png", png_bytes(image), "image/png"), "mask": ("m.png", png_bytes(mask), "image/png")}
+    form = {"prompt": "a red star", "size": "64x64", "steps": "2", "seed": "3"}
+    process = ServerProcess("--model", model)
+    try:
+        with httpx.Client(base_url=process.url, timeout=WAIT_S) as http:
+            answers = {"with a mask": http.post("/v1/images/edits", data=form, files=files),
+                       "without": http.post("/v1/images/edits", data=form, files={"image": files["image"]})}
+    finally:
+        process.stop()
+    pipe = None
+    for (case, response), outcome in zip(answers.items(), EDIT_CASES[model]):
+        if outcome != "image":
+            assert_error(response, 400, outcome)
+            continue
+        assert response.status_code == 200, response.text
+        pipe = pipe or tiny_random_pipeline(progress=False, mode=TINY_RANDOM_MODELS[model])
+        request = dict(prompt="a red star", width=64, height=64, num_steps=2, seed=3, image=image)
+        expected = alone(pipe, **request, **({"mask_image": mask} if case == "with a mask" else {}))
+        assert_same(decoded(response.json()["data"][0]["b64_json"]), expected, f"{model} {case}")
+
+
+# ---- in process: the command's arguments, draining ----
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--port", "70000"], "--port must be between 0 and 65535"),
+    (["--max-queue", "0"], "--max-queue must be at least 1"),
+    (["--max-batch", "65"], "--max-batch must be between 1 and 64"),
+    (["--timeout", "0"], "--timeout must be a positive number"),
+    (["--warmup", "64x65"], "--size '64x65'"),
+    (["--api-key", " "], "--api-key is empty"),
+    (["--model", "/no/such/model"], "does not exist"),
+])
+def test_bad_serve_arguments_are_one_line_before_anything_loads(capsys, args, words):
+    from fluxrt.cli import main
+
+    assert main(["serve", "--port", "0", *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fluxrt: error: ") and words in err and err.count("\n") == 1, err
+
+
+def test_a_busy_port_is_refused_before_the_model_loads(capsys):
+    import socket
+
+    from fluxrt.cli import main
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["serve", "--model", "tiny-random", "--port", str(port)]) == 2
+    assert f"cannot listen on 127.0.0.1:{port}" in capsys.readouterr().err
+
+
+def test_a_draining_engine_answers_503_and_is_not_ready(pipe):
+    from starlette.testclient import TestClient
+
+    from fluxrt.serve.app import create_app
+    from fluxrt.serve.engine import Engine
+
+    engine = Engine(pipe).start()
+    try:
+        with TestClient(create_app(engine, "tiny-random")) as http:
+            assert http.get("/ready").status_code == 200
+            engine.stop_accepting()
+            assert_error(http.get("/ready"), 503, "shutting down")
+            error = assert_error(http.post("/v1/images/generations", json={"prompt": "late", "size": "64x64"}), 503,
+                                 "shutting down")
+            assert error["code"] == "shutting_down"
+            assert http.get("/health").status_code == 200, "the process is still up"
+    finally:
+        assert engine.shutdown(timeout_s=WAIT_S)

@@ -43,6 +43,7 @@ EXTRAS = ("steps", "num_inference_steps", "guidance", "guidance_scale", "seed", 
 GENERATION_FIELDS = {"prompt", "n", "size", "response_format", "model", "user", "loras", *EXTRAS}
 EDIT_FIELDS = {"image", "mask", "prompt", "n", "size", "response_format", "model", "user", "strength", *EXTRAS}
 SIZE_PATTERN = re.compile(r"(\d+)x(\d+)")
+LIBRARY_ARGUMENTS = {"image": "an input image", "mask_image": "a mask", "control_image": "a control image"}
 
 
 class ApiError(Exception):
@@ -315,7 +316,12 @@ def _submit(engine, requests: list[GenerationRequest]) -> list:
         raise ApiError(503, str(err), code="shutting_down", kind="server_error") from None
     except (TypeError, ValueError, KeyError) as err:
         message = err.args[0] if isinstance(err, KeyError) else str(err)
-        raise ApiError(400, message, code="invalid_request") from None
+        raise ApiError(400, _in_api_words(message), code="invalid_request") from None
+
+
+def _in_api_words(message: str) -> str:
+    """The library's argument names (fluxrt.modes: "a Fill model needs mask_image=") as the API's fields."""
+    return re.sub(r"\b(mask_image|control_image|image)=", lambda m: LIBRARY_ARGUMENTS[m[1]], message)
 
 
 async def _wait(request: Request, jobs: list) -> None:

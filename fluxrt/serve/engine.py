@@ -318,15 +318,14 @@ class Engine:
         self.stats.count_job("failed", time.monotonic() - job.submitted)
 
     def _step(self) -> None:
-        start = time.perf_counter()
+        self._batcher.last_step = None  # a step that only lets dropped jobs go runs no batch: nothing to count
         try:
             results = self._batcher.step()
         except Exception as err:  # noqa: BLE001 -- a failed step fails its jobs, never the worker
             self._fail_running(err)
             return
-        elapsed = time.perf_counter() - start
-        rows, step_s = self._batcher.last_step or (len(self._running), elapsed)
-        self.stats.count_step(rows, step_s)
+        if self._batcher.last_step is not None:
+            self.stats.count_step(*self._batcher.last_step)
         with self._lock:
             for job_id, result in results.items():
                 job = self._running.pop(job_id, None)
