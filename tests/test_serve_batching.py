@@ -325,3 +325,23 @@ def test_bench_serve_bad_flags_are_one_line(tmp_path):
                          capture_output=True, text=True, timeout=60)
     assert run.returncode == 2 and "--steps takes positive ints" in run.stderr.strip().splitlines()[-1], run.stderr
     assert not (tmp_path / "x.json").exists()
+
+
+@torch.no_grad()
+def test_step_rows_run_their_own_loras(tmp_path):
+    from test_pipeline_lora import write_lora
+
+    hot = tiny_random_pipeline(device="cpu", compile=True, backend="torch", progress=False)
+    hot.enable_lora_hotswap(max_rank=16, max_adapters=2)
+    hot.load_lora(write_lora(tmp_path / "a.safetensors", seed=0))
+    hot.load_lora(write_lora(tmp_path / "b.safetensors", seed=1))
+    small = dict(width=32, height=32)
+    jobs = {"a": request(hot, "a red circle", 1, steps=2, loras={"a": 0.9}, **small),
+            "ab": request(hot, "a blue star", 2, steps=3, loras={"b": 1.0, "a": 0.2}, negative_prompt="",
+                          true_cfg_scale=2.0, **small),
+            "loaded": request(hot, "a cat", 3, steps=2, **small)}  # the loaded scales
+    with TransformerBatches(hot) as calls:
+        results, _ = drive(make_batcher("step", hot, max_batch=4), jobs)
+    assert calls.sizes[0] == 4, f"the jobs with different LoRAs share one call: {calls.sizes}"
+    for key, job in jobs.items():
+        assert_as_alone(hot, results[key], job)
