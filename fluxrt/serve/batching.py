@@ -8,14 +8,17 @@
 - "serial": one job at a time, start to end, in one step().
 - "request": request-level batching, as pipe.generate batches: compatible jobs (generate's key: size, steps,
   guidance, true-CFG scale, mode) admitted while the batcher is idle run start to end as one batch in one step().
-- "step": step-level (continuous) batching. Text-to-image jobs of one size run as rows of one transformer call per
-  denoising step, each with its own schedule (steps), position in it, seed, guidance, true CFG (its negative pass as
-  extra rows of the same call, combined after) and LoRA choice (per-row lora_scales, hot-swap mode). Jobs admitted
-  between steps join at the next step (their prompts encoded together in one encoder call); a row whose last step
-  is done leaves, and the rows that finish together are decoded together. The image modes run as rows too, each
-  with its own start latents and strength-cut schedule (img2img, inpainting), its inpainting blend after each step,
-  its conditioning channels (Fill, Canny/Depth) or reference tokens (Kontext: rows of one reference size share a
-  call): on a text-to-image model, text-to-image, img2img and inpainting jobs of one size share one call.
+- "step": step-level (continuous) batching. Jobs of one size run as rows of one transformer call per denoising
+  step, each with its own schedule (steps), position in it, seed, guidance, true CFG (its negative pass as extra
+  rows of the same call, combined after) and LoRA choice (per-row lora_scales, hot-swap mode). Jobs admitted between
+  steps join at the next step (their prompts encoded together in one encoder call); a row whose last step is done
+  leaves, and the rows that finish together are decoded together. The image modes run as rows too, each with its
+  own start latents and strength-cut schedule (img2img, inpainting), inpainting blend after each step, conditioning
+  channels (Fill, Canny/Depth) or reference tokens (Kontext: rows of one reference size share a call). On a
+  text-to-image model, text-to-image, img2img and inpainting jobs of one size share one call.
+
+max_batch counts jobs; a call's rows are the jobs plus one per job with true CFG. The engine offers its queue's
+head (admits) and waits while it cannot join, so jobs run in arrival order.
 
 Every kind gives each job the image pipe.generate([request]) gives it alone, up to one 8-bit level from batched
 summation order, and a job's failure (NaN/inf latents: fluxrt.NonFiniteError; a run-time error) is its own result's
@@ -72,17 +75,39 @@ def _error_text(err: Exception) -> str:
 class Batcher:
     """The interface the engine drives (see the module docstring); only its one worker thread calls it."""
 
+    group_words = "group"  # what group_of compares, in words (admit's error)
+
     def __init__(self, pipe, max_batch: int):
         self.pipe = pipe
         self.max_batch = check_batch_size(max_batch)
-        self.last_step: tuple[int, float] | None = None  # (rows in the last transformer batch, seconds of the step)
+        # (rows in the last step's transformer batch, seconds of the step); request / serial: the batch's images
+        self.last_step: tuple[int, float] | None = None
         self._dropped: set[Hashable] = set()
+        self._group: tuple | None = None  # group_of the jobs in flight
+        self._last_asked: tuple = (None, None)  # (request, its group): the engine asks about its queue's head each step
+
+    def group_of(self, request: GenerationRequest) -> tuple:
+        """What jobs must share to be in flight together."""
+        raise NotImplementedError
 
     def admits(self, request: GenerationRequest) -> bool:
-        raise NotImplementedError
+        """May this (resolved) request join now: nothing in flight, or room left and the same group."""
+        if len(self) == 0:
+            return True
+        return len(self) < self.max_batch and self._group_of(request) == self._group
 
     def admit(self, key: Hashable, request: GenerationRequest) -> None:
-        raise NotImplementedError
+        """Take a job (ask admits first); `key` names it in step()'s results and in drop."""
+        request = _check_resolved(request)
+        if key in self._keys():
+            raise ValueError(f"job {key!r} is in flight already: each job needs its own key")
+        if not self.admits(request):
+            raise ValueError(f"job {key!r} cannot join now (max_batch {self.max_batch} jobs in flight, or another "
+                             f"{self.group_words} than theirs): ask admits() first")
+        if len(self) == 0:
+            self._group = self._group_of(request)
+        self._dropped.discard(key)
+        self._add(key, request)
 
     def step(self) -> dict:
         raise NotImplementedError
@@ -95,31 +120,37 @@ class Batcher:
     def __len__(self) -> int:
         raise NotImplementedError
 
-    def _check_new_key(self, key: Hashable, keys) -> None:
-        if key in keys:
-            raise ValueError(f"job {key!r} is in flight already: each job needs its own key")
-        self._dropped.discard(key)
+    def _keys(self) -> set:
+        raise NotImplementedError
+
+    def _add(self, key: Hashable, request: GenerationRequest) -> None:
+        raise NotImplementedError
+
+    def _group_of(self, request: GenerationRequest) -> tuple:
+        """group_of, worked out once for the request asked about last (it checks the request's images)."""
+        if self._last_asked[0] is not request:
+            self._last_asked = (request, self.group_of(request))
+        return self._last_asked[1]
 
 
 class RequestBatcher(Batcher):
     """"request" (and "serial", max_batch 1): jobs admitted while idle that share generate's key run start to end
     as one pipe.generate batch in one step()."""
 
+    group_words = "size, steps, guidance, true-CFG scale or mode"
+
     def __init__(self, pipe, max_batch: int):
         super().__init__(pipe, max_batch)
         self._jobs: dict[Hashable, GenerationRequest] = {}
 
-    def admits(self, request: GenerationRequest) -> bool:
-        if not self._jobs:
-            return True
-        first = next(iter(self._jobs.values()))
-        return len(self._jobs) < self.max_batch and generate_key(self.pipe, request) == generate_key(self.pipe, first)
+    def group_of(self, request: GenerationRequest) -> tuple:
+        """pipe.generate's key: one size, steps, guidance, true-CFG scale and mode."""
+        return generate_key(self.pipe, request)
 
-    def admit(self, key: Hashable, request: GenerationRequest) -> None:
-        request = _check_resolved(request)
-        self._check_new_key(key, self._jobs)
-        if not self.admits(request):
-            raise ValueError(f"job {key!r} cannot join now (batch full or another size/steps/mode): ask admits() first")
+    def _keys(self) -> set:
+        return set(self._jobs)
+
+    def _add(self, key: Hashable, request: GenerationRequest) -> None:
         self._jobs[key] = request
 
     def step(self) -> dict:
@@ -208,15 +239,16 @@ class _Conditioning:
 class StepBatcher(Batcher):
     """"step": step-level (continuous) batching; see the module docstring."""
 
+    group_words = "size (Kontext: or reference size)"
+
     def __init__(self, pipe, max_batch: int):
         super().__init__(pipe, max_batch)
         self._pending: dict[Hashable, GenerationRequest] = {}  # admitted, joining at the next step
         self._rows: list[_Row] = []
-        self._group: tuple | None = None  # what every job in flight shares (group_of)
 
     def group_of(self, request: GenerationRequest) -> tuple:
-        """Jobs of one group share each transformer call: one output size and, for Kontext, one reference size.
-        The T5 length is the pipeline's and the conditioning channels the model's, the same for every job."""
+        """One output size and, for Kontext, one reference size (they share each transformer call; the T5 length
+        is the pipeline's and the conditioning channels the model's, the same for every job)."""
         width, height = self._mode_args(request).output_size(request.width, request.height)
         return width, height, _mode_key(self.pipe, request)[2]
 
@@ -227,18 +259,10 @@ class StepBatcher(Batcher):
         return ModeArgs.check(self.pipe.mode, request.image, request.mask_image, request.control_image,
                               request.strength, max_area=request.width * request.height if kontext else None)
 
-    def admits(self, request: GenerationRequest) -> bool:
-        if len(self) == 0:
-            return True
-        return len(self) < self.max_batch and self.group_of(request) == self._group
+    def _keys(self) -> set:
+        return set(self._pending) | {row.key for row in self._rows}
 
-    def admit(self, key: Hashable, request: GenerationRequest) -> None:
-        request = _check_resolved(request)
-        self._check_new_key(key, set(self._pending) | {row.key for row in self._rows})
-        if not self.admits(request):
-            raise ValueError(f"job {key!r} cannot join now (batch full or another size/mode): ask admits() first")
-        if len(self) == 0:
-            self._group = self.group_of(request)
+    def _add(self, key: Hashable, request: GenerationRequest) -> None:
         self._pending[key] = request
 
     def __len__(self) -> int:
@@ -263,8 +287,6 @@ class StepBatcher(Batcher):
             del self._pending[key]
         self._rows = [row for row in self._rows if row.key not in self._dropped]
         self._dropped.clear()
-        if len(self) == 0:
-            self._group = None
 
     # ---- joining ----
 
@@ -412,8 +434,6 @@ class StepBatcher(Batcher):
                 failed = isinstance(image, Exception)
                 finished[row.key] = GenerationResult(row.request, error=_error_text(image) if failed else None,
                                                      image=None if failed else image)
-        if len(self) == 0:
-            self._group = None
 
     def _decode(self, rows: list[_Row]) -> list:
         """PIL images of rows of one size, in one autoencoder call (the pipeline's decode and pixel mapping)."""
