@@ -664,7 +664,7 @@ def _serve(args, outputs: list[_Output]) -> None:
                 engine.submit(GenerationRequest("warm-up", width=width, height=height, num_steps=2, seed=0)).future.result()
             app = create_app(engine, _model_name(args, requested), api_key=args.api_key,
                              default_size=_default_size(args, device))
-            signals = _run_uvicorn(app, sock, engine)
+            signals = _run_uvicorn(app, sock)
         finally:
             engine.shutdown(drain=True)
     finally:
@@ -674,9 +674,10 @@ def _serve(args, outputs: list[_Output]) -> None:
         raise KeyboardInterrupt
 
 
-def _run_uvicorn(app, sock, engine) -> list[int]:
-    """Serve until SIGTERM or SIGINT; returns the signals received. Either signal stops the engine accepting and
-    uvicorn listening, then the requests in flight finish (uvicorn waits for their connections)."""
+def _run_uvicorn(app, sock) -> list[int]:
+    """Serve until SIGTERM or SIGINT; returns the signals received. Either signal stops uvicorn listening and
+    closes idle connections; the requests in flight finish (uvicorn waits for their connections), then the caller
+    drains the engine."""
     import uvicorn
 
     host, port = sock.getsockname()[:2]
@@ -703,9 +704,7 @@ def _run_uvicorn(app, sock, engine) -> list[int]:
 
         def on_signal(self, sig, frame) -> None:
             self.received.append(sig)
-            engine.stop_accepting()
-            self.force_exit = self.should_exit and sig == signal.SIGINT  # a second Ctrl-C: stop waiting
-            self.should_exit = True
+            self.handle_exit(sig, frame)  # uvicorn's: stop listening, finish in flight (a second Ctrl-C: don't wait)
 
         async def startup(self, sockets=None) -> None:
             await super().startup(sockets=sockets)

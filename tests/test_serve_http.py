@@ -423,3 +423,15 @@ def test_a_draining_engine_answers_503_and_is_not_ready(pipe):
             assert http.get("/health").status_code == 200, "the process is still up"
     finally:
         assert engine.shutdown(timeout_s=WAIT_S)
+
+
+def test_ctrl_c_stops_the_server_with_130():
+    process = ServerProcess("--model", "tiny")  # the embedded trained model: served under its name
+    try:
+        models = httpx.get(process.url + "/v1/models", timeout=WAIT_S).json()
+        assert [m["id"] for m in models["data"]] == ["tiny"]
+        process.proc.send_signal(signal.SIGINT)
+        assert process.proc.wait(WAIT_S) == 130
+        assert "fluxrt: interrupted" in process.output()
+    finally:
+        process.stop()
