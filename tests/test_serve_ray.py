@@ -21,6 +21,7 @@ import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from types import SimpleNamespace
 
 import httpx
 import numpy as np
@@ -206,6 +207,8 @@ def test_sigterm_removes_the_app_and_exits_0(server):
     (dict(default_size=(64, 60)), "default_size height must be a multiple of 16"),
     (dict(default_size="64x64"), "default_size must be (width, height)"),
     (dict(api_key=""), "api_key must be a non-empty string"),
+    (dict(warmup="64x64"), "warmup must be a list of (width, height) sizes"),
+    (dict(warmup=[(64, 64), (64, 8192)]), "warmup size height must be a multiple of 16 between 16 and 4096"),
 ])
 def test_deployment_refuses_bad_arguments(kwargs, message):
     with pytest.raises((TypeError, ValueError), match=re.escape(message)):
@@ -218,10 +221,12 @@ def test_deployment_places_replicas_on_gpus_or_cpus():
     assert deployed.num_replicas == 3
     assert deployed.ray_actor_options["num_gpus"] == 1
     assert deployed.max_ongoing_requests == 8, "a replica should take what its engine holds: batch + queue"
-    model, device, engine_options, api_key, model_name, _ = on_gpus._bound_deployment.init_args
-    assert (model, device, model_name, api_key) == ("/models/flux1-dev", "cuda", "flux1-dev", None)
+    model, device, engine_options, api_key, model_name, _, warmup = on_gpus._bound_deployment.init_args
+    assert (model, device, model_name, api_key, warmup) == ("/models/flux1-dev", "cuda", "flux1-dev", None, ())
     assert engine_options["max_batch"] == 2 and engine_options["max_queue"] == 6
-    on_cpus = flux_ray.deployment("tiny-random", num_gpus_per_replica=0, autoscaling_config={"max_replicas": 4})
+    on_cpus = flux_ray.deployment("tiny-random", num_gpus_per_replica=0, autoscaling_config={"max_replicas": 4},
+                                  warmup=[[64, 32]])
+    assert on_cpus._bound_deployment.init_args[-1] == ((64, 32),)
     assert on_cpus._bound_deployment.init_args[1] == "cpu"
     assert on_cpus._bound_deployment._deployment_config.autoscaling_config.max_replicas == 4
 
@@ -230,6 +235,8 @@ def test_deployment_places_replicas_on_gpus_or_cpus():
     (["--replicas", "0"], "num_replicas must be a positive int"),
     (["--replicas", "3", "--max-replicas", "2"], "--max-replicas (2) must be at least --replicas (3)"),
     (["--size", "64"], "expected WIDTHxHEIGHT"),
+    (["--warmup", "64x64,64"], "expected WIDTHxHEIGHT"),
+    (["--warmup", "64x64,64x8"], "warmup size height must be a multiple of 16"),
 ])
 def test_command_refuses_bad_arguments(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
@@ -247,10 +254,31 @@ def test_command_without_a_cluster_says_how_to_start_one(capsys, monkeypatch):
     assert "no Ray cluster at --address auto" in capsys.readouterr().err
 
 
-def test_replica_health_check_and_drain():
+def test_command_reports_a_replica_that_does_not_start(capsys, monkeypatch):
+    deleted = []
+
+    def failed_run(app, **kwargs):
+        raise RuntimeError("Deploying application fluxrt failed: Failed to update the deployments ['FluxReplica'].")
+
+    status = SimpleNamespace(applications={flux_ray.APP_NAME: SimpleNamespace(deployments={
+        "FluxReplica": SimpleNamespace(message="RuntimeError: Traceback (most recent call last):\n  File ...\n"
+                                               "FileNotFoundError: /models/missing does not exist\n")})})
+    monkeypatch.setattr(flux_ray.ray, "init", lambda **kwargs: None)
+    monkeypatch.setattr(flux_ray.serve, "start", lambda **kwargs: None)
+    monkeypatch.setattr(flux_ray.serve, "run", failed_run)
+    monkeypatch.setattr(flux_ray.serve, "status", lambda: status)
+    monkeypatch.setattr(flux_ray.serve, "delete", deleted.append)
+    assert flux_ray.main(["--model", "/models/missing"]) == 1
+    err = capsys.readouterr().err
+    assert "FileNotFoundError: /models/missing does not exist" in err and "Traceback" not in err, err
+    assert deleted == [flux_ray.APP_NAME], "the failed app should not stay deployed"
+
+
+def test_replica_warms_up_checks_health_and_drains():
     replica = flux_ray.FluxReplica("tiny-random", "cpu", dict(max_batch=2, max_queue=4, batching="step",
                                                              timeout_s=60), None, "tiny-random", (64, 64),
-                                   replica_id="replica-under-test")
+                                   warmup=((32, 32), (64, 48)), replica_id="replica-under-test")
+    assert 'fluxrt_jobs_total{outcome="completed"} 2' in replica.engine.metrics(), "one warm-up image per size"
     replica.check_health()
     job = replica.engine.submit(GenerationRequest("a red star", width=64, height=64, num_steps=2, seed=0))
     asyncio.run(replica.drain())

@@ -43,20 +43,26 @@ APP_NAME = "fluxrt"
 TINY = "tiny"  # the embedded trained model (fluxrt.tiny.TRAINED), as `fluxrt serve --model tiny`
 REPLICA_HEADER = "x-fluxrt-replica"
 DEFAULT_ENGINE_TIMEOUT_S = 600.0
+CONSTRUCTOR_TRIES = 3
 
 
 class FluxReplica:
     """One replica: its own pipeline (on its GPU when Ray gave it one), Engine and `fluxrt serve` app.
 
-    replica_id: the name its responses carry (None: this Ray Serve replica's actor name)."""
+    warmup: (width, height) sizes generated once before the replica reports ready. replica_id: the name its
+    responses carry (None: this Ray Serve replica's actor name)."""
 
     def __init__(self, model: str, device: str, engine_options: dict, api_key: str | None, model_name: str,
-                 default_size: tuple[int, int] | None = None, replica_id: str | None = None):
+                 default_size: tuple[int, int] | None = None, warmup: tuple = (), replica_id: str | None = None):
+        from ..serving import GenerationRequest
         from .app import create_app
         from .engine import Engine
 
         self.replica_id = replica_id or serve.get_replica_context().replica_id.to_full_id_str()
         self.engine = Engine(load_pipeline(model, device), **engine_options).start()
+        for width, height in warmup:  # as `fluxrt serve --warmup`: compile and caches before the first request
+            request = GenerationRequest("warm-up", width=width, height=height, num_steps=2, seed=0)
+            self.engine.submit(request).future.result()
         sized = {} if default_size is None else {"default_size": default_size}
         self.http_app = create_app(self.engine, model_name, api_key, **sized)
         self.http_app.add_middleware(_ReplicaHeader, replica_id=self.replica_id)
@@ -115,14 +121,15 @@ def served_model_name(model: str) -> str:
 def deployment(model: str = "tiny-random", *, num_replicas: int | None = None, num_gpus_per_replica: float = 1,
                num_cpus_per_replica: float = 1, max_batch: int = 4, max_queue: int = 64, batching: str = "step",
                timeout_s: float | None = DEFAULT_ENGINE_TIMEOUT_S, api_key: str | None = None,
-               model_name: str | None = None, default_size: tuple[int, int] | None = None,
+               model_name: str | None = None, default_size: tuple[int, int] | None = None, warmup=(),
                autoscaling_config: dict | None = None) -> serve.Application:
     """The bound Ray Serve application (for serve.run) of `model` on replicas of the `fluxrt serve` engine.
 
     num_replicas: fixed replica count (default 1), or autoscaling_config (Ray's: min_replicas, max_replicas,
     target_ongoing_requests, ...), not both. num_gpus_per_replica: 1 = one replica per GPU; 0 = CPU replicas.
-    max_batch, max_queue, batching, timeout_s: each replica's Engine's. api_key, model_name (default: served_model_name),
-    default_size ((width, height) of a request without size; default the app's): create_app's.
+    max_batch, max_queue, batching, timeout_s: each replica's Engine's. api_key, model_name (default:
+    served_model_name(model)), default_size ((width, height) of a request without size; default the app's):
+    create_app's. warmup: (width, height) sizes each replica generates once before it takes requests.
     Bad arguments raise ValueError / TypeError here, before anything is deployed."""
     if not isinstance(model, str) or not model:
         raise TypeError(f"model must be a path or a tiny-random name (a non-empty str), got {model!r}")
@@ -131,9 +138,10 @@ def deployment(model: str = "tiny-random", *, num_replicas: int | None = None, n
     gpus = _resources(num_gpus_per_replica, "num_gpus_per_replica")
     cpus = _resources(num_cpus_per_replica, "num_cpus_per_replica")
     if default_size is not None:
-        if not isinstance(default_size, (tuple, list)) or len(default_size) != 2:
-            raise ValueError(f"default_size must be (width, height), got {default_size!r}")
-        default_size = check_size(*default_size, names=("default_size width", "default_size height"))
+        default_size = _size_pair(default_size, "default_size")
+    if isinstance(warmup, (str, bytes)) or not hasattr(warmup, "__iter__"):
+        raise ValueError(f"warmup must be a list of (width, height) sizes, got {warmup!r}")
+    warmup = tuple(_size_pair(size, "warmup size") for size in warmup)
     if api_key is not None and (not isinstance(api_key, str) or not api_key):
         raise ValueError("api_key must be a non-empty string (or None: no authentication)")
 
@@ -143,10 +151,11 @@ def deployment(model: str = "tiny-random", *, num_replicas: int | None = None, n
         # a replica takes what its engine can hold (running batch + queue), so its own 429 is the backpressure
         max_ongoing_requests=max_batch + max_queue,
         # scaling down or redeploying: in-flight images get up to the engine's own timeout to finish
-        graceful_shutdown_timeout_s=timeout_s or DEFAULT_ENGINE_TIMEOUT_S)
+        graceful_shutdown_timeout_s=timeout_s or DEFAULT_ENGINE_TIMEOUT_S,
+        # a model that does not load fails the same way each time: report it after a few tries, not Ray's 20
+        max_constructor_retry_count=CONSTRUCTOR_TRIES)
     return served.bind(model, "cuda" if gpus > 0 else "cpu", engine_options, api_key,
-                       model_name or served_model_name(model),
-                       default_size)
+                       model_name or served_model_name(model), default_size, warmup)
 
 
 class _ServedReplica(FluxReplica):
@@ -182,6 +191,12 @@ def _scaling(num_replicas, autoscaling_config) -> dict:
     return {"num_replicas": replicas}
 
 
+def _size_pair(size, what: str) -> tuple[int, int]:
+    if not isinstance(size, (tuple, list)) or len(size) != 2:
+        raise ValueError(f"{what} must be (width, height), got {size!r}")
+    return check_size(*size, names=(f"{what} width", f"{what} height"))
+
+
 def _resources(value, what: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
         raise ValueError(f"{what} must be a number >= 0 (Ray resources; fractions share a device), got {value!r}")
@@ -201,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
                          num_gpus_per_replica=args.gpus_per_replica, num_cpus_per_replica=args.cpus_per_replica,
                          max_batch=args.max_batch, max_queue=args.max_queue, batching=args.batching,
                          timeout_s=args.timeout or None, api_key=args.api_key, default_size=args.size,
-                         autoscaling_config=_autoscaling(args))
+                         warmup=args.warmup, autoscaling_config=_autoscaling(args))
     except (TypeError, ValueError) as err:
         _parser().error(str(err))
     try:
@@ -211,15 +226,15 @@ def main(argv: list[str] | None = None) -> int:
               "`ray start --head` (other nodes: `ray start --address=HEAD_IP:6379`)", file=sys.stderr)
         return 2
     serve.start(http_options={"host": args.host, "port": args.port})
-    stop = threading.Event()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, lambda *_: stop.set())
     try:
         serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
     except RuntimeError as err:  # a replica failed to start (a bad model path on a node, out of memory, ...)
         print(f"python -m fluxrt.serve.ray: {err} {_deployment_message()}", file=sys.stderr)
         serve.delete(APP_NAME)
         return 1
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
     print(f"fluxrt serving {args.model} on Ray Serve at http://{args.host}:{args.port} (Ctrl-C to stop)", flush=True)
     stop.wait()
     serve.delete(APP_NAME)  # waits for the replicas to drain
@@ -228,10 +243,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _deployment_message() -> str:
-    """What Ray Serve says went wrong with the replicas (the end of the failing replica's traceback)."""
+    """What Ray Serve says went wrong with the replicas: the last line of the failing replica's traceback (the
+    error itself; the whole traceback is in the replica's log)."""
     app = serve.status().applications.get(APP_NAME)
-    messages = [d.message for d in app.deployments.values() if d.message] if app else []
-    return "; ".join(messages)[-2000:] or "(see the Ray logs: `ray logs`)"
+    deployments = app.deployments.values() if app else ()
+    messages = [d.message.strip().splitlines()[-1] for d in deployments if d.message.strip()]
+    return "; ".join(messages) or "(see the Ray logs: `ray logs`)"
 
 
 def _autoscaling(args) -> dict | None:
@@ -268,6 +285,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--timeout", type=float, default=DEFAULT_ENGINE_TIMEOUT_S, help="seconds per request; 0: none")
     parser.add_argument("--api-key", help="the Bearer token /v1/ requires")
     parser.add_argument("--size", type=_size, help="WxH of a request without size (default 1024x1024)")
+    parser.add_argument("--warmup", type=lambda text: [_size(size.strip()) for size in text.split(",") if size.strip()],
+                        default=[], metavar="WxH,...", help="sizes each replica generates once before taking requests")
     return parser
 
 
