@@ -4,8 +4,8 @@ For each batching kind ("step", "request", "serial") and each concurrency C, a f
 (max_batch, one worker) serves the same fixed set of requests (mixed step counts, one size, seed = index) to C client
 threads, each submitting its next request when the previous one is answered. Clients are threads in this process
 calling Engine.submit (no HTTP: the numbers are the engine's and the batchers', not uvicorn's or the network's).
-Per (kind, C): images/s over the run (requests / wall time), latency p50 / p99 (submit to result), and the mean
-rows per transformer call. Each image is checked against pipe.generate([request]) alone (within one 8-bit level)
+Per (kind, C): images/s over the run (requests / wall time; with --repeats the median of interleaved runs), latency
+p50 / p99 (submit to result), and the mean rows per transformer call. Each image is checked against pipe.generate([request]) alone (within one 8-bit level)
 unless --no-verify: nothing lost or mixed up.
 
     python benchmarks/bench_serve.py                      # tiny-random on the CPU -> results/serve_cpu_<date>.json/.md
@@ -48,6 +48,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--size", default="64x64", help="WxH of every request (one size: all may share a batch)")
     parser.add_argument("--max-batch", type=int, default=8, help="the engine's max_batch")
     parser.add_argument("--kinds", nargs="+", default=list(KINDS), choices=KINDS)
+    parser.add_argument("--repeats", type=int, default=1, help="runs per (kind, clients), interleaved: images/s is "
+                        "their median (a shared machine's noise), latencies pool their requests")
     parser.add_argument("--no-verify", action="store_true", help="skip checking each image against generate alone")
     parser.add_argument("--dry-run", action="store_true", help=f"a few seconds' run: {DRY_RUN}")
     parser.add_argument("--out", type=Path, help="the JSON path (a .md table beside it); default "
@@ -56,11 +58,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     try:
         args.steps = [int(s) for s in args.steps.split(",")]
         args.size = tuple(int(v) for v in args.size.lower().split("x"))
-        if len(args.size) != 2 or min(args.steps) < 1 or min(args.concurrency) < 1 or args.requests < 1:
+        if len(args.size) != 2 or min(args.steps) < 1 or min(args.concurrency) < 1 or args.requests < 1 or args.repeats < 1:
             raise ValueError
     except ValueError:
         parser.error(f"--steps takes positive ints like 2,4,8, --size WxH like 64x64, --concurrency and --requests "
-                     f"positive ints; got --steps {args.steps} --size {args.size}")
+                     f"--repeats positive ints; got --steps {args.steps} --size {args.size}")
     if args.dry_run:
         args.concurrency, args.requests, args.steps = DRY_RUN["concurrency"], DRY_RUN["requests"], DRY_RUN["steps"]
         args.size, args.max_batch = DRY_RUN["size"], DRY_RUN["max_batch"]
@@ -111,12 +113,20 @@ def serve(pipe, kind: str, concurrency: int, requests: list, max_batch: int) -> 
     wall = time.perf_counter() - started
     rows = engine.stats.batch_size
     engine.shutdown()
-    return {"kind": kind, "concurrency": concurrency, "requests": len(requests), "seconds": round(wall, 4),
-            "images_per_s": round(len(requests) / wall, 3),
+    return {"seconds": wall, "latencies": latencies, "rows": rows.sum, "steps": rows.count, "results": results}
+
+
+def summary(kind: str, concurrency: int, runs: list[dict]) -> dict:
+    """One table row from repeated runs: the median run's images/s, latency percentiles over every request."""
+    latencies = [s for run in runs for s in run["latencies"]]
+    requests = len(runs[0]["latencies"])
+    steps = sum(run["steps"] for run in runs)
+    return {"kind": kind, "concurrency": concurrency, "requests": requests, "repeats": len(runs),
+            "images_per_s": round(float(np.median([requests / run["seconds"] for run in runs])), 3),
             "latency_p50_s": round(float(np.percentile(latencies, 50)), 4),
             "latency_p99_s": round(float(np.percentile(latencies, 99)), 4),
-            "mean_rows_per_call": round(rows.sum / max(rows.count, 1), 2), "batcher_steps": rows.count,
-            "_results": results}
+            "mean_rows_per_call": round(sum(run["rows"] for run in runs) / max(steps, 1), 2),
+            "batcher_steps": steps // len(runs)}
 
 
 def mismatches(results: list, alone: list) -> list[str]:
@@ -143,11 +153,19 @@ def device_label(pipe, model: str) -> tuple[str, str]:
 def write_table(path: Path, meta: dict, rows: list[dict]) -> None:
     lines = [f"# bench_serve: {meta['label']}", "",
              f"{meta['transport']}. {meta['requests']} requests of {meta['size']} with steps cycling {meta['steps']}, "
-             f"max_batch {meta['max_batch']}; commit {meta['commit']}, {meta['date']}, torch {meta['torch']}.", "",
+             f"max_batch {meta['max_batch']}; images/s the median of {meta['repeats']} interleaved runs, latencies over "
+             f"all their requests; commit {meta['commit']}, {meta['date']}, torch {meta['torch']}, "
+             f"{meta['threads']} torch threads, load average {meta['load_average_1m_at_end']} at the end.", "",
              "| batching | clients | images/s | p50 latency (s) | p99 latency (s) | rows per transformer call | "
-             "batcher steps |", "|---|---:|---:|---:|---:|---:|---:|"]
+             "batcher steps per run |", "|---|---:|---:|---:|---:|---:|---:|"]
     lines += [f"| {r['kind']} | {r['concurrency']} | {r['images_per_s']:.2f} | {r['latency_p50_s']:.3f} | "
               f"{r['latency_p99_s']:.3f} | {r['mean_rows_per_call']:.2f} | {r['batcher_steps']} |" for r in rows]
+    lines += ["", "Rows per transformer call: the jobs sharing each call (step batching) or each batch (request, serial). "
+              "Batcher steps: denoising steps for step batching, whole batches for the others."]
+    if meta["device"] == "cpu":
+        lines += ["On a CPU the tiny transformer's cost grows in proportion to its rows and the text encoders and "
+                  "autoencoder take much of each image's time, so sharing a step saves little here: these numbers "
+                  "show the scheduling (who waits for whom), not what batching gains on a GPU."]
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -160,24 +178,28 @@ def main(argv=None) -> int:
     requests = [resolve(pipe, r) for r in requests]  # checked once: a bad --size or --steps fails before any run
     alone = None if args.no_verify else pipe.generate(requests, max_batch_size=1)
     serve(pipe, "serial", 1, requests[:1], 1)  # warm-up: first-call costs are nobody's
-    rows = []
-    for concurrency in args.concurrency:
-        for kind in args.kinds:
-            run = serve(pipe, kind, concurrency, requests, args.max_batch)
-            results = run.pop("_results")
-            run["verified"] = None if alone is None else not (problems := mismatches(results, alone))
-            if alone is not None and problems:
-                raise SystemExit(f"bench_serve: {kind} batching at {concurrency} clients changed images: {problems[:3]}")
-            rows.append(run)
-            print(f"{kind:8s} clients={concurrency:3d}  {run['images_per_s']:8.2f} images/s  p50 "
-                  f"{run['latency_p50_s']:.3f} s  p99 {run['latency_p99_s']:.3f} s  rows/call "
-                  f"{run['mean_rows_per_call']:.2f}", flush=True)
+    runs: dict[tuple, list] = {}
+    for _ in range(args.repeats):  # kinds interleaved, so a busy moment of a shared machine hits each alike
+        for concurrency in args.concurrency:
+            for kind in args.kinds:
+                run = serve(pipe, kind, concurrency, requests, args.max_batch)
+                if alone is not None and (problems := mismatches(run["results"], alone)):
+                    raise SystemExit(f"bench_serve: {kind} batching at {concurrency} clients changed images: "
+                                     f"{problems[:3]}")
+                runs.setdefault((kind, concurrency), []).append(run)
+    rows = [dict(summary(kind, concurrency, group), verified=alone is not None)
+            for (kind, concurrency), group in runs.items()]
+    for row in rows:
+        print(f"{row['kind']:8s} clients={row['concurrency']:3d}  {row['images_per_s']:8.2f} images/s  p50 "
+              f"{row['latency_p50_s']:.3f} s  p99 {row['latency_p99_s']:.3f} s  rows/call "
+              f"{row['mean_rows_per_call']:.2f}", flush=True)
     tag, label = device_label(pipe, args.model)
     now = datetime.now(timezone.utc)
     meta = {"label": label, "model": args.model, "device": str(pipe.device), "dtype": str(pipe.dtype),
             "transport": "in process: client threads calling Engine.submit, no HTTP", "requests": args.requests,
             "size": f"{args.size[0]}x{args.size[1]}", "steps": args.steps, "max_batch": args.max_batch,
-            "torch": torch.__version__, "threads": torch.get_num_threads(), "commit": _common._git_commit(),
+            "repeats": args.repeats, "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "load_average_1m_at_end": round(os.getloadavg()[0], 2), "commit": _common._git_commit(),
             "date": now.isoformat(timespec="seconds")}
     out = args.out or _common.RESULTS / f"serve_{tag}_{now:%Y-%m-%d}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
