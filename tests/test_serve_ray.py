@@ -184,9 +184,13 @@ def test_killed_replica_fails_its_requests_cleanly_and_is_replaced(server):
     assert answered_by & replacement, f"the replacement {replacement} never answered (only {answered_by})"
 
 
-def test_sigterm_removes_the_app_and_exits_0(server):
-    process, _ = server
-    process.send_signal(signal.SIGTERM)
+def test_sigterm_answers_requests_in_flight_removes_the_app_and_exits_0(server):
+    process, url = server
+    with ThreadPoolExecutor(2) as pool:
+        in_flight = [pool.submit(_generate, _client(url, max_retries=0), seed, 40) for seed in range(2)]
+        time.sleep(0.5)
+        process.send_signal(signal.SIGTERM)
+        assert all(isinstance(future.result()[0], str) for future in in_flight), "requests in flight were dropped"
     assert process.wait(timeout=60) == 0, process.stderr.read()[-3000:]
     assert flux_ray.APP_NAME not in serve.status().applications
 
@@ -272,6 +276,22 @@ def test_command_reports_a_replica_that_does_not_start(capsys, monkeypatch):
     err = capsys.readouterr().err
     assert "FileNotFoundError: /models/missing does not exist" in err and "Traceback" not in err, err
     assert deleted == [flux_ray.APP_NAME], "the failed app should not stay deployed"
+
+
+def test_command_ctrl_c_removes_the_app_and_exits_130(monkeypatch):
+    deleted = []
+    monkeypatch.setattr(flux_ray.ray, "init", lambda **kwargs: None)
+    monkeypatch.setattr(flux_ray.serve, "start", lambda **kwargs: None)
+    monkeypatch.setattr(flux_ray.serve, "run", lambda app, **kwargs: threading.Timer(
+        0.2, os.kill, (os.getpid(), signal.SIGINT)).start())  # Ctrl-C once it serves
+    monkeypatch.setattr(flux_ray.serve, "delete", deleted.append)
+    handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        assert flux_ray.main([]) == 130
+    finally:
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
+    assert deleted == [flux_ray.APP_NAME]
 
 
 def test_replica_warms_up_checks_health_and_drains():

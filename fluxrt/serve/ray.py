@@ -44,6 +44,7 @@ TINY = "tiny"  # the embedded trained model (fluxrt.tiny.TRAINED), as `fluxrt se
 REPLICA_HEADER = "x-fluxrt-replica"
 DEFAULT_ENGINE_TIMEOUT_S = 600.0
 CONSTRUCTOR_TRIES = 3
+EXIT_INTERRUPTED = 128 + signal.SIGINT
 
 
 class FluxReplica:
@@ -208,17 +209,18 @@ def _resources(value, what: str) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Deploy on a running Ray cluster and serve until SIGINT / SIGTERM; then remove the app (its replicas finish
-    their in-flight requests) and exit 0."""
-    args = _parser().parse_args(argv)
+    """Deploy on a running Ray cluster and serve until SIGTERM (exit 0) or Ctrl-C (exit 130); then remove the app:
+    its replicas finish the requests in flight first."""
+    parser = _parser()
+    args = parser.parse_args(argv)
     try:
         app = deployment(args.model, num_replicas=None if args.max_replicas else args.replicas,
                          num_gpus_per_replica=args.gpus_per_replica, num_cpus_per_replica=args.cpus_per_replica,
                          max_batch=args.max_batch, max_queue=args.max_queue, batching=args.batching,
                          timeout_s=args.timeout or None, api_key=args.api_key, default_size=args.size,
-                         warmup=args.warmup, autoscaling_config=_autoscaling(args))
+                         warmup=args.warmup, autoscaling_config=_autoscaling(args, parser))
     except (TypeError, ValueError) as err:
-        _parser().error(str(err))
+        parser.error(str(err))
     try:
         ray.init(address=args.address, log_to_driver=False)
     except ConnectionError as err:
@@ -232,14 +234,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"python -m fluxrt.serve.ray: {err} {_deployment_message()}", file=sys.stderr)
         serve.delete(APP_NAME)
         return 1
-    stop = threading.Event()
+    stop, received = threading.Event(), []
     for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, lambda *_: stop.set())
+        signal.signal(signum, lambda signum, frame: (received.append(signum), stop.set()))
     print(f"fluxrt serving {args.model} on Ray Serve at http://{args.host}:{args.port} (Ctrl-C to stop)", flush=True)
     stop.wait()
-    serve.delete(APP_NAME)  # waits for the replicas to drain
+    serve.delete(APP_NAME)  # waits for the replicas to answer what they hold
     print("fluxrt: stopped", flush=True)
-    return 0
+    return EXIT_INTERRUPTED if signal.SIGINT in received else 0  # as `fluxrt serve`: Ctrl-C is 130, SIGTERM 0
 
 
 def _deployment_message() -> str:
@@ -251,12 +253,12 @@ def _deployment_message() -> str:
     return "; ".join(messages) or "(see the Ray logs: `ray logs`)"
 
 
-def _autoscaling(args) -> dict | None:
+def _autoscaling(args, parser: argparse.ArgumentParser) -> dict | None:
     """--max-replicas: Ray adds replicas (from --replicas up to it) while each has more than a full batch waiting."""
     if not args.max_replicas:
         return None
     if args.max_replicas < args.replicas:
-        _parser().error(f"--max-replicas ({args.max_replicas}) must be at least --replicas ({args.replicas})")
+        parser.error(f"--max-replicas ({args.max_replicas}) must be at least --replicas ({args.replicas})")
     return {"min_replicas": args.replicas, "max_replicas": args.max_replicas, "target_ongoing_requests": args.max_batch}
 
 
