@@ -345,3 +345,20 @@ def test_step_rows_run_their_own_loras(tmp_path):
     assert calls.sizes[0] == 4, f"the jobs with different LoRAs share one call: {calls.sizes}"
     for key, job in jobs.items():
         assert_as_alone(hot, results[key], job)
+
+
+def test_rows_padded_to_buckets_keep_each_image(pipe):
+    """A CUDA-graphed transformer gets its rows padded to a few batch sizes (row_buckets); the padding rows' outputs
+    are never read."""
+    jobs = {key: job for key, job in mixed_jobs(pipe).items() if key != "hen"}
+    batcher = make_batcher("step", pipe, max_batch=4)
+    assert batcher.row_buckets is None, "no padding without CUDA graphs"
+    batcher.row_buckets = (1, 2, 4, 8)
+    with TransformerBatches(pipe) as calls:
+        results, _ = drive(batcher, jobs)
+    steps = {key: job.num_steps for key, job in jobs.items()}
+    real = expected_batches(steps, {key for key, job in jobs.items() if job.negative_prompt is not None}, {})
+    assert calls.sizes == [min(b for b in batcher.row_buckets if b >= rows) for rows in real]
+    assert calls.sizes != real, "the test must pad some step"
+    for key, job in jobs.items():
+        assert_as_alone(pipe, results[key], job)

@@ -245,6 +245,9 @@ class StepBatcher(Batcher):
         super().__init__(pipe, max_batch)
         self._pending: dict[Hashable, GenerationRequest] = {}  # admitted, joining at the next step
         self._rows: list[_Row] = []
+        # A CUDA-graphed transformer captures a graph per batch size (fluxrt.graphs): rows padded up to a few sizes
+        # keep the captures few, where every size from 1 to 2 x max_batch (true CFG) would come and go
+        self.row_buckets: tuple[int, ...] | None = _row_buckets(pipe, 2 * max_batch)
 
     def group_of(self, request: GenerationRequest) -> tuple:
         """One output size and, for Kontext, one reference size (they share each transformer call; the T5 length
@@ -371,10 +374,13 @@ class StepBatcher(Batcher):
         sampling.true_cfg combines them."""
         pipe = self.pipe
         guided = [row for row in rows if row.negative is not None]
+        texts = [(row.txt, row.vec) for row in rows] + [row.negative for row in guided]
         every = rows + guided
+        padding = self._padded(len(every)) - len(every)  # copies of the last row, whose outputs are not read
+        every, texts = every + every[-1:] * padding, texts + texts[-1:] * padding
         img = torch.cat([row.latents for row in every]).to(pipe.dtype)
-        txt = torch.cat([row.txt for row in rows] + [row.negative[0] for row in guided])
-        vec = torch.cat([row.vec for row in rows] + [row.negative[1] for row in guided])
+        txt = torch.cat([text for text, _ in texts])
+        vec = torch.cat([pooled for _, pooled in texts])
         times = torch.tensor([row.timesteps[row.position] for row in every], dtype=torch.float32, device=pipe.device)
         guidance = None
         if rows[0].request.guidance is not None:  # None for every row of a model without a guidance input
@@ -394,6 +400,10 @@ class StepBatcher(Batcher):
             positive, negative = velocities[k], pred[len(rows) + i : len(rows) + i + 1]
             velocities[k] = negative + row.request.true_cfg_scale * (positive - negative)
         return velocities
+
+    def _padded(self, rows: int) -> int:
+        """The call's batch size: `rows`, or the next of row_buckets."""
+        return min((size for size in self.row_buckets or () if size >= rows), default=rows)
 
     def _euler(self, row: _Row, velocity: Tensor) -> None:
         """sampling.denoise's update of one row, its first non-finite step noted on the device (read at the end: no
@@ -444,6 +454,13 @@ class StepBatcher(Batcher):
             raise NonFiniteError(f"the autoencoder decoded NaN or inf pixels ({pipe.vae_dtype}) from finite latents; "
                                  "check the autoencoder's weights, and run it in bf16 or fp32 (fp16 overflows)")
         return to_pil((pixels / 2 + 0.5).clamp(0, 1).cpu())
+
+
+def _row_buckets(pipe, most: int) -> tuple[int, ...] | None:
+    """Powers of two up to `most` (and `most`) when the transformer replays CUDA graphs; None (no padding) else."""
+    if getattr(pipe.transformer, "graphs", None) is None or pipe.device.type != "cuda":
+        return None
+    return tuple(sorted({2 ** k for k in range(most.bit_length()) if 2 ** k < most} | {most}))
 
 
 def _non_finite_latents(step: int, row: _Row) -> NonFiniteError:
