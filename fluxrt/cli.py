@@ -531,17 +531,17 @@ def _add_bench(sub) -> None:
     _add_debug(b, default=argparse.SUPPRESS)
 
 
-def _parse_sizes(texts: list[str]) -> list[tuple[int, int]]:
+def _parse_sizes(texts: list[str], flag: str = "--size") -> list[tuple[int, int]]:
     """["WIDTHxHEIGHT", ...] -> [(height, width), ...] (fluxrt.bench's order), by fluxrt.validation's size rules."""
     sizes = []
     for text in texts:
         width, _, height = text.partition("x")
         if not (width.isdigit() and height.isdigit()):
-            raise UsageError(f"--size {text!r} must be WIDTHxHEIGHT with multiples of 16, e.g. 1024x768")
+            raise UsageError(f"{flag} {text!r} must be WIDTHxHEIGHT with multiples of 16, e.g. 1024x768")
         try:
             validation.check_size(int(width), int(height))
         except ValueError as err:
-            raise UsageError(f"--size {text!r}: {err}") from None
+            raise UsageError(f"{flag} {text!r}: {err}") from None
         sizes.append((int(height), int(width)))
     return sizes
 
@@ -610,7 +610,7 @@ def _check_serve_args(args) -> tuple[torch.device, list[tuple[int, int]]]:
         raise UsageError(f"--timeout must be a positive number of seconds, got {args.timeout}")
     if args.api_key is not None and not args.api_key.strip():
         raise UsageError("--api-key is empty: give a key, or leave it (and $FLUXRT_API_KEY) unset for an open server")
-    warmup = [(w, h) for h, w in _parse_sizes([t for t in args.warmup.split(",") if t.strip()])]
+    warmup = [(w, h) for h, w in _parse_sizes([t.strip() for t in args.warmup.split(",") if t.strip()], "--warmup")]
     return device, warmup
 
 

@@ -380,7 +380,8 @@ def test_edits_are_routed_by_the_loaded_model(model):
     (["--max-queue", "0"], "--max-queue must be at least 1"),
     (["--max-batch", "65"], "--max-batch must be between 1 and 64"),
     (["--timeout", "0"], "--timeout must be a positive number"),
-    (["--warmup", "64x65"], "--size '64x65'"),
+    (["--warmup", "64x64,64x65"], "--warmup '64x65': height must be a multiple of 16"),
+    (["--warmup", "big"], "--warmup 'big' must be WIDTHxHEIGHT"),
     (["--api-key", " "], "--api-key is empty"),
     (["--model", "/no/such/model"], "does not exist"),
 ])
