@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import inspect
 import signal
 import sys
 import threading
@@ -35,6 +36,11 @@ try:
     from ray import serve
 except ImportError as err:  # the optional extra is missing: say how to get it
     raise ImportError("fluxrt.serve.ray needs Ray Serve: pip install 'fluxrt[ray]' (or 'ray[serve]')") from err
+# each replica builds its app after its engine (serve.ingress() with no app, then __serve_build_asgi_app__): a recent
+# Ray Serve feature (tested with 2.60); older ones require the app when the class is defined
+if inspect.signature(serve.ingress).parameters["app"].default is not None:
+    raise ImportError(f"fluxrt.serve.ray needs a Ray Serve whose serve.ingress() takes no app (tested with 2.60); "
+                      f"this is ray {ray.__version__}: pip install -U 'ray[serve]'")
 
 from ..validation import check_size
 from .batching import KINDS as BATCHING_KINDS
