@@ -277,20 +277,26 @@ def test_command_reports_a_replica_that_does_not_start(capsys, monkeypatch):
     assert deleted == [flux_ray.APP_NAME], "the failed app should not stay deployed"
 
 
-def test_command_ctrl_c_removes_the_app_and_exits_130(monkeypatch):
-    deleted = []
+def test_command_autoscales_and_ctrl_c_removes_the_app_and_exits_130(monkeypatch):
+    deployed, deleted = [], []
+
+    def run(app, **kwargs):
+        deployed.append(app)
+        threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGINT)).start()  # Ctrl-C once it serves
+
     monkeypatch.setattr(flux_ray.ray, "init", lambda **kwargs: None)
     monkeypatch.setattr(flux_ray.serve, "start", lambda **kwargs: None)
-    monkeypatch.setattr(flux_ray.serve, "run", lambda app, **kwargs: threading.Timer(
-        0.2, os.kill, (os.getpid(), signal.SIGINT)).start())  # Ctrl-C once it serves
+    monkeypatch.setattr(flux_ray.serve, "run", run)
     monkeypatch.setattr(flux_ray.serve, "delete", deleted.append)
     handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
     try:
-        assert flux_ray.main([]) == 130
+        assert flux_ray.main(["--replicas", "2", "--max-replicas", "5", "--max-batch", "3"]) == 130
     finally:
         for signum, handler in handlers.items():
             signal.signal(signum, handler)
     assert deleted == [flux_ray.APP_NAME]
+    scaling = deployed[0]._bound_deployment._deployment_config.autoscaling_config
+    assert (scaling.min_replicas, scaling.max_replicas, scaling.target_ongoing_requests) == (2, 5, 3)
 
 
 def test_replica_warms_up_checks_health_and_drains():
