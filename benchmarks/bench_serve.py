@@ -5,8 +5,8 @@ For each batching kind ("step", "request", "serial") and each concurrency C, a f
 threads, each submitting its next request when the previous one is answered. Clients are threads in this process
 calling Engine.submit (no HTTP: the numbers are the engine's and the batchers', not uvicorn's or the network's).
 Per (kind, C): images/s over the run (requests / wall time; with --repeats the median of interleaved runs), latency
-p50 / p99 (submit to result), and the mean rows per transformer call. Each image is checked against pipe.generate([request]) alone (within one 8-bit level)
-unless --no-verify: nothing lost or mixed up.
+p50 / p99 (submit to result), and the mean rows per transformer call. Each image is checked against
+pipe.generate([request]) alone (within one 8-bit level) unless --no-verify: nothing lost or mixed up.
 
     python benchmarks/bench_serve.py                      # tiny-random on the CPU -> results/serve_cpu_<date>.json/.md
     python benchmarks/bench_serve.py --model /models/FLUX.1-dev --size 1024x1024 --steps 20,28,36 --no-verify
@@ -58,7 +58,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     try:
         args.steps = [int(s) for s in args.steps.split(",")]
         args.size = tuple(int(v) for v in args.size.lower().split("x"))
-        if len(args.size) != 2 or min(args.steps) < 1 or min(args.concurrency) < 1 or args.requests < 1 or args.repeats < 1:
+        counts = (min(args.steps), min(args.concurrency), args.requests, args.repeats)
+        if len(args.size) != 2 or min(counts) < 1:
             raise ValueError
     except ValueError:
         parser.error(f"--steps takes positive ints like 2,4,8, --size WxH like 64x64, --concurrency and --requests "
@@ -153,15 +154,15 @@ def device_label(pipe, model: str) -> tuple[str, str]:
 def write_table(path: Path, meta: dict, rows: list[dict]) -> None:
     lines = [f"# bench_serve: {meta['label']}", "",
              f"{meta['transport']}. {meta['requests']} requests of {meta['size']} with steps cycling {meta['steps']}, "
-             f"max_batch {meta['max_batch']}; images/s the median of {meta['repeats']} interleaved runs, latencies over "
-             f"all their requests; commit {meta['commit']}, {meta['date']}, torch {meta['torch']}, "
+             f"max_batch {meta['max_batch']}; images/s the median of {meta['repeats']} interleaved runs, latencies "
+             f"over all their requests; commit {meta['commit']}, {meta['date']}, torch {meta['torch']}, "
              f"{meta['threads']} torch threads, load average {meta['load_average_1m_at_end']} at the end.", "",
              "| batching | clients | images/s | p50 latency (s) | p99 latency (s) | rows per transformer call | "
              "batcher steps per run |", "|---|---:|---:|---:|---:|---:|---:|"]
     lines += [f"| {r['kind']} | {r['concurrency']} | {r['images_per_s']:.2f} | {r['latency_p50_s']:.3f} | "
               f"{r['latency_p99_s']:.3f} | {r['mean_rows_per_call']:.2f} | {r['batcher_steps']} |" for r in rows]
-    lines += ["", "Rows per transformer call: the jobs sharing each call (step batching) or each batch (request, serial). "
-              "Batcher steps: denoising steps for step batching, whole batches for the others."]
+    lines += ["", "Rows per transformer call: the jobs sharing each call (step batching) or each batch (request, "
+              "serial). Batcher steps: denoising steps for step batching, whole batches for the others."]
     if meta["device"] == "cpu":
         lines += ["On a CPU the tiny transformer's cost grows in proportion to its rows and the text encoders and "
                   "autoencoder take much of each image's time, so sharing a step saves little here: these numbers "

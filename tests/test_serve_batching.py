@@ -1,5 +1,6 @@
 """fluxrt.serve.batching: every batcher gives each job the image pipe.generate gives it alone; the step batcher shares
-transformer calls between jobs that join and leave at step boundaries; drop; a failing job fails alone."""
+transformer calls between jobs that join and leave at step boundaries (true CFG, per-row LoRAs, every image mode,
+padded batches); drop; a failing job fails alone. benchmarks/bench_serve.py's dry run."""
 
 import json
 import subprocess

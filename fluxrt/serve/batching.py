@@ -17,8 +17,9 @@
   channels (Fill, Canny/Depth) or reference tokens (Kontext: rows of one reference size share a call). On a
   text-to-image model, text-to-image, img2img and inpainting jobs of one size share one call.
 
-max_batch counts jobs; a call's rows are the jobs plus one per job with true CFG. The engine offers its queue's
-head (admits) and waits while it cannot join, so jobs run in arrival order.
+max_batch counts jobs; a call's rows are the jobs plus one per job with true CFG (padded to a power of two when the
+transformer replays CUDA graphs: StepBatcher.row_buckets). The engine offers its queue's head (admits) and waits
+while it cannot join, so jobs run in arrival order.
 
 Every kind gives each job the image pipe.generate([request]) gives it alone, up to one 8-bit level from batched
 summation order, and a job's failure (NaN/inf latents: fluxrt.NonFiniteError; a run-time error) is its own result's
