@@ -203,7 +203,9 @@ def test_sigterm_answers_requests_in_flight_removes_the_app_and_exits_0(server):
     (dict(autoscaling_config=[1, 4]), "autoscaling_config must be a dict"),  # a TypeError
     (dict(num_gpus_per_replica=-1), "num_gpus_per_replica must be a number >= 0"),
     (dict(num_cpus_per_replica="1"), "num_cpus_per_replica must be a number >= 0"),
-    (dict(max_batch=0), "max_batch must be a positive int"),
+    (dict(max_batch=0), "max_batch must be between 1 and 64"),
+    (dict(max_batch=65), "max_batch must be between 1 and 64"),
+    (dict(max_batch=2.0), "max_batch must be an int"),  # a TypeError
     (dict(max_queue=True), "max_queue must be a positive int"),
     (dict(batching="dynamic"), "batching must be one of"),
     (dict(timeout_s=0), "timeout_s must be a positive number"),

@@ -42,7 +42,7 @@ if inspect.signature(serve.ingress).parameters["app"].default is not None:
     raise ImportError(f"fluxrt.serve.ray needs a Ray Serve whose serve.ingress() takes no app (tested with 2.60); "
                       f"this is ray {ray.__version__}: pip install -U 'ray[serve]'")
 
-from ..validation import check_size
+from ..validation import check_batch_size, check_size
 from .batching import KINDS as BATCHING_KINDS
 
 APP_NAME = "fluxrt"
@@ -172,9 +172,10 @@ class _ServedReplica(FluxReplica):
 
 
 def _engine_options(max_batch, max_queue, batching, timeout_s) -> dict:
-    for value, what in ((max_batch, "max_batch"), (max_queue, "max_queue")):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{what} must be a positive int, got {value!r}")
+    """The Engine's own rules, checked before anything is deployed (a replica refusing them fails only at start)."""
+    check_batch_size(max_batch, "max_batch")
+    if isinstance(max_queue, bool) or not isinstance(max_queue, int) or max_queue < 1:
+        raise ValueError(f"max_queue must be a positive int, got {max_queue!r}")
     if batching not in BATCHING_KINDS:
         raise ValueError(f"batching must be one of {BATCHING_KINDS}, got {batching!r}")
     if timeout_s is not None and (isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float))
@@ -208,7 +209,6 @@ def _resources(value, what: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
         raise ValueError(f"{what} must be a number >= 0 (Ray resources; fractions share a device), got {value!r}")
     return value
-
 
 
 # ---- python -m fluxrt.serve.ray ----
