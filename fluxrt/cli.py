@@ -7,6 +7,7 @@
   fluxrt bench ...   per-step latency of the transformer, diffusers vs fluxrt (fluxrt.bench)
   fluxrt serve [--model PATH|tiny|tiny-random[...]] [--host 127.0.0.1] [--port 8000] [--max-batch N] [--max-queue N]
                [--api-key KEY] [--timeout S] [--batching step|request|serial] [--warmup 1024x1024,...]
+               [--lora PATH[:SCALE]]
                the OpenAI-compatible image server (fluxrt.serve); prints "fluxrt serve: listening on URL" when ready;
                SIGTERM finishes the requests in flight, then exits 0
 
@@ -592,8 +593,13 @@ def _add_serve(sub) -> None:
                         "a batch runs start to end; serial: one image at a time")
     s.add_argument("--warmup", default="", metavar="WxH,...",
                    help="sizes to generate once before listening (compilation and caches), e.g. 1024x1024,768x1024")
+    s.add_argument("--lora", action="append", metavar="PATH[:SCALE]",
+                   help="a FLUX.1 LoRA .safetensors file, loaded in hot-swap mode (a side branch: each request picks "
+                        "its LoRAs by file stem, \"loras\": {\"STEM\": scale}; without, the loaded scale, default 1); "
+                        "repeat for several. Needs the compiled transformer")
     s.add_argument("--device", help="default: cuda when there is a GPU, else cpu")
     s.add_argument("--no-compile", action="store_true", help="run the plain-PyTorch reference transformer")
+    s.add_argument("--backend", default="auto", choices=["auto", "triton", "torch"], help="fluxrt.compile backend")
     s.set_defaults(ae=None, text_encoders=None, prompt=None)
     _add_debug(s, default=argparse.SUPPRESS)
 
@@ -610,6 +616,9 @@ def _check_serve_args(args) -> tuple[torch.device, list[tuple[int, int]]]:
         raise UsageError(f"--timeout must be a positive number of seconds, got {args.timeout}")
     if args.api_key is not None and not args.api_key.strip():
         raise UsageError("--api-key is empty: give a key, or leave it (and $FLUXRT_API_KEY) unset for an open server")
+    args.lora = [_lora_spec(spec) for spec in args.lora or []]
+    if args.lora and args.no_compile:
+        raise UsageError("--lora runs LoRAs as side branches of the compiled transformer; drop --no-compile")
     warmup = [(w, h) for h, w in _parse_sizes([t.strip() for t in args.warmup.split(",") if t.strip()], "--warmup")]
     return device, warmup
 
@@ -634,12 +643,20 @@ def _listen(host: str, port: int):
 
 
 def _serve_pipeline(args, device: torch.device):
-    compile = False if args.no_compile else None  # None: compiled on a GPU, the reference on a CPU
+    # None: compiled on a GPU, the reference on a CPU; hot-swapped LoRAs need the compiled transformer
+    compile = False if args.no_compile else True if args.lora else None
+    common = dict(compile=compile, backend=args.backend, progress=False)
     if _random_mode(args.model):
         from .tiny import tiny_random_pipeline
 
-        return tiny_random_pipeline(device=device, mode=_random_mode(args.model), compile=compile, progress=False)
-    return _load_model(args, compile=compile, progress=False)
+        pipe = tiny_random_pipeline(device=device, mode=_random_mode(args.model), **common)
+    else:
+        pipe = _load_model(args, **common)
+    if args.lora:
+        pipe.enable_lora_hotswap(max_adapters=max(4, len(args.lora)))
+    for path, scale in args.lora:
+        pipe.load_lora(path, scale=scale)  # named by the file's stem: what requests' "loras" name
+    return pipe
 
 
 def _model_name(args, requested: str) -> str:

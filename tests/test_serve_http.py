@@ -203,6 +203,11 @@ def test_bad_requests_get_400_with_openai_error_body(http):
         (dict(ok, quality="hd"), "quality", "unknown field quality"),
         (dict(ok, steps=2, num_inference_steps=3), "num_inference_steps", "disagree"),
         ({"size": "64x64"}, "prompt", "prompt is required"),
+        (dict(ok, prompt=["a", "b"]), "prompt", "a string, got list"),
+        (dict(ok, seed=-1), "seed", "seed must be an int in [0, 2**63)"),
+        (dict(ok, n="2"), "n", "n must be an int"),
+        (dict(ok, loras=["style"]), "loras", "loras must be an object"),
+        (dict(ok, loras={"style": 1.0}), "loras", "no LoRAs to choose from (start it with --lora PATH)"),
     ]
     for body, param, words in cases:
         error = assert_error(http.post("/v1/images/generations", json=body), 400, words)
@@ -384,6 +389,8 @@ def test_edits_are_routed_by_the_loaded_model(model):
     (["--warmup", "big"], "--warmup 'big' must be WIDTHxHEIGHT"),
     (["--api-key", " "], "--api-key is empty"),
     (["--model", "/no/such/model"], "does not exist"),
+    (["--lora", "/no/such.safetensors"], "--lora '/no/such.safetensors' does not exist"),
+    (["--lora", __file__, "--no-compile"], "drop --no-compile"),
 ])
 def test_bad_serve_arguments_are_one_line_before_anything_loads(capsys, args, words):
     from fluxrt.cli import main
@@ -436,3 +443,69 @@ def test_ctrl_c_stops_the_server_with_130():
         assert "fluxrt: interrupted" in process.output()
     finally:
         process.stop()
+
+
+def test_a_failed_generation_gets_500(pipe, monkeypatch):
+    from starlette.testclient import TestClient
+
+    import fluxrt.serve.engine as engine_module
+    from fluxrt.serve.app import create_app
+    from fluxrt.serve.engine import Engine
+
+    class Broken:
+        def __init__(self, pipe, max_batch):
+            self.max_batch, self.last_step, self.jobs = max_batch, None, set()
+
+        def admits(self, request):
+            return not self.jobs
+
+        def admit(self, key, request):
+            self.jobs.add(key)
+
+        def drop(self, key):
+            self.jobs.discard(key)
+
+        def __len__(self):
+            return len(self.jobs)
+
+        def step(self):
+            raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(engine_module, "make_batcher", lambda kind, pipe, max_batch: Broken(pipe, max_batch))
+    engine = Engine(pipe).start()
+    try:
+        with TestClient(create_app(engine, "tiny-random")) as http:
+            response = http.post("/v1/images/generations", json={"prompt": "x", "size": "64x64", "steps": 2})
+            error = assert_error(response, 500, "RuntimeError: out of memory")
+            assert error["code"] == "generation_failed" and error["type"] == "server_error"
+    finally:
+        assert engine.shutdown(timeout_s=WAIT_S)
+
+
+def test_requests_pick_hot_swapped_loras(tmp_path):
+    from test_pipeline_lora import write_lora
+
+    paths = [write_lora(tmp_path / f"{name}.safetensors", seed=k) for k, name in enumerate(("style", "light"))]
+    process = ServerProcess("--model", "tiny-random", "--backend", "torch", "--lora", paths[0], "--lora",
+                            f"{paths[1]}:0.5")
+    bodies = {"loaded scales": {}, "style only": {"loras": {"style": 0.8}}, "none": {"loras": {}}}
+    try:
+        with httpx.Client(base_url=process.url, timeout=WAIT_S) as http:
+            answers = {case: http.post("/v1/images/generations", json={"prompt": "a red star", "size": "32x32",
+                                                                     "steps": 2, "seed": 4, **extra})
+                       for case, extra in bodies.items()}
+            unknown = http.post("/v1/images/generations", json={"prompt": "x", "loras": {"anime": 1.0}})
+    finally:
+        process.stop()
+    assert_error(unknown, 400, "anime")
+    pipe = tiny_random_pipeline(compile=True, backend="torch", progress=False)
+    pipe.enable_lora_hotswap()
+    pipe.load_lora(paths[0])
+    pipe.load_lora(paths[1], scale=0.5)
+    images = {}
+    for case, extra in bodies.items():
+        assert answers[case].status_code == 200, answers[case].text
+        images[case] = decoded(answers[case].json()["data"][0]["b64_json"])
+        expected = alone(pipe, prompt="a red star", width=32, height=32, num_steps=2, seed=4, **extra)
+        assert_same(images[case], expected, case)
+    assert np.abs(images["loaded scales"] - images["none"]).max() > 0, "the LoRAs changed nothing: not applied?"

@@ -243,6 +243,7 @@ def _parse_number(text: str, name: str, kind: type):
 
 async def _read_image(form: dict, name: str):
     from PIL import Image, UnidentifiedImageError
+    from PIL.Image import DecompressionBombError
 
     upload = form.get(name)
     if upload is None or isinstance(upload, str):
@@ -252,7 +253,7 @@ async def _read_image(form: dict, name: str):
         with Image.open(io.BytesIO(data)) as image:
             image.load()
             return image.copy()
-    except (UnidentifiedImageError, OSError) as err:
+    except (UnidentifiedImageError, OSError, DecompressionBombError) as err:
         raise ApiError(400, f"{name} is not an image file PIL can read ({err})", param=name) from None
 
 
@@ -265,11 +266,12 @@ def _check_mask(images: dict) -> None:
         raise ApiError(400, str(err), param="mask") from None
 
 
-def _requests(body: dict, size: tuple[int, int], images: dict) -> list[GenerationRequest]:
+def _requests(body: dict, size: tuple[int, int], images: dict, lora_hotswap: bool) -> list[GenerationRequest]:
     """The n GenerationRequests of one HTTP request: seeds seed, seed + 1, ... (None: drawn)."""
     prompt = body.get("prompt")
     if not isinstance(prompt, str):
-        raise ApiError(400, "prompt is required: a string", param="prompt")
+        got = "" if prompt is None else f", got {type(prompt).__name__}"
+        raise ApiError(400, f"prompt is required: a string{got}", param="prompt")
     format_ = body.get("response_format") or "b64_json"
     if format_ != "b64_json":
         raise ApiError(400, f"response_format {format_!r} is not served: this server returns images inline only, as "
@@ -277,11 +279,16 @@ def _requests(body: dict, size: tuple[int, int], images: dict) -> list[Generatio
     loras = body.get("loras")
     if loras is not None and not (isinstance(loras, dict) and all(isinstance(k, str) for k in loras)):
         raise ApiError(400, f"loras must be an object {{name: scale}} of loaded LoRAs, got {loras!r}", param="loras")
+    if loras is not None and not lora_hotswap:
+        raise ApiError(400, "this server has no LoRAs to choose from (start it with --lora PATH)", param="loras")
     try:
         n = validation.check_images_per_prompt(body.get("n", 1), "n")
+    except (TypeError, ValueError) as err:
+        raise ApiError(400, str(err), param="n") from None
+    try:
         seeds = validation.check_seeds(body.get("seed"), n, "seed")
     except (TypeError, ValueError) as err:
-        raise ApiError(400, str(err), param="seed" if "seed" in str(err) else "n") from None
+        raise ApiError(400, str(err), param="seed") from None
     common = dict(prompt=prompt, width=size[0], height=size[1],
                   num_steps=_one_of(body, ("steps", "num_inference_steps")),
                   guidance=_one_of(body, ("guidance", "guidance_scale")),
@@ -294,7 +301,7 @@ def _requests(body: dict, size: tuple[int, int], images: dict) -> list[Generatio
 
 
 async def _serve(request: Request, engine, body: dict, size: tuple[int, int], images: dict) -> JSONResponse:
-    jobs = _submit(engine, _requests(body, size, images))
+    jobs = _submit(engine, _requests(body, size, images, engine.pipe.lora_hotswap))
     try:
         await _wait(request, jobs)
     finally:  # a client that left, or any error: what is still queued or running is not wanted any more
