@@ -250,6 +250,13 @@ def test_command_refuses_bad_arguments(argv, message, capsys):
     assert message in capsys.readouterr().err
 
 
+def test_command_takes_the_api_key_from_the_environment(monkeypatch):
+    monkeypatch.setenv("FLUXRT_API_KEY", "from-env")
+    assert flux_ray._parser().parse_args([]).api_key == "from-env"
+    monkeypatch.delenv("FLUXRT_API_KEY")
+    assert flux_ray._parser().parse_args([]).api_key is None
+
+
 def test_command_without_a_cluster_says_how_to_start_one(capsys, monkeypatch):
     def no_cluster(**kwargs):
         raise ConnectionError("Could not find any running Ray instance.")

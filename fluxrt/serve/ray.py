@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import inspect
+import os
 import signal
 import sys
 import threading
@@ -279,10 +280,11 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m fluxrt.serve.ray", description=(
         "Serve a FLUX model on a running Ray cluster (`ray start --head`, then `ray start --address=HEAD:6379` on "
         "the other nodes): replicas of the `fluxrt serve` engine, one per GPU, behind Ray Serve's HTTP proxy."))
-    parser.add_argument("--model", default="tiny-random", help="model folder or file (on every node), or tiny-random")
+    parser.add_argument("--model", default="tiny-random",
+                        help="a FLUX folder (the same path on every node), tiny, or tiny-random[-fill|-canny|-kontext]")
     parser.add_argument("--address", default="auto", help="the Ray cluster (default: the one this node joined)")
     parser.add_argument("--host", default="127.0.0.1", help="Ray Serve's HTTP host (0.0.0.0: every interface)")
-    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--port", type=int, default=8000, help="Ray Serve's HTTP port (on every node)")
     parser.add_argument("--replicas", type=int, default=1, help="replicas (with --max-replicas: the fewest)")
     parser.add_argument("--max-replicas", type=int, help="autoscale between --replicas and this many")
     parser.add_argument("--gpus-per-replica", type=float, default=1, help="0: CPU replicas")
@@ -291,7 +293,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-queue", type=int, default=64)
     parser.add_argument("--batching", default="step", choices=BATCHING_KINDS)
     parser.add_argument("--timeout", type=float, default=DEFAULT_ENGINE_TIMEOUT_S, help="seconds per request; 0: none")
-    parser.add_argument("--api-key", help="the Bearer token /v1/ requires")
+    parser.add_argument("--api-key", default=os.environ.get("FLUXRT_API_KEY"),
+                        help="require 'Authorization: Bearer KEY' on /v1/ (default: $FLUXRT_API_KEY; unset: open)")
     parser.add_argument("--size", type=_size, help="WxH of a request without size (default 1024x1024)")
     parser.add_argument("--warmup", type=lambda text: [_size(size.strip()) for size in text.split(",") if size.strip()],
                         default=[], metavar="WxH,...", help="sizes each replica generates once before taking requests")
@@ -299,4 +302,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # run the importable module's main: Ray then ships its replica classes by reference (fluxrt.serve.ray.…), as
+    # for a library user, rather than by value from __main__
+    from fluxrt.serve.ray import main as module_main
+
+    sys.exit(module_main())
