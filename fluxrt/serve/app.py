@@ -2,7 +2,7 @@
 
     POST /v1/images/generations   JSON: prompt, n, size "WxH", response_format "b64_json", model; FLUX extras: steps
                                   (or num_inference_steps), guidance (or guidance_scale), seed, negative_prompt,
-                                  true_cfg_scale, loras {name: scale}
+                                  true_cfg_scale, loras {name: scale} (the server's --lora files by stem)
     POST /v1/images/edits         multipart: image, optional mask, prompt, n, size, response_format, strength, the
                                   extras above but loras: img2img / inpainting / Fill / Kontext, by the loaded model
     GET  /v1/models               the one model;  GET /health: the process is up;  GET /ready: the engine accepts jobs
