@@ -186,6 +186,12 @@ def test_openai_edit_inpaint_and_img2img(server, pipe):
     assert_same(decoded(img2img.data[0].b64_json), alone(pipe, **request), "img2img")
     assert np.abs(decoded(inpainted.data[0].b64_json) - decoded(img2img.data[0].b64_json)).max() > 0, \
         "the mask made no difference: was it ignored?"
+    # OpenAI's kind of mask: transparent where to repaint, i.e. alpha = 255 - FLUX's mask
+    openai_mask = Image.new("RGBA", (64, 64), (0, 0, 0, 255))
+    openai_mask.putalpha(Image.fromarray(255 - np.asarray(mask)))
+    transparent = client(server).images.edit(image=("in.png", image_png), mask=("m.png", png_bytes(openai_mask)),
+                                             **common)
+    assert_same(decoded(transparent.data[0].b64_json), decoded(inpainted.data[0].b64_json), "an RGBA mask")
 
 
 # ---- the error paths ----

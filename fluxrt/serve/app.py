@@ -4,7 +4,9 @@
                                   (or num_inference_steps), guidance (or guidance_scale), seed, negative_prompt,
                                   true_cfg_scale, loras {name: scale} (the server's --lora files by stem)
     POST /v1/images/edits         multipart: image, optional mask, prompt, n, size, response_format, strength, the
-                                  extras above but loras: img2img / inpainting / Fill / Kontext, by the loaded model
+                                  extras above but loras: img2img / inpainting / Fill / Kontext, by the loaded model.
+                                  The mask is FLUX's (white: repaint), or OpenAI's if it has transparency
+                                  (transparent: repaint)
     GET  /v1/models               the one model;  GET /health: the process is up;  GET /ready: the engine accepts jobs
     GET  /metrics                 Prometheus text
 
@@ -98,7 +100,7 @@ def create_app(engine, model_name: str, api_key: str | None = None,
         fields = _edit_fields(form)
         images = {"image": await _read_image(form, "image")}
         if form.get("mask") is not None:
-            images["mask_image"] = await _read_image(form, "mask")
+            images["mask_image"] = _openai_mask(await _read_image(form, "mask"))
             _check_mask(images)
         size = _size(fields.get("size"), images["image"].size, "the image's size (pass size)")
         return await _serve(request, engine, fields, size, images)
@@ -255,6 +257,16 @@ async def _read_image(form: dict, name: str):
             return image.copy()
     except (UnidentifiedImageError, OSError, DecompressionBombError) as err:
         raise ApiError(400, f"{name} is not an image file PIL can read ({err})", param=name) from None
+
+
+def _openai_mask(mask):
+    """A mask with transparency is OpenAI's kind (transparent: edit here) and becomes FLUX's (white: repaint); any
+    other is FLUX's already."""
+    if mask.mode not in ("RGBA", "LA", "PA") and "transparency" not in mask.info:
+        return mask
+    from PIL import ImageOps
+
+    return ImageOps.invert(mask.convert("RGBA").getchannel("A"))
 
 
 def _check_mask(images: dict) -> None:
