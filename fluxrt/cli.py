@@ -577,9 +577,11 @@ def _bench(args, outputs: list[_Output]) -> None:
 
 
 def _add_serve(sub) -> None:
-    s = sub.add_parser("serve", help="the OpenAI-compatible image server: POST /v1/images/generations, /v1/images/edits")
+    s = sub.add_parser("serve", help="the OpenAI-compatible image server: POST /v1/images/generations, "
+                                     "/v1/images/edits")
     s.add_argument("--model", default=TINY,
-                   help="as generate's --model: a local FLUX folder, tiny (default) or tiny-random[-fill|-canny|-kontext]")
+                   help="as generate's --model: a local FLUX folder, tiny (default) or "
+                        "tiny-random[-fill|-canny|-kontext]")
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only; 0.0.0.0: all)")
     s.add_argument("--port", type=int, default=8000, help="TCP port (0: any free one; the ready line names it)")
     s.add_argument("--max-batch", type=int, default=4, help="images per denoising step (the batch), default 4")
@@ -678,7 +680,10 @@ def _serve(args, outputs: list[_Output]) -> None:
                         timeout_s=args.timeout).start()
         try:
             for width, height in warmup:
-                engine.submit(GenerationRequest("warm-up", width=width, height=height, num_steps=2, seed=0)).future.result()
+                warm_up = GenerationRequest("warm-up", width=width, height=height, num_steps=2, seed=0)
+                result = engine.submit(warm_up).future.result()
+                if not result.ok:
+                    raise RuntimeError(f"--warmup {width}x{height} failed: {result.error}")
             app = create_app(engine, _model_name(args, requested), api_key=args.api_key,
                              default_size=_default_size(args, device))
             signals = _run_uvicorn(app, sock)

@@ -84,7 +84,8 @@ class Histogram:
 
     def lines(self, name: str) -> list[str]:
         out = [f'{name}_bucket{{le="{bound:g}"}} {n}' for bound, n in zip(self.buckets, self.counts)]
-        return out + [f'{name}_bucket{{le="+Inf"}} {self.count}', f"{name}_sum {self.sum:.6g}", f"{name}_count {self.count}"]
+        return out + [f'{name}_bucket{{le="+Inf"}} {self.count}', f"{name}_sum {self.sum:.6g}",
+                      f"{name}_count {self.count}"]
 
 
 class Stats:
@@ -313,8 +314,8 @@ class Engine:
 
     def _refuse_head(self) -> None:
         job = self._queue.popleft()
-        job.future.set_result(GenerationResult(job.request, error="the batcher cannot run this request (it admits "
-                                                                  "nothing else either): a fluxrt bug, please report it"))
+        error = "the batcher cannot run this request (it admits nothing else either): a fluxrt bug, please report it"
+        job.future.set_result(GenerationResult(job.request, error=error))
         self.stats.count_job("failed", time.monotonic() - job.submitted)
 
     def _step(self) -> None:
@@ -356,9 +357,10 @@ class Engine:
                              for (e, s), n in sorted(stats.requests.items())])
             lines += _family("fluxrt_errors_total", "counter", "error answers by kind (their OpenAI error code)",
                              [f"fluxrt_errors_total{_labels(kind=k)} {n}" for k, n in sorted(stats.errors.items())])
-            lines += _family("fluxrt_jobs_total", "counter", "images by outcome (completed, failed, cancelled, timeout)",
+            lines += _family("fluxrt_jobs_total", "counter", "images by outcome: completed, failed, cancelled, timeout",
                              [f"fluxrt_jobs_total{_labels(outcome=k)} {n}" for k, n in sorted(stats.jobs.items())])
-            lines += _family("fluxrt_queue_depth", "gauge", "jobs waiting to join a batch", [f"fluxrt_queue_depth {queued}"])
+            lines += _family("fluxrt_queue_depth", "gauge", "jobs waiting to join a batch",
+                             [f"fluxrt_queue_depth {queued}"])
             lines += _family("fluxrt_jobs_running", "gauge", "jobs in the running batch",
                              [f"fluxrt_jobs_running {running}"])
             lines += _family("fluxrt_batch_size", "histogram", "rows in each step's transformer batch",
