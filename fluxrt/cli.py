@@ -669,7 +669,6 @@ def _model_name(args, requested: str) -> str:
 def _serve(args, outputs: list[_Output]) -> None:
     from .serve.app import create_app
     from .serve.engine import Engine
-    from .serving import GenerationRequest
 
     requested = args.model
     device, warmup = _check_serve_args(args)
@@ -680,10 +679,7 @@ def _serve(args, outputs: list[_Output]) -> None:
                         timeout_s=args.timeout).start()
         try:
             for width, height in warmup:
-                warm_up = GenerationRequest("warm-up", width=width, height=height, num_steps=2, seed=0)
-                result = engine.submit(warm_up).future.result()
-                if not result.ok:
-                    raise RuntimeError(f"--warmup {width}x{height} failed: {result.error}")
+                _warm_up(engine, width, height)
             app = create_app(engine, _model_name(args, requested), api_key=args.api_key,
                              default_size=_default_size(args, device))
             signals = _run_uvicorn(app, sock)
@@ -694,6 +690,19 @@ def _serve(args, outputs: list[_Output]) -> None:
     print("fluxrt serve: stopped", flush=True)
     if signal.SIGINT in signals:
         raise KeyboardInterrupt
+
+
+def _warm_up(engine, width: int, height: int) -> None:
+    from .serving import GenerationRequest
+
+    try:
+        job = engine.submit(GenerationRequest("warm-up", width=width, height=height, num_steps=2, seed=0))
+    except (TypeError, ValueError) as err:  # a model that takes no text-only request (Fill, Canny/Depth)
+        raise UsageError(f"--warmup {width}x{height}: {err} (--warmup generates from text alone; leave it out for "
+                         "this model)") from None
+    result = job.future.result()
+    if not result.ok:
+        raise RuntimeError(f"--warmup {width}x{height} failed: {result.error}")
 
 
 def _run_uvicorn(app, sock) -> list[int]:

@@ -451,6 +451,28 @@ def test_ctrl_c_stops_the_server_with_130():
         process.stop()
 
 
+class Broken:
+    """A batcher whose every step fails."""
+
+    def __init__(self, kind, pipe, max_batch):
+        self.max_batch, self.last_step, self.jobs = max_batch, None, set()
+
+    def admits(self, request):
+        return not self.jobs
+
+    def admit(self, key, request):
+        self.jobs.add(key)
+
+    def drop(self, key):
+        self.jobs.discard(key)
+
+    def __len__(self):
+        return len(self.jobs)
+
+    def step(self):
+        raise RuntimeError("out of memory")
+
+
 def test_a_failed_generation_gets_500(pipe, monkeypatch):
     from starlette.testclient import TestClient
 
@@ -458,26 +480,7 @@ def test_a_failed_generation_gets_500(pipe, monkeypatch):
     from fluxrt.serve.app import create_app
     from fluxrt.serve.engine import Engine
 
-    class Broken:
-        def __init__(self, pipe, max_batch):
-            self.max_batch, self.last_step, self.jobs = max_batch, None, set()
-
-        def admits(self, request):
-            return not self.jobs
-
-        def admit(self, key, request):
-            self.jobs.add(key)
-
-        def drop(self, key):
-            self.jobs.discard(key)
-
-        def __len__(self):
-            return len(self.jobs)
-
-        def step(self):
-            raise RuntimeError("out of memory")
-
-    monkeypatch.setattr(engine_module, "make_batcher", lambda kind, pipe, max_batch: Broken(pipe, max_batch))
+    monkeypatch.setattr(engine_module, "make_batcher", Broken)
     engine = Engine(pipe).start()
     try:
         with TestClient(create_app(engine, "tiny-random")) as http:
@@ -515,3 +518,15 @@ def test_requests_pick_hot_swapped_loras(tmp_path):
         expected = alone(pipe, prompt="a red star", width=32, height=32, num_steps=2, seed=4, **extra)
         assert_same(images[case], expected, case)
     assert np.abs(images["loaded scales"] - images["none"]).max() > 0, "the LoRAs changed nothing: not applied?"
+
+
+def test_a_warmup_that_cannot_run_stops_the_start(capsys, monkeypatch):
+    import fluxrt.serve.engine as engine_module
+    from fluxrt.cli import main
+
+    assert main(["serve", "--model", "tiny-random-fill", "--port", "0", "--warmup", "64x64"]) == 2
+    assert "--warmup 64x64: a Fill model needs image= and mask_image= (--warmup generates from text alone" in \
+        capsys.readouterr().err
+    monkeypatch.setattr(engine_module, "make_batcher", Broken)
+    assert main(["serve", "--model", "tiny-random", "--port", "0", "--warmup", "64x64"]) == 2
+    assert "--warmup 64x64 failed: RuntimeError: out of memory" in capsys.readouterr().err
