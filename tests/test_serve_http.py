@@ -386,6 +386,17 @@ def test_edits_are_routed_by_the_loaded_model(model):
 # ---- in process: the command's arguments, draining ----
 
 
+@pytest.fixture
+def never_serves(monkeypatch):
+    """main(["serve", ...]) in process must fail before it serves: should it get that far, it fails, not hangs."""
+    import fluxrt.cli
+
+    def refuse(app, sock):
+        raise AssertionError("the server started: the bad argument was not refused")
+
+    monkeypatch.setattr(fluxrt.cli, "_run_uvicorn", refuse)
+
+
 @pytest.mark.parametrize("args, words", [
     (["--port", "70000"], "--port must be between 0 and 65535"),
     (["--max-queue", "0"], "--max-queue must be at least 1"),
@@ -398,7 +409,7 @@ def test_edits_are_routed_by_the_loaded_model(model):
     (["--lora", "/no/such.safetensors"], "--lora '/no/such.safetensors' does not exist"),
     (["--lora", __file__, "--no-compile"], "drop --no-compile"),
 ])
-def test_bad_serve_arguments_are_one_line_before_anything_loads(capsys, args, words):
+def test_bad_serve_arguments_are_one_line_before_anything_loads(capsys, never_serves, args, words):
     from fluxrt.cli import main
 
     assert main(["serve", "--port", "0", *args]) == 2
@@ -406,7 +417,7 @@ def test_bad_serve_arguments_are_one_line_before_anything_loads(capsys, args, wo
     assert err.startswith("fluxrt: error: ") and words in err and err.count("\n") == 1, err
 
 
-def test_a_busy_port_is_refused_before_the_model_loads(capsys):
+def test_a_busy_port_is_refused_before_the_model_loads(capsys, never_serves):
     import socket
 
     from fluxrt.cli import main
@@ -520,7 +531,7 @@ def test_requests_pick_hot_swapped_loras(tmp_path):
     assert np.abs(images["loaded scales"] - images["none"]).max() > 0, "the LoRAs changed nothing: not applied?"
 
 
-def test_a_warmup_that_cannot_run_stops_the_start(capsys, monkeypatch):
+def test_a_warmup_that_cannot_run_stops_the_start(capsys, monkeypatch, never_serves):
     import fluxrt.serve.engine as engine_module
     from fluxrt.cli import main
 
