@@ -80,12 +80,25 @@ def resolve(pipe, request) -> GenerationRequest:
                    strength=mode.strength)
 
 
+def batch_key(pipe, request: GenerationRequest) -> tuple:
+    """What must be equal for resolved requests to share one pipeline call: size, steps, guidance, the true-CFG
+    scale (or off), the mode and strength (fluxrt.modes), and for Kontext the reference size. Negative prompts and
+    hot-swapped LoRAs may differ within a batch."""
+    cfg = request.true_cfg_scale if request.negative_prompt is not None else None
+    return request.width, request.height, request.num_steps, request.guidance, cfg, _mode_key(pipe, request)
+
+
 def _mode_key(pipe, request: GenerationRequest) -> tuple:
-    """What must be equal for requests to share a batch besides size, steps and guidance: the mode and strength,
-    and for Kontext the reference image's size (its tokens join the sequence)."""
+    """The mode and strength, and for Kontext the reference image's size (its tokens join the sequence)."""
     mode = ModeArgs.check(pipe.mode, request.image, request.mask_image, request.control_image, request.strength)
-    reference = cond.kontext_image_size(request.image) if mode.mode == "kontext" else None
-    return mode.mode, mode.strength, reference
+    return mode.mode, mode.strength, kontext_reference_size(pipe, request)
+
+
+def kontext_reference_size(pipe, request: GenerationRequest) -> tuple[int, int] | None:
+    """(height, width) a Kontext request's reference image runs at (None for other requests)."""
+    if pipe.mode != "kontext" or request.image is None:
+        return None
+    return cond.kontext_image_size(request.image)
 
 
 def _request_list(requests) -> list:
@@ -129,11 +142,7 @@ def generate(pipe, requests, max_batch_size: int = 4) -> list[GenerationResult]:
         except (TypeError, ValueError, KeyError) as err:
             results[i] = GenerationResult(request, error=str(err) if not isinstance(err, KeyError) else err.args[0])
             continue
-        # true CFG on or off, and its scale, are per call; negative prompts and LoRAs (hot-swapped: the side branch
-        # picks each image's adapters) may differ within a batch
-        cfg = resolved.true_cfg_scale if resolved.negative_prompt is not None else None
-        key = (resolved.width, resolved.height, resolved.num_steps, resolved.guidance, cfg, _mode_key(pipe, resolved))
-        groups.setdefault(key, []).append((i, resolved))
+        groups.setdefault(batch_key(pipe, resolved), []).append((i, resolved))
     for members in groups.values():
         for start in range(0, len(members), max_batch_size):
             chunk = members[start : start + max_batch_size]

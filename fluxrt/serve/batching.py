@@ -38,7 +38,7 @@ from torch import Tensor
 from .. import sampling
 from ..call_inputs import NoiseSource, to_pil
 from ..modes import ModeArgs
-from ..serving import GenerationRequest, GenerationResult, _mode_key
+from ..serving import GenerationRequest, GenerationResult, batch_key, kontext_reference_size
 from ..validation import NonFiniteError, check_batch_size
 
 KINDS = ("step", "request", "serial")
@@ -53,12 +53,6 @@ def make_batcher(kind: str, pipe, max_batch: int) -> "Batcher":
     if kind == "step":
         return StepBatcher(pipe, max_batch)
     return RequestBatcher(pipe, 1 if kind == "serial" else max_batch)
-
-
-def generate_key(pipe, request: GenerationRequest) -> tuple:
-    """What pipe.generate requires equal for requests to share a batch (fluxrt.serving.generate's key)."""
-    cfg = request.true_cfg_scale if request.negative_prompt is not None else None
-    return request.width, request.height, request.num_steps, request.guidance, cfg, _mode_key(pipe, request)
 
 
 def _check_resolved(request) -> GenerationRequest:
@@ -146,7 +140,7 @@ class RequestBatcher(Batcher):
 
     def group_of(self, request: GenerationRequest) -> tuple:
         """pipe.generate's key: one size, steps, guidance, true-CFG scale and mode."""
-        return generate_key(self.pipe, request)
+        return batch_key(self.pipe, request)
 
     def _keys(self) -> set:
         return set(self._jobs)
@@ -254,7 +248,7 @@ class StepBatcher(Batcher):
         """One output size and, for Kontext, one reference size (they share each transformer call; the T5 length
         is the pipeline's and the conditioning channels the model's, the same for every job)."""
         width, height = self._mode_args(request).output_size(request.width, request.height)
-        return width, height, _mode_key(self.pipe, request)[2]
+        return width, height, kontext_reference_size(self.pipe, request)
 
     def _mode_args(self, request: GenerationRequest) -> ModeArgs:
         """The request's image arguments as pipe.generate passes them (Kontext: the requested size is the output's
