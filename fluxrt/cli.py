@@ -346,17 +346,13 @@ def _read_image(flag: str, path: Path):
 
 
 def _lora_spec(spec: str) -> tuple[Path, float]:
-    """--lora PATH[:SCALE] -> (path, scale); a path that itself holds ':' is taken whole unless a number follows."""
-    path, _, scale = spec.rpartition(":")
+    """--lora PATH[:SCALE] -> (path, scale) (fluxrt.serve.models.parse_lora_spec), a bad one a usage error."""
+    from .serve.models import parse_lora_spec
+
     try:
-        path, scale = (Path(path), float(scale)) if path else (Path(spec), 1.0)
-    except ValueError:
-        path, scale = Path(spec), 1.0
-    if not math.isfinite(scale):
-        raise UsageError(f"--lora {spec!r}: the scale after ':' must be a finite number")
-    if not path.exists():
-        raise UsageError(f"--lora {str(path)!r} does not exist (a LoRA .safetensors file, optionally :SCALE)")
-    return path, scale
+        return parse_lora_spec(spec)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
 
 def _check_model(args) -> None:
     if args.model == TINY or _random_mode(args.model):
@@ -645,30 +641,20 @@ def _listen(host: str, port: int):
 
 
 def _serve_pipeline(args, device: torch.device):
+    """fluxrt.serve.models.load_pipeline, a folder's loading errors in the CLI's words (_load_model)."""
+    from .serve.models import load_pipeline, serve_loras
+
     # None: compiled on a GPU, the reference on a CPU; hot-swapped LoRAs need the compiled transformer
     compile = False if args.no_compile else True if args.lora else None
-    common = dict(compile=compile, backend=args.backend, progress=False)
     if _random_mode(args.model):
-        from .tiny import tiny_random_pipeline
-
-        pipe = tiny_random_pipeline(device=device, mode=_random_mode(args.model), **common)
-    else:
-        pipe = _load_model(args, **common)
-    if args.lora:
-        pipe.enable_lora_hotswap(max_adapters=max(4, len(args.lora)))
-    for path, scale in args.lora:
-        pipe.load_lora(path, scale=scale)  # named by the file's stem: what requests' "loras" name
-    return pipe
-
-
-def _model_name(args, requested: str) -> str:
-    """The name /v1/models shows and requests' "model" must match: tiny, tiny-random..., or the folder's name."""
-    return requested if requested == TINY or _random_mode(requested) else Path(requested).resolve().name
+        return load_pipeline(args.model, device, compile=compile, backend=args.backend, loras=args.lora)
+    return serve_loras(_load_model(args, compile=compile, backend=args.backend, progress=False), args.lora)
 
 
 def _serve(args, outputs: list[_Output]) -> None:
     from .serve.app import create_app
     from .serve.engine import Engine
+    from .serve.models import served_model_name
 
     requested = args.model
     device, warmup = _check_serve_args(args)
@@ -680,7 +666,7 @@ def _serve(args, outputs: list[_Output]) -> None:
         try:
             for width, height in warmup:
                 _warm_up(engine, width, height)
-            app = create_app(engine, _model_name(args, requested), api_key=args.api_key,
+            app = create_app(engine, served_model_name(requested), api_key=args.api_key,
                              default_size=_default_size(args, device))
             signals = _run_uvicorn(app, sock)
         finally:

@@ -220,18 +220,31 @@ def test_deployment_refuses_bad_arguments(kwargs, message):
         flux_ray.deployment("tiny-random", **kwargs)
 
 
+def test_deployment_passes_backend_and_loras_to_its_replicas(tmp_path):
+    """--lora / --backend as `fluxrt serve`'s: each replica's load_pipeline gets them (checked up front)."""
+    lora = tmp_path / "style.safetensors"
+    lora.write_bytes(b"")  # only its existence is checked here; the replica loads it (tests/test_serve_models.py)
+    app = flux_ray.deployment("tiny-random", backend="torch", loras=[f"{lora}:0.5", (lora, 2.0)])
+    assert app._bound_deployment.init_args[-1] == {"backend": "torch", "loras": ((lora, 0.5), (lora, 2.0))}
+    with pytest.raises(ValueError, match="does not exist"):
+        flux_ray.deployment("tiny-random", loras=[str(tmp_path / "missing.safetensors")])
+    with pytest.raises(ValueError, match="backend must be"):
+        flux_ray.deployment("tiny-random", backend="cuda")
+
+
 def test_deployment_places_replicas_on_gpus_or_cpus():
     on_gpus = flux_ray.deployment("/models/flux1-dev", num_replicas=3, max_batch=2, max_queue=6)
     deployed = on_gpus._bound_deployment
     assert deployed.num_replicas == 3
     assert deployed.ray_actor_options["num_gpus"] == 1
     assert deployed.max_ongoing_requests == 8, "a replica should take what its engine holds: batch + queue"
-    model, device, engine_options, api_key, model_name, _, warmup = on_gpus._bound_deployment.init_args
+    model, device, engine_options, api_key, model_name, _, warmup, _, pipeline = on_gpus._bound_deployment.init_args
     assert (model, device, model_name, api_key, warmup) == ("/models/flux1-dev", "cuda", "flux1-dev", None, ())
+    assert pipeline == {"backend": "auto", "loras": ()}
     assert engine_options["max_batch"] == 2 and engine_options["max_queue"] == 6
     on_cpus = flux_ray.deployment("tiny-random", num_gpus_per_replica=0, autoscaling_config={"max_replicas": 4},
                                   warmup=[[64, 32]])
-    assert on_cpus._bound_deployment.init_args[-1] == ((64, 32),)
+    assert on_cpus._bound_deployment.init_args[6] == ((64, 32),)
     assert on_cpus._bound_deployment.init_args[1] == "cpu"
     assert on_cpus._bound_deployment._deployment_config.autoscaling_config.max_replicas == 4
 

@@ -30,7 +30,6 @@ import os
 import signal
 import sys
 import threading
-from pathlib import Path
 
 try:
     import ray
@@ -45,9 +44,9 @@ if inspect.signature(serve.ingress).parameters["app"].default is not None:
 
 from ..validation import check_batch_size, check_size
 from .batching import KINDS as BATCHING_KINDS
+from .models import load_pipeline, parse_lora_spec, served_model_name
 
 APP_NAME = "fluxrt"
-TINY = "tiny"  # the embedded trained model (fluxrt.tiny.TRAINED), as `fluxrt serve --model tiny`
 REPLICA_HEADER = "x-fluxrt-replica"
 DEFAULT_ENGINE_TIMEOUT_S = 600.0
 CONSTRUCTOR_TRIES = 3
@@ -61,13 +60,15 @@ class FluxReplica:
     responses carry (None: this Ray Serve replica's actor name)."""
 
     def __init__(self, model: str, device: str, engine_options: dict, api_key: str | None, model_name: str,
-                 default_size: tuple[int, int] | None = None, warmup: tuple = (), replica_id: str | None = None):
+                 default_size: tuple[int, int] | None = None, warmup: tuple = (), replica_id: str | None = None,
+                 pipeline_options: dict | None = None):
         from ..serving import GenerationRequest
         from .app import create_app
         from .engine import Engine
 
         self.replica_id = replica_id or serve.get_replica_context().replica_id.to_full_id_str()
-        self.engine = Engine(load_pipeline(model, device), **engine_options).start()
+        pipe = load_pipeline(model, device, **(pipeline_options or {}))  # backend, loras: as `fluxrt serve`'s
+        self.engine = Engine(pipe, **engine_options).start()
         for width, height in warmup:  # as `fluxrt serve --warmup`: compile and caches before the first request
             request = GenerationRequest("warm-up", width=width, height=height, num_steps=2, seed=0)
             self.engine.submit(request).future.result()
@@ -108,29 +109,11 @@ class _ReplicaHeader:
         await self.app(scope, receive, send_tagged)
 
 
-def load_pipeline(model: str, device: str):
-    """The pipeline `--model` names, as `fluxrt serve` reads it: tiny (the embedded trained model), a tiny-random
-    model (built in the replica) or a local folder (compiled on a GPU, the reference on a CPU)."""
-    from ..pipeline import FluxPipeline
-    from ..tiny import TINY_RANDOM_MODELS, TRAINED, tiny_random_pipeline
-
-    if model in TINY_RANDOM_MODELS:
-        return tiny_random_pipeline(device=device, mode=TINY_RANDOM_MODELS[model], progress=False)
-    return FluxPipeline.from_pretrained(TRAINED if model == TINY else model, device=device, progress=False)
-
-
-def served_model_name(model: str) -> str:
-    """The name /v1/models shows, as `fluxrt serve`'s: tiny, tiny-random..., or the folder's name."""
-    from ..tiny import TINY_RANDOM_MODELS
-
-    return model if model == TINY or model in TINY_RANDOM_MODELS else Path(model).resolve().name
-
-
 def deployment(model: str = "tiny-random", *, num_replicas: int | None = None, num_gpus_per_replica: float = 1,
                num_cpus_per_replica: float = 1, max_batch: int = 4, max_queue: int = 64, batching: str = "step",
                timeout_s: float | None = DEFAULT_ENGINE_TIMEOUT_S, api_key: str | None = None,
                model_name: str | None = None, default_size: tuple[int, int] | None = None, warmup=(),
-               autoscaling_config: dict | None = None) -> serve.Application:
+               autoscaling_config: dict | None = None, backend: str = "auto", loras=()) -> serve.Application:
     """The bound Ray Serve application (for serve.run) of `model` on replicas of the `fluxrt serve` engine.
 
     num_replicas: fixed replica count (default 1), or autoscaling_config (Ray's: min_replicas, max_replicas,
@@ -138,6 +121,8 @@ def deployment(model: str = "tiny-random", *, num_replicas: int | None = None, n
     max_batch, max_queue, batching, timeout_s: each replica's Engine's. api_key, model_name (default:
     served_model_name(model)), default_size ((width, height) of a request without size; default the app's):
     create_app's. warmup: (width, height) sizes each replica generates once before it takes requests.
+    backend: fluxrt.compile's. loras: "PATH[:SCALE]" strings or (path, scale) pairs every replica loads hot-swapped,
+    named by file stem, as `fluxrt serve --lora` (the files at the same path on every node).
     Bad arguments raise ValueError / TypeError here, before anything is deployed."""
     if not isinstance(model, str) or not model:
         raise TypeError(f"model must be a path or a tiny-random name (a non-empty str), got {model!r}")
@@ -152,6 +137,9 @@ def deployment(model: str = "tiny-random", *, num_replicas: int | None = None, n
     warmup = tuple(_size_pair(size, "warmup size") for size in warmup)
     if api_key is not None and (not isinstance(api_key, str) or not api_key):
         raise ValueError("api_key must be a non-empty string (or None: no authentication)")
+    if backend not in ("auto", "triton", "torch"):
+        raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
+    loras = tuple(parse_lora_spec(item if isinstance(item, str) else f"{item[0]}:{item[1]}") for item in loras)
 
     replica_class = serve.ingress()(_ServedReplica)
     served = serve.deployment(
@@ -163,7 +151,8 @@ def deployment(model: str = "tiny-random", *, num_replicas: int | None = None, n
         # a model that does not load fails the same way each time: report it after a few tries, not Ray's 20
         max_constructor_retry_count=CONSTRUCTOR_TRIES)
     return served.bind(model, "cuda" if gpus > 0 else "cpu", engine_options, api_key,
-                       model_name or served_model_name(model), default_size, warmup)
+                       model_name or served_model_name(model), default_size, warmup, None,
+                       {"backend": backend, "loras": loras})
 
 
 class _ServedReplica(FluxReplica):
@@ -225,7 +214,8 @@ def main(argv: list[str] | None = None) -> int:
                          num_gpus_per_replica=args.gpus_per_replica, num_cpus_per_replica=args.cpus_per_replica,
                          max_batch=args.max_batch, max_queue=args.max_queue, batching=args.batching,
                          timeout_s=args.timeout or None, api_key=args.api_key, default_size=args.size,
-                         warmup=args.warmup, autoscaling_config=_autoscaling(args, parser))
+                         warmup=args.warmup, autoscaling_config=_autoscaling(args, parser), backend=args.backend,
+                         loras=args.lora or ())
     except (TypeError, ValueError) as err:
         parser.error(str(err))
     try:
@@ -291,6 +281,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--cpus-per-replica", type=float, default=1)
     parser.add_argument("--max-batch", type=int, default=4)
     parser.add_argument("--max-queue", type=int, default=64)
+    parser.add_argument("--backend", default="auto", choices=["auto", "triton", "torch"], help="fluxrt.compile backend")
+    parser.add_argument("--lora", action="append", metavar="PATH[:SCALE]",
+                        help="a LoRA file every replica loads hot-swapped (requests name it by its stem); repeatable")
     parser.add_argument("--batching", default="step", choices=BATCHING_KINDS)
     parser.add_argument("--timeout", type=float, default=DEFAULT_ENGINE_TIMEOUT_S, help="seconds per request; 0: none")
     parser.add_argument("--api-key", default=os.environ.get("FLUXRT_API_KEY"),
