@@ -25,6 +25,8 @@ from PIL import Image
 
 from fluxrt import GenerationRequest
 from fluxrt.tiny import TINY_RANDOM_MODELS, tiny_random_pipeline
+from test_serve_engine import metric as metric_in
+from test_serve_engine import wait_until
 
 API_KEY = "test-key"
 START_S = 120  # a server's start, import to ready line, on a loaded 2-core box
@@ -128,19 +130,8 @@ def assert_error(response: httpx.Response, status: int, *words: str) -> dict:
 
 
 def metric(http: httpx.Client, name: str, **labels) -> float:
-    label_text = ",".join(f'{k}="{v}"' for k, v in labels.items())
-    sample = name + (f"{{{label_text}}}" if labels else "")
-    for line in http.get("/metrics").text.splitlines():
-        if line.startswith(sample + " "):
-            return float(line.split()[-1])
-    return 0.0
-
-
-def wait_until(condition, what: str) -> None:
-    deadline = time.monotonic() + WAIT_S
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
+    """A sample of the server's /metrics (test_serve_engine's reader)."""
+    return metric_in(http.get("/metrics").text, name, **labels)
 
 
 def png_bytes(image: Image.Image) -> bytes:
