@@ -283,7 +283,7 @@ class FluxPipeline:
                         seeds[0], seeds[0], seeds[0])
         return NoiseSource(seeds=seeds)
 
-    def _start_noise(self, noise: NoiseSource, count: int, width: int, height: int) -> Tensor:
+    def start_noise(self, noise: NoiseSource, count: int, width: int, height: int) -> Tensor:
         """Packed start latents [count, tokens, 64] in the pipeline's dtype, on its device."""
         if noise.latents is not None:
             return noise.latents.to(self.device, self.dtype)
@@ -388,14 +388,14 @@ class FluxPipeline:
 
         batch = txt.shape[0]
         rows, cols = sampling.latent_grid(height, width)
-        timesteps = self._schedule(num_steps, rows * cols, sigmas)
+        timesteps = self.schedule(num_steps, rows * cols, sigmas)
         model = self.transformer
         if lora_scales is not None:
             model = functools.partial(model, lora_scales=lora_scales)
         if mode is None or mode.mode == "text-to-image":
-            img = self._start_noise(noise, batch, width, height)
+            img = self.start_noise(noise, batch, width, height)
         else:
-            prepared = self._prepare_mode(mode, noise, batch, width, height, timesteps)
+            prepared = self.prepare_mode(mode, noise, batch, width, height, timesteps)
             img, timesteps, model = prepared.start, prepared.timesteps, prepared.wrap(model)
             on_step_end = modes.chain_hooks(prepared.hook, on_step_end)
         img_ids = sampling.prepare_img_ids(batch, height, width, device=self.device)
@@ -410,8 +410,11 @@ class FluxPipeline:
                 model = sampling.true_cfg(model, *negative, cfg_scale)
             latents = sampling.denoise(model, img, img_ids, txt, txt_ids, vec, timesteps, guidance=guidance,
                                        callback=step_done, on_step_end=on_step_end)  # NonFiniteError names the step
-        if not decode:
-            return latents
+        return self.decode(latents, height, width) if decode else latents
+
+    def decode(self, latents: Tensor, height: int, width: int) -> Tensor:
+        """Packed latents [N, tokens, 64] -> pixels [N, 3, H, W] in [0, 1] on the CPU (one autoencoder call).
+        NonFiniteError for NaN or inf pixels."""
         image = self.autoencoder.decode(sampling.unpack(latents, height, width).to(self.vae_dtype))
         image = image.float()
         if not torch.isfinite(image).all():  # clamp would keep NaN, and to_pil would turn it into black silently
@@ -419,7 +422,7 @@ class FluxPipeline:
                                  "check the autoencoder's weights, and run it in bf16 or fp32 (fp16 overflows)")
         return (image / 2 + 0.5).clamp(0, 1).cpu()
 
-    def _prepare_mode(self, mode: ModeArgs, noise: NoiseSource, batch: int, width: int, height: int,
+    def prepare_mode(self, mode: ModeArgs, noise: NoiseSource, batch: int, width: int, height: int,
                       timesteps: list[float]) -> modes.Prepared:
         """An image mode's start, timesteps, conditioning and hook; its random draws in diffusers' order, from one
         generator per image (the seeds' own, or the caller's)."""
@@ -428,12 +431,12 @@ class FluxPipeline:
         def draw() -> Tensor:  # unpacked start noise, drawn when the mode's order says
             if generators is not None:
                 return sampling.noise_from_generators(batch, height, width, generators, self.dtype, self.device)
-            return sampling.unpack(self._start_noise(noise, batch, width, height), height, width)
+            return sampling.unpack(self.start_noise(noise, batch, width, height), height, width)
 
         return modes.prepare(mode, self.autoencoder, batch, width, height, timesteps, generators, draw, self.device,
                              self.dtype)
 
-    def _schedule(self, num_steps: int, image_seq_len: int, sigmas: list[float] | None) -> list[float]:
+    def schedule(self, num_steps: int, image_seq_len: int, sigmas: list[float] | None) -> list[float]:
         """The timesteps of a call: dev shifts them by the image's token count, schnell does not (given sigmas
         too, as diffusers' scheduler shifts them for each model)."""
         shift = self.config.guidance_embed
@@ -447,6 +450,17 @@ class FluxPipeline:
     def loras(self) -> dict[str, float]:
         """The LoRAs applied, {name: scale}, in the order they were loaded."""
         return {name: entry[1] for name, entry in self._loras.items()}
+
+    @property
+    def lora_branches(self) -> LoraBranches | None:
+        """The compiled transformer's LoRA side branches in hot-swap mode (per_image_scales for a batch), else None."""
+        return self._branches()
+
+    @property
+    def lock(self) -> threading.RLock:
+        """The lock every call holds: hold it to run the transformer yourself between calls (fluxrt.serve's step
+        batcher), so a LoRA load on another thread waits for the step's end."""
+        return self._lock
 
     @property
     def lora_hotswap(self) -> bool:

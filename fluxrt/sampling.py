@@ -204,17 +204,22 @@ def denoise(
         if check_finite:
             first_bad_step = torch.where((first_bad_step == 0) & ~torch.isfinite(x).all(), step, first_bad_step)
         if on_step_end is not None:
-            x, txt = _run_step_hook(on_step_end, step - 1, t_curr, x.to(img.dtype), txt)
+            x, txt = run_step_hook(on_step_end, step - 1, t_curr, x.to(img.dtype), txt)
         if callback is not None:
             callback(step, total)
     if check_finite and (bad := int(first_bad_step)):
-        raise NonFiniteError(f"the latents hold NaN or inf after denoising step {bad} of {total}: the transformer's "
-                             "output is not finite. Check the weights (a corrupt or mismatched checkpoint), and run "
-                             "in bf16 or fp32 rather than fp16, whose range FLUX's activations overflow")
+        raise non_finite_latents(bad, total)
     return x.to(img.dtype)
 
 
-def _run_step_hook(hook: StepHook, index: int, t: float, latents: Tensor, txt: Tensor) -> tuple[Tensor, Tensor]:
+def non_finite_latents(step: int, total: int) -> NonFiniteError:
+    """The error for latents that turned NaN or inf at denoising `step` of `total`."""
+    return NonFiniteError(f"the latents hold NaN or inf after denoising step {step} of {total}: the transformer's "
+                          "output is not finite. Check the weights (a corrupt or mismatched checkpoint), and run "
+                          "in bf16 or fp32 rather than fp16, whose range FLUX's activations overflow")
+
+
+def run_step_hook(hook: StepHook, index: int, t: float, latents: Tensor, txt: Tensor) -> tuple[Tensor, Tensor]:
     """(running fp32 latents, txt) after on_step_end: what it returned, checked, else what it was given (which it may
     have edited in place)."""
     changes = hook(index, t, {"latents": latents, "prompt_embeds": txt})

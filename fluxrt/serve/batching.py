@@ -273,7 +273,7 @@ class StepBatcher(Batcher):
             return {}
         started = time.perf_counter()
         finished: dict[Hashable, GenerationResult] = {}
-        with self.pipe._lock, torch.inference_mode():  # a LoRA load on another thread waits for the step's end
+        with self.pipe.lock, torch.inference_mode():  # a LoRA load on another thread waits for the step's end
             self._join_pending(finished)
             rows = self._advance_rows(finished)
             self.last_step = (rows, time.perf_counter() - started)
@@ -325,13 +325,13 @@ class StepBatcher(Batcher):
         pipe, mode = self.pipe, self._mode_args(request)
         width, height = mode.output_size(request.width, request.height)
         rows, cols = sampling.latent_grid(height, width)
-        timesteps = pipe._schedule(request.num_steps, rows * cols, None)
+        timesteps = pipe.schedule(request.num_steps, rows * cols, None)
         noise = NoiseSource(seeds=[request.seed])
         conditioning, hook = _Conditioning(), None
         if mode.mode == "text-to-image":
-            start = pipe._start_noise(noise, 1, width, height)
+            start = pipe.start_noise(noise, 1, width, height)
         else:
-            prepared = pipe._prepare_mode(mode, noise, 1, width, height, timesteps)
+            prepared = pipe.prepare_mode(mode, noise, 1, width, height, timesteps)
             start, timesteps, hook = prepared.start, prepared.timesteps, prepared.hook
             img_ids = sampling.prepare_img_ids(1, height, width, device=pipe.device)
             conditioning = _Conditioning.of(prepared.wrap, start, img_ids)
@@ -382,7 +382,7 @@ class StepBatcher(Batcher):
             guidance = torch.tensor([row.request.guidance for row in every], dtype=torch.float32, device=pipe.device)
         extra = {}
         if any(row.request.loras is not None for row in rows):
-            extra["lora_scales"] = pipe._branches().per_image_scales([row.request.loras for row in every])
+            extra["lora_scales"] = pipe.lora_branches.per_image_scales([row.request.loras for row in every])
         img_ids = sampling.prepare_img_ids(len(every), rows[0].height, rows[0].width, device=pipe.device)
         txt_ids = sampling.prepare_txt_ids(len(every), txt.shape[1], device=pipe.device)
         tokens = img.shape[1]
@@ -409,7 +409,7 @@ class StepBatcher(Batcher):
         bad = (row.first_bad_step == 0) & ~torch.isfinite(row.latents).all()
         row.first_bad_step = torch.where(bad, row.position, row.first_bad_step)
         if row.hook is not None:
-            row.latents, _ = sampling._run_step_hook(row.hook, row.position - 1, t_curr,
+            row.latents, _ = sampling.run_step_hook(row.hook, row.position - 1, t_curr,
                                                      row.latents.to(self.pipe.dtype), row.txt)
 
     # ---- leaving ----
@@ -444,11 +444,7 @@ class StepBatcher(Batcher):
         """PIL images of rows of one size, in one autoencoder call (the pipeline's decode and pixel mapping)."""
         pipe, first = self.pipe, rows[0]
         latents = torch.cat([row.latents for row in rows]).to(pipe.dtype)  # sampling.denoise returns the model's dtype
-        pixels = pipe.autoencoder.decode(sampling.unpack(latents, first.height, first.width).to(pipe.vae_dtype)).float()
-        if not torch.isfinite(pixels).all():
-            raise NonFiniteError(f"the autoencoder decoded NaN or inf pixels ({pipe.vae_dtype}) from finite latents; "
-                                 "check the autoencoder's weights, and run it in bf16 or fp32 (fp16 overflows)")
-        return to_pil((pixels / 2 + 0.5).clamp(0, 1).cpu())
+        return to_pil(pipe.decode(latents, first.height, first.width))
 
 
 def _row_buckets(pipe, most: int) -> tuple[int, ...] | None:
@@ -460,7 +456,4 @@ def _row_buckets(pipe, most: int) -> tuple[int, ...] | None:
 
 def _non_finite_latents(step: int, row: _Row) -> NonFiniteError:
     """sampling.denoise's error for latents that went NaN/inf at `step`."""
-    total = len(row.timesteps) - 1
-    return NonFiniteError(f"the latents hold NaN or inf after denoising step {step} of {total}: the transformer's "
-                          "output is not finite. Check the weights (a corrupt or mismatched checkpoint), and run "
-                          "in bf16 or fp32 rather than fp16, whose range FLUX's activations overflow")
+    return sampling.non_finite_latents(step, len(row.timesteps) - 1)
