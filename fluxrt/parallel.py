@@ -23,6 +23,7 @@ from __future__ import annotations
 import datetime
 import math
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -34,6 +35,22 @@ from .reference.math import apply_rope
 from .reference.model import timestep_embedding
 
 SCHEMES = ("ulysses", "ring", "usp")
+
+
+class ParallelError(RuntimeError):
+    """A collective failed on this rank: a peer rank died, or the collective ran past init()'s timeout_s."""
+
+
+@contextmanager
+def _collective(what: str):
+    """Turn the backend's error for a failed collective into one ParallelError that says what to do."""
+    try:
+        yield
+    except RuntimeError as error:  # gloo/nccl raise RuntimeError subclasses (DistBackendError, DistNetworkError)
+        raise ParallelError(
+            f"rank {dist.get_rank()}: {what} failed, so a peer rank died or timed out ({error}). "
+            "The image is lost on every rank; look for the first failing rank's error and rerun."
+        ) from error
 
 
 def init(
@@ -147,7 +164,8 @@ def _ulysses_degree(scheme: str, world: int, num_heads: int, ulysses_degree: int
 def _all_to_all(x: Tensor, group) -> Tensor:
     x = x.contiguous()  # before empty_like, which would copy a permuted view's strides
     out = torch.empty_like(x)
-    dist.all_to_all_single(out, x, group=group)
+    with _collective("the Ulysses all-to-all"):
+        dist.all_to_all_single(out, x, group=group)
     return out
 
 
@@ -199,15 +217,17 @@ def _ring_attention(q: Tensor, k: Tensor, v: Tensor, valid: Tensor, mesh: Mesh) 
                 dist.P2POp(dist.isend, kv, mesh.ring_ranks[(pos + 1) % ring]),
                 dist.P2POp(dist.irecv, incoming, mesh.ring_ranks[(pos - 1) % ring]),
             ]
-            requests = dist.batch_isend_irecv(ops)
+            with _collective("the ring K/V exchange"):
+                requests = dist.batch_isend_irecv(ops)
         source = (pos - step) % ring  # the ring position this block came from
         key_valid = valid[list(mesh.ulysses_ranks(source))].reshape(-1)
         if key_valid.any():  # a block of padding only adds nothing (and would make the merge 0/0)
             block_out, block_lse = _block_attention(qf, kv[0], kv[1], key_valid.to(q.device))
             out, lse = _merge(out, lse, block_out, block_lse)
         if incoming is not None:
-            for request in requests:
-                request.wait()
+            with _collective("the ring K/V exchange"):
+                for request in requests:
+                    request.wait()
             kv = incoming
     return out.to(q.dtype)
 
@@ -296,7 +316,8 @@ class ParallelFlux(nn.Module):
 
     def _gather_image(self, out: Tensor) -> Tensor:
         parts = [torch.empty_like(out) for _ in range(self.mesh.world_size)]
-        dist.all_gather(parts, out.contiguous())
+        with _collective("gathering the image tokens"):
+            dist.all_gather(parts, out.contiguous())
         return torch.cat(parts, dim=1)
 
 

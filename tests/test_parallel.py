@@ -12,6 +12,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -20,8 +21,12 @@ import torch
 import fluxrt
 from fluxrt import parallel
 
-TEXT_LEN, GRID_H, GRID_W, BATCH = 5, 3, 5, 2
+BATCH = 2
+# Input shapes: name -> (text tokens, latent grid rows, cols). "short" leaves the last of 4 ranks nothing but padding.
+CASES = {"main": (5, 3, 5), "short": (2, 3, 1)}
 LAUNCH_TIMEOUT_S = 60
+PEER_TIMEOUT_S = 20  # init()'s collective timeout in the workers: the bound on noticing a dead peer
+HANG_TIMEOUT_S = 3  # the same, in the test where a peer hangs, so that the timeout is what ends the wait
 # What each world size runs: name -> (scheme, ulysses_degree). The tiny model has 2 heads.
 RUNS = {
     2: {"ulysses": ("ulysses", None), "ring": ("ring", None)},
@@ -29,36 +34,62 @@ RUNS = {
 }
 
 
-def _model_and_inputs():
+def _model():
     torch.manual_seed(0)
-    model = fluxrt.reference.Flux(fluxrt.FluxConfig.preset("tiny")).eval()
-    p = model.params
-    rows, cols = torch.meshgrid(torch.arange(GRID_H), torch.arange(GRID_W), indexing="ij")
+    return fluxrt.reference.Flux(fluxrt.FluxConfig.preset("tiny")).eval()
+
+
+def _inputs(params, case: str) -> dict:
+    text_len, grid_h, grid_w = CASES[case]
+    torch.manual_seed(1)
+    rows, cols = torch.meshgrid(torch.arange(grid_h), torch.arange(grid_w), indexing="ij")
     img_ids = torch.stack((torch.zeros_like(rows), rows, cols), dim=-1).reshape(1, -1, 3).expand(BATCH, -1, -1)
-    inputs = dict(
-        img=torch.randn(BATCH, GRID_H * GRID_W, p.in_channels),
+    p = params
+    return dict(
+        img=torch.randn(BATCH, grid_h * grid_w, p.in_channels),
         img_ids=img_ids.float(),
-        txt=torch.randn(BATCH, TEXT_LEN, p.context_in_dim),
-        txt_ids=torch.zeros(BATCH, TEXT_LEN, 3),
+        txt=torch.randn(BATCH, text_len, p.context_in_dim),
+        txt_ids=torch.zeros(BATCH, text_len, 3),
         timesteps=torch.rand(BATCH),
         y=torch.randn(BATCH, p.vec_in_dim),
         guidance=torch.full((BATCH,), 3.5),
     )
-    return model, inputs
 
 
 def _worker(rank: int, world: int, port: int, out_path: str) -> None:
-    parallel.init(rank, world, master_port=port, timeout_s=LAUNCH_TIMEOUT_S)
+    parallel.init(rank, world, master_port=port, timeout_s=PEER_TIMEOUT_S)
     try:
-        model, inputs = _model_and_inputs()
+        model = _model()
         outputs = {}
         with torch.no_grad():
             for name, (scheme, ulysses_degree) in RUNS[world].items():
-                outputs[name] = parallel.ParallelFlux(model, scheme, ulysses_degree)(**inputs)
+                sharded = parallel.ParallelFlux(model, scheme, ulysses_degree)
+                for case in CASES:
+                    outputs[name, case] = sharded(**_inputs(model.params, case))
         if rank == 0:
             torch.save(outputs, out_path)
     finally:
         parallel.destroy()
+
+
+def _failing_worker(rank: int, world: int, port: int, out_path: str, hang: bool) -> None:
+    """Rank 1 dies (or hangs) once the groups are built; rank 0 must fail with ParallelError, not wait forever.
+
+    Rank 0 writes how long its forward took and the error, then exits 4; rank 1 exits 3.
+    """
+    parallel.init(rank, world, master_port=port, timeout_s=HANG_TIMEOUT_S if hang else PEER_TIMEOUT_S)
+    model = _model()
+    sharded = parallel.ParallelFlux(model, "ring")
+    if rank == 1:
+        time.sleep(HANG_TIMEOUT_S + 3 if hang else 0)
+        os._exit(3)
+    start = time.monotonic()
+    try:
+        with torch.no_grad():
+            sharded(**_inputs(model.params, "main"))
+    except parallel.ParallelError as error:
+        Path(out_path).write_text(f"{time.monotonic() - start}\n{error}")
+        os._exit(4)  # a dead peer's process group cannot be torn down cleanly; exit as a real launcher would
 
 
 def _free_port() -> int:
@@ -67,11 +98,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(world: int, out_path: Path) -> dict:
+def _run_ranks(world: int, out_path: Path, mode: str = "parity") -> tuple[list[int], list[str]]:
     """Run `world` ranks of this file as processes; every one is waited for, and killed at the deadline."""
     env = dict(os.environ, OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo", MASTER_ADDR="127.0.0.1")
     port = _free_port()
-    argv = [sys.executable, __file__, str(world), str(port), str(out_path)]
+    argv = [sys.executable, __file__, mode, str(world), str(port), str(out_path)]
     procs = [
         subprocess.Popen([*argv, str(rank)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         for rank in range(world)
@@ -85,8 +116,12 @@ def _launch(world: int, out_path: Path) -> dict:
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
-    failed = [(rank, proc.returncode) for rank, proc in enumerate(procs) if proc.returncode != 0]
-    assert not failed, f"ranks failed {failed}:\n" + "\n".join(logs)
+    return [proc.returncode for proc in procs], logs
+
+
+def _launch(world: int, out_path: Path) -> dict:
+    codes, logs = _run_ranks(world, out_path)
+    assert codes == [0] * world, f"ranks exited with {codes}:\n" + "\n".join(logs)
     return torch.load(out_path)
 
 
@@ -98,20 +133,90 @@ def launched(request, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def expected():
-    model, inputs = _model_and_inputs()
+    model = _model()
     with torch.no_grad():
-        return model(**inputs)
+        return {case: model(**_inputs(model.params, case)) for case in CASES}
 
 
 def test_every_scheme_matches_the_single_process_model(launched, expected):
     world, outputs = launched
-    assert sorted(outputs) == sorted(RUNS[world]), f"missing runs in {sorted(outputs)}"
-    for name, out in outputs.items():
+    assert sorted(outputs) == sorted((name, case) for name in RUNS[world] for case in CASES), sorted(outputs)
+    for (name, case), out in outputs.items():
+        want = expected[case]
         torch.testing.assert_close(
-            out, expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item(), msg=lambda m: f"{name}-{world}: {m}"
+            out, want, rtol=1e-5, atol=1e-5 * want.abs().max().item(), msg=lambda m: f"{name}-{world} {case}: {m}"
         )
 
 
+@pytest.mark.parametrize("hang", [False, True], ids=["dead-peer", "hung-peer"])
+def test_a_failed_peer_gives_rank_0_one_clear_error_in_bounded_time(tmp_path, hang):
+    codes, logs = _run_ranks(2, tmp_path / "error.txt", mode="hang" if hang else "die")
+    assert codes == [4, 3], f"want rank 0 to catch ParallelError (4) and rank 1 to exit (3), got {codes}:\n{logs}"
+    elapsed, message = (tmp_path / "error.txt").read_text().split("\n", 1)
+    assert "rank 0: the ring K/V exchange failed, so a peer rank died or timed out" in message, message
+    # A dead peer closes its sockets (noticed at once); a hung one is noticed at the collective timeout.
+    bound = HANG_TIMEOUT_S + 5 if hang else 5
+    assert float(elapsed) < bound, f"rank 0 took {float(elapsed):.1f} s (bound {bound} s) to give up on its peer"
+
+
+def test_online_softmax_merge_of_key_blocks_equals_one_softmax_over_all_keys():
+    torch.manual_seed(2)
+    q, k, v = torch.randn(3, 2, 2, 7, 8)
+    valid = torch.tensor([True, True, False, True, True, True, False])  # padding keys must get no weight
+    want = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=valid[None])
+    out = lse = None
+    for block in (slice(0, 3), slice(3, 5), slice(5, 7)):
+        out, lse = parallel._merge(out, lse, *parallel._block_attention(q, k[:, :, block], v[:, :, block], valid[block]))
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "scheme, world, degree, message",
+    [
+        ("zigzag", 2, None, "unknown context-parallel scheme 'zigzag'"),
+        ("ulysses", 4, None, "Ulysses degree 4 must divide the 2 attention heads"),
+        ("usp", 4, 3, "ulysses_degree 3 must divide the world size 4"),
+        ("ring", 2, 2, "ulysses_degree is set by the scheme 'ring'"),
+    ],
+)
+def test_bad_scheme_choices_are_refused_with_what_to_do(scheme, world, degree, message):
+    with pytest.raises(ValueError, match=message):
+        parallel._ulysses_degree(scheme, world, 2, degree)
+
+
+@pytest.mark.parametrize(
+    "scheme, world, heads, degree, want",
+    [("ulysses", 4, 24, None, 4), ("ring", 3, 24, None, 1), ("usp", 8, 24, 2, 2), ("usp", 16, 24, None, 8)],
+)
+def test_ulysses_degree_per_scheme(scheme, world, heads, degree, want):
+    assert parallel._ulysses_degree(scheme, world, heads, degree) == want
+
+
+@pytest.mark.parametrize(
+    "kwargs, env, message",
+    [
+        ({}, {}, "found no RANK/WORLD_SIZE: launch with torchrun"),
+        ({"rank": 0}, {}, "pass both rank= and world_size="),
+        ({"rank": 2, "world_size": 2}, {}, "need 0 <= rank < world_size, got rank=2"),
+        ({"rank": 0, "world_size": 1}, {}, "needs a rendezvous port"),
+        ({"rank": 0, "world_size": 1, "master_port": 1, "timeout_s": 0}, {}, "timeout_s must be > 0"),
+    ],
+)
+def test_init_refuses_incomplete_launch_settings(monkeypatch, kwargs, env, message):
+    for name in ("RANK", "WORLD_SIZE", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(ValueError, match=message):
+        parallel.init(**kwargs)
+
+
+def test_sharding_without_a_process_group_says_to_call_init():
+    with pytest.raises(RuntimeError, match=r"call fluxrt.parallel.init\(\) first"):
+        parallel.ParallelFlux(_model(), "ring")
+
+
 if __name__ == "__main__":
-    _world, _port, _out, _rank = sys.argv[1:]
-    _worker(int(_rank), int(_world), int(_port), _out)
+    _mode, _world, _port, _out, _rank = sys.argv[1:]
+    if _mode == "parity":
+        _worker(int(_rank), int(_world), int(_port), _out)
+    else:
+        _failing_worker(int(_rank), int(_world), int(_port), _out, hang=_mode == "hang")
