@@ -8,6 +8,7 @@ rank's text shard is all padding.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import socket
 import subprocess
@@ -19,6 +20,7 @@ import pytest
 import torch
 
 import fluxrt
+from fluxrt.config import default_axes_dim
 from fluxrt import parallel
 
 BATCH = 2
@@ -27,16 +29,28 @@ CASES = {"main": (5, 3, 5), "short": (2, 3, 1)}
 LAUNCH_TIMEOUT_S = 60
 PEER_TIMEOUT_S = 20  # init()'s collective timeout in the workers: the bound on noticing a dead peer
 HANG_TIMEOUT_S = 3  # the same, in the test where a peer hangs, so that the timeout is what ends the wait
-# What each world size runs: name -> (scheme, ulysses_degree). The tiny model has 2 heads.
+# The tiny preset has 2 heads, so Ulysses-2 moves one head per rank; 4 heads check the head order of the all-to-all.
+TINY = fluxrt.FluxConfig.preset("tiny")
+CONFIGS = {"tiny": TINY, "tiny-4-heads": dataclasses.replace(TINY, num_heads=4, axes_dim=default_axes_dim(32))}
+# What each world size runs: name -> (scheme, ulysses_degree, config).
 RUNS = {
-    2: {"ulysses": ("ulysses", None), "ring": ("ring", None)},
-    4: {"ring": ("ring", None), "usp": ("usp", 2)},
+    2: {
+        "ulysses": ("ulysses", None, "tiny"),
+        "ulysses-4-heads": ("ulysses", None, "tiny-4-heads"),
+        "ring": ("ring", None, "tiny"),
+    },
+    4: {
+        "ring": ("ring", None, "tiny"),
+        "usp-2x2": ("usp", 2, "tiny"),
+        "usp-2x2-4-heads": ("usp", 2, "tiny-4-heads"),
+        "ulysses-4-heads": ("ulysses", None, "tiny-4-heads"),
+    },
 }
 
 
-def _model():
+def _model(config: str = "tiny"):
     torch.manual_seed(0)
-    return fluxrt.reference.Flux(fluxrt.FluxConfig.preset("tiny")).eval()
+    return fluxrt.reference.Flux(CONFIGS[config]).eval()
 
 
 def _inputs(params, case: str) -> dict:
@@ -59,10 +73,10 @@ def _inputs(params, case: str) -> dict:
 def _worker(rank: int, world: int, port: int, out_path: str) -> None:
     parallel.init(rank, world, master_port=port, timeout_s=PEER_TIMEOUT_S)
     try:
-        model = _model()
         outputs = {}
         with torch.no_grad():
-            for name, (scheme, ulysses_degree) in RUNS[world].items():
+            for name, (scheme, ulysses_degree, config) in RUNS[world].items():
+                model = _model(config)
                 sharded = parallel.ParallelFlux(model, scheme, ulysses_degree)
                 for case in CASES:
                     outputs[name, case] = sharded(**_inputs(model.params, case))
@@ -81,7 +95,7 @@ def _failing_worker(rank: int, world: int, port: int, out_path: str, hang: bool)
     model = _model()
     sharded = parallel.ParallelFlux(model, "ring")
     if rank == 1:
-        time.sleep(HANG_TIMEOUT_S + 3 if hang else 0)
+        _wait_for(Path(out_path) if hang else None)  # hang: stay silent until rank 0 has given up on us
         os._exit(3)
     start = time.monotonic()
     try:
@@ -90,6 +104,12 @@ def _failing_worker(rank: int, world: int, port: int, out_path: str, hang: bool)
     except parallel.ParallelError as error:
         Path(out_path).write_text(f"{time.monotonic() - start}\n{error}")
         os._exit(4)  # a dead peer's process group cannot be torn down cleanly; exit as a real launcher would
+
+
+def _wait_for(path: Path | None) -> None:
+    deadline = time.monotonic() + LAUNCH_TIMEOUT_S / 2
+    while path is not None and not path.exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
 
 
 def _free_port() -> int:
@@ -133,16 +153,20 @@ def launched(request, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def expected():
-    model = _model()
+    outputs = {}
     with torch.no_grad():
-        return {case: model(**_inputs(model.params, case)) for case in CASES}
+        for config in CONFIGS:
+            model = _model(config)
+            for case in CASES:
+                outputs[config, case] = model(**_inputs(model.params, case))
+    return outputs
 
 
 def test_every_scheme_matches_the_single_process_model(launched, expected):
     world, outputs = launched
     assert sorted(outputs) == sorted((name, case) for name in RUNS[world] for case in CASES), sorted(outputs)
     for (name, case), out in outputs.items():
-        want = expected[case]
+        want = expected[RUNS[world][name][2], case]
         torch.testing.assert_close(
             out, want, rtol=1e-5, atol=1e-5 * want.abs().max().item(), msg=lambda m: f"{name}-{world} {case}: {m}"
         )
@@ -166,7 +190,8 @@ def test_online_softmax_merge_of_key_blocks_equals_one_softmax_over_all_keys():
     want = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=valid[None])
     out = lse = None
     for block in (slice(0, 3), slice(3, 5), slice(5, 7)):
-        out, lse = parallel._merge(out, lse, *parallel._block_attention(q, k[:, :, block], v[:, :, block], valid[block]))
+        partial = parallel._block_attention(q, k[:, :, block], v[:, :, block], valid[block])
+        out, lse = parallel._merge(out, lse, *partial)
     torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-6)
 
 
