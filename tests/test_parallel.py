@@ -70,16 +70,18 @@ def _inputs(params, case: str) -> dict:
     )
 
 
-def _worker(rank: int, world: int, port: int, out_path: str) -> None:
-    parallel.init(rank, world, master_port=port, timeout_s=PEER_TIMEOUT_S)
+def _worker(rank: int, world: int, port: int, out_path: str, backend: str) -> None:
+    parallel.init(rank, world, backend=backend, master_port=port, timeout_s=PEER_TIMEOUT_S)
+    device = torch.device(f"cuda:{torch.cuda.current_device()}" if backend == "nccl" else "cpu")
     try:
         outputs = {}
         with torch.no_grad():
             for name, (scheme, ulysses_degree, config) in RUNS[world].items():
-                model = _model(config)
+                model = _model(config).to(device)
                 sharded = parallel.ParallelFlux(model, scheme, ulysses_degree)
                 for case in CASES:
-                    outputs[name, case] = sharded(**_inputs(model.params, case))
+                    inputs = {key: value.to(device) for key, value in _inputs(model.params, case).items()}
+                    outputs[name, case] = sharded(**inputs).cpu()
         if rank == 0:
             torch.save(outputs, out_path)
     finally:
@@ -91,7 +93,8 @@ def _failing_worker(rank: int, world: int, port: int, out_path: str, hang: bool)
 
     Rank 0 writes how long its forward took and the error, then exits 4; rank 1 exits 3.
     """
-    parallel.init(rank, world, master_port=port, timeout_s=HANG_TIMEOUT_S if hang else PEER_TIMEOUT_S)
+    timeout_s = HANG_TIMEOUT_S if hang else PEER_TIMEOUT_S
+    parallel.init(rank, world, backend="gloo", master_port=port, timeout_s=timeout_s)
     model = _model()
     sharded = parallel.ParallelFlux(model, "ring")
     if rank == 1:
@@ -139,8 +142,8 @@ def _run_ranks(world: int, out_path: Path, mode: str = "parity") -> tuple[list[i
     return [proc.returncode for proc in procs], logs
 
 
-def _launch(world: int, out_path: Path) -> dict:
-    codes, logs = _run_ranks(world, out_path)
+def _launch(world: int, out_path: Path, mode: str = "parity") -> dict:
+    codes, logs = _run_ranks(world, out_path, mode)
     assert codes == [0] * world, f"ranks exited with {codes}:\n" + "\n".join(logs)
     return torch.load(out_path)
 
@@ -163,7 +166,18 @@ def expected():
 
 
 def test_every_scheme_matches_the_single_process_model(launched, expected):
-    world, outputs = launched
+    _assert_matches(*launched, expected)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("world", sorted(RUNS))
+def test_every_scheme_matches_the_single_process_model_on_nccl(world, expected, tmp_path):
+    if torch.cuda.device_count() < world:
+        pytest.skip(f"needs {world} CUDA GPUs for NCCL, found {torch.cuda.device_count()}")
+    _assert_matches(world, _launch(world, tmp_path / "out.pt", mode="parity-nccl"), expected)
+
+
+def _assert_matches(world: int, outputs: dict, expected: dict) -> None:
     assert sorted(outputs) == sorted((name, case) for name in RUNS[world] for case in CASES), sorted(outputs)
     for (name, case), out in outputs.items():
         want = expected[RUNS[world][name][2], case]
@@ -241,7 +255,7 @@ def test_sharding_without_a_process_group_says_to_call_init():
 
 if __name__ == "__main__":
     _mode, _world, _port, _out, _rank = sys.argv[1:]
-    if _mode == "parity":
-        _worker(int(_rank), int(_world), int(_port), _out)
+    if _mode.startswith("parity"):
+        _worker(int(_rank), int(_world), int(_port), _out, backend="nccl" if _mode == "parity-nccl" else "gloo")
     else:
         _failing_worker(int(_rank), int(_world), int(_port), _out, hang=_mode == "hang")
