@@ -62,14 +62,20 @@ def init(
     master_port: int | None = None,
     timeout_s: float = 120.0,
 ) -> tuple[int, int]:
-    """Join the default process group; returns (rank, world_size). Idempotent.
+    """Join the default process group; returns (rank, world_size). Calling it again returns the same pair.
 
     Without rank/world_size it reads torchrun's RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT. The backend is nccl
     when CUDA is available (each rank then uses cuda:LOCAL_RANK), gloo otherwise. Every collective times out after
     timeout_s, so a dead peer turns into an error instead of a hang.
     """
     if dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
+        joined = dist.get_rank(), dist.get_world_size()
+        if (rank, world_size) not in ((None, None), joined):
+            raise ValueError(
+                f"this process already joined as rank {joined[0]} of {joined[1]}, not rank {rank} of {world_size}; "
+                "call fluxrt.parallel.destroy() first to rejoin differently"
+            )
+        return joined
     rank, world_size = _rank_and_world(rank, world_size)
     addr = master_addr or os.environ.get("MASTER_ADDR", "127.0.0.1")
     port = master_port or os.environ.get("MASTER_PORT")

@@ -248,6 +248,17 @@ def test_init_refuses_incomplete_launch_settings(monkeypatch, kwargs, env, messa
         parallel.init(**kwargs)
 
 
+def test_init_again_returns_the_same_rank_and_refuses_another(monkeypatch):
+    monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")
+    try:
+        assert parallel.init(0, 1, backend="gloo", master_port=_free_port(), timeout_s=10) == (0, 1)
+        assert parallel.init() == (0, 1), "a second init() without arguments must return the joined rank"
+        with pytest.raises(ValueError, match="already joined as rank 0 of 1, not rank 1 of 2"):
+            parallel.init(1, 2)
+    finally:
+        parallel.destroy()
+
+
 def test_sharding_without_a_process_group_says_to_call_init():
     with pytest.raises(RuntimeError, match=r"call fluxrt.parallel.init\(\) first"):
         parallel.ParallelFlux(_model(), "ring")
