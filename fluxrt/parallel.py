@@ -2,7 +2,7 @@
 
 Three schemes, one code path (USP, "unified sequence parallelism", with the two degrees as knobs):
 - Ulysses (ulysses_degree = world): all-to-all from sequence-sharded to head-sharded before attention, back after.
-  Needs num_heads divisible by the degree. Two all-to-alls of q, k, v, o per attention; no K/V traffic.
+  Needs num_heads divisible by the degree. Four all-to-alls per attention (q, k, v in; the output back).
 - ring (ring_degree = world): each rank keeps its queries; K/V blocks rotate around the ranks and the partial
   results merge by log-sum-exp (online softmax, statistics in fp32). Any world size.
 - usp: ulysses_degree x ring_degree = world. Rank g sits at ring position g // u, Ulysses position g % u.
