@@ -32,7 +32,6 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from .reference.math import apply_rope
-from .reference.model import timestep_embedding
 
 SCHEMES = ("ulysses", "ring", "usp")
 
@@ -298,59 +297,21 @@ class ParallelFlux(nn.Module):
         img = m.img_in(_take(img, shards.image))
         txt = m.txt_in(_take(txt, shards.text))
         pe = m.pe_embedder(torch.cat((_take(txt_ids, shards.text), _take(img_ids, shards.image)), dim=1))
-        vec = self._vec(timesteps, y, guidance)
+        vec = m.conditioning_vector(timesteps, y, guidance)  # per image: every rank computes it whole
 
         def attend(q, k, v):
             return sharded_attention(q, k, v, pe, shards.valid, self.mesh)
 
         for block in m.double_blocks:
-            img, txt = _double_block(block, img, txt, vec, attend)
+            img, txt = block(img, txt, vec, pe=None, attend=attend)
         x = torch.cat((txt, img), dim=1)
         for block in m.single_blocks:
-            x = _single_block(block, x, vec, attend)
+            x = block(x, vec, pe=None, attend=attend)
         out = m.final_layer(x[:, txt.shape[1] :], vec)
         return self._gather_image(out)[:, :image_len]
-
-    def _vec(self, timesteps: Tensor, y: Tensor, guidance: Tensor | None) -> Tensor:
-        # The reference's conditioning vector, verbatim (it is per image, so every rank computes it whole).
-        m = self.model
-        dtype = m.time_in.in_layer.weight.dtype
-        vec = m.time_in(timestep_embedding(timesteps, 256).to(dtype))
-        if m.params.guidance_embed:
-            vec = vec + m.guidance_in(timestep_embedding(guidance, 256).to(dtype))
-        return vec + m.vector_in(y)
 
     def _gather_image(self, out: Tensor) -> Tensor:
         parts = [torch.empty_like(out) for _ in range(self.mesh.world_size)]
         with _collective("gathering the image tokens"):
             dist.all_gather(parts, out.contiguous())
         return torch.cat(parts, dim=1)
-
-
-# The block forwards below are the reference's (fluxrt/reference/model.py) with its attention(q, k, v, pe) replaced
-# by `attend`; keep them in step with it.
-
-
-def _double_block(block, img: Tensor, txt: Tensor, vec: Tensor, attend) -> tuple[Tensor, Tensor]:
-    img_mod1, img_mod2 = block.img_mod(vec)
-    txt_mod1, txt_mod2 = block.txt_mod(vec)
-    img_q, img_k, img_v = block._qkv(img, img_mod1, block.img_norm1, block.img_attn)
-    txt_q, txt_k, txt_v = block._qkv(txt, txt_mod1, block.txt_norm1, block.txt_attn)
-    attn = attend(torch.cat((txt_q, img_q), 2), torch.cat((txt_k, img_k), 2), torch.cat((txt_v, img_v), 2))
-    txt_attn, img_attn = attn[:, : txt.shape[1]], attn[:, txt.shape[1] :]
-
-    img = img + img_mod1.gate * block.img_attn.proj(img_attn)
-    img = img + img_mod2.gate * block.img_mlp((1 + img_mod2.scale) * block.img_norm2(img) + img_mod2.shift)
-    txt = txt + txt_mod1.gate * block.txt_attn.proj(txt_attn)
-    txt = txt + txt_mod2.gate * block.txt_mlp((1 + txt_mod2.scale) * block.txt_norm2(txt) + txt_mod2.shift)
-    return img, txt
-
-
-def _single_block(block, x: Tensor, vec: Tensor, attend) -> Tensor:
-    mod, _ = block.modulation(vec)
-    x_mod = (1 + mod.scale) * block.pre_norm(x) + mod.shift
-    qkv, mlp = torch.split(block.linear1(x_mod), [3 * block.hidden_size, block.mlp_hidden_dim], dim=-1)
-    q, k, v = rearrange(qkv, "B L (K H D) -> K B H L D", K=3, H=block.num_heads)
-    q, k = block.norm(q, k, v)
-    output = block.linear2(torch.cat((attend(q, k, v), block.mlp_act(mlp)), 2))
-    return x + mod.gate * output

@@ -11,6 +11,7 @@ Shapes: B batch, T text tokens, L image tokens, H heads, D head_dim, C hidden_si
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -147,7 +148,10 @@ class DoubleStreamBlock(nn.Module):
         q, k = attn.norm(q, k, v)
         return q, k, v
 
-    def forward(self, img: Tensor, txt: Tensor, vec: Tensor, pe: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, img: Tensor, txt: Tensor, vec: Tensor, pe: Tensor | None,
+                attend: Callable[[Tensor, Tensor, Tensor], Tensor] | None = None) -> tuple[Tensor, Tensor]:
+        """attend(q, k, v) -> [B, T+L, C]: the joint attention (default: attention with RoPE pe; fluxrt.parallel
+        passes its sequence-sharded one)."""
         img_mod1, img_mod2 = self.img_mod(vec)
         txt_mod1, txt_mod2 = self.txt_mod(vec)
 
@@ -157,7 +161,7 @@ class DoubleStreamBlock(nn.Module):
         q = torch.cat((txt_q, img_q), dim=2)  # [B, H, T+L, D], text first
         k = torch.cat((txt_k, img_k), dim=2)
         v = torch.cat((txt_v, img_v), dim=2)
-        attn = attention(q, k, v, pe=pe)  # [B, T+L, C]
+        attn = attention(q, k, v, pe=pe) if attend is None else attend(q, k, v)  # [B, T+L, C]
         txt_attn, img_attn = attn[:, : txt.shape[1]], attn[:, txt.shape[1] :]
 
         img = img + img_mod1.gate * self.img_attn.proj(img_attn)
@@ -183,13 +187,15 @@ class SingleStreamBlock(nn.Module):
         self.mlp_act = nn.GELU(approximate="tanh")
         self.modulation = Modulation(hidden_size, double=False)
 
-    def forward(self, x: Tensor, vec: Tensor, pe: Tensor) -> Tensor:
+    def forward(self, x: Tensor, vec: Tensor, pe: Tensor | None,
+                attend: Callable[[Tensor, Tensor, Tensor], Tensor] | None = None) -> Tensor:
+        """attend: as DoubleStreamBlock.forward's."""
         mod, _ = self.modulation(vec)
         x_mod = (1 + mod.scale) * self.pre_norm(x) + mod.shift
         qkv, mlp = torch.split(self.linear1(x_mod), [3 * self.hidden_size, self.mlp_hidden_dim], dim=-1)
         q, k, v = rearrange(qkv, "B L (K H D) -> K B H L D", K=3, H=self.num_heads)
         q, k = self.norm(q, k, v)
-        attn = attention(q, k, v, pe=pe)
+        attn = attention(q, k, v, pe=pe) if attend is None else attend(q, k, v)
         output = self.linear2(torch.cat((attn, self.mlp_act(mlp)), 2))
         return x + mod.gate * output
 
@@ -252,11 +258,7 @@ class Flux(nn.Module):
     ) -> Tensor:  # [B, L, out_channels]
         img_ids, txt_ids = self._check_inputs(img, img_ids, txt, txt_ids, timesteps, y, guidance)
         img = self.img_in(img)
-        dtype = self.time_in.in_layer.weight.dtype  # embeddings are fp32; round once into the model dtype
-        vec = self.time_in(timestep_embedding(timesteps, 256).to(dtype))
-        if self.params.guidance_embed:
-            vec = vec + self.guidance_in(timestep_embedding(guidance, 256).to(dtype))
-        vec = vec + self.vector_in(y)
+        vec = self.conditioning_vector(timesteps, y, guidance)
         txt = self.txt_in(txt)
 
         ids = torch.cat((txt_ids, img_ids), dim=1)
@@ -271,6 +273,14 @@ class Flux(nn.Module):
         img = img[:, txt.shape[1] :, ...]
 
         return self.final_layer(img, vec)
+
+    def conditioning_vector(self, timesteps: Tensor, y: Tensor, guidance: Tensor | None = None) -> Tensor:
+        """vec [B, C]: timestep (+ guidance) embeddings + the CLIP pooled vector, what every block modulates by."""
+        dtype = self.time_in.in_layer.weight.dtype  # embeddings are fp32; round once into the model dtype
+        vec = self.time_in(timestep_embedding(timesteps, 256).to(dtype))
+        if self.params.guidance_embed:
+            vec = vec + self.guidance_in(timestep_embedding(guidance, 256).to(dtype))
+        return vec + self.vector_in(y)
 
     def _check_inputs(self, img, img_ids, txt, txt_ids, timesteps, y, guidance) -> tuple[Tensor, Tensor]:
         p = self.params
