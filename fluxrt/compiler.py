@@ -1,6 +1,7 @@
 """fluxrt.compile: one call that accelerates a FLUX model, whichever of its forms it comes in.
 
-    fast = fluxrt.compile(obj, quantize=None, backend="auto", cuda_graphs="auto", attention="bf16")
+    fast = fluxrt.compile(obj, quantize=None, backend="auto", cuda_graphs="auto", attention="bf16",
+                          parallel=None, ulysses_degree=None)
 
 obj                              what comes back (same call signature and return type as obj)
 fluxrt.reference.Flux            fluxrt.transformer.FastFlux (the model's parameters reused, batched or quantized)
@@ -54,7 +55,7 @@ _FLUX_PIPELINES = ("FluxPipeline, FluxImg2ImgPipeline, FluxInpaintPipeline, Flux
 
 
 def compile(obj, quantize: str | None = None, backend: str = "auto", cuda_graphs="auto",
-            attention: str = "bf16") -> nn.Module:
+            attention: str = "bf16", parallel: str | None = None, ulysses_degree: int | None = None) -> nn.Module:
     """Accelerate a FLUX transformer, autoencoder or pipeline (the table in the module docstring).
 
     quantize: None | "fp8-weight" (FP8 weights, any GPU) | "fp8" (W8A8, sm_89+). The model is modified in place
@@ -64,18 +65,26 @@ def compile(obj, quantize: str | None = None, backend: str = "auto", cuda_graphs
     q, k, v with per-(batch, head) scales, sm_89+; off by default: benchmarks/NOTES.md has its accuracy).
     quantize and attention apply to the transformer and a ControlNet's trunk, cuda_graphs to the transformer only (a
     compiled ControlNet runs eagerly, and so does a transformer call given ControlNet residuals).
+    parallel: None | "ulysses" | "ring" | "usp" (with ulysses_degree): context parallelism over the process group
+    fluxrt.parallel.init() joined (the transformer only; every rank compiles in step and calls with the same inputs;
+    CUDA graphs are then off, attention must be "bf16").
     """
-    return prepare(obj, quantize=quantize, backend=backend, cuda_graphs=cuda_graphs, attention=attention)()
+    return prepare(obj, quantize=quantize, backend=backend, cuda_graphs=cuda_graphs, attention=attention,
+                   parallel=parallel, ulysses_degree=ulysses_degree)()
 
 
 def prepare(obj, quantize: str | None = None, backend: str = "auto", cuda_graphs="auto",
-            attention: str = "bf16") -> Callable[[], nn.Module]:
+            attention: str = "bf16", parallel: str | None = None,
+            ulysses_degree: int | None = None) -> Callable[[], nn.Module]:
     """compile's check phase: every check compile(obj, ...) makes, with obj left untouched; returns the move phase,
     the call that converts and builds the compiled model. A caller compiling several models as one step (a
     pipeline's transformer, autoencoder and ControlNet) prepares all of them before building any."""
     _check_arguments(quantize, backend, cuda_graphs, attention)
+    context = _check_parallel(parallel, ulysses_degree, cuda_graphs, attention)
     if is_diffusers_pipeline(obj):
-        return _prepare_pipeline(obj, quantize, backend, cuda_graphs, attention)
+        return _prepare_pipeline(obj, quantize, backend, cuda_graphs, attention, context)
+    if context is not None and not (isinstance(obj, Flux) or is_diffusers_flux(obj)):
+        raise ValueError(f"parallel= applies to a FLUX transformer (or a pipeline's), not to a {type(obj).__name__}")
     if isinstance(obj, AutoEncoder) or is_diffusers_autoencoder_kl(obj):
         for name, value, default in (("quantize", quantize, None), ("attention", attention, "bf16")):
             if value != default:
@@ -86,10 +95,29 @@ def prepare(obj, quantize: str | None = None, backend: str = "auto", cuda_graphs
             raise ValueError("cuda_graphs=True applies to the transformer: a compiled ControlNet runs without CUDA "
                              "graphs; leave cuda_graphs at 'auto' or False")
         return _prepare_controlnet(obj, quantize, backend, attention)
-    return _prepare_transformer(obj, quantize, backend, cuda_graphs, attention)
+    return _prepare_transformer(obj, quantize, backend, cuda_graphs, attention, context)
 
 
-def _prepare_pipeline(pipe, quantize, backend, cuda_graphs, attention) -> Callable[[], nn.Module]:
+def _check_parallel(scheme, ulysses_degree, cuda_graphs, attention) -> tuple[str, int | None] | None:
+    """(scheme, ulysses_degree) after the checks that need no process group, or None without parallel=."""
+    if scheme is None:
+        if ulysses_degree is not None:
+            raise ValueError("ulysses_degree goes with parallel='usp'; pass parallel= too")
+        return None
+    from . import parallel
+
+    if scheme not in parallel.SCHEMES:
+        raise ValueError(f"parallel must be None or one of {', '.join(parallel.SCHEMES)}, got {scheme!r}")
+    if cuda_graphs is True or attention != "bf16":
+        raise ValueError("context parallelism runs without CUDA graphs and with attention='bf16': leave cuda_graphs "
+                         "at 'auto' (off then) or False, and attention at 'bf16'")
+    if not parallel.dist.is_initialized():
+        raise RuntimeError("parallel= needs a process group: call fluxrt.parallel.init() first (or launch with "
+                           "torchrun)")
+    return scheme, ulysses_degree
+
+
+def _prepare_pipeline(pipe, quantize, backend, cuda_graphs, attention, context=None) -> Callable[[], nn.Module]:
     """A diffusers pipeline is a FLUX pipeline by its components, not its class: a FluxTransformer2DModel transformer
     and an AutoencoderKL vae (and, in the ControlNet pipelines, a controlnet). All are checked before any moves, so a
     component that cannot convert leaves the others as they were."""
@@ -100,7 +128,7 @@ def _prepare_pipeline(pipe, quantize, backend, cuda_graphs, attention) -> Callab
         raise TypeError(f"fluxrt.compile accepts a diffusers pipeline whose transformer is a FluxTransformer2DModel "
                         f"and whose vae is an AutoencoderKL ({_FLUX_PIPELINES}); this {type(pipe).__name__} has "
                         f"transformer {type(transformer).__name__} and vae {type(vae).__name__}")
-    builds = {"transformer": _prepare_transformer(transformer, quantize, backend, cuda_graphs, attention),
+    builds = {"transformer": _prepare_transformer(transformer, quantize, backend, cuda_graphs, attention, context),
               "vae": _prepare_autoencoder(vae, backend)}
     if "controlnet" in components:
         builds["controlnet"] = _prepare_controlnet(components["controlnet"], quantize, backend, attention)
@@ -139,7 +167,7 @@ def _refuse_compiled(obj, what: str) -> None:
                         "with other options, compile the original model again")
 
 
-def _prepare_transformer(obj, quantize, backend, cuda_graphs, attention) -> Callable[[], nn.Module]:
+def _prepare_transformer(obj, quantize, backend, cuda_graphs, attention, context=None) -> Callable[[], nn.Module]:
     """Check everything a transformer's compile needs; return the call that then converts and builds it."""
     _refuse_compiled(obj, "the transformer")
     adapters = None
@@ -158,8 +186,13 @@ def _prepare_transformer(obj, quantize, backend, cuda_graphs, attention) -> Call
     _check_device(device, quantize, attention)
     if cuda_graphs is True and device.type != "cuda":
         raise ValueError(f"cuda_graphs=True needs the model on a CUDA device; it is on {device}")
-    build_core = _core_builder(quantize, backend, device.type == "cuda" if cuda_graphs == "auto" else cuda_graphs,
-                               attention)
+    graphs = device.type == "cuda" and context is None if cuda_graphs == "auto" else cuda_graphs
+    if context is not None:
+        from . import parallel
+
+        num_heads = obj.num_heads if isinstance(obj, Flux) else obj.config.num_attention_heads
+        parallel.check_scheme(context[0], num_heads, context[1])  # before anything moves
+    build_core = _core_builder(quantize, backend, graphs, attention, context)
 
     def build() -> nn.Module:
         fast = build_core(convert())
@@ -180,13 +213,19 @@ def _check_device(device, quantize, attention) -> None:
         require_fp8_tensor_cores(device, "attention='fp8'", "use attention='bf16'")
 
 
-def _core_builder(quantize, backend, graphs: bool, attention) -> Callable[[Flux], FastFlux]:
-    """flux -> FastFlux as compile's options ask (quantized first when asked)."""
+def _core_builder(quantize, backend, graphs: bool, attention, context=None) -> Callable[[Flux], FastFlux]:
+    """flux -> FastFlux as compile's options ask (quantized first when asked; context: (scheme, ulysses_degree) for
+    context parallelism, whose process groups are made here, by every rank in step)."""
 
     def build_core(flux: Flux) -> FastFlux:
+        mesh = None
+        if context is not None:
+            from . import parallel
+
+            mesh = parallel.make_mesh(context[0], flux.num_heads, context[1])
         if quantize is not None:
             quantize_model(flux, backend=backend, activations="fp8" if quantize == "fp8" else "bf16")
-        fast = FastFlux(flux, backend=backend, cuda_graphs=graphs, attention=attention)
+        fast = FastFlux(flux, backend=backend, cuda_graphs=graphs, attention=attention, parallel=mesh)
         log.info("fluxrt.compile plan: %s", fast.plan)
         return fast
 

@@ -7,15 +7,18 @@ Three schemes, one code path (USP, "unified sequence parallelism", with the two 
   results merge by log-sum-exp (online softmax, statistics in fp32). Any world size.
 - usp: ulysses_degree x ring_degree = world. Rank g sits at ring position g // u, Ulysses position g % u.
 
-Sharding: rank r holds text tokens [r*Tc, (r+1)*Tc) and image tokens [r*Lc, (r+1)*Lc), each stream padded to a
-multiple of the world size, so the double blocks keep their txt/img split per shard. Padding tokens are masked out as
-keys and dropped as queries, so any T and L work. The RoPE tables are built per shard from the sharded ids; the
-modulation vector is computed on every rank (it is per image, not per token); the final layer runs per shard and the
-image tokens are all-gathered at the end, so every rank returns the whole [B, L, out_channels].
+Sharding (Shards): rank r holds text tokens [r*Tc, (r+1)*Tc) and image tokens [r*Lc, (r+1)*Lc), each stream padded
+to a multiple of the world size, so the double blocks keep their txt/img split per shard. Padding keys are dropped
+(K/V rows compacted, KeyIndex) before each block's attention and padding queries are dropped at the end, so any T and
+L work and no attention kernel needs a mask. The RoPE tables are built per shard from the sharded ids; the modulation
+vector is computed on every rank (it is per image, not per token); the final layer runs per shard and the image
+tokens are all-gathered at the end, so every rank returns the whole [B, L, out_channels].
 
-`ParallelFlux(model, scheme)` wraps a fluxrt.reference.Flux with the same call signature; each rank passes the same
-full inputs. The attention here is plain fp32 PyTorch (the reference's numerics); the fused-kernel path under
-fluxrt.compile is not wired in yet.
+Two models run it, every rank calling with the same full inputs (SPMD):
+- `ParallelFlux(model, scheme)` wraps a fluxrt.reference.Flux: the reference's blocks, attention in fp32 math;
+- `fluxrt.compile(model, parallel=scheme)`: FastFlux's fused blocks, each K/V block through
+  fluxrt.ops.attention_lse (Triton on GPUs). No CUDA graphs (the collectives run eagerly).
+fluxrt.parallel_engine runs either from one leading rank (the pipeline, CLI and server: rank 0 broadcasts each call).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from __future__ import annotations
 import datetime
 import math
 import os
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -31,6 +35,7 @@ import torch.distributed as dist
 from einops import rearrange
 from torch import Tensor, nn
 
+from . import ops
 from .reference.math import apply_rope
 
 SCHEMES = ("ulysses", "ring", "usp")
@@ -126,6 +131,12 @@ class Mesh:
     ulysses_group: object  # ProcessGroup of this rank's Ulysses peers, or None when the degree is 1
     ring_ranks: tuple[int, ...]  # global ranks of this rank's ring, in ring order
 
+    def describe(self) -> str:
+        """What the plan says about it, e.g. "usp over 4 ranks (ulysses 2 x ring 2), this is rank 1"."""
+        scheme = "ulysses" if self.ring_degree == 1 else "ring" if self.ulysses_degree == 1 else "usp"
+        return (f"{scheme} over {self.world_size} ranks (ulysses {self.ulysses_degree} x ring {self.ring_degree}), "
+                f"this is rank {self.rank}")
+
     @property
     def ring_pos(self) -> int:
         return self.rank // self.ulysses_degree
@@ -145,6 +156,13 @@ def make_mesh(scheme: str, num_heads: int, ulysses_degree: int | None = None) ->
     groups = [dist.new_group(list(range(i * u, (i + 1) * u))) if u > 1 else None for i in range(ring)]
     ring_ranks = tuple(i * u + rank % u for i in range(ring))
     return Mesh(rank, world, u, ring, groups[rank // u], ring_ranks)
+
+
+def check_scheme(scheme: str, num_heads: int, ulysses_degree: int | None = None) -> None:
+    """make_mesh's checks alone (no process groups made): ValueError saying what to choose instead."""
+    if not dist.is_initialized():
+        raise RuntimeError("no process group: call fluxrt.parallel.init() first (or launch with torchrun)")
+    _ulysses_degree(scheme, dist.get_world_size(), num_heads, ulysses_degree)
 
 
 def _ulysses_degree(scheme: str, world: int, num_heads: int, ulysses_degree: int | None) -> int:
@@ -192,88 +210,134 @@ def _heads_to_seq(x: Tensor, mesh: Mesh) -> Tensor:
     return rearrange(_all_to_all(sent, mesh.ulysses_group), "U B h S D -> B (U h) S D")
 
 
-def _block_attention(q: Tensor, k: Tensor, v: Tensor, key_valid: Tensor) -> tuple[Tensor, Tensor]:
-    """Softmax attention of fp32 q over one K/V block; returns (output, log-sum-exp [B, h, Sq, 1])."""
-    scores = (q @ k.float().transpose(-1, -2)) * q.shape[-1] ** -0.5
-    scores = scores.masked_fill(~key_valid, float("-inf"))
-    lse = torch.logsumexp(scores, dim=-1, keepdim=True)
-    return torch.exp(scores - lse) @ v.float(), lse
+def _block_attention(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    """The reference's block attention: softmax attention of q over one K/V block in fp32 math; returns (out [B, h,
+    Sq, D] fp32, log-sum-exp [B, h, Sq] fp32). fluxrt.ops.attention_lse is the same contract on the fused ops."""
+    scores = (q.float() @ k.float().transpose(-1, -2)) * q.shape[-1] ** -0.5
+    lse = torch.logsumexp(scores, dim=-1)
+    return torch.exp(scores - lse[..., None]) @ v.float(), lse
 
 
 def _merge(out: Tensor | None, lse: Tensor | None, block_out: Tensor, block_lse: Tensor) -> tuple[Tensor, Tensor]:
+    """Two partial attentions of the same queries over disjoint key sets -> the attention over their union."""
     if out is None:
         return block_out, block_lse
     new_lse = torch.logaddexp(lse, block_lse)
-    return out * torch.exp(lse - new_lse) + block_out * torch.exp(block_lse - new_lse), new_lse
+    return (out * torch.exp(lse - new_lse)[..., None] + block_out * torch.exp(block_lse - new_lse)[..., None],
+            new_lse)
 
 
-def _ring_attention(q: Tensor, k: Tensor, v: Tensor, valid: Tensor, mesh: Mesh) -> Tensor:
-    """Attention of local q over every ring member's K/V. valid: [world, S_local] key validity of every rank."""
+class KeyIndex:
+    """Which key rows of each ring block are real: padding keys are dropped (compacted away) before the block's
+    attention, so no kernel needs a mask. Built once per call (the lengths are the call's), used by every layer."""
+
+    def __init__(self, valid: Tensor, mesh: Mesh, device: torch.device):
+        self.blocks = []  # per ring position: None (every key real), an index tensor of the real ones, or "empty"
+        for source in range(mesh.ring_degree):
+            key_valid = valid[list(mesh.ulysses_ranks(source))].reshape(-1)
+            if key_valid.all():
+                self.blocks.append(None)
+            elif not key_valid.any():
+                self.blocks.append("empty")  # a block of padding only adds nothing (and would make the merge 0/0)
+            else:
+                self.blocks.append(key_valid.nonzero().squeeze(1).to(device))
+
+    def keys(self, source: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor] | None:
+        """k, v [B, h, S, D] of the block from ring position `source`, real rows only; None for an all-padding one."""
+        index = self.blocks[source]
+        if index is None:
+            return k, v
+        if isinstance(index, str):
+            return None
+        return k.index_select(2, index), v.index_select(2, index)
+
+
+BlockAttention = Callable[[Tensor, Tensor, Tensor], tuple[Tensor, Tensor]]
+
+
+def _ring_attention(q: Tensor, k: Tensor, v: Tensor, keys: KeyIndex, mesh: Mesh, block: BlockAttention) -> Tensor:
+    """Attention of local q over every ring member's K/V (fp32 [B, h, Sq, D])."""
     ring = mesh.ring_degree
     pos = mesh.ring_pos
     kv = torch.stack((k, v)).contiguous()
     out = lse = None
-    qf = q.float()
     for step in range(ring):
         incoming = None
         if step + 1 < ring:  # start passing the block on before computing with it
             incoming = torch.empty_like(kv)
-            ops = [
+            exchange = [
                 dist.P2POp(dist.isend, kv, mesh.ring_ranks[(pos + 1) % ring]),
                 dist.P2POp(dist.irecv, incoming, mesh.ring_ranks[(pos - 1) % ring]),
             ]
             with _collective("the ring K/V exchange"):
-                requests = dist.batch_isend_irecv(ops)
-        source = (pos - step) % ring  # the ring position this block came from
-        key_valid = valid[list(mesh.ulysses_ranks(source))].reshape(-1)
-        if key_valid.any():  # a block of padding only adds nothing (and would make the merge 0/0)
-            block_out, block_lse = _block_attention(qf, kv[0], kv[1], key_valid.to(q.device))
-            out, lse = _merge(out, lse, block_out, block_lse)
+                requests = dist.batch_isend_irecv(exchange)
+        real = keys.keys((pos - step) % ring, kv[0], kv[1])  # the block came from ring position pos - step
+        if real is not None:
+            out, lse = _merge(out, lse, *block(q, *real))
         if incoming is not None:
             with _collective("the ring K/V exchange"):
                 for request in requests:
                     request.wait()
             kv = incoming
-    return out.to(q.dtype)
+    return out
 
 
-def sharded_attention(q: Tensor, k: Tensor, v: Tensor, pe: Tensor, valid: Tensor, mesh: Mesh) -> Tensor:
-    """The reference's attention(q, k, v, pe) on sequence shards: q, k, v [B, H, S_local, D], pe the local RoPE
-    table, valid [world, S_local] which tokens of each rank are real. Returns [B, S_local, H*D]."""
-    q, k = apply_rope(q, k, pe)
+def attention(q: Tensor, k: Tensor, v: Tensor, keys: KeyIndex, mesh: Mesh, block: BlockAttention) -> Tensor:
+    """Joint attention over the sharded sequence: q, k, v [B, H, S_local, D] (RoPE applied) -> [B, S_local, H*D] in
+    q's dtype. block(q, k, v) -> (out, lse) is one K/V block's attention (the reference formula or the fused op)."""
     q, k, v = (_seq_to_heads(x, mesh) for x in (q, k, v))
-    out = _heads_to_seq(_ring_attention(q, k, v, valid, mesh), mesh)
+    out = _heads_to_seq(_ring_attention(q, k, v, keys, mesh, block).to(q.dtype), mesh)
     return rearrange(out, "B H S D -> B S (H D)")
+
+
+def reference_attention(q: Tensor, k: Tensor, v: Tensor, pe: Tensor, keys: KeyIndex, mesh: Mesh) -> Tensor:
+    """The reference's attention(q, k, v, pe) on sequence shards (pe the local RoPE table)."""
+    q, k = apply_rope(q, k, pe)
+    return attention(q, k, v, keys, mesh, _block_attention)
+
+
+def fused_attention(qkv: Tensor, keys: KeyIndex, mesh: Mesh, backend: str) -> Tensor:
+    """The compiled model's attention on sequence shards: qkv [3, B, H, S_local, D] as fluxrt.ops.rope_qk_norm writes
+    it (normed, RoPE applied) -> [B, S_local, H*D]; each K/V block through fluxrt.ops.attention_lse."""
+    return attention(qkv[0], qkv[1], qkv[2], keys, mesh,
+                     lambda q, k, v: ops.attention_lse(q, k, v, backend=backend))
 
 
 # --- the model -----------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class _Shards:
-    """This rank's slice of each stream, and which tokens of every rank are real (not padding)."""
+class Shards:
+    """One call's split of the joint sequence: this rank's slice of each stream, padded to the world size.
 
-    text: slice
-    image: slice
-    valid: Tensor  # [world, Tc + Lc] bool, on the CPU (read by Python to skip all-padding blocks)
+    Rank r holds text tokens [r*Tc, (r+1)*Tc) and image tokens [r*Lc, (r+1)*Lc), Tc and Lc the stream lengths
+    rounded up to a multiple of the world size; tokens past a stream's end are padding (zeros, dropped as keys by
+    `keys`, their outputs dropped by `gather_image`)."""
 
+    def __init__(self, text_len: int, image_len: int, mesh: Mesh, device: torch.device):
+        world, r = mesh.world_size, mesh.rank
+        tc, lc = -(-text_len // world), -(-image_len // world)
+        index = torch.arange(world)[:, None]
+        valid = torch.cat((index * tc + torch.arange(tc) < text_len, index * lc + torch.arange(lc) < image_len), dim=1)
+        self.text, self.image = slice(r * tc, (r + 1) * tc), slice(r * lc, (r + 1) * lc)
+        self.image_len = image_len
+        self.mesh = mesh
+        self.keys = KeyIndex(valid, mesh, device)
 
-def _shards(text_len: int, image_len: int, mesh: Mesh) -> _Shards:
-    world = mesh.world_size
-    tc, lc = -(-text_len // world), -(-image_len // world)
-    index = torch.arange(world)[:, None]
-    valid = torch.cat((index * tc + torch.arange(tc) < text_len, index * lc + torch.arange(lc) < image_len), dim=1)
-    r = mesh.rank
-    return _Shards(slice(r * tc, (r + 1) * tc), slice(r * lc, (r + 1) * lc), valid)
+    def take(self, x: Tensor, stream: str) -> Tensor:
+        """This rank's rows of x [B, len, ...] for stream "text" or "image", zero-padded to the shard's length."""
+        rows = self.text if stream == "text" else self.image
+        part = x[:, rows]
+        missing = rows.stop - rows.start - part.shape[1]
+        if missing:
+            part = torch.cat((part, part.new_zeros(part.shape[0], missing, *part.shape[2:])), dim=1)
+        return part
 
-
-def _take(x: Tensor, rows: slice) -> Tensor:
-    """x[:, rows] zero-padded to the slice's length (tokens past the end are padding)."""
-    part = x[:, rows]
-    missing = rows.stop - rows.start - part.shape[1]
-    if missing:
-        part = torch.cat((part, part.new_zeros(part.shape[0], missing, *part.shape[2:])), dim=1)
-    return part
+    def gather_image(self, out: Tensor) -> Tensor:
+        """Every rank's image rows [B, Lc, C] -> the whole image [B, L, C] on every rank (padding dropped)."""
+        parts = [torch.empty_like(out) for _ in range(self.mesh.world_size)]
+        with _collective("gathering the image tokens"):
+            dist.all_gather(parts, out.contiguous())
+        return torch.cat(parts, dim=1)[:, : self.image_len]
 
 
 class ParallelFlux(nn.Module):
@@ -292,26 +356,18 @@ class ParallelFlux(nn.Module):
     def forward(self, img, img_ids, txt, txt_ids, timesteps, y, guidance=None) -> Tensor:
         m = self.model
         img_ids, txt_ids = m._check_inputs(img, img_ids, txt, txt_ids, timesteps, y, guidance)
-        image_len = img.shape[1]
-        shards = _shards(txt.shape[1], image_len, self.mesh)
-        img = m.img_in(_take(img, shards.image))
-        txt = m.txt_in(_take(txt, shards.text))
-        pe = m.pe_embedder(torch.cat((_take(txt_ids, shards.text), _take(img_ids, shards.image)), dim=1))
+        shards = Shards(txt.shape[1], img.shape[1], self.mesh, img.device)
+        img = m.img_in(shards.take(img, "image"))
+        txt = m.txt_in(shards.take(txt, "text"))
+        pe = m.pe_embedder(torch.cat((shards.take(txt_ids, "text"), shards.take(img_ids, "image")), dim=1))
         vec = m.conditioning_vector(timesteps, y, guidance)  # per image: every rank computes it whole
 
         def attend(q, k, v):
-            return sharded_attention(q, k, v, pe, shards.valid, self.mesh)
+            return reference_attention(q, k, v, pe, shards.keys, self.mesh)
 
         for block in m.double_blocks:
             img, txt = block(img, txt, vec, pe=None, attend=attend)
         x = torch.cat((txt, img), dim=1)
         for block in m.single_blocks:
             x = block(x, vec, pe=None, attend=attend)
-        out = m.final_layer(x[:, txt.shape[1] :], vec)
-        return self._gather_image(out)[:, :image_len]
-
-    def _gather_image(self, out: Tensor) -> Tensor:
-        parts = [torch.empty_like(out) for _ in range(self.mesh.world_size)]
-        with _collective("gathering the image tokens"):
-            dist.all_gather(parts, out.contiguous())
-        return torch.cat(parts, dim=1)
+        return shards.gather_image(m.final_layer(x[:, txt.shape[1] :], vec))

@@ -20,13 +20,13 @@ from __future__ import annotations
 
 import itertools
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import ops
+from . import ops, parallel
 from .convert import CheckpointError
 from .graphs import GraphedCall
 from .lora_branch import LoraBranches, LoraLinear, attach, branch_of, branched_linears, call_linear
@@ -43,6 +43,9 @@ def _attention(qkv: Tensor, backend: str, fp8: bool = False) -> Tensor:
         q8, k8, vt8, q_scale, k_scale, v_scale = ops.quantize_qkv_fp8(qkv[0], qkv[1], qkv[2])
         return ops.joint_attention_fp8(q8, k8, vt8, q_scale, k_scale, v_scale, out_dtype=qkv.dtype, backend=backend)
     return ops.joint_attention(qkv[0], qkv[1], qkv[2], backend=backend)
+
+
+Attend = Callable[[Tensor], Tensor]
 
 
 def _chunks(mod: Tensor, n: int) -> tuple[Tensor, ...]:
@@ -97,14 +100,16 @@ def _mlp_after_attention(mlp: nn.Sequential, h: Tensor, gate1: Tensor, attn_out:
 
 def double_block_forward(block: DoubleStreamBlock, img: Tensor, txt: Tensor, img_mod: Tensor, txt_mod: Tensor,
                          cos: Tensor, sin: Tensor, backend: str = "auto", fp8_attention_rows: bool = True,
-                         fp8_attention: bool = False, lora_scales: Tensor | None = None) -> tuple[Tensor, Tensor]:
+                         fp8_attention: bool = False, lora_scales: Tensor | None = None,
+                         attend: Attend | None = None) -> tuple[Tensor, Tensor]:
     """img_mod, txt_mod: the block's modulation outputs [B, 6C] (img_mod.lin / txt_mod.lin of silu(vec)).
 
     fp8_attention_rows: when both attention projections read fp8 rows (W8A8), the attention kernel writes their
     e4m3 input rows itself (scaled by the max |v| bound, kernels/joint_attention.py) instead of bf16 rows that are
     then quantized per token; False keeps the per-token path. fp8_attention: the FP8 attention kernel (its output
     then goes through the projections like a bf16 one). lora_scales: the per-image LoRA adapter scales
-    (fluxrt.lora_branch), None when no side branch runs."""
+    (fluxrt.lora_branch), None when no side branch runs. attend(qkv) -> [B, S, H*D]: the joint attention of the
+    normed, RoPE'd [3, B, H, S, D] (default: the joint_attention op; fluxrt.parallel's sharded attention)."""
     img_shift1, img_scale1, img_gate1, img_shift2, img_scale2, img_gate2 = _chunks(img_mod, 6)
     txt_shift1, txt_scale1, txt_gate1, txt_shift2, txt_scale2, txt_gate2 = _chunks(txt_mod, 6)
 
@@ -118,13 +123,15 @@ def double_block_forward(block: DoubleStreamBlock, img: Tensor, txt: Tensor, img
                  img_norm.key_norm.scale, cos, sin, block.num_heads)
     T = txt.shape[1]
     img_proj, txt_proj = linear(block.img_attn.proj), linear(block.txt_attn.proj)
-    if fp8_attention_rows and not fp8_attention and img_proj.reads_fp8_rows(img) and txt_proj.reads_fp8_rows(txt):
+    if (attend is None and fp8_attention_rows and not fp8_attention and img_proj.reads_fp8_rows(img)
+            and txt_proj.reads_fp8_rows(txt)):
         qkv, v_absmax = ops.rope_qk_norm_joint_v_absmax(*rope_args, backend=backend)
         attn8, row_scale = ops.joint_attention_fp8_out(qkv[0], qkv[1], qkv[2], v_absmax, backend=backend)
         img_attn_out = img_proj(FP8Rows(attn8[:, T:], row_scale[:, T:], img.dtype))
         txt_attn_out = txt_proj(FP8Rows(attn8[:, :T], row_scale[:, :T], txt.dtype))
     else:
-        attn = _attention(ops.rope_qk_norm_joint(*rope_args, backend=backend), backend, fp8_attention)
+        qkv = ops.rope_qk_norm_joint(*rope_args, backend=backend)
+        attn = _attention(qkv, backend, fp8_attention) if attend is None else attend(qkv)
         img_attn_out, txt_attn_out = img_proj(attn[:, T:]), txt_proj(attn[:, :T])
 
     img = _mlp_after_attention(block.img_mlp, img, img_gate1, img_attn_out, img_scale2, img_shift2, img_gate2, backend,
@@ -136,13 +143,14 @@ def double_block_forward(block: DoubleStreamBlock, img: Tensor, txt: Tensor, img
 
 def single_block_forward(block: SingleStreamBlock, x: Tensor, mod: Tensor, cos: Tensor, sin: Tensor,
                          backend: str = "auto", fp8_attention: bool = False,
-                         lora_scales: Tensor | None = None) -> Tensor:
-    """mod: the block's modulation output [B, 3C] (modulation.lin of silu(vec)); lora_scales as double_block_forward's."""
+                         lora_scales: Tensor | None = None, attend: Attend | None = None) -> Tensor:
+    """mod: the block's modulation output [B, 3C] (modulation.lin of silu(vec)); lora_scales and attend as
+    double_block_forward's."""
     shift, scale, gate = _chunks(mod, 3)
     hidden = block_linear(block.linear1, lora_scales, backend).after_norm(x, scale, shift, backend)  # [B, S, 3C + mlp]; qkv read in place
     qkv = ops.rope_qk_norm(hidden[..., : 3 * block.hidden_size], block.norm.query_norm.scale,
                            block.norm.key_norm.scale, cos, sin, block.num_heads, backend=backend)
-    attention = _attention(qkv, backend, fp8_attention)
+    attention = _attention(qkv, backend, fp8_attention) if attend is None else attend(qkv)
     return block_linear(block.linear2, lora_scales, backend).gated_attention_mlp(attention, hidden, x, gate, backend)
 
 
@@ -274,9 +282,15 @@ class FastFlux(nn.Module):
     fluxrt.ops.trace; None before the first call). A CUDA graph replay runs no Python and records nothing, so on a
     GPU with graphs on it is the record of the last eager call or graph capture."""
 
-    def __init__(self, model: Flux, backend: str = "auto", cuda_graphs: bool = False, attention: str = "bf16"):
+    def __init__(self, model: Flux, backend: str = "auto", cuda_graphs: bool = False, attention: str = "bf16",
+                 parallel: "parallel.Mesh | None" = None):
         super().__init__()
+        if parallel is not None and (cuda_graphs or attention == "fp8"):
+            raise ValueError("context parallelism runs without CUDA graphs and with attention='bf16' (its collectives "
+                             "run eagerly, its attention blocks through ops.attention_lse): pass cuda_graphs=False "
+                             "and attention='bf16'")
         self.model = model
+        self.parallel = parallel  # a fluxrt.parallel.Mesh: run on this rank's shard of the sequence
         self.backend = backend
         self.fp8_attention = attention == "fp8"
         self.fp8_attention_rows = True  # W8A8: attention writes the projections' fp8 rows (double_block_forward)
@@ -399,6 +413,7 @@ class FastFlux(nn.Module):
                      f"{self.lora.max_adapters} adapter slots (fluxrt.lora_branch)"),
             "cuda_graphs": (f"on (one graph per input shape, up to {self.graphs.max_graphs} kept)" if self.graphs
                             else "off"),
+            "parallel": None if self.parallel is None else self.parallel.describe(),
             "last_call": None,
         }
 
@@ -418,6 +433,9 @@ class FastFlux(nn.Module):
             kwargs["lora_scales"] = lora_scales
         residuals = controlnet_residuals(self.model, img, controlnet_block_samples, controlnet_single_block_samples,
                                          controlnet_blocks_repeat)
+        if residuals is not None and self.parallel is not None:
+            raise ValueError("ControlNet residuals are not supported with context parallelism (they are whole-sequence "
+                             "tensors): run the ControlNet pipeline on one GPU")
         if residuals is not None:
             kwargs["residuals"] = residuals
         if torch.compiler.is_compiling():  # traced into a graph: nothing is recorded at run time
@@ -438,9 +456,32 @@ class FastFlux(nn.Module):
         m = self.model
         img_ids, txt_ids = m._check_inputs(img, img_ids, txt, txt_ids, timesteps, y, guidance)
         row_scales = None if self.lora is None else self.lora.row_scales(img.shape[0], lora_scales)
+        if self.parallel is not None:
+            return self._forward_sharded(img, img_ids, txt, txt_ids, timesteps, y, guidance, row_scales)
         img, txt = self._linear(m.img_in, img, row_scales), self._linear(m.txt_in, txt, row_scales)
         vec, mods, cos, sin = self.conditioning(timesteps, y, guidance, txt_ids, img_ids, img.dtype, row_scales)
         img = self.run_blocks(img, txt, mods, cos, sin, after_block=residuals, lora_scales=row_scales)
+        return self._final_layer(img, vec, row_scales)
+
+    def _forward_sharded(self, img: Tensor, img_ids: Tensor, txt: Tensor, txt_ids: Tensor, timesteps: Tensor,
+                         y: Tensor, guidance: Tensor | None, row_scales: Tensor | None) -> Tensor:
+        """_forward on this rank's shard of the joint sequence (fluxrt.parallel): the same blocks, the sharded
+        attention, every rank's image rows gathered at the end."""
+        m = self.model
+        shards = parallel.Shards(txt.shape[1], img.shape[1], self.parallel, img.device)
+        img = self._linear(m.img_in, shards.take(img, "image"), row_scales)
+        txt = self._linear(m.txt_in, shards.take(txt, "text"), row_scales)
+        vec, mods, cos, sin = self.conditioning(timesteps, y, guidance, shards.take(txt_ids, "text"),
+                                                shards.take(img_ids, "image"), img.dtype, row_scales)
+
+        def attend(qkv: Tensor) -> Tensor:
+            return parallel.fused_attention(qkv, shards.keys, self.parallel, self.backend)
+
+        img = self.run_blocks(img, txt, mods, cos, sin, lora_scales=row_scales, attend=attend)
+        return shards.gather_image(self._final_layer(img, vec, row_scales))
+
+    def _final_layer(self, img: Tensor, vec: Tensor, row_scales: Tensor | None) -> Tensor:
+        m = self.model
         if row_scales is None:
             return m.final_layer(img, vec)
         # LastLayer's forward (fluxrt.reference.model), its two linears with their side branches
@@ -477,21 +518,22 @@ class FastFlux(nn.Module):
         return vec, mods, cos, sin
 
     def run_blocks(self, img: Tensor, txt: Tensor, mods: list[Tensor], cos: Tensor, sin: Tensor,
-                   after_block=None, lora_scales: Tensor | None = None) -> Tensor:
+                   after_block=None, lora_scales: Tensor | None = None, attend: Attend | None = None) -> Tensor:
         """The double then the single blocks; returns the image tokens [B, L, C]. after_block(kind, index, tokens),
         kind "double" | "single", sees each block's image tokens (for a single block a view into the joint stream)
         and may add to them in place before the next block reads them: where ControlNet residuals go in and a
-        ControlNet's own block outputs come out. lora_scales: as double_block_forward's."""
+        ControlNet's own block outputs come out. lora_scales, attend: as double_block_forward's."""
         mods = iter(mods)
         for index, block in enumerate(self.model.double_blocks):
             img, txt = double_block_forward(block, img, txt, next(mods), next(mods), cos, sin, self.backend,
-                                            self.fp8_attention_rows, self.fp8_attention, lora_scales)
+                                            self.fp8_attention_rows, self.fp8_attention, lora_scales, attend)
             if after_block is not None:
                 after_block("double", index, img)
         T = txt.shape[1]
         x = torch.cat((txt, img), dim=1)
         for index, block in enumerate(self.model.single_blocks):
-            x = single_block_forward(block, x, next(mods), cos, sin, self.backend, self.fp8_attention, lora_scales)
+            x = single_block_forward(block, x, next(mods), cos, sin, self.backend, self.fp8_attention, lora_scales,
+                                     attend)
             if after_block is not None:
                 after_block("single", index, x[:, T:])
         return x[:, T:]

@@ -197,15 +197,22 @@ def test_a_failed_peer_gives_rank_0_one_clear_error_in_bounded_time(tmp_path, ha
     assert float(elapsed) < bound, f"rank 0 took {float(elapsed):.1f} s (bound {bound} s) to give up on its peer"
 
 
-def test_online_softmax_merge_of_key_blocks_equals_one_softmax_over_all_keys():
+def test_ring_blocks_with_padding_merge_to_one_softmax_over_the_real_keys():
+    """Three ring blocks of 3 keys each (as ranks 0..2 hold them), padding in two of them and a block of padding only:
+    dropping the padding keys per block (KeyIndex) and merging by log-sum-exp is attention over the real keys."""
     torch.manual_seed(2)
-    q, k, v = torch.randn(3, 2, 2, 7, 8)
-    valid = torch.tensor([True, True, False, True, True, True, False])  # padding keys must get no weight
-    want = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=valid[None])
+    q, k, v = torch.randn(3, 2, 2, 9, 8)
+    valid = torch.tensor([[True, True, False], [False, False, False], [True, True, True]])  # [ring position, key]
+    want = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=valid.reshape(1, -1))
+    mesh = parallel.Mesh(rank=0, world_size=3, ulysses_degree=1, ring_degree=3, ulysses_group=None,
+                         ring_ranks=(0, 1, 2))
+    keys = parallel.KeyIndex(valid, mesh, torch.device("cpu"))
+    assert keys.keys(1, k[:, :, 3:6], v[:, :, 3:6]) is None, "a block of padding only must be skipped"
     out = lse = None
-    for block in (slice(0, 3), slice(3, 5), slice(5, 7)):
-        partial = parallel._block_attention(q, k[:, :, block], v[:, :, block], valid[block])
-        out, lse = parallel._merge(out, lse, *partial)
+    for source in (0, 2):
+        block = slice(3 * source, 3 * source + 3)
+        out, lse = parallel._merge(out, lse, *parallel._block_attention(q, *keys.keys(source, k[:, :, block],
+                                                                                        v[:, :, block])))
     torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-6)
 
 
