@@ -6,6 +6,7 @@ imported on first use, not by `import fluxrt`.
 """
 
 from ._backend import BACKENDS, Trace, record, trace
+from .attention_lse import attention_lse
 from .fp8_gemm import fp8_linear, w8a8_linear
 from .group_norm_silu import add_group_norm_silu, group_norm_silu
 from .joint_attention import joint_attention, joint_attention_fp8, joint_attention_fp8_out, quantize_qkv_fp8
@@ -24,6 +25,7 @@ __all__ = [
     "BACKENDS",
     "Trace",
     "add_group_norm_silu",
+    "attention_lse",
     "fp8_linear",
     "gated_residual",
     "gated_residual_norm",
