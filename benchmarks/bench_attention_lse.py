@@ -33,7 +33,7 @@ import _common  # noqa: E402
 import torch  # noqa: E402
 
 B, HEADS, D = 1, 24, 128
-OUT_ATOL = {torch.bfloat16: 1e-4, torch.float32: 1e-6}  # outputs are ~0.03: averages over thousands of random v
+OUT_ATOL = {torch.bfloat16: 1e-4, torch.float32: 1e-6}  # |out| < ~0.15: averages over thousands of random v rows
 LSE_ATOL = 1e-4  # fp32-accumulated scores of the same input values: only summation order and exp2 vs exp differ
 DRY_RUN = dict(seq=[40, 72], heads=HEADS, head_dim=64)  # tiny S (divisible by 8: every split), fp32
 

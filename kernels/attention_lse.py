@@ -16,7 +16,7 @@ variants, assumes one S for q and k, and keeps no statistics. Ring attention nee
 outputs in [B, H, Sq, D] and the lse. The two kernels share the inner step (joint_attention._online_softmax_step:
 exp2 with the scale folded into one FMA, fp32 running max / sum / accumulator) and the same conventions
 (autotune keyed by power-of-two buckets of the lengths, never the exact lengths, so new resolutions do not
-re-tune; one fixed config under the interpreter, where autotune cannot run).
+re-tune; one fixed config for fp32 inputs and under the interpreter, where autotune cannot run).
 
 Design: one program per (BLOCK_M query rows, batch*head); consecutive programs share a head, so its K/V stay in
 L2. The K/V loop runs unmasked over full BLOCK_N tiles and once masked over the tail (any Sk, no padding copies);

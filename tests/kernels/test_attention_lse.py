@@ -192,6 +192,7 @@ def test_compiles_without_graph_breaks():
     torch.testing.assert_close(lse, true_lse.float(), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.skipif(DEVICE == "cuda", reason="the dry run is for Triton's CPU interpreter; a GPU runs the benchmark")
 def test_benchmark_dry_run_checks_every_case(capsys):
     """benchmarks/bench_attention_lse.py --dry-run: every case's checks on tiny shapes in the interpreter."""
     spec = importlib.util.spec_from_file_location("bench_attention_lse", BENCH)
@@ -203,8 +204,9 @@ def test_benchmark_dry_run_checks_every_case(capsys):
 
 
 # ---- GPU: bf16 at FLUX shapes. out: DESIGN.md §4's rule with SDPA in bf16 as the baseline (the kernel rounds the
-# probabilities to bf16 for the P·V product, as SDPA does, but keeps the output in fp32), atol 1e-4 (outputs are
-# ~0.03 here: attention over thousands of random keys averages v). lse: the scores are fp32-accumulated products of
+# probabilities to bf16 for the P·V product, as SDPA does, but keeps the output in fp32), atol 1e-4 (|out| < ~0.15
+# here: attention over thousands of random keys averages v; emulated on the CPU at Sk 4608: 2e-4 max error for the
+# kernel's arithmetic, 3.4e-4 with SDPA's extra bf16 output rounding). lse: the scores are fp32-accumulated products of
 # bf16 values, as in the fp32 ref, so they differ only in summation order and exp2 vs exp (~1e-6 at |lse| ~ 9);
 # atol 1e-4 leaves margin yet catches a missed tile (one of 36 at Sk 4608: ~3e-2) or a wrong scale. ----
 
