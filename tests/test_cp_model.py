@@ -102,8 +102,9 @@ def test_ring_bytes_per_rank_stay_near_constant_in_the_world_size(size):
 @pytest.mark.parametrize("size", sorted(TOKENS))
 def test_usp_bytes_are_ulysses_at_u_equal_n_and_ring_at_u_equal_1(size):
     for n, u in every_plan():
-        step = cp.predict(cp.Plan(n, u), size, GPU, NVLINK)
-        assert step.attention_bytes == pytest.approx(attention_bytes(size, n, u), rel=1e-12), (n, u)
+        for wire in (1, 2, 4):  # fp8, bf16, fp32 on the wire
+            step = cp.predict(cp.Plan(n, u), size, GPU, NVLINK, wire=wire)
+            assert step.attention_bytes == pytest.approx(attention_bytes(size, n, u, wire), rel=1e-12), (n, u, wire)
     for n in WORLDS:
         assert attention_bytes(size, n, n) == pytest.approx(LAYERS * 4 * TOKENS[size] * HIDDEN * 2 * (n - 1) / n**2)
         assert attention_bytes(size, n, 1) == pytest.approx(LAYERS * 2 * TOKENS[size] * HIDDEN * 2 * (n - 1) / n)
@@ -121,23 +122,38 @@ def test_speedup_never_exceeds_the_world_size(report):
             assert 0 < row[key] <= row["world"], row
 
 
-def slower(topology, factor: float):
-    """The same topology with every link `factor` times slower and `factor` times the latency."""
+def slower(topology, bandwidth: float = 1.0, latency: float = 1.0):
+    """The same topology with every link's bandwidth divided by `bandwidth` and its latency times `latency`."""
     def link(l):
-        return None if l is None else dataclasses.replace(l, nominal=l.nominal / factor, latency_s=l.latency_s * factor)
+        return None if l is None else dataclasses.replace(l, nominal=l.nominal / bandwidth,
+                                                          latency_s=l.latency_s * latency)
     return dataclasses.replace(topology, fast=link(topology.fast), slow=link(topology.slow))
 
 
 @pytest.mark.parametrize("topology", ["nvlink", "pcie", "2x4-nvlink-ib"])
 def test_a_slower_link_or_more_bytes_never_predicts_a_faster_step(topology):
     topo = cp.TOPOLOGIES[topology]
+    worse = {"half the bandwidth": dict(topo=slower(topo, bandwidth=2)),
+             "twice the latency": dict(topo=slower(topo, latency=2)), "fp32 on the wire": dict(wire=4)}
     for size in TOKENS:
         for n, u in every_plan():
             for variant in cp.VARIANTS:
                 plan = cp.Plan(n, u)
-                base = cp.predict(plan, size, GPU, topo, variant).total
-                assert cp.predict(plan, size, GPU, slower(topo, 2.0), variant).total >= base, (size, n, u, variant)
-                assert cp.predict(plan, size, GPU, topo, variant, wire=4).total >= base, (size, n, u, variant)
+                base = cp.predict(plan, size, GPU, topo, variant)
+                for what, change in worse.items():
+                    step = cp.predict(plan, size, GPU, change.get("topo", topo), variant, wire=change.get("wire", 2))
+                    assert step.total >= base.total, (what, size, n, u, variant.name)
+                    assert step.exposed >= base.exposed, (what, size, n, u, variant.name)
+
+
+def test_overlapped_all_to_alls_show_at_least_one_chunk_and_at_most_all():
+    chunked = cp.VARIANTS[-1]
+    assert chunked.overlap_chunks > 1
+    for size in TOKENS:
+        for n, u in every_plan():
+            step = cp.predict(cp.Plan(n, u), size, GPU, PCIE, chunked)
+            link = step.ulysses_link
+            assert link / chunked.overlap_chunks <= step.ulysses_exposed * (1 + 1e-12) <= link * (1 + 1e-12), (n, u)
 
 
 def test_not_overlapped_all_to_alls_show_whole_and_ring_passes_show_at_most_whole():
@@ -179,6 +195,19 @@ def test_model_counts_match_flux_facts():
     assert cp.FLUX.linear_flops(TEXT, 4096) == pytest.approx(59.5e12, rel=2e-3)
     assert LAYERS * cp.FLUX.attention_flops(TOKENS[1024]) == pytest.approx(14.9e12, rel=2e-3)
     assert cp.FLUX.modulation == pytest.approx(3.2e9, rel=0.02)  # "3.2 B": 3.23 B in the blocks + the final layer's
+
+
+def test_weight_counts_equal_the_reference_parameters():
+    """Block linears (read by every rank each step), modulation (+ the final adaLN) and the vector embedders of the
+    tiny config, against the matrices fluxrt.reference.Flux holds."""
+    cfg = FluxConfig.preset("tiny")
+    model = cp.Flux.from_config(cfg)
+    with torch.device("meta"):
+        matrices = {name: p.numel() for name, p in Flux(cfg).named_parameters() if p.ndim == 2}
+    blocks = sum(n for name, n in matrices.items() if "blocks." in name and "mod" not in name)
+    modulation = sum(n for name, n in matrices.items() if "mod" in name)
+    embedders = sum(n for name, n in matrices.items() if name.split(".")[0] in ("time_in", "vector_in", "guidance_in"))
+    assert (model.block_weights, model.modulation, model.vector_embedders) == (blocks, modulation, embedders)
 
 
 def test_transformer_flops_equal_torch_flop_counter_on_the_reference():
