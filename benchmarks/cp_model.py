@@ -435,10 +435,6 @@ class Step:
     def exposed(self) -> float:
         return self.ulysses_exposed + self.ring_exposed + self.broadcast + self.gather
 
-    @property
-    def bytes(self) -> float:
-        return self.attention_bytes + self.other_bytes
-
 
 def ring_attention(plan: Plan, shard: Shard, rate: float, gpu: Gpu, topo: Topology, wire: int):
     """(compute, exposed transfer, link time) of one attention's ring: r block attentions, r-1 merges; the pass of
@@ -446,10 +442,10 @@ def ring_attention(plan: Plan, shard: Shard, rate: float, gpu: Gpu, topo: Topolo
     block = block_attention_seconds(plan, shard, rate, gpu)
     elements = shard.tokens * FLUX.hidden  # the running output on this rank: [u x tokens, hidden / u]
     merge = MERGE_BYTES * elements / gpu.hbm
-    compute = [block + (merge if k else 0.0) for k in range(plan.ring)]
-    compute[-1] += CAST_BYTES * elements / gpu.hbm if plan.ring > 1 else 0.0
     if plan.ring == 1:
-        return sum(compute), 0.0, 0.0
+        return block, 0.0, 0.0
+    compute = [block + (merge if k else 0.0) for k in range(plan.ring)]
+    compute[-1] += CAST_BYTES * elements / gpu.hbm  # the merged fp32 output back to bf16
     transfer = ring_link(plan, topo).seconds(ring_bytes(plan, shard, wire=wire) / (plan.ring - 1), "p2p")
     stack = 2 * COPY_BYTES * elements / gpu.hbm  # torch.stack((k, v)) before the first pass
     exposed = sum(max(0.0, transfer - c) for c in compute[:-1])
@@ -735,12 +731,12 @@ def verdict(rows: list[dict]) -> str:
     for gpu in dict.fromkeys(r["gpu"] for r in rows):
         mine = [r for r in rows if r["gpu"] == gpu]
         built = max((r for r in mine if r["variant"] == AS_BUILT.name), key=lambda r: r["speedup"])
-        text = f"{gpu}: as built, best {built['scheme']} {built['speedup']:.2f}x"
+        text = f"{gpu}: as built, best {built['scheme']} {built['speedup']:.3f}x"
         for key, how in (("speedup", "weight reads charged"), ("speedup_weights_hidden", "weight reads hidden")):
             reach = [r for r in mine if r[key] >= GOAL]
             first = min(reach, key=lambda r: (order.index(r["variant"]), -r[key])) if reach else None
-            text += (f"; {how}: {GOAL}x first with '{first['variant']}' ({first['scheme']} {first[key]:.2f}x)"
-                     if first else f"; {how}: {GOAL}x not reached (best {max(r[key] for r in mine):.2f}x)")
+            text += (f"; {how}: {GOAL}x first with '{first['variant']}' ({first['scheme']} {first[key]:.3f}x)"
+                     if first else f"; {how}: {GOAL}x not reached (best {max(r[key] for r in mine):.3f}x)")
         lines.append(text + ".")
     return " ".join(lines)
 
@@ -821,7 +817,7 @@ def assumptions(gpu: Gpu) -> dict:
 
 def report(gpu: Gpu) -> dict:
     verdicts = verdict_rows()
-    return dict(assumptions=assumptions(gpu), rows=table_rows(gpu, tuple(TOPOLOGIES)[:3]), goal=GOAL,
+    return dict(assumptions=assumptions(gpu), rows=table_rows(gpu, ("nvlink", "pcie", "2x4-nvlink-ib")), goal=GOAL,
                 verdict_rows=verdicts, verdict=verdict(verdicts), published=compare_published(),
                 vae=vae_rows(gpu, TOPOLOGIES["nvlink"]), fixed=fixed_costs(gpu))
 
