@@ -39,6 +39,7 @@ from . import ops
 from .reference.math import apply_rope
 
 SCHEMES = ("ulysses", "ring", "usp")
+_joined_timeout_s: float | None = None  # init()'s timeout_s
 
 
 class ParallelError(RuntimeError):
@@ -90,6 +91,8 @@ def init(
     backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank % torch.cuda.device_count())))
+    global _joined_timeout_s
+    _joined_timeout_s = timeout_s
     dist.init_process_group(
         backend,
         init_method=f"tcp://{addr}:{int(port)}",
@@ -112,6 +115,12 @@ def _rank_and_world(rank: int | None, world_size: int | None) -> tuple[int, int]
     if world_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
     return rank, world_size
+
+
+def timeout_s() -> float:
+    """How long a collective waits for a peer: init()'s timeout_s (torch's default, 30 minutes, for a group joined
+    some other way)."""
+    return _joined_timeout_s if _joined_timeout_s is not None else 1800.0
 
 
 def destroy() -> None:

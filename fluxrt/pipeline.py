@@ -166,6 +166,7 @@ class FluxPipeline:
         """Swap in the fluxrt-compiled models (in place: weights are reused, not copied). The one acceleration step.
         quantize and attention as fluxrt.compile's."""
         with self._lock:
+            self._refuse_while_parallel("accelerate")
             if self.plan is not None:
                 raise RuntimeError("this pipeline is already compiled")
             check_acceleration(self.device, quantize, backend)
@@ -475,6 +476,7 @@ class FluxPipeline:
         max_rank: the rank all loaded LoRAs share per layer; max_adapters: how many may be loaded at once. Needs a
         compiled pipeline with no fused LoRA loaded; an FP8 (quantized) transformer enables it at its first LoRA."""
         with self._lock:
+            self._refuse_while_parallel("enable_lora_hotswap")
             fast = self._compiled_transformer()
             if self._loras and self._branches() is None:
                 raise RuntimeError(f"LoRAs are fused into the weights already ({', '.join(self._loras)}): unload_lora() "
@@ -489,6 +491,7 @@ class FluxPipeline:
         (enable_lora_hotswap, and always for a quantized FP8 transformer, where fusing would add requantization
         error) it runs as a side branch. The file and its fit to this model are checked before anything changes."""
         with self._lock:
+            self._refuse_while_parallel("load_lora")
             scale = _check_lora_scale(scale, "scale")
             name = Path(path).stem if name is None else name
             if not isinstance(name, str) or not name:
@@ -513,6 +516,7 @@ class FluxPipeline:
     def set_lora_scales(self, scales: dict[str, float]) -> None:
         """Change loaded LoRAs' scales ({name: scale}); every name and scale is checked before anything changes."""
         with self._lock:
+            self._refuse_while_parallel("set_lora_scales")
             if not isinstance(scales, dict):
                 raise TypeError(f"scales must be a dict {{name: scale}}, got {type(scales).__name__}")
             checked = {self._known_lora(name): _check_lora_scale(value, f"scales[{name!r}]")
@@ -531,6 +535,7 @@ class FluxPipeline:
         """Remove one LoRA (or all of them, name=None): the output is then exactly the one without it (fused: the
         weights come back bit for bit; hot-swapped: its branch columns are zeroed)."""
         with self._lock:
+            self._refuse_while_parallel("unload_lora")
             names = list(self._loras) if name is None else [self._known_lora(name)]
             branches = self._branches()
             if branches is None:
@@ -541,6 +546,31 @@ class FluxPipeline:
                 del self._loras[gone]
             if branches is None:
                 self._fuse_all()
+
+    # ---- context parallelism ----
+
+    def context_parallel(self, scheme: str = "ulysses", ulysses_degree: int | None = None,
+                         keepalive_s: float | None = None):
+        """Run the transformer over every rank of fluxrt.parallel.init()'s group (fluxrt.parallel_engine): every rank
+        builds the same pipeline, then
+
+            with pipe.context_parallel("ulysses") as leading:
+                if leading:                       # rank 0: call the pipeline as usual
+                    image = pipe(prompt)[0]
+
+        Rank 0 encodes the text, samples and decodes; the others run their shard of each transformer call and enter
+        the block (leading=False) once rank 0 has left it. Set LoRAs up before: while it runs, load_lora and the other
+        weight changes are refused (they would change rank 0's weights only)."""
+        from .parallel_engine import context_parallel
+
+        return context_parallel(self, scheme, ulysses_degree, keepalive_s)
+
+    def _refuse_while_parallel(self, what: str) -> None:
+        from .parallel_engine import Leader
+
+        if isinstance(self.transformer, Leader):
+            raise RuntimeError(f"{what} changes the weights of this rank only while the transformer runs context-"
+                               "parallel: do it on every rank before pipe.context_parallel()")
 
     def _known_lora(self, name) -> str:
         if name not in self._loras:
@@ -564,7 +594,8 @@ class FluxPipeline:
         return any(isinstance(m, FP8Linear) for m in self._base_transformer().modules())
 
     def _base_transformer(self) -> Flux:
-        """The fluxrt.reference.Flux whose weights the transformer runs (a compiled FastFlux shares them)."""
+        """The fluxrt.reference.Flux whose weights the transformer runs (a compiled FastFlux and a context-parallel
+        Leader share them)."""
         return self.transformer if isinstance(self.transformer, Flux) else self.transformer.model
 
     def _unfuse_all(self) -> None:

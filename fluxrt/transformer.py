@@ -327,6 +327,15 @@ class FastFlux(nn.Module):
         self._refresh_plan()
         return self.lora
 
+    def shard(self, mesh: "parallel.Mesh | None") -> "FastFlux":
+        """Run context-parallel from now on (fluxrt.parallel): each call on this rank's shard of the sequence; None:
+        on this device alone again. CUDA graphs go off (the collectives run eagerly) and stay off. Returns self."""
+        if mesh is not None and self.fp8_attention:
+            raise ValueError("context parallelism runs attention='bf16': compile the model without attention='fp8'")
+        self.parallel, self.graphs = mesh, None
+        self._refresh_plan()
+        return self
+
     def compile_stats(self) -> dict:
         """What has been (re)compiled or (re)captured so far, to check that LoRA swaps and scale changes cost none:
         torch._dynamo's counters (process-wide: every torch.compile'd function of this process) and this model's

@@ -32,7 +32,9 @@ HANG_TIMEOUT_S = 3  # the same, in the test where a peer hangs, so that the time
 # The tiny preset has 2 heads, so Ulysses-2 moves one head per rank; 4 heads check the head order of the all-to-all.
 TINY = fluxrt.FluxConfig.preset("tiny")
 CONFIGS = {"tiny": TINY, "tiny-4-heads": dataclasses.replace(TINY, num_heads=4, axes_dim=default_axes_dim(32))}
-# What each world size runs: name -> (scheme, ulysses_degree, config).
+# What each world size runs: name -> (scheme, ulysses_degree, config). Each runs on the reference's blocks
+# (ParallelFlux) and compiled (fluxrt.compile(parallel=...)) with the torch backend; FUSED_TRITON names the runs also
+# compiled with the Triton backend (in the interpreter: fp32, slow, so one run per world size).
 RUNS = {
     2: {
         "ulysses": ("ulysses", None, "tiny"),
@@ -46,6 +48,7 @@ RUNS = {
         "ulysses-4-heads": ("ulysses", None, "tiny-4-heads"),
     },
 }
+FUSED_TRITON = {2: "ring", 4: "usp-2x2"}  # the 4-head config has head_dim 32: no Triton kernel
 
 
 def _model(config: str = "tiny"):
@@ -77,11 +80,15 @@ def _worker(rank: int, world: int, port: int, out_path: str, backend: str) -> No
         outputs = {}
         with torch.no_grad():
             for name, (scheme, ulysses_degree, config) in RUNS[world].items():
-                model = _model(config).to(device)
-                sharded = parallel.ParallelFlux(model, scheme, ulysses_degree)
-                for case in CASES:
-                    inputs = {key: value.to(device) for key, value in _inputs(model.params, case).items()}
-                    outputs[name, case] = sharded(**inputs).cpu()
+                variants = {name: lambda m: parallel.ParallelFlux(m, scheme, ulysses_degree)}
+                for kernels in ("torch", "triton") if FUSED_TRITON[world] == name else ("torch",):
+                    variants[f"{name}/fused-{kernels}"] = lambda m, kernels=kernels: fluxrt.compile(
+                        m, parallel=scheme, ulysses_degree=ulysses_degree, backend=kernels)
+                for variant, make in variants.items():
+                    sharded = make(_model(config).to(device))
+                    for case in CASES:
+                        inputs = {key: value.to(device) for key, value in _inputs(TINY, case).items()}
+                        outputs[variant, case] = sharded(**inputs).cpu()
         if rank == 0:
             torch.save(outputs, out_path)
     finally:
@@ -178,9 +185,10 @@ def test_every_scheme_matches_the_single_process_model_on_nccl(world, expected, 
 
 
 def _assert_matches(world: int, outputs: dict, expected: dict) -> None:
-    assert sorted(outputs) == sorted((name, case) for name in RUNS[world] for case in CASES), sorted(outputs)
+    variants = [*RUNS[world], *(f"{name}/fused-torch" for name in RUNS[world]), f"{FUSED_TRITON[world]}/fused-triton"]
+    assert sorted(outputs) == sorted((name, case) for name in variants for case in CASES), sorted(outputs)
     for (name, case), out in outputs.items():
-        want = expected[RUNS[world][name][2], case]
+        want = expected[RUNS[world][name.split("/")[0]][2], case]
         torch.testing.assert_close(
             out, want, rtol=1e-5, atol=1e-5 * want.abs().max().item(), msg=lambda m: f"{name}-{world} {case}: {m}"
         )
