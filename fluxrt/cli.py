@@ -4,6 +4,9 @@
                   --steps N --guidance G [--negative-prompt TEXT --true-cfg-scale S] [--lora PATH[:SCALE]]
                   [--image IN.png [--mask M.png] [--strength S]] [--control-image C.png] --seed S --out FILE.png
                   [--quantize fp8|fp8-weight] [--no-compile] [--compare-reference]
+  torchrun --nproc-per-node N -m fluxrt generate ... --cp ulysses|ring|usp [--ulysses-degree U]
+                  the same image from N GPUs (or CPU processes) splitting the sequence: rank 0 encodes, samples,
+                  decodes and writes the PNG; the others run their shard of each transformer step (fluxrt.parallel)
   fluxrt bench ...   per-step latency of the transformer, diffusers vs fluxrt (fluxrt.bench)
   fluxrt serve [--model PATH|tiny|tiny-random[...]] [--host 127.0.0.1] [--port 8000] [--max-batch N] [--max-queue N]
                [--api-key KEY] [--timeout S] [--batching step|request|serial] [--warmup 1024x1024,...]
@@ -264,6 +267,10 @@ def _add_generate(sub) -> None:
     g.add_argument("--compare-reference", action="store_true",
                    help="first run the uncompiled reference transformer, then print per-step latency side by side")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g.add_argument("--cp", choices=["ulysses", "ring", "usp"],
+                   help="context parallelism over the ranks of `torchrun --nproc-per-node N -m fluxrt generate ...`: "
+                        "ulysses (N divides the 24 heads), ring (any N), usp (both; --ulysses-degree)")
+    g.add_argument("--ulysses-degree", type=int, help="--cp usp: ranks per Ulysses group (default: gcd(N, heads))")
     _add_debug(g, default=argparse.SUPPRESS)
 
 
@@ -383,6 +390,7 @@ def _check_args(args) -> None:
     device = devices.resolve_device(args.device, "--device")
     _check_model(args)
     _check_request(args, device)
+    _check_parallel_args(args)
     if args.no_compile and (args.quantize or args.compare_reference):
         raise UsageError("--quantize and --compare-reference need the compiled transformer; drop --no-compile")
     if args.quantize == "fp8":
@@ -394,11 +402,53 @@ def _check_args(args) -> None:
 
 def _generate(args, outputs: list[_Output]) -> None:
     _check_args(args)
+    if args.cp is not None:
+        _generate_parallel(args, outputs)
+        return
     out = _Output(args.out, "--out", ".png", "")
     outputs.append(out)
     _run_generate(args, out.tmp)
     out.commit()
     print(f"wrote {args.out}")
+
+
+def _check_parallel_args(args) -> None:
+    if args.cp is None:
+        if args.ulysses_degree is not None:
+            raise UsageError("--ulysses-degree goes with --cp usp")
+        return
+    if args.ulysses_degree is not None and args.cp != "usp":
+        raise UsageError(f"--ulysses-degree goes with --cp usp (--cp {args.cp} sets it)")
+    if args.compare_reference:
+        raise UsageError("--compare-reference runs on one device; drop it or --cp")
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        raise UsageError(f"--cp {args.cp} runs on several processes: launch with "
+                         "`torchrun --nproc-per-node N -m fluxrt generate ... --cp ...`")
+
+
+def _generate_parallel(args, outputs: list[_Output]) -> None:
+    """Every rank builds the same pipeline; rank 0 leads it (fluxrt.parallel_engine) and alone writes --out."""
+    from . import parallel
+
+    rank, world = parallel.init()
+    try:
+        out = None
+        if rank == 0:
+            out = _Output(args.out, "--out", ".png", "")
+            outputs.append(out)
+        if parallel.dist.get_backend() == "nccl":  # each rank on its own GPU (init chose cuda:LOCAL_RANK)
+            args.device = f"cuda:{torch.cuda.current_device()}"
+        pipe = _build_pipeline(args, compile=not args.no_compile)
+        with pipe.context_parallel(args.cp, args.ulysses_degree) as leading:
+            if leading:
+                _run_call(args, pipe, out.tmp)
+    except parallel.ParallelError:
+        raise  # the process group is broken: tearing it down could block on the dead peer
+    else:
+        parallel.destroy()
+    if out is not None:
+        out.commit()
+        print(f"wrote {args.out} (context parallel: {args.cp} over {world} ranks)")
 
 
 def _load_model(args, **pipeline_kwargs):
@@ -459,10 +509,15 @@ def _timed(pipe, call: dict) -> tuple[torch.Tensor, list[float]]:
 
 
 def _run_generate(args, tmp: Path) -> None:
+    pipe = _build_pipeline(args, compile=not args.no_compile and not args.compare_reference)
+    _run_call(args, pipe, tmp)
+
+
+def _run_call(args, pipe, tmp: Path) -> None:
+    """The generate call on a built pipeline: the PNG into tmp, the per-step report on stdout."""
     from .pipeline import to_pil
 
     compile = not args.no_compile
-    pipe = _build_pipeline(args, compile=compile and not args.compare_reference)
     call = dict(prompt=DEFAULT_PROMPT if args.prompt is None else args.prompt, width=args.width, height=args.height,
                 num_steps=args.steps, guidance=args.guidance, seed=args.seed, negative_prompt=args.negative_prompt,
                 true_cfg_scale=args.true_cfg_scale, strength=args.strength, **args.images)
