@@ -2,7 +2,7 @@
 
 Three schemes, one code path (USP, "unified sequence parallelism", with the two degrees as knobs):
 - Ulysses (ulysses_degree = world): all-to-all from sequence-sharded to head-sharded before attention, back after.
-  Needs num_heads divisible by the degree. Four all-to-alls per attention (q, k, v in; the output back).
+  Needs num_heads divisible by the degree. Two all-to-alls per attention (q, k, v in as one; the output back).
 - ring (ring_degree = world): each rank keeps its queries; K/V blocks rotate around the ranks and the partial
   results merge by log-sum-exp (online softmax, statistics in fp32). Any world size.
 - usp: ulysses_degree x ring_degree = world. Rank g sits at ring position g // u, Ulysses position g % u.
@@ -201,13 +201,14 @@ def _all_to_all(x: Tensor, group) -> Tensor:
     return out
 
 
-def _seq_to_heads(x: Tensor, mesh: Mesh) -> Tensor:
-    """[B, H, S, D] sequence-sharded -> [B, H/u, u*S, D] head-sharded (the Ulysses group's shards, in rank order)."""
+def _seq_to_heads(qkv: Tensor, mesh: Mesh) -> Tensor:
+    """[3, B, H, S, D] sequence-sharded -> [3, B, H/u, u*S, D] head-sharded (the Ulysses group's shards, in rank
+    order): q, k and v in one all-to-all."""
     u = mesh.ulysses_degree
     if u == 1:
-        return x
-    sent = rearrange(x, "B (U h) S D -> U B h S D", U=u)
-    return rearrange(_all_to_all(sent, mesh.ulysses_group), "U B h S D -> B h (U S) D")
+        return qkv
+    sent = rearrange(qkv, "K B (U h) S D -> U K B h S D", U=u)
+    return rearrange(_all_to_all(sent, mesh.ulysses_group), "U K B h S D -> K B h (U S) D")
 
 
 def _heads_to_seq(x: Tensor, mesh: Mesh) -> Tensor:
@@ -264,11 +265,11 @@ class KeyIndex:
 BlockAttention = Callable[[Tensor, Tensor, Tensor], tuple[Tensor, Tensor]]
 
 
-def _ring_attention(q: Tensor, k: Tensor, v: Tensor, keys: KeyIndex, mesh: Mesh, block: BlockAttention) -> Tensor:
-    """Attention of local q over every ring member's K/V (fp32 [B, h, Sq, D])."""
+def _ring_attention(qkv: Tensor, keys: KeyIndex, mesh: Mesh, block: BlockAttention) -> Tensor:
+    """Attention of the local queries over every ring member's K/V: qkv [3, B, h, S, D] -> fp32 [B, h, S, D]."""
     ring = mesh.ring_degree
     pos = mesh.ring_pos
-    kv = torch.stack((k, v)).contiguous()
+    q, kv = qkv[0], qkv[1:].contiguous()
     out = lse = None
     for step in range(ring):
         incoming = None
@@ -291,24 +292,23 @@ def _ring_attention(q: Tensor, k: Tensor, v: Tensor, keys: KeyIndex, mesh: Mesh,
     return out
 
 
-def attention(q: Tensor, k: Tensor, v: Tensor, keys: KeyIndex, mesh: Mesh, block: BlockAttention) -> Tensor:
-    """Joint attention over the sharded sequence: q, k, v [B, H, S_local, D] (RoPE applied) -> [B, S_local, H*D] in
-    q's dtype. block(q, k, v) -> (out, lse) is one K/V block's attention (the reference formula or the fused op)."""
-    q, k, v = (_seq_to_heads(x, mesh) for x in (q, k, v))
-    out = _heads_to_seq(_ring_attention(q, k, v, keys, mesh, block).to(q.dtype), mesh)
-    return rearrange(out, "B H S D -> B S (H D)")
+def attention(qkv: Tensor, keys: KeyIndex, mesh: Mesh, block: BlockAttention) -> Tensor:
+    """Joint attention over the sharded sequence: qkv [3, B, H, S_local, D] (RoPE applied) -> [B, S_local, H*D] in
+    its dtype. block(q, k, v) -> (out, lse) is one K/V block's attention (the reference formula or the fused op)."""
+    out = _ring_attention(_seq_to_heads(qkv, mesh), keys, mesh, block).to(qkv.dtype)
+    return rearrange(_heads_to_seq(out, mesh), "B H S D -> B S (H D)")
 
 
 def reference_attention(q: Tensor, k: Tensor, v: Tensor, pe: Tensor, keys: KeyIndex, mesh: Mesh) -> Tensor:
     """The reference's attention(q, k, v, pe) on sequence shards (pe the local RoPE table)."""
     q, k = apply_rope(q, k, pe)
-    return attention(q, k, v, keys, mesh, _block_attention)
+    return attention(torch.stack((q, k, v.to(q.dtype))), keys, mesh, _block_attention)
 
 
 def fused_attention(qkv: Tensor, keys: KeyIndex, mesh: Mesh, backend: str) -> Tensor:
     """The compiled model's attention on sequence shards: qkv [3, B, H, S_local, D] as fluxrt.ops.rope_qk_norm writes
     it (normed, RoPE applied) -> [B, S_local, H*D]; each K/V block through fluxrt.ops.attention_lse."""
-    return attention(qkv[0], qkv[1], qkv[2], keys, mesh,
+    return attention(qkv, keys, mesh,
                      lambda q, k, v: ops.attention_lse(q, k, v, backend=backend))
 
 
