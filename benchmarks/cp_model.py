@@ -289,6 +289,8 @@ class Variant:
     overlap_chunks: int = 1  # all-to-alls overlapped with the adjacent GEMMs in this many head chunks (1: none)
 
 
+# "as built" is fluxrt.parallel as the NOTES section was written; since then it sends q, k, v in one all-to-all,
+# so the second variant is what runs now (NOTES.md says so under its tables).
 AS_BUILT = Variant("as built")
 VARIANTS = (
     AS_BUILT,
