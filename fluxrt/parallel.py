@@ -139,11 +139,11 @@ class Mesh:
     ring_degree: int
     ulysses_group: object  # ProcessGroup of this rank's Ulysses peers, or None when the degree is 1
     ring_ranks: tuple[int, ...]  # global ranks of this rank's ring, in ring order
+    scheme: str = "usp"  # what the user asked for (the degrees say how it runs)
 
     def describe(self) -> str:
         """What the plan says about it, e.g. "usp over 4 ranks (ulysses 2 x ring 2), this is rank 1"."""
-        scheme = "ulysses" if self.ring_degree == 1 else "ring" if self.ulysses_degree == 1 else "usp"
-        return (f"{scheme} over {self.world_size} ranks (ulysses {self.ulysses_degree} x ring {self.ring_degree}), "
+        return (f"{self.scheme} over {self.world_size} ranks (ulysses {self.ulysses_degree} x ring {self.ring_degree}), "
                 f"this is rank {self.rank}")
 
     @property
@@ -164,7 +164,7 @@ def make_mesh(scheme: str, num_heads: int, ulysses_degree: int | None = None) ->
     ring = world // u
     groups = [dist.new_group(list(range(i * u, (i + 1) * u))) if u > 1 else None for i in range(ring)]
     ring_ranks = tuple(i * u + rank % u for i in range(ring))
-    return Mesh(rank, world, u, ring, groups[rank // u], ring_ranks)
+    return Mesh(rank, world, u, ring, groups[rank // u], ring_ranks, scheme)
 
 
 def check_scheme(scheme: str, num_heads: int, ulysses_degree: int | None = None) -> None:

@@ -22,6 +22,7 @@ import torch
 import fluxrt
 from fluxrt.config import default_axes_dim
 from fluxrt import parallel
+from fluxrt.tiny import TINY_AUTOENCODER
 
 BATCH = 2
 # Input shapes: name -> (text tokens, latent grid rows, cols). "short" leaves the last of 4 ranks nothing but padding.
@@ -277,6 +278,43 @@ def test_init_again_returns_the_same_rank_and_refuses_another(monkeypatch):
 def test_sharding_without_a_process_group_says_to_call_init():
     with pytest.raises(RuntimeError, match=r"call fluxrt.parallel.init\(\) first"):
         parallel.ParallelFlux(_model(), "ring")
+
+
+@pytest.mark.parametrize("kwargs, error, message", [
+    (dict(parallel="zigzag"), ValueError, "parallel must be None or one of ulysses, ring, usp"),
+    (dict(ulysses_degree=2), ValueError, "ulysses_degree goes with parallel='usp'"),
+    (dict(parallel="ring", cuda_graphs=True), ValueError, "context parallelism runs without CUDA graphs"),
+    (dict(parallel="ring"), RuntimeError, r"call fluxrt.parallel.init\(\) first"),
+])
+def test_compile_refuses_bad_parallel_arguments_and_leaves_the_model_as_it_was(kwargs, error, message):
+    model = _model()
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    with pytest.raises(error, match=message):
+        fluxrt.compile(model, backend="torch", **kwargs)
+    after = model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_compile_with_parallel_in_a_one_rank_group(monkeypatch):
+    """One rank: the sharded compiled model is the unsharded one; a Ulysses degree that does not fit is refused before
+    anything moves; parallel= applies to transformers only."""
+    monkeypatch.delenv("RANK", raising=False)
+    parallel.init(0, 1, backend="gloo", master_port=_free_port(), timeout_s=10)
+    try:
+        model = _model()
+        with pytest.raises(ValueError, match="ulysses_degree 4 must divide the world size 1"):
+            fluxrt.compile(model, parallel="usp", ulysses_degree=4, backend="torch")
+        assert all(isinstance(m, torch.nn.Linear) for m in (model.img_in, model.double_blocks[0].img_attn.qkv)), \
+            "a refused compile must leave the model unconverted"
+        with pytest.raises(ValueError, match="parallel= applies to a FLUX transformer"):
+            fluxrt.compile(fluxrt.reference.AutoEncoder(TINY_AUTOENCODER), parallel="ring")
+        fast = fluxrt.compile(_model(), parallel="ring", backend="torch")
+        assert fast.plan["parallel"].startswith("ring over 1 ranks") and fast.plan["cuda_graphs"] == "off"
+        inputs = _inputs(TINY, "main")
+        with torch.no_grad():
+            torch.testing.assert_close(fast(**inputs), _model()(**inputs), rtol=1e-5, atol=1e-6)
+    finally:
+        parallel.destroy()
 
 
 if __name__ == "__main__":

@@ -51,6 +51,24 @@ def _parity_worker(rank: int, world: int, out: Path) -> None:
         torch.save(images, out)
 
 
+def _lora_pipeline(lora: Path):
+    pipe = _pipeline(True)
+    pipe.enable_lora_hotswap(max_rank=8, max_adapters=2)
+    pipe.load_lora(lora, scale=0.8, name="a")
+    return pipe
+
+
+def _lora_worker(rank: int, world: int, out: Path) -> None:
+    """Hot-swapped LoRAs loaded on every rank before the group starts; each call's per-image scales travel with it."""
+    pipe = _lora_pipeline(out.parent / "a.safetensors")
+    with pipe.context_parallel("ring") as leading:
+        if leading:
+            torch.save(pipe(**CALL, loras=LORA_CHOICES), out)
+
+
+LORA_CHOICES = [{"a": 1.5}, None]  # per prompt: image 0 at its own scale, image 1 at the loaded 0.8
+
+
 def _idle_worker(rank: int, world: int, out: Path) -> None:
     """Rank 0 idles 3 x the collective timeout between two calls; keep-alives must hold the followers."""
     pipe = _pipeline(False)
@@ -83,7 +101,7 @@ def _dying_leader_worker(rank: int, world: int, out: Path) -> None:
 
 
 IDLE_TIMEOUT_S = 2  # init()'s collective timeout in the idle test
-WORKERS = {"parity": (_parity_worker, 30), "idle": (_idle_worker, IDLE_TIMEOUT_S), "leader-dies": (_dying_leader_worker, 30)}
+WORKERS = {"parity": (_parity_worker, 30), "lora": (_lora_worker, 30), "idle": (_idle_worker, IDLE_TIMEOUT_S), "leader-dies": (_dying_leader_worker, 30)}
 
 
 def _run(mode: str, world: int, out: Path) -> tuple[list[int], list[str]]:
@@ -117,6 +135,17 @@ def test_rank_0_pipeline_over_every_rank_gives_the_single_process_images(world, 
     for (scheme, compiled), image in images.items():
         want = single_process_images[compiled]
         torch.testing.assert_close(image, want, rtol=0, atol=1e-5, msg=lambda m: f"{scheme} compiled={compiled}: {m}")
+
+
+def test_per_image_lora_scales_reach_every_rank(tmp_path):
+    from test_pipeline_lora import write_lora
+
+    lora = write_lora(tmp_path / "a.safetensors", seed=0)
+    codes, logs = _run("lora", 2, tmp_path / "images.pt")
+    assert codes == [0, 0], f"ranks exited with {codes}:\n" + "\n".join(logs)
+    want = _lora_pipeline(Path(lora))(**CALL, loras=LORA_CHOICES)
+    assert (want - _pipeline(True)(**CALL)).abs().max() > 0.02, "the LoRA must change the images"
+    torch.testing.assert_close(torch.load(tmp_path / "images.pt"), want, rtol=0, atol=1e-5)
 
 
 def test_keepalives_hold_idle_followers_and_a_bad_call_reaches_no_follower(tmp_path):
