@@ -317,9 +317,48 @@ def test_compile_with_parallel_in_a_one_rank_group(monkeypatch):
         parallel.destroy()
 
 
+def _diffusers_model():
+    from diffusers import FluxTransformer2DModel
+
+    torch.manual_seed(0)
+    return FluxTransformer2DModel(**TINY.to_diffusers()).eval()
+
+
+def _diffusers_inputs() -> dict:
+    flux = _inputs(TINY, "main")
+    return dict(hidden_states=flux["img"], encoder_hidden_states=flux["txt"], pooled_projections=flux["y"],
+                timestep=flux["timesteps"], img_ids=flux["img_ids"][0], txt_ids=flux["txt_ids"][0],
+                guidance=flux["guidance"])
+
+
+def _diffusers_worker(rank: int, world: int, port: int, out_path: str) -> None:
+    """A diffusers FluxTransformer2DModel compiled with parallel=: the same diffusers call on every rank."""
+    parallel.init(rank, world, backend="gloo", master_port=port, timeout_s=PEER_TIMEOUT_S)
+    try:
+        fast = fluxrt.compile(_diffusers_model(), parallel="ulysses", backend="torch")
+        with torch.no_grad():
+            out = fast(**_diffusers_inputs()).sample
+        if rank == 0:
+            torch.save({"out": out, "plan": fast.fast.plan["parallel"]}, out_path)
+    finally:
+        parallel.destroy()
+
+
+def test_a_diffusers_transformer_compiled_with_parallel_gives_the_diffusers_output(tmp_path):
+    codes, logs = _run_ranks(2, tmp_path / "out.pt", mode="diffusers")
+    assert codes == [0, 0], f"ranks exited with {codes}:\n" + "\n".join(logs)
+    with torch.no_grad():
+        want = _diffusers_model()(**_diffusers_inputs()).sample
+    got = torch.load(tmp_path / "out.pt")
+    assert got["plan"] == "ulysses over 2 ranks (ulysses 2 x ring 1), this is rank 0", got["plan"]
+    torch.testing.assert_close(got["out"], want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+
+
 if __name__ == "__main__":
     _mode, _world, _port, _out, _rank = sys.argv[1:]
-    if _mode.startswith("parity"):
+    if _mode == "diffusers":
+        _diffusers_worker(int(_rank), int(_world), int(_port), _out)
+    elif _mode.startswith("parity"):
         _worker(int(_rank), int(_world), int(_port), _out, backend="nccl" if _mode == "parity-nccl" else "gloo")
     else:
         _failing_worker(int(_rank), int(_world), int(_port), _out, hang=_mode == "hang")
