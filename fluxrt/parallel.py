@@ -162,7 +162,8 @@ def make_mesh(scheme: str, num_heads: int, ulysses_degree: int | None = None) ->
     rank, world = dist.get_rank(), dist.get_world_size()
     u = _ulysses_degree(scheme, world, num_heads, ulysses_degree)
     ring = world // u
-    groups = [dist.new_group(list(range(i * u, (i + 1) * u))) if u > 1 else None for i in range(ring)]
+    with _collective("making the context-parallel process groups"):
+        groups = [dist.new_group(list(range(i * u, (i + 1) * u))) if u > 1 else None for i in range(ring)]
     ring_ranks = tuple(i * u + rank % u for i in range(ring))
     return Mesh(rank, world, u, ring, groups[rank // u], ring_ranks, scheme)
 
