@@ -11,7 +11,7 @@ import pytest
 
 import fluxrt.serve.engine as engine_module
 from fluxrt import GenerationRequest
-from fluxrt.serve.engine import Engine, EngineDraining, JobTimeout, QueueFull
+from fluxrt.serve.engine import Engine, EngineDraining, EngineFailed, JobTimeout, QueueFull
 from fluxrt.tiny import tiny_random_pipeline
 
 SMALL = dict(width=64, height=64, num_steps=2)
@@ -288,3 +288,157 @@ def test_a_batcher_that_admits_nothing_fails_the_job_instead_of_spinning(pipe, m
     monkeypatch.setattr(engine_module, "make_batcher", lambda *args: AdmitsNothing(real(*args)))
     result = make_engine().submit(GenerationRequest("never", seed=0, **SMALL)).future.result(WAIT_S)
     assert not result.ok and "cannot run this request" in result.error
+
+
+# ---- replicas: one queue, one lane (batcher + worker) per pipeline ----
+
+
+@pytest.fixture(scope="module")
+def replica():
+    return tiny_random_pipeline(progress=False)  # seeded: the same weights as `pipe`, a second copy
+
+
+@pytest.fixture
+def make_replicated(pipe, replica):
+    engines = []
+
+    def make(**kwargs):
+        engines.append(Engine([pipe, replica], **kwargs).start())
+        return engines[-1]
+
+    yield make
+    for engine in engines:
+        assert engine.shutdown(drain=False, timeout_s=WAIT_S), "the engine's threads did not stop"
+
+
+class Turnstile:
+    """Holds each transformer call of one pipeline (swapped on the instance) until the test lets it through: a lane
+    stepped one call at a time. error: raised by the calls let through (a broken device or group)."""
+
+    def __init__(self, pipe):
+        self.pipe, self.inner = pipe, pipe.transformer
+        self.passes, self.calls, self.error = threading.Semaphore(0), 0, None
+
+    def __enter__(self):
+        self.pipe.transformer = self
+        return self
+
+    def __exit__(self, *exc):
+        self.pipe.transformer = self.inner
+        self.passes.release(10_000)
+
+    def __call__(self, **kwargs):
+        self.calls += 1
+        assert self.passes.acquire(timeout=WAIT_S), "the turnstile was never opened"
+        if self.error is not None:
+            raise self.error
+        return self.inner(**kwargs)
+
+    def let_through(self, calls: int = 1) -> None:
+        self.passes.release(calls)
+
+    def wait_calls(self, calls: int) -> None:
+        wait_until(lambda: self.calls >= calls, f"{calls} transformer calls")
+
+
+def per_replica(engine, name: str) -> list[float]:
+    text = engine.metrics()
+    return [metric(text, name, replica=i) for i in range(2)]
+
+
+def test_an_idle_replica_takes_a_job_before_a_busy_batch_grows(pipe, replica, make_replicated):
+    engine = make_replicated(max_batch=4, batching="step")
+    requests = [GenerationRequest(f"job {k}", width=64, height=64, num_steps=3, seed=k) for k in range(3)]
+    with Turnstile(pipe) as first, Turnstile(replica) as second:
+        jobs = engine.submit_all(requests[:2])  # both lanes idle: one job each, not both in one batch
+        wait_until(lambda: sum(per_replica(engine, "fluxrt_replica_jobs_running")) == 2, "both jobs to run")
+        assert per_replica(engine, "fluxrt_replica_jobs_running") == [1, 1]
+        first.wait_calls(1)
+        second.wait_calls(1)
+        assert sorted(job.replica for job in jobs) == [0, 1]
+        jobs.append(engine.submit(requests[2]))  # no lane idle: the first to reach a step boundary takes it
+        first.let_through()
+        first.wait_calls(2)
+        assert per_replica(engine, "fluxrt_replica_jobs_running") == [2, 1], "a busy lane with no idle one " \
+                                                                             "did not admit"
+        assert jobs[2].replica == 0 and metric(engine.metrics(), "fluxrt_queue_depth") == 0
+        first.let_through(100)
+        second.let_through(100)
+        for job, request in zip(jobs, requests):
+            assert_as_alone(pipe, job.future.result(WAIT_S), request)
+    assert per_replica(engine, "fluxrt_replica_jobs_total") == [2, 1]
+
+
+def test_cancel_and_timeout_reach_the_replica_that_runs_the_job(pipe, replica, make_replicated):
+    engine = make_replicated(max_batch=2, batching="step")
+    with Turnstile(pipe) as first, Turnstile(replica) as second:
+        jobs = engine.submit_all([GenerationRequest(f"job {k}", seed=k, **SMALL) for k in range(2)])
+        first.wait_calls(1)
+        second.wait_calls(1)
+        on_second = next(job for job in jobs if job.replica == 1)
+        assert on_second.cancel()
+        second.let_through()  # the step boundary at which lane 1 lets the cancelled job go
+        wait_until(lambda: per_replica(engine, "fluxrt_replica_jobs_running")[1] == 0, "lane 1 to drop its job")
+        engine.timeout_s = 0.3
+        late = engine.submit(GenerationRequest("times out", seed=5, **SMALL))
+        second.wait_calls(2)
+        assert late.replica == 1, "the idle lane did not take the job"
+        assert isinstance(late.future.exception(timeout=5), JobTimeout)
+        second.let_through()
+        wait_until(lambda: per_replica(engine, "fluxrt_replica_jobs_running")[1] == 0, "lane 1 to drop its job")
+        assert second.calls == 2, "lane 1 kept running a cancelled or timed-out job"
+        assert per_replica(engine, "fluxrt_replica_jobs_running")[0] == 1, "lane 0's job was dropped instead"
+    on_first = next(job for job in jobs if job.replica == 0)
+    assert on_first.future.result(WAIT_S).ok
+    text = engine.metrics()
+    assert metric(text, "fluxrt_jobs_total", outcome="cancelled") == 1
+    assert metric(text, "fluxrt_jobs_total", outcome="timeout") == 1
+
+
+def test_shutdown_drains_every_replica(pipe, replica):
+    engine = Engine([pipe, replica], max_batch=1, batching="serial").start()
+    requests = [GenerationRequest("drain", seed=s, **SMALL) for s in range(5)]
+    jobs = engine.submit_all(requests)
+    assert engine.shutdown(drain=True, timeout_s=WAIT_S), "a worker did not stop"
+    for job, request in zip(jobs, requests):
+        assert job.future.done(), "shutdown returned before a job was done"
+        assert_as_alone(pipe, job.future.result(0), request)
+    assert all(n >= 1 for n in per_replica(engine, "fluxrt_replica_jobs_total")), "a replica ran nothing"
+    assert not engine.running
+
+
+def test_a_replica_whose_health_check_fails_takes_no_more_jobs(pipe, replica, make_replicated):
+    broken: dict[int, str] = {}
+    engine = make_replicated(max_batch=1, batching="serial", health_check=lambda p: broken.get(id(p)))
+    with Turnstile(pipe) as first, Turnstile(replica) as second:
+        jobs = engine.submit_all([GenerationRequest(f"job {k}", seed=k, **SMALL) for k in range(2)])
+        first.wait_calls(1)
+        second.wait_calls(1)
+        broken[id(replica)] = "replica 1 lost its group"
+        second.error = RuntimeError("a peer died")
+        second.let_through(10)
+        failed = next(job for job in jobs if job.replica == 1).future.result(WAIT_S)
+        assert failed.error == "replica 1 lost its group", "the failed job does not say why"
+        assert engine.accepting and engine.failure is None, "one replica down is not the engine down"
+        assert per_replica(engine, "fluxrt_replica_up") == [1, 0]
+        queued = engine.submit(GenerationRequest("after", seed=2, **SMALL))
+        first.let_through(100)
+        assert queued.future.result(WAIT_S).ok and queued.replica == 0, "the failed replica took a job"
+        broken[id(pipe)] = "replica 0 lost its group"
+        last, waiting = engine.submit_all([GenerationRequest(f"last {k}", seed=k, **SMALL) for k in range(2)])
+        assert last.future.result(WAIT_S).ok  # its step ran; the health check fails after it
+        assert waiting.future.result(WAIT_S).error == "replica 0 lost its group", "a queued job was left waiting"
+    assert not engine.accepting and "every replica failed" in engine.failure
+    with pytest.raises(EngineFailed, match="cannot run requests any more: every replica failed: replica 0: replica 0"):
+        engine.submit(GenerationRequest("refused", seed=9, **SMALL))
+    assert per_replica(engine, "fluxrt_replica_up") == [0, 0]
+
+
+def test_replicas_must_be_separate_pipelines_of_one_model(pipe):
+    with pytest.raises(ValueError, match="the same pipeline was given twice"):
+        Engine([pipe, pipe])
+    with pytest.raises(ValueError, match="at least one pipeline"):
+        Engine([])
+    other = tiny_random_pipeline(progress=False, mode="fill")
+    with pytest.raises(ValueError, match="replica 1 is not the model replica 0 is"):
+        Engine([pipe, other])
