@@ -10,9 +10,13 @@
   fluxrt bench ...   per-step latency of the transformer, diffusers vs fluxrt (fluxrt.bench)
   fluxrt serve [--model PATH|tiny|tiny-random[...]] [--host 127.0.0.1] [--port 8000] [--max-batch N] [--max-queue N]
                [--api-key KEY] [--timeout S] [--batching step|request|serial] [--warmup 1024x1024,...]
-               [--lora PATH[:SCALE]]
+               [--lora PATH[:SCALE]] [--replicas N]
                the OpenAI-compatible image server (fluxrt.serve); prints "fluxrt serve: listening on URL" when ready;
-               SIGTERM finishes the requests in flight, then exits 0
+               SIGTERM finishes the requests in flight, then exits 0. --replicas N: N pipelines (cuda:0..N-1) behind
+               one queue, for throughput
+  torchrun --nproc-per-node N -m fluxrt serve ... --cp ulysses|ring|usp [--ulysses-degree U]
+               one context-parallel engine, for latency: rank 0 serves HTTP and leads, the others run their shard of
+               each transformer call; SIGTERM to torchrun (or rank 0) drains rank 0, then every rank exits 0
 
 The default model, tiny, is the embedded teaching-size FLUX trained on coloured shapes (fluxrt/weights/tiny, 64x64,
 nothing to download); tiny-random is built in process with random weights: tiny on a CPU, flux-dev's real widths on
@@ -653,11 +657,21 @@ def _add_serve(sub) -> None:
     s.add_argument("--device", help="default: cuda when there is a GPU, else cpu")
     s.add_argument("--no-compile", action="store_true", help="run the plain-PyTorch reference transformer")
     s.add_argument("--backend", default="auto", choices=["auto", "triton", "torch"], help="fluxrt.compile backend")
+    s.add_argument("--replicas", type=int,
+                   help="N independent pipelines behind one queue, one per GPU (cuda:0..N-1; on a CPU N copies sharing "
+                        "its cores): N times the images/s under load, each image at one GPU's latency (default 1)")
+    s.add_argument("--cp", choices=["ulysses", "ring", "usp"],
+                   help="one context-parallel engine over the ranks of `torchrun --nproc-per-node N -m fluxrt serve "
+                        "... --cp ...`: each image's sequence split over N GPUs (lower latency), rank 0 serves HTTP; "
+                        "ulysses (N divides the 24 heads), ring (any N), usp (both; --ulysses-degree)")
+    s.add_argument("--ulysses-degree", type=int, help="--cp usp: ranks per Ulysses group (default: gcd(N, heads))")
     s.set_defaults(ae=None, text_encoders=None, prompt=None)
     _add_debug(s, default=argparse.SUPPRESS)
 
 
-def _check_serve_args(args) -> tuple[torch.device, list[tuple[int, int]]]:
+def _check_serve_args(args) -> tuple[list[torch.device], list[tuple[int, int]]]:
+    """Every flag, before anything is loaded: the devices of the pipelines (one per replica; the context-parallel
+    ranks pick theirs once joined) and the --warmup sizes."""
     device = devices.resolve_device(args.device, "--device")
     _check_model(args)
     if not 0 <= args.port <= 65535:
@@ -673,7 +687,30 @@ def _check_serve_args(args) -> tuple[torch.device, list[tuple[int, int]]]:
     if args.lora and args.no_compile:
         raise UsageError("--lora runs LoRAs as side branches of the compiled transformer; drop --no-compile")
     warmup = [(w, h) for h, w in _parse_sizes([t.strip() for t in args.warmup.split(",") if t.strip()], "--warmup")]
-    return device, warmup
+    return _serve_devices(args, device), warmup
+
+
+def _serve_devices(args, device: torch.device) -> list[torch.device]:
+    """--replicas / --cp / --ulysses-degree checked together: one device per replica (context parallel: the
+    process's own, one pipeline per rank)."""
+    from .serve.models import replica_devices
+
+    if args.cp is None and args.ulysses_degree is not None:
+        raise UsageError("--ulysses-degree goes with --cp usp")
+    if args.cp is None:
+        try:
+            return replica_devices(device, 1 if args.replicas is None else args.replicas)
+        except ValueError as err:
+            raise UsageError(str(err)) from None
+    if args.ulysses_degree is not None and args.cp != "usp":
+        raise UsageError(f"--ulysses-degree goes with --cp usp (--cp {args.cp} sets it)")
+    if args.replicas is not None:
+        raise UsageError("--cp and --replicas are two ways to use N GPUs, pick one: one context-parallel engine "
+                         "(`torchrun --nproc-per-node N -m fluxrt serve --cp ...`) or N replicas (--replicas N)")
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        raise UsageError(f"--cp {args.cp} runs on several processes: launch with "
+                         "`torchrun --nproc-per-node N -m fluxrt serve ... --cp ...`")
+    return [device]
 
 
 def _listen(host: str, port: int):
@@ -696,54 +733,147 @@ def _listen(host: str, port: int):
 
 
 def _serve_pipeline(args, device: torch.device):
-    """fluxrt.serve.models.load_pipeline, a folder's loading errors in the CLI's words (_load_model)."""
+    """fluxrt.serve.models.load_pipeline on `device`, a folder's loading errors in the CLI's words (_load_model)."""
     from .serve.models import load_pipeline, serve_loras
 
     # None: compiled on a GPU, the reference on a CPU; hot-swapped LoRAs need the compiled transformer
     compile = False if args.no_compile else True if args.lora else None
     if _random_mode(args.model):
         return load_pipeline(args.model, device, compile=compile, backend=args.backend, loras=args.lora)
-    return serve_loras(_load_model(args, compile=compile, backend=args.backend, progress=False), args.lora)
+    on_device = argparse.Namespace(**{**vars(args), "device": str(device)})
+    return serve_loras(_load_model(on_device, compile=compile, backend=args.backend, progress=False), args.lora)
 
 
 def _serve(args, outputs: list[_Output]) -> None:
+    requested = args.model
+    devices_, warmup = _check_serve_args(args)
+    if args.cp is not None:
+        _serve_context_parallel(args, requested, warmup)
+        return
+    sock = _listen(args.host, args.port)
+    try:
+        pipes = [_serve_pipeline(args, device) for device in devices_]
+        signals = _run_server(args, pipes, sock, requested, warmup)
+    finally:
+        sock.close()
+    _stopped(signals)
+
+
+def _run_server(args, pipes: list, sock, requested: str, warmup, health_check=None) -> list[int]:
+    """The engine over `pipes` (one lane each), warmed up, behind the HTTP app on `sock` until SIGTERM or SIGINT;
+    the engine drains before this returns the signals received."""
     from .serve.app import create_app
     from .serve.engine import Engine
     from .serve.models import served_model_name
 
-    requested = args.model
-    device, warmup = _check_serve_args(args)
-    sock = _listen(args.host, args.port)
+    engine = Engine(pipes, max_batch=args.max_batch, max_queue=args.max_queue, batching=args.batching,
+                    timeout_s=args.timeout, health_check=health_check).start()
     try:
-        pipe = _serve_pipeline(args, device)
-        engine = Engine(pipe, max_batch=args.max_batch, max_queue=args.max_queue, batching=args.batching,
-                        timeout_s=args.timeout).start()
-        try:
-            for width, height in warmup:
-                _warm_up(engine, width, height)
-            app = create_app(engine, served_model_name(requested), api_key=args.api_key,
-                             default_size=_default_size(args, device))
-            signals = _run_uvicorn(app, sock)
-        finally:
-            engine.shutdown(drain=True)
+        for width, height in warmup:
+            _warm_up(engine, width, height)
+        app = create_app(engine, served_model_name(requested), api_key=args.api_key,
+                         default_size=_default_size(args, pipes[0].device))
+        return _run_uvicorn(app, sock)
     finally:
-        sock.close()
+        engine.shutdown(drain=True)
+
+
+def _stopped(signals: list[int]) -> None:
     print("fluxrt serve: stopped", flush=True)
     if signal.SIGINT in signals:
         raise KeyboardInterrupt
 
 
+def _serve_context_parallel(args, requested: str, warmup) -> None:
+    """Every rank builds the same pipeline (its LoRAs included); rank 0 leads the transformer and runs the server,
+    the others follow its calls (fluxrt.parallel_engine) and never listen. Rank 0 stopping (SIGTERM after its
+    requests in flight, SIGINT) lets them return; a dead rank fails rank 0's next request and leaves the server
+    unhealthy (the engine's health_check) until it is stopped."""
+    from . import parallel
+
+    sock = _listen(args.host, args.port) if os.environ["RANK"] == "0" else None  # a busy port fails at once
+    try:
+        rank, world = parallel.init()
+        if parallel.dist.get_backend() == "nccl":  # each rank on its own GPU (init chose cuda:LOCAL_RANK)
+            args.device = f"cuda:{torch.cuda.current_device()}"
+        pipe = _serve_pipeline(args, devices.resolve_device(args.device, "--device"))
+        group, signals = None, []
+        with _signals_ignored(rank != 0), pipe.context_parallel(args.cp, args.ulysses_degree) as leading:
+            if leading:
+                group = _GroupWatch(pipe)
+                signals = _run_server(args, [pipe], sock, requested, warmup, health_check=group.failure)
+    finally:
+        if sock is not None:
+            sock.close()
+    if group is not None and group.error is not None:
+        print("fluxrt serve: stopped", flush=True)
+        raise parallel.ParallelError(group.failure(pipe))  # the group is broken: tearing it down could block
+    parallel.destroy()
+    if rank != 0:
+        print(f"fluxrt serve: rank {rank} of {world} stopped (rank 0 closed the group)", flush=True)
+        return
+    _stopped(signals)
+
+
+@contextlib.contextmanager
+def _signals_ignored(ignore: bool):
+    """A following rank ignores SIGTERM and SIGINT: torchrun sends SIGTERM (a terminal's Ctrl-C, SIGINT) to every
+    rank, and a follower gone now would fail rank 0's requests in flight. It ends when rank 0 closes the group
+    after draining them, or with a ParallelError within fluxrt.parallel.init's timeout when rank 0 dies."""
+    if not ignore or threading.current_thread() is not threading.main_thread():  # signal.signal's limit
+        yield
+        return
+    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+class _GroupWatch:
+    """Rank 0's context-parallel transformer (a fluxrt.parallel_engine.Leader) as the server runs it: the first
+    ParallelError (a rank died or went silent) is kept, so that the engine stops taking requests the group can no
+    longer run (failure: its health_check). Every other attribute is the Leader's (model, lora, plan: what the
+    pipeline reads); the pipeline gets the Leader back when the context-parallel block ends."""
+
+    def __init__(self, pipe):
+        self.leader, self.error = pipe.transformer, None
+        pipe.transformer = self
+
+    def __getattr__(self, name):
+        return getattr(self.leader, name)
+
+    def __call__(self, *args, **kwargs):
+        from .parallel import ParallelError
+
+        try:
+            return self.leader(*args, **kwargs)
+        except ParallelError as error:
+            self.error = self.error or error
+            raise
+
+    def failure(self, pipe=None) -> str | None:
+        if self.error is None:
+            return None
+        return (f"the context-parallel group failed ({_one_line(self.error)}); restart every rank "
+                "(`torchrun --nproc-per-node N -m fluxrt serve ... --cp ...`)")
+
+
 def _warm_up(engine, width: int, height: int) -> None:
+    """One image of width x height on every replica (submitted together while all are idle, each takes one)."""
     from .serving import GenerationRequest
 
+    request = GenerationRequest("warm-up", width=width, height=height, num_steps=2, seed=0)
     try:
-        job = engine.submit(GenerationRequest("warm-up", width=width, height=height, num_steps=2, seed=0))
+        jobs = engine.submit_all([request] * len(engine.pipes))
     except (TypeError, ValueError) as err:  # a model that takes no text-only request (Fill, Canny/Depth)
         raise UsageError(f"--warmup {width}x{height}: {err} (--warmup generates from text alone; leave it out for "
                          "this model)") from None
-    result = job.future.result()
-    if not result.ok:
-        raise RuntimeError(f"--warmup {width}x{height} failed: {result.error}")
+    for job in jobs:
+        result = job.future.result()
+        if not result.ok:
+            raise RuntimeError(f"--warmup {width}x{height} failed: {result.error}")
 
 
 def _run_uvicorn(app, sock) -> list[int]:

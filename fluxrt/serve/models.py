@@ -3,6 +3,7 @@ Ray Serve replicas (fluxrt.serve.ray).
 
     pipe = load_pipeline("tiny-random", "cpu", loras=[(Path("style.safetensors"), 0.8)])
     served_model_name("/models/FLUX.1-dev")   # "FLUX.1-dev": what /v1/models shows and requests' "model" names
+    replica_devices("cuda", 4)                # cuda:0..3: where `fluxrt serve --replicas 4` puts its pipelines
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from pathlib import Path
+
+import torch
 
 TINY = "tiny"  # the embedded trained model (fluxrt.tiny.TRAINED)
 
@@ -61,3 +64,20 @@ def served_model_name(model: str) -> str:
     from ..tiny import TINY_RANDOM_MODELS
 
     return model if model == TINY or model in TINY_RANDOM_MODELS else Path(model).resolve().name
+
+
+def replica_devices(device: torch.device, replicas: int) -> list[torch.device]:
+    """Where `replicas` pipelines of one server go: cuda:0..N-1 on a GPU machine (CUDA_VISIBLE_DEVICES picks which
+    GPUs), N on the one device otherwise (a CPU: for tests, the copies share its cores). ValueError naming the fix for
+    a count that is not a positive int, a GPU index with several replicas, or more replicas than GPUs."""
+    if isinstance(replicas, bool) or not isinstance(replicas, int) or replicas < 1:
+        raise ValueError(f"--replicas must be a positive number of pipelines, got {replicas!r}")
+    if device.type != "cuda" or replicas == 1:
+        return [device] * replicas
+    if device.index is not None:
+        raise ValueError(f"--replicas {replicas} puts one pipeline on each of cuda:0..{replicas - 1}: pass --device "
+                         f"cuda, not {device} (CUDA_VISIBLE_DEVICES chooses the GPUs)")
+    gpus = torch.cuda.device_count()
+    if replicas > gpus:
+        raise ValueError(f"--replicas {replicas} needs {replicas} GPUs (one pipeline each) and this machine has {gpus}")
+    return [torch.device("cuda", index) for index in range(replicas)]
