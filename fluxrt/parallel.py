@@ -350,6 +350,24 @@ class Shards:
         return torch.cat(parts, dim=1)[:, : self.image_len]
 
 
+def row_range(rows: int, mesh: Mesh) -> tuple[int, int]:
+    """This rank's rows [start, stop) of an output of `rows` rows split over the ranks (the last ones may get fewer,
+    or none)."""
+    per_rank = -(-rows // mesh.world_size)
+    start = min(mesh.rank * per_rank, rows)
+    return start, min(start + per_rank, rows)
+
+
+def gather_rows(part: Tensor, rows: int, mesh: Mesh) -> Tensor:
+    """Every rank's columns [B, stop - start] of row_range's split -> the whole [B, rows] on every rank."""
+    per_rank = -(-rows // mesh.world_size)
+    part = torch.nn.functional.pad(part, (0, per_rank - part.shape[1])).contiguous()  # all_gather takes equal sizes
+    parts = [torch.empty_like(part) for _ in range(mesh.world_size)]
+    with _collective("gathering the modulation vectors"):
+        dist.all_gather(parts, part)
+    return torch.cat(parts, dim=1)[:, :rows]
+
+
 class ParallelFlux(nn.Module):
     """A fluxrt.reference.Flux run context-parallel over the default process group; same call signature.
 

@@ -197,6 +197,20 @@ def _batch_linears(linears: list[nn.Module]) -> nn.Module:
     return batched
 
 
+def row_slice(linear: nn.Module, start: int, stop: int) -> nn.Module:
+    """A linear computing rows [start, stop) of `linear`'s output (nn.Linear or FP8Linear), its parameters views of
+    the rows (no copy). Built per call: cheap, and it can never point at weights a .to() has since replaced."""
+    if isinstance(linear, FP8Linear):
+        part = FP8Linear(linear.in_features, stop - start, bias=linear.bias is not None, device="meta",
+                         backend=linear.backend, activations=linear.activations, w8a8_gemm=linear.w8a8_gemm)
+    else:
+        with torch.device("meta"):
+            part = nn.Linear(linear.in_features, stop - start, bias=linear.bias is not None)
+    for name, param in linear.named_parameters(recurse=False):
+        setattr(part, name, nn.Parameter(param.detach()[start:stop], requires_grad=False))
+    return part
+
+
 def _modulation_linears(model: Flux) -> list[tuple[str, nn.Module]]:
     names = [f"double_blocks.{i}.{s}_mod.lin" for i in range(len(model.double_blocks)) for s in ("img", "txt")]
     names += [f"single_blocks.{i}.modulation.lin" for i in range(len(model.single_blocks))]
@@ -520,11 +534,21 @@ class FastFlux(nn.Module):
         vec = vec + self._embed(m.vector_in, y, row_scales)
         cos, sin = ops.rope_cos_sin(m.pe_embedder(torch.cat((txt_ids, img_ids), dim=1)))
         silu_vec = F.silu(vec)
-        mods = list(self.modulation(silu_vec).split(self.mod_sizes, dim=1)) if self.modulation else []
+        mods = list(self._modulation(silu_vec).split(self.mod_sizes, dim=1)) if self.modulation else []
         if row_scales is not None:
             mods = [mod if branch is None else branch.add(mod, silu_vec, row_scales, self.backend)
                     for mod, branch in zip(mods, self._mod_branches)]
         return vec, mods, cos, sin
+
+    def _modulation(self, silu_vec: Tensor) -> Tensor:
+        """Every block's modulation vector [B, rows] from one batched GEMV. Context-parallel, each rank computes 1/N
+        of the rows and they are all-gathered: the 3.2 B modulation weights are read once across the ranks per step
+        instead of once on every rank (benchmarks/NOTES.md, context parallelism)."""
+        if self.parallel is None:
+            return self.modulation(silu_vec)
+        rows = self.modulation.weight.shape[0]
+        start, stop = parallel.row_range(rows, self.parallel)
+        return parallel.gather_rows(row_slice(self.modulation, start, stop)(silu_vec), rows, self.parallel)
 
     def run_blocks(self, img: Tensor, txt: Tensor, mods: list[Tensor], cos: Tensor, sin: Tensor,
                    after_block=None, lora_scales: Tensor | None = None, attend: Attend | None = None) -> Tensor:

@@ -317,6 +317,19 @@ def test_compile_with_parallel_in_a_one_rank_group(monkeypatch):
         parallel.destroy()
 
 
+@pytest.mark.parametrize("quantize", [None, "fp8-weight"])
+def test_a_row_slice_of_the_batched_modulation_computes_those_rows(quantize):
+    """What each rank computes of the modulation GEMV (FastFlux._modulation): rows [start, stop) of the whole."""
+    from fluxrt.transformer import row_slice
+
+    batched = fluxrt.compile(_model(), quantize=quantize, backend="torch").modulation
+    x = torch.randn(2, batched.in_features)
+    with torch.no_grad():
+        whole = batched(x)
+        for start, stop in ((0, 7), (5, 40), (whole.shape[1] - 3, whole.shape[1])):
+            torch.testing.assert_close(row_slice(batched, start, stop)(x), whole[:, start:stop], rtol=1e-6, atol=1e-6)
+
+
 def _diffusers_model():
     from diffusers import FluxTransformer2DModel
 
