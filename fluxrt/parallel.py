@@ -11,8 +11,9 @@ Sharding (Shards): rank r holds text tokens [r*Tc, (r+1)*Tc) and image tokens [r
 to a multiple of the world size, so the double blocks keep their txt/img split per shard. Padding keys are dropped
 (K/V rows compacted, KeyIndex) before each block's attention and padding queries are dropped at the end, so any T and
 L work and no attention kernel needs a mask. The RoPE tables are built per shard from the sharded ids; the modulation
-vector is computed on every rank (it is per image, not per token); the final layer runs per shard and the image
-tokens are all-gathered at the end, so every rank returns the whole [B, L, out_channels].
+vectors are per image, not per token: the reference computes them whole on every rank, the compiled model computes
+1/N of the batched GEMV's rows on each rank and all-gathers them (row_range, gather_rows). The final layer runs per
+shard and the image tokens are all-gathered at the end, so every rank returns the whole [B, L, out_channels].
 
 Two models run it, every rank calling with the same full inputs (SPMD):
 - `ParallelFlux(model, scheme)` wraps a fluxrt.reference.Flux: the reference's blocks, attention in fp32 math;
