@@ -82,21 +82,29 @@ def one_process_images() -> dict:
 # ---- one context-parallel engine under torchrun ----
 
 
-@pytest.fixture(scope="module")
-def cp_server(tmp_path_factory):
-    """`torchrun --nproc-per-node 2 ... fluxrt serve --cp ulysses --model tiny` (through RANK_SCRIPT)."""
-    folder = tmp_path_factory.mktemp("cp")
+def _torchrun_server(folder: Path, scheme: str) -> Launched:
+    """`torchrun --nproc-per-node 2 ... fluxrt serve --cp SCHEME --model tiny` (through RANK_SCRIPT)."""
     script = folder / "rank.py"
     script.write_text(RANK_SCRIPT)
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--master-addr=127.0.0.1",
-               f"--master-port={_free_port()}", str(script), str(folder), "serve", "--cp", "ulysses", "--port", "0",
+               f"--master-port={_free_port()}", str(script), str(folder), "serve", "--cp", scheme, "--port", "0",
                "--model", "tiny"]
     server = Launched(command, ENV)
     server.folder = folder
-    yield server
+    return server
+
+
+def _stop_all(server: Launched) -> None:
     server.stop()
-    for pid in _rank_pids(folder):
+    for pid in _rank_pids(server.folder):
         _kill(pid)
+
+
+@pytest.fixture(scope="module")
+def cp_server(tmp_path_factory):
+    server = _torchrun_server(tmp_path_factory.mktemp("cp"), "ulysses")
+    yield server
+    _stop_all(server)
 
 
 def _rank_pids(folder: Path) -> list[int]:
@@ -147,6 +155,18 @@ def test_sigterm_to_torchrun_drains_rank_0_and_every_rank_exits_0(cp_server, one
     assert "fluxrt serve: stopped" in output and "rank 1 of 2 stopped (rank 0 closed the group)" in output, output
     left = [pid for pid in _rank_pids(cp_server.folder) if _alive(pid)]
     assert not left, f"ranks {left} are still running"
+
+
+def test_sigterm_to_rank_0_alone_stops_every_rank_and_torchrun_exits_0(tmp_path):
+    server = _torchrun_server(tmp_path, "ring")
+    try:
+        leader_pid = int((tmp_path / "rank0.pid").read_text())
+        os.kill(leader_pid, signal.SIGTERM)
+        assert server.proc.wait(WAIT_S) == 0, server.output()
+        codes = {path.name: path.read_text() for path in sorted(tmp_path.glob("rank*.rc"))}
+        assert codes == {"rank0.rc": "0", "rank1.rc": "0"}, f"{codes}; output: {server.output()}"
+    finally:
+        _stop_all(server)
 
 
 # ---- a follower dies: launched by hand, so that torchrun's agent does not tear the group down itself ----
