@@ -20,6 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
+import numpy as np
 import openai
 import pytest
 import torch
@@ -27,7 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from test_parallel import _free_port  # noqa: E402
 from test_serve_engine import wait_until  # noqa: E402
-from test_serve_http import START_S, WAIT_S, ServerProcess, assert_error, assert_same, decoded, metric  # noqa: E402
+from test_serve_http import WAIT_S, ServerProcess, alone, assert_error, assert_same, decoded, metric  # noqa: E402
 
 ENV = dict(os.environ, OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo")
 REQUESTS = {  # name: the generation body (the tiny model's size, 64x64)
@@ -82,13 +83,12 @@ def one_process_images() -> dict:
 # ---- one context-parallel engine under torchrun ----
 
 
-def _torchrun_server(folder: Path, scheme: str) -> Launched:
-    """`torchrun --nproc-per-node 2 ... fluxrt serve --cp SCHEME --model tiny` (through RANK_SCRIPT)."""
+def _torchrun_server(folder: Path, *flags: str) -> Launched:
+    """`torchrun --nproc-per-node 2 ... fluxrt serve --port 0 FLAGS` (through RANK_SCRIPT)."""
     script = folder / "rank.py"
     script.write_text(RANK_SCRIPT)
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--master-addr=127.0.0.1",
-               f"--master-port={_free_port()}", str(script), str(folder), "serve", "--cp", scheme, "--port", "0",
-               "--model", "tiny"]
+               f"--master-port={_free_port()}", str(script), str(folder), "serve", "--port", "0", *flags]
     server = Launched(command, ENV)
     server.folder = folder
     return server
@@ -102,7 +102,7 @@ def _stop_all(server: Launched) -> None:
 
 @pytest.fixture(scope="module")
 def cp_server(tmp_path_factory):
-    server = _torchrun_server(tmp_path_factory.mktemp("cp"), "ulysses")
+    server = _torchrun_server(tmp_path_factory.mktemp("cp"), "--cp", "ulysses", "--model", "tiny")
     yield server
     _stop_all(server)
 
@@ -158,7 +158,7 @@ def test_sigterm_to_torchrun_drains_rank_0_and_every_rank_exits_0(cp_server, one
 
 
 def test_sigterm_to_rank_0_alone_stops_every_rank_and_torchrun_exits_0(tmp_path):
-    server = _torchrun_server(tmp_path, "ring")
+    server = _torchrun_server(tmp_path, "--cp", "ring", "--model", "tiny")
     try:
         leader_pid = int((tmp_path / "rank0.pid").read_text())
         os.kill(leader_pid, signal.SIGTERM)
@@ -167,6 +167,29 @@ def test_sigterm_to_rank_0_alone_stops_every_rank_and_torchrun_exits_0(tmp_path)
         assert codes == {"rank0.rc": "0", "rank1.rc": "0"}, f"{codes}; output: {server.output()}"
     finally:
         _stop_all(server)
+
+
+def test_cp_server_runs_each_requests_hot_swapped_loras_on_every_rank(tmp_path):
+    from test_pipeline_lora import write_lora
+
+    from fluxrt.tiny import tiny_random_pipeline
+
+    lora = write_lora(tmp_path / "style.safetensors", seed=0)
+    server = _torchrun_server(tmp_path, "--cp", "ulysses", "--model", "tiny-random", "--backend", "torch", "--lora",
+                              f"{lora}:0.5")
+    choices = {"loaded scale": {}, "style at 1.5": {"loras": {"style": 1.5}}, "none": {"loras": {}}}
+    try:
+        images = {case: image_of(generate(server.url, dict(prompt="a red star", size="32x32", steps=2, seed=4,
+                                                            **extra))) for case, extra in choices.items()}
+    finally:
+        _stop_all(server)
+    pipe = tiny_random_pipeline(compile=True, backend="torch", progress=False)
+    pipe.enable_lora_hotswap()
+    pipe.load_lora(lora, scale=0.5)
+    for case, extra in choices.items():
+        assert_same(images[case], alone(pipe, prompt="a red star", width=32, height=32, num_steps=2, seed=4, **extra),
+                    case)
+    assert np.abs(images["style at 1.5"] - images["none"]).max() > 0, "the LoRA changed nothing: not applied?"
 
 
 # ---- a follower dies: launched by hand, so that torchrun's agent does not tear the group down itself ----
