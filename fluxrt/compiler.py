@@ -1,7 +1,7 @@
 """fluxrt.compile: one call that accelerates a FLUX model, whichever of its forms it comes in.
 
     fast = fluxrt.compile(obj, quantize=None, backend="auto", cuda_graphs="auto", attention="bf16",
-                          parallel=None, ulysses_degree=None)
+                          parallel=None, ulysses_degree=None, cache=None)
 
 obj                              what comes back (same call signature and return type as obj)
 fluxrt.reference.Flux            fluxrt.transformer.FastFlux (the model's parameters reused, batched or quantized)
@@ -39,6 +39,7 @@ from .diffusers_adapter import (
     is_diffusers_multi_controlnet,
     is_diffusers_pipeline,
 )
+from .cache import parse as parse_cache
 from .diffusers_state import keep_model_offload
 from .quantize import quantize as quantize_model
 from .reference import AutoEncoder, Flux
@@ -55,7 +56,8 @@ _FLUX_PIPELINES = ("FluxPipeline, FluxImg2ImgPipeline, FluxInpaintPipeline, Flux
 
 
 def compile(obj, quantize: str | None = None, backend: str = "auto", cuda_graphs="auto",
-            attention: str = "bf16", parallel: str | None = None, ulysses_degree: int | None = None) -> nn.Module:
+            attention: str = "bf16", parallel: str | None = None, ulysses_degree: int | None = None,
+            cache=None) -> nn.Module:
     """Accelerate a FLUX transformer, autoencoder or pipeline (the table in the module docstring).
 
     quantize: None | "fp8-weight" (FP8 weights, any GPU) | "fp8" (W8A8, sm_89+). The model is modified in place
@@ -68,23 +70,29 @@ def compile(obj, quantize: str | None = None, backend: str = "auto", cuda_graphs
     parallel: None | "ulysses" | "ring" | "usp" (with ulysses_degree): context parallelism over the process group
     fluxrt.parallel.init() joined (the transformer only; every rank compiles in step and calls with the same inputs;
     CUDA graphs are then off, attention must be "bf16").
+    cache: None | a fluxrt.cache config | its spec ("fbc:0.08", "taylorseer:2:4"): step caching for calls that pass
+    no cache_states of their own (the transformer only).
     """
     return prepare(obj, quantize=quantize, backend=backend, cuda_graphs=cuda_graphs, attention=attention,
-                   parallel=parallel, ulysses_degree=ulysses_degree)()
+                   parallel=parallel, ulysses_degree=ulysses_degree, cache=cache)()
 
 
 def prepare(obj, quantize: str | None = None, backend: str = "auto", cuda_graphs="auto",
             attention: str = "bf16", parallel: str | None = None,
-            ulysses_degree: int | None = None) -> Callable[[], nn.Module]:
+            ulysses_degree: int | None = None, cache=None) -> Callable[[], nn.Module]:
     """compile's check phase: every check compile(obj, ...) makes, with obj left untouched; returns the move phase,
     the call that converts and builds the compiled model. A caller compiling several models as one step (a
     pipeline's transformer, autoencoder and ControlNet) prepares all of them before building any."""
     _check_arguments(quantize, backend, cuda_graphs, attention)
     context = _check_parallel(parallel, ulysses_degree, cuda_graphs, attention)
+    step_cache = parse_cache(cache)
+    if step_cache is not None and context is not None:
+        raise ValueError("cache= and parallel= do not combine yet: choose one")
     if is_diffusers_pipeline(obj):
-        return _prepare_pipeline(obj, quantize, backend, cuda_graphs, attention, context)
-    if context is not None and not (isinstance(obj, Flux) or is_diffusers_flux(obj)):
-        raise ValueError(f"parallel= applies to a FLUX transformer (or a pipeline's), not to a {type(obj).__name__}")
+        return _prepare_pipeline(obj, quantize, backend, cuda_graphs, attention, context, step_cache)
+    for name, value in (("parallel", context), ("cache", step_cache)):
+        if value is not None and not (isinstance(obj, Flux) or is_diffusers_flux(obj)):
+            raise ValueError(f"{name}= applies to a FLUX transformer (or a pipeline's), not to a {type(obj).__name__}")
     if isinstance(obj, AutoEncoder) or is_diffusers_autoencoder_kl(obj):
         for name, value, default in (("quantize", quantize, None), ("attention", attention, "bf16")):
             if value != default:
@@ -95,7 +103,7 @@ def prepare(obj, quantize: str | None = None, backend: str = "auto", cuda_graphs
             raise ValueError("cuda_graphs=True applies to the transformer: a compiled ControlNet runs without CUDA "
                              "graphs; leave cuda_graphs at 'auto' or False")
         return _prepare_controlnet(obj, quantize, backend, attention)
-    return _prepare_transformer(obj, quantize, backend, cuda_graphs, attention, context)
+    return _prepare_transformer(obj, quantize, backend, cuda_graphs, attention, context, step_cache)
 
 
 def _check_parallel(scheme, ulysses_degree, cuda_graphs, attention) -> tuple[str, int | None] | None:
@@ -117,7 +125,8 @@ def _check_parallel(scheme, ulysses_degree, cuda_graphs, attention) -> tuple[str
     return scheme, ulysses_degree
 
 
-def _prepare_pipeline(pipe, quantize, backend, cuda_graphs, attention, context=None) -> Callable[[], nn.Module]:
+def _prepare_pipeline(pipe, quantize, backend, cuda_graphs, attention, context=None,
+                      step_cache=None) -> Callable[[], nn.Module]:
     """A diffusers pipeline is a FLUX pipeline by its components, not its class: a FluxTransformer2DModel transformer
     and an AutoencoderKL vae (and, in the ControlNet pipelines, a controlnet). All are checked before any moves, so a
     component that cannot convert leaves the others as they were."""
@@ -128,7 +137,8 @@ def _prepare_pipeline(pipe, quantize, backend, cuda_graphs, attention, context=N
         raise TypeError(f"fluxrt.compile accepts a diffusers pipeline whose transformer is a FluxTransformer2DModel "
                         f"and whose vae is an AutoencoderKL ({_FLUX_PIPELINES}); this {type(pipe).__name__} has "
                         f"transformer {type(transformer).__name__} and vae {type(vae).__name__}")
-    builds = {"transformer": _prepare_transformer(transformer, quantize, backend, cuda_graphs, attention, context),
+    builds = {"transformer": _prepare_transformer(transformer, quantize, backend, cuda_graphs, attention, context,
+                                                  step_cache),
               "vae": _prepare_autoencoder(vae, backend)}
     if "controlnet" in components:
         builds["controlnet"] = _prepare_controlnet(components["controlnet"], quantize, backend, attention)
@@ -167,7 +177,8 @@ def _refuse_compiled(obj, what: str) -> None:
                         "with other options, compile the original model again")
 
 
-def _prepare_transformer(obj, quantize, backend, cuda_graphs, attention, context=None) -> Callable[[], nn.Module]:
+def _prepare_transformer(obj, quantize, backend, cuda_graphs, attention, context=None,
+                         step_cache=None) -> Callable[[], nn.Module]:
     """Check everything a transformer's compile needs; return the call that then converts and builds it."""
     _refuse_compiled(obj, "the transformer")
     adapters = None
@@ -192,7 +203,7 @@ def _prepare_transformer(obj, quantize, backend, cuda_graphs, attention, context
 
         num_heads = obj.num_heads if isinstance(obj, Flux) else obj.config.num_attention_heads
         parallel.check_scheme(context[0], num_heads, context[1])  # before anything moves
-    build_core = _core_builder(quantize, backend, graphs, attention, context)
+    build_core = _core_builder(quantize, backend, graphs, attention, context, step_cache)
 
     def build() -> nn.Module:
         fast = build_core(convert())
@@ -213,7 +224,8 @@ def _check_device(device, quantize, attention) -> None:
         require_fp8_tensor_cores(device, "attention='fp8'", "use attention='bf16'")
 
 
-def _core_builder(quantize, backend, graphs: bool, attention, context=None) -> Callable[[Flux], FastFlux]:
+def _core_builder(quantize, backend, graphs: bool, attention, context=None,
+                  step_cache=None) -> Callable[[Flux], FastFlux]:
     """flux -> FastFlux as compile's options ask (quantized first when asked; context: (scheme, ulysses_degree) for
     context parallelism, whose process groups are made here, by every rank in step)."""
 
@@ -226,6 +238,9 @@ def _core_builder(quantize, backend, graphs: bool, attention, context=None) -> C
         if quantize is not None:
             quantize_model(flux, backend=backend, activations="fp8" if quantize == "fp8" else "bf16")
         fast = FastFlux(flux, backend=backend, cuda_graphs=graphs, attention=attention, parallel=mesh)
+        if step_cache is not None:
+            fast.cache = step_cache
+            fast._refresh_plan()
         log.info("fluxrt.compile plan: %s", fast.plan)
         return fast
 

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import ops, parallel
+from . import cache, ops, parallel
 from .convert import CheckpointError
 from .graphs import GraphedCall
 from .lora_branch import LoraBranches, LoraLinear, attach, branch_of, branched_linears, call_linear
@@ -305,6 +305,9 @@ class FastFlux(nn.Module):
                              "and attention='bf16'")
         self.model = model
         self.parallel = parallel  # a fluxrt.parallel.Mesh: run on this rank's shard of the sequence
+        self.cache = None  # a fluxrt.cache config for calls without cache_states (compile(cache=...))
+        self._own_cache: tuple | None = None  # (its states, the last call's timestep)
+        self.last_cache_states: list = []
         self.backend = backend
         self.fp8_attention = attention == "fp8"
         self.fp8_attention_rows = True  # W8A8: attention writes the projections' fp8 rows (double_block_forward)
@@ -437,16 +440,20 @@ class FastFlux(nn.Module):
             "cuda_graphs": (f"on (one graph per input shape, up to {self.graphs.max_graphs} kept)" if self.graphs
                             else "off"),
             "parallel": None if self.parallel is None else self.parallel.describe(),
+            "cache": None if self.cache is None else self.cache.spec(),
             "last_call": None,
         }
 
     def forward(self, img: Tensor, img_ids: Tensor, txt: Tensor, txt_ids: Tensor, timesteps: Tensor, y: Tensor,
                 guidance: Tensor | None = None, controlnet_block_samples=None, controlnet_single_block_samples=None,
-                controlnet_blocks_repeat: bool = False, lora_scales: Tensor | None = None) -> Tensor:
+                controlnet_blocks_repeat: bool = False, lora_scales: Tensor | None = None,
+                cache_states: list | None = None) -> Tensor:
         """BFL's forward; the controlnet_* arguments are a ControlNet's residuals with diffusers' meaning
         (controlnet_residuals). A call with residuals runs eagerly, not through a CUDA graph. lora_scales
         [B, max_adapters]: each image's scale per LoRA slot (self.lora.per_image_scales), with the side branches
-        enabled; None: the loaded LoRAs at their scales."""
+        enabled; None: the loaded LoRAs at their scales. cache_states: one fluxrt.cache.ImageCache (or None) per
+        image, for step caching; None: the model's own (compile(cache=...)), if any."""
+        cache_states = self._cache_states(cache_states, img.shape[0], timesteps)
         kwargs = dict(img=img, img_ids=img_ids, txt=txt, txt_ids=txt_ids, timesteps=timesteps, y=y, guidance=guidance)
         if lora_scales is not None:
             if self.lora is None:
@@ -461,10 +468,15 @@ class FastFlux(nn.Module):
                              "tensors): run the ControlNet pipeline on one GPU")
         if residuals is not None:
             kwargs["residuals"] = residuals
+        if cache_states is not None:
+            if residuals is not None or self.parallel is not None:
+                raise ValueError("step caching does not run with ControlNet residuals or context parallelism; leave "
+                                 "cache off for this call")
+            kwargs["cache_states"] = cache_states
         if torch.compiler.is_compiling():  # traced into a graph: nothing is recorded at run time
             return self._forward(**kwargs)
         with ops.trace() as ran:
-            if self.graphs is not None and img.is_cuda and residuals is None:
+            if self.graphs is not None and img.is_cuda and residuals is None and cache_states is None:
                 self.model._check_inputs(img, img_ids, txt, txt_ids, timesteps, y, guidance)  # errors before capture
                 out = self.graphs(**kwargs)
             else:
@@ -475,7 +487,7 @@ class FastFlux(nn.Module):
 
     def _forward(self, img: Tensor, img_ids: Tensor, txt: Tensor, txt_ids: Tensor, timesteps: Tensor, y: Tensor,
                  guidance: Tensor | None = None, residuals: "ControlNetResiduals | None" = None,
-                 lora_scales: Tensor | None = None) -> Tensor:
+                 lora_scales: Tensor | None = None, cache_states: list | None = None) -> Tensor:
         m = self.model
         img_ids, txt_ids = m._check_inputs(img, img_ids, txt, txt_ids, timesteps, y, guidance)
         row_scales = None if self.lora is None else self.lora.row_scales(img.shape[0], lora_scales)
@@ -483,8 +495,37 @@ class FastFlux(nn.Module):
             return self._forward_sharded(img, img_ids, txt, txt_ids, timesteps, y, guidance, row_scales)
         img, txt = self._linear(m.img_in, img, row_scales), self._linear(m.txt_in, txt, row_scales)
         vec, mods, cos, sin = self.conditioning(timesteps, y, guidance, txt_ids, img_ids, img.dtype, row_scales)
-        img = self.run_blocks(img, txt, mods, cos, sin, after_block=residuals, lora_scales=row_scales)
+        if cache_states is not None:
+            img = cache.run_blocks_cached(self, img, txt, mods, cos, sin, cache_states, row_scales)
+        else:
+            img = self.run_blocks(img, txt, mods, cos, sin, after_block=residuals, lora_scales=row_scales)
         return self._final_layer(img, vec, row_scales)
+
+    def _cache_states(self, given: list | None, batch: int, timesteps: Tensor) -> list | None:
+        """The call's per-image cache states: given (checked), or the model's own for compile(cache=...) (new ones
+        when a new trajectory starts: the batch changed, or the timestep is not below the last call's). None when no
+        image caches."""
+        if given is None and self.cache is not None:
+            t = float(timesteps.max())  # one sync a call (a pipeline passes its own states: none)
+            states, last_t = self._own_cache or (None, None)
+            if states is None or len(states) != batch or t >= last_t:
+                states = cache.states(self.cache, batch)
+            self._own_cache = (states, t)
+            given = states
+        if given is None:
+            return None
+        if not isinstance(given, (list, tuple)) or len(given) != batch or not all(
+                s is None or isinstance(s, cache.ImageCache) for s in given):
+            raise ValueError(f"cache_states must be a list of {batch} fluxrt.cache.ImageCache (or None), one per image; "
+                             "make them with fluxrt.cache.states(config, batch)")
+        self.last_cache_states = list(given)
+        return None if all(s is None for s in given) else list(given)
+
+    @property
+    def cache_stats(self) -> list[dict | None]:
+        """Per image of the last cached call: {"computed": steps, "skipped": steps} so far in its trajectory (None for
+        an image without cache)."""
+        return [None if s is None else dict(s.stats) for s in self.last_cache_states]
 
     def _forward_sharded(self, img: Tensor, img_ids: Tensor, txt: Tensor, txt_ids: Tensor, timesteps: Tensor,
                          y: Tensor, guidance: Tensor | None, row_scales: Tensor | None) -> Tensor:
@@ -551,13 +592,17 @@ class FastFlux(nn.Module):
         return parallel.gather_rows(row_slice(self.modulation, start, stop)(silu_vec), rows, self.parallel)
 
     def run_blocks(self, img: Tensor, txt: Tensor, mods: list[Tensor], cos: Tensor, sin: Tensor,
-                   after_block=None, lora_scales: Tensor | None = None, attend: Attend | None = None) -> Tensor:
+                   after_block=None, lora_scales: Tensor | None = None, attend: Attend | None = None,
+                   first: int = 0) -> Tensor:
         """The double then the single blocks; returns the image tokens [B, L, C]. after_block(kind, index, tokens),
         kind "double" | "single", sees each block's image tokens (for a single block a view into the joint stream)
         and may add to them in place before the next block reads them: where ControlNet residuals go in and a
-        ControlNet's own block outputs come out. lora_scales, attend: as double_block_forward's."""
-        mods = iter(mods)
+        ControlNet's own block outputs come out. lora_scales, attend: as double_block_forward's. first: start at that
+        double block (the step cache runs block 0 alone first: first_block)."""
+        mods = iter(mods[2 * first :])
         for index, block in enumerate(self.model.double_blocks):
+            if index < first:
+                continue
             img, txt = double_block_forward(block, img, txt, next(mods), next(mods), cos, sin, self.backend,
                                             self.fp8_attention_rows, self.fp8_attention, lora_scales, attend)
             if after_block is not None:
@@ -570,6 +615,12 @@ class FastFlux(nn.Module):
             if after_block is not None:
                 after_block("single", index, x[:, T:])
         return x[:, T:]
+
+    def first_block(self, img: Tensor, txt: Tensor, mods: list[Tensor], cos: Tensor, sin: Tensor,
+                    lora_scales: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Double block 0 alone: (img, txt) after it (the step cache's probe; run_blocks(first=1) goes on)."""
+        return double_block_forward(self.model.double_blocks[0], img, txt, mods[0], mods[1], cos, sin, self.backend,
+                                    self.fp8_attention_rows, self.fp8_attention, lora_scales)
 
 
 class ControlNetResiduals:
