@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from . import modes, sampling
+from . import cache, modes, sampling
 from .call_inputs import (
     DEFAULT_SEED,
     NoiseSource,
@@ -195,7 +195,7 @@ class FluxPipeline:
                  callback_on_step_end: Callable | None = None,
                  callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",), image=None, mask_image=None,
                  control_image=None, strength: float | None = None, max_area: int | None = None,
-                 _auto_resize: bool = True):
+                 _auto_resize: bool = True, cache=None):
         """Images for `prompt` (a string or a list): N = prompts x num_images_per_prompt, grouped by prompt.
 
         output_type: "pil" (a list of PIL images), "pt" (a float tensor [N, 3, H, W] in [0, 1] on the CPU), "np"
@@ -224,6 +224,8 @@ class FluxPipeline:
         Limits (fluxrt.validation): MAX_STEPS, MAX_PIXELS per image, MAX_IMAGES_PER_CALL. Every argument is checked
         before any work. A prompt longer than the text encoders read is cut, with a warning naming what was dropped.
         NaN or inf latents or pixels raise fluxrt.NonFiniteError instead of returning a broken image.
+        cache: step caching for this call (fluxrt.cache: "fbc:0.08", "taylorseer:2:4" or a config; None: off), on the
+        compiled transformer; pipe.cache_stats then says what each image computed and skipped.
         """
         text = check_text(prompt, prompt_2, prompt_embeds, pooled_prompt_embeds, self.config)
         mode = ModeArgs.check(self.mode, image, mask_image, control_image, strength, max_area, _auto_resize)
@@ -248,6 +250,7 @@ class FluxPipeline:
         if callback is not None and not callable(callback):
             raise TypeError(f"callback must be a function (step, total) -> None, got {type(callback).__name__}")
         tensor_inputs = check_step_callback(callback_on_step_end, callback_on_step_end_tensor_inputs)
+        step_cache = self.check_cache(cache)
         with self._lock, torch.inference_mode():
             # under the lock: a LoRA loaded or unloaded by another thread cannot move the slots in between
             lora_scales = self._per_image_lora_scales(loras, len(text), per_prompt)
@@ -258,7 +261,7 @@ class FluxPipeline:
                                                                          self.device)
             result = self._denoise_and_decode(txt, vec, width, height, num_steps, guidance, noise, progress, callback,
                                               negative, cfg_scale, lora_scales, sigmas=sigmas, on_step_end=hook,
-                                              decode=output_type != "latent", mode=mode)
+                                              decode=output_type != "latent", mode=mode, step_cache=step_cache)
         return format_output(result, output_type, return_dict)
 
     def resolve_steps(self, num_steps, sigmas=None, mode: str = "text-to-image") -> tuple[int, list[float] | None]:
@@ -380,24 +383,26 @@ class FluxPipeline:
                             negative: tuple[Tensor, Tensor] | None = None, cfg_scale: float = 1.0,
                             lora_scales: Tensor | None = None, sigmas: list[float] | None = None,
                             on_step_end: sampling.StepHook | None = None, decode: bool = True,
-                            mode: ModeArgs | None = None) -> Tensor:
+                            mode: ModeArgs | None = None, step_cache=None) -> Tensor:
         """negative: the negative prompts' (txt, vec), one row per image, for true CFG at cfg_scale; None: off.
         lora_scales: [images, adapter slots] for the hot-swapped LoRAs (None: the loaded scales). sigmas: the noise
         levels to step through (None: the model's schedule of num_steps). decode=False returns the packed latents.
-        mode: the call's image arguments (fluxrt.modes): start latents, timesteps, conditioning and step hook."""
+        mode: the call's image arguments (fluxrt.modes): start latents, timesteps, conditioning and step hook.
+        step_cache: a fluxrt.cache config: each image (and each negative pass of true CFG) gets its own state."""
         from tqdm.auto import tqdm
 
         batch = txt.shape[0]
         rows, cols = sampling.latent_grid(height, width)
         timesteps = self.schedule(num_steps, rows * cols, sigmas)
-        model = self.transformer
-        if lora_scales is not None:
-            model = functools.partial(model, lora_scales=lora_scales)
+        self._cache_runs = []
+        model = self._transformer_call(batch, lora_scales, step_cache)
+        negative_model = None if negative is None else self._transformer_call(batch, lora_scales, step_cache)
         if mode is None or mode.mode == "text-to-image":
             img = self.start_noise(noise, batch, width, height)
         else:
             prepared = self.prepare_mode(mode, noise, batch, width, height, timesteps)
             img, timesteps, model = prepared.start, prepared.timesteps, prepared.wrap(model)
+            negative_model = None if negative is None else prepared.wrap(negative_model)
             on_step_end = modes.chain_hooks(prepared.hook, on_step_end)
         img_ids = sampling.prepare_img_ids(batch, height, width, device=self.device)
         txt_ids = sampling.prepare_txt_ids(batch, txt.shape[1], device=self.device)
@@ -408,10 +413,43 @@ class FluxPipeline:
                     callback(step, total)
 
             if negative is not None:
-                model = sampling.true_cfg(model, *negative, cfg_scale)
+                model = sampling.true_cfg(model, *negative, cfg_scale, negative_model=negative_model)
             latents = sampling.denoise(model, img, img_ids, txt, txt_ids, vec, timesteps, guidance=guidance,
                                        callback=step_done, on_step_end=on_step_end)  # NonFiniteError names the step
         return self.decode(latents, height, width) if decode else latents
+
+    @property
+    def cache_stats(self) -> list[dict] | None:
+        """Per image of the last call with cache=: {"computed": steps, "skipped": steps} (and "negative": the same for
+        its true-CFG negative pass); None when the last call ran no cache."""
+        if not getattr(self, "_cache_runs", None):
+            return None
+        positive, *negative = self._cache_runs
+        stats = [dict(state.stats) for state in positive]
+        for row, state in zip(stats, negative[0] if negative else ()):
+            row["negative"] = dict(state.stats)
+        return stats
+
+    def check_cache(self, spec):
+        """A call's cache= as a fluxrt.cache config (None: off); refused unless the transformer is compiled."""
+        from .transformer import FastFlux
+
+        config = cache.parse(spec)
+        if config is not None and not isinstance(self.transformer, FastFlux):
+            raise ValueError("cache= runs on the compiled transformer: build the pipeline with compile=True (the "
+                             "default on a GPU) or call pipe.accelerate() first")
+        return config
+
+    def _transformer_call(self, batch: int, lora_scales: Tensor | None, step_cache):
+        """The transformer with the call's per-image arguments bound: LoRA scales, and fresh step-cache states (their
+        stats go to self.cache_stats)."""
+        kwargs = {}
+        if lora_scales is not None:
+            kwargs["lora_scales"] = lora_scales
+        if step_cache is not None:
+            kwargs["cache_states"] = cache.states(step_cache, batch)
+            self._cache_runs.append(kwargs["cache_states"])
+        return functools.partial(self.transformer, **kwargs) if kwargs else self.transformer
 
     def decode(self, latents: Tensor, height: int, width: int) -> Tensor:
         """Packed latents [N, tokens, 64] -> pixels [N, 3, H, W] in [0, 1] on the CPU (one autoencoder call).

@@ -140,19 +140,21 @@ def schedule_from_sigmas(
 
 
 def true_cfg(model: Callable[..., Tensor], negative_txt: Tensor, negative_vec: Tensor,
-             scale: float) -> Callable[..., Tensor]:
+             scale: float, negative_model: Callable[..., Tensor] | None = None) -> Callable[..., Tensor]:
     """`model` with true classifier-free guidance (diffusers' true_cfg_scale): each call runs the model twice, with
     the prompt and with the negative prompt's features (negative_txt [B, T', C], negative_vec [B, V]; T' may differ
     from the prompt's T, as with diffusers' negative_prompt_embeds), and returns negative + scale * (positive -
     negative), in fp32. Two passes as diffusers runs them, not one of twice the batch: the same numerics, and no
-    doubled activation memory."""
+    doubled activation memory. negative_model: what runs the negative pass (default `model`; the pipeline binds its
+    own step-cache states there)."""
+    negative_model = model if negative_model is None else negative_model
     negative_txt_ids = prepare_txt_ids(negative_txt.shape[0], negative_txt.shape[1], device=negative_txt.device)
 
     def guided(img: Tensor, img_ids: Tensor, txt: Tensor, txt_ids: Tensor, timesteps: Tensor, y: Tensor,
                guidance: Tensor | None = None) -> Tensor:
         positive = model(img=img, img_ids=img_ids, txt=txt, txt_ids=txt_ids, timesteps=timesteps, y=y,
                          guidance=guidance).float()
-        negative = model(img=img, img_ids=img_ids, txt=negative_txt, txt_ids=negative_txt_ids, timesteps=timesteps,
+        negative = negative_model(img=img, img_ids=img_ids, txt=negative_txt, txt_ids=negative_txt_ids, timesteps=timesteps,
                          y=negative_vec, guidance=guidance).float()
         return negative + scale * (positive - negative)
 
