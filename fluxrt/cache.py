@@ -158,9 +158,12 @@ class ImageCache:
 
 
 def states(config, batch: int) -> list[ImageCache | None]:
-    """Fresh per-image states for a batch (None rows: no cache)."""
-    config = parse(config)
-    return [None if config is None else ImageCache(config) for _ in range(batch)]
+    """Fresh per-image states for a batch (None rows: no cache). config: one config (or spec) for every image, or a
+    list of one per image."""
+    configs = config if isinstance(config, (list, tuple)) else [config] * batch
+    if len(configs) != batch:
+        raise ValueError(f"{len(configs)} cache configs for a batch of {batch} images: give one, or one per image")
+    return [None if c is None else ImageCache(c) for c in map(parse, configs)]
 
 
 class _Rows:

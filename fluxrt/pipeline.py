@@ -224,8 +224,8 @@ class FluxPipeline:
         Limits (fluxrt.validation): MAX_STEPS, MAX_PIXELS per image, MAX_IMAGES_PER_CALL. Every argument is checked
         before any work. A prompt longer than the text encoders read is cut, with a warning naming what was dropped.
         NaN or inf latents or pixels raise fluxrt.NonFiniteError instead of returning a broken image.
-        cache: step caching for this call (fluxrt.cache: "fbc:0.08", "taylorseer:2:4" or a config; None: off), on the
-        compiled transformer; pipe.cache_stats then says what each image computed and skipped.
+        cache: step caching for this call (fluxrt.cache: "fbc:0.08", "taylorseer:2:4" or a config; None: off; or one
+        per prompt), on the compiled transformer; pipe.cache_stats then says what each image computed and skipped.
         """
         text = check_text(prompt, prompt_2, prompt_embeds, pooled_prompt_embeds, self.config)
         mode = ModeArgs.check(self.mode, image, mask_image, control_image, strength, max_area, _auto_resize)
@@ -250,7 +250,7 @@ class FluxPipeline:
         if callback is not None and not callable(callback):
             raise TypeError(f"callback must be a function (step, total) -> None, got {type(callback).__name__}")
         tensor_inputs = check_step_callback(callback_on_step_end, callback_on_step_end_tensor_inputs)
-        step_cache = self.check_cache(cache)
+        step_cache = self.check_cache(cache, len(text))
         with self._lock, torch.inference_mode():
             # under the lock: a LoRA loaded or unloaded by another thread cannot move the slots in between
             lora_scales = self._per_image_lora_scales(loras, len(text), per_prompt)
@@ -261,7 +261,9 @@ class FluxPipeline:
                                                                          self.device)
             result = self._denoise_and_decode(txt, vec, width, height, num_steps, guidance, noise, progress, callback,
                                               negative, cfg_scale, lora_scales, sigmas=sigmas, on_step_end=hook,
-                                              decode=output_type != "latent", mode=mode, step_cache=step_cache)
+                                              decode=output_type != "latent", mode=mode,
+                                              step_cache=None if step_cache is None else
+                                              [c for c in step_cache for _ in range(per_prompt)])
         return format_output(result, output_type, return_dict)
 
     def resolve_steps(self, num_steps, sigmas=None, mode: str = "text-to-image") -> tuple[int, list[float] | None]:
@@ -388,7 +390,8 @@ class FluxPipeline:
         lora_scales: [images, adapter slots] for the hot-swapped LoRAs (None: the loaded scales). sigmas: the noise
         levels to step through (None: the model's schedule of num_steps). decode=False returns the packed latents.
         mode: the call's image arguments (fluxrt.modes): start latents, timesteps, conditioning and step hook.
-        step_cache: a fluxrt.cache config: each image (and each negative pass of true CFG) gets its own state."""
+        step_cache: fluxrt.cache configs, one per image (None: no cache): each image (and each negative pass of true
+        CFG) gets its own state."""
         from tqdm.auto import tqdm
 
         batch = txt.shape[0]
@@ -419,26 +422,39 @@ class FluxPipeline:
         return self.decode(latents, height, width) if decode else latents
 
     @property
-    def cache_stats(self) -> list[dict] | None:
+    def cache_stats(self) -> list[dict | None] | None:
         """Per image of the last call with cache=: {"computed": steps, "skipped": steps} (and "negative": the same for
-        its true-CFG negative pass); None when the last call ran no cache."""
+        its true-CFG negative pass), None for an image without cache; None when the last call ran no cache."""
         if not getattr(self, "_cache_runs", None):
             return None
         positive, *negative = self._cache_runs
-        stats = [dict(state.stats) for state in positive]
+        stats = [None if state is None else dict(state.stats) for state in positive]
         for row, state in zip(stats, negative[0] if negative else ()):
-            row["negative"] = dict(state.stats)
+            if row is not None:
+                row["negative"] = dict(state.stats)
         return stats
 
-    def check_cache(self, spec):
-        """A call's cache= as a fluxrt.cache config (None: off); refused unless the transformer is compiled."""
+    def check_cache(self, spec, prompts: int | None = None):
+        """A call's cache= (one spec or config for every prompt, or a list of one per prompt) as a list of configs
+        per prompt, or None when no prompt caches; prompts=None: one spec, returned as its config. Refused unless the
+        transformer is compiled."""
         from .transformer import FastFlux
 
-        config = cache.parse(spec)
-        if config is not None and not isinstance(self.transformer, FastFlux):
+        if prompts is None:
+            configs = [cache.parse(spec)]
+        elif isinstance(spec, (list, tuple)):
+            if len(spec) != prompts:
+                raise ValueError(f"cache has {len(spec)} entries for {prompts} prompts: give one for every prompt, or "
+                                 "one per prompt")
+            configs = [cache.parse(s) for s in spec]
+        else:
+            configs = [cache.parse(spec)] * prompts
+        if all(c is None for c in configs):
+            return None
+        if not isinstance(self.transformer, FastFlux):
             raise ValueError("cache= runs on the compiled transformer: build the pipeline with compile=True (the "
                              "default on a GPU) or call pipe.accelerate() first")
-        return config
+        return configs[0] if prompts is None else configs
 
     def _transformer_call(self, batch: int, lora_scales: Tensor | None, step_cache):
         """The transformer with the call's per-image arguments bound: LoRA scales, and fresh step-cache states (their

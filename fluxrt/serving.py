@@ -45,6 +45,7 @@ class GenerationRequest:
     mask_image: Any = None
     control_image: Any = None  # a Canny / Depth model's
     strength: float | None = None  # img2img / inpainting / Fill; None: the mode's default (0.6; Fill 1.0)
+    cache: Any = None  # step caching (fluxrt.cache: "fbc:0.08", "taylorseer:2:4", a config); None: off
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,7 @@ class GenerationResult:
     request: GenerationRequest  # as run: the seed and defaults filled in
     image: Any = None  # a PIL.Image when ok
     error: str | None = None  # what was wrong, when not ok
+    cache_stats: dict | None = None  # with request.cache: {"computed": steps, "skipped": steps} (fluxrt.cache)
 
     @property
     def ok(self) -> bool:
@@ -77,13 +79,13 @@ def resolve(pipe, request) -> GenerationRequest:
     loras = pipe.check_lora_choice(request.loras)
     return replace(request, width=width, height=height, num_steps=steps, guidance=guidance, seed=seed,
                    negative_prompt=None if negatives is None else negatives[0], true_cfg_scale=cfg_scale, loras=loras,
-                   strength=mode.strength)
+                   strength=mode.strength, cache=pipe.check_cache(request.cache))
 
 
 def batch_key(pipe, request: GenerationRequest) -> tuple:
     """What must be equal for resolved requests to share one pipeline call: size, steps, guidance, the true-CFG
-    scale (or off), the mode and strength (fluxrt.modes), and for Kontext the reference size. Negative prompts and
-    hot-swapped LoRAs may differ within a batch."""
+    scale (or off), the mode and strength (fluxrt.modes), and for Kontext the reference size. Negative prompts,
+    hot-swapped LoRAs and step caching (each image its own state) may differ within a batch."""
     cfg = request.true_cfg_scale if request.negative_prompt is not None else None
     return request.width, request.height, request.num_steps, request.guidance, cfg, _mode_key(pipe, request)
 
@@ -125,7 +127,8 @@ def _run(pipe, batch: list[GenerationRequest]) -> list:
                 negative_prompt=[r.negative_prompt for r in batch] if guided else None,
                 true_cfg_scale=first.true_cfg_scale if guided else 1.0,
                 loras=[r.loras for r in batch] if any(r.loras is not None for r in batch) else None,
-                strength=first.strength, max_area=first.width * first.height if kontext else None, **images)
+                strength=first.strength, max_area=first.width * first.height if kontext else None,
+                cache=[r.cache for r in batch] if any(r.cache is not None for r in batch) else None, **images)
 
 
 def generate(pipe, requests, max_batch_size: int = 4) -> list[GenerationResult]:
@@ -156,6 +159,8 @@ def generate(pipe, requests, max_batch_size: int = 4) -> list[GenerationResult]:
                     for (i, _), result in zip(chunk, results_alone):
                         results[i] = result
                 continue
-            for (i, r), image in zip(chunk, images):
-                results[i] = GenerationResult(r, image=image)
+            stats = pipe.cache_stats if any(r.cache is not None for _, r in chunk) else None
+            for k, ((i, r), image) in enumerate(zip(chunk, images)):
+                results[i] = GenerationResult(r, image=image,
+                                              cache_stats=stats[k] if stats and r.cache is not None else None)
     return results

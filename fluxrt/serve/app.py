@@ -2,7 +2,8 @@
 
     POST /v1/images/generations   JSON: prompt, n, size "WxH", response_format "b64_json", model; FLUX extras: steps
                                   (or num_inference_steps), guidance (or guidance_scale), seed, negative_prompt,
-                                  true_cfg_scale, loras {name: scale} (the server's --lora files by stem)
+                                  true_cfg_scale, loras {name: scale} (the server's --lora files by stem), cache
+                                  (step caching: "fbc:0.08", "taylorseer:2:4"; fluxrt.cache)
     POST /v1/images/edits         multipart: image, optional mask, prompt, n, size, response_format, strength, the
                                   extras above but loras: img2img / inpainting / Fill / Kontext, by the loaded model.
                                   The mask is FLUX's (white: repaint), or OpenAI's if it has transparency
@@ -12,7 +13,7 @@
 
 A request for n images is n jobs with seeds seed, seed + 1, ... (no seed: one is drawn and reported per image);
 they are queued together or not at all. Answers: {"created", "data": [{"b64_json": PNG, "revised_prompt": null,
-"seed"}]}; errors: {"error": {"message", "type", "param", "code"}} with 400 (a bad request, fluxrt.validation's
+"seed"[, "cache_stats"]}]}; errors: {"error": {"message", "type", "param", "code"}} with 400 (a bad request, fluxrt.validation's
 limits), 401 (api_key set: no or a wrong Bearer token on /v1/), 404, 429 (the queue is full; Retry-After), 500 (the
 generation failed), 503 (shutting down), 504 (--timeout passed). A client that disconnects cancels its jobs.
 """
@@ -41,7 +42,8 @@ GENERATIONS, EDITS = "/v1/images/generations", "/v1/images/edits"
 ENDPOINTS = (GENERATIONS, EDITS, "/v1/models", "/health", "/ready", "/metrics")
 DISCONNECT_POLL_S = 0.25  # how often a waiting request checks that its client is still there
 CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that left before the answer (counted, never sent)
-EXTRAS = ("steps", "num_inference_steps", "guidance", "guidance_scale", "seed", "negative_prompt", "true_cfg_scale")
+EXTRAS = ("steps", "num_inference_steps", "guidance", "guidance_scale", "seed", "negative_prompt", "true_cfg_scale",
+          "cache")
 GENERATION_FIELDS = {"prompt", "n", "size", "response_format", "model", "user", "loras", *EXTRAS}
 EDIT_FIELDS = {"image", "mask", "prompt", "n", "size", "response_format", "model", "user", "strength", *EXTRAS}
 SIZE_PATTERN = re.compile(r"(\d+)x(\d+)")
@@ -305,7 +307,7 @@ def _requests(body: dict, size: tuple[int, int], images: dict, lora_hotswap: boo
                   num_steps=_one_of(body, ("steps", "num_inference_steps")),
                   guidance=_one_of(body, ("guidance", "guidance_scale")),
                   negative_prompt=body.get("negative_prompt"), true_cfg_scale=body.get("true_cfg_scale"),
-                  loras=loras, strength=body.get("strength"), **images)
+                  loras=loras, strength=body.get("strength"), cache=body.get("cache"), **images)
     return [GenerationRequest(seed=seed, **common) for seed in seeds]
 
 
@@ -320,9 +322,16 @@ async def _serve(request: Request, engine, body: dict, size: tuple[int, int], im
         for job in jobs:
             job.cancel()
     results = [_result(job) for job in jobs]
-    data = await run_in_threadpool(lambda: [{"b64_json": _png_base64(r.image), "revised_prompt": None,
-                                             "seed": r.request.seed} for r in results])
+    data = await run_in_threadpool(lambda: [_image_data(r) for r in results])
     return JSONResponse({"created": int(time.time()), "data": data})
+
+
+def _image_data(result) -> dict:
+    """One image's answer: the PNG, its seed, and with a step cache what it computed and skipped."""
+    data = {"b64_json": _png_base64(result.image), "revised_prompt": None, "seed": result.request.seed}
+    if result.cache_stats is not None:
+        data["cache_stats"] = result.cache_stats
+    return data
 
 
 def _submit(engine, requests: list[GenerationRequest]) -> list:

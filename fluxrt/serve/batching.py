@@ -36,6 +36,8 @@ import torch
 from torch import Tensor
 
 from .. import sampling
+from ..cache import ImageCache
+from ..cache import states as cache_states
 from ..call_inputs import NoiseSource, to_pil
 from ..modes import ModeArgs
 from ..serving import GenerationRequest, GenerationResult, batch_key, kontext_reference_size
@@ -180,6 +182,8 @@ class _Row:
     hook: sampling.StepHook | None = None  # the inpainting blend after each step
     position: int = 0  # steps done
     first_bad_step: Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.int64))
+    cache: ImageCache | None = None  # its step-cache state (request.cache), and its true-CFG negative pass's
+    negative_cache: ImageCache | None = None
 
     @property
     def done(self) -> bool:
@@ -335,8 +339,10 @@ class StepBatcher(Batcher):
             start, timesteps, hook = prepared.start, prepared.timesteps, prepared.hook
             img_ids = sampling.prepare_img_ids(1, height, width, device=pipe.device)
             conditioning = _Conditioning.of(prepared.wrap, start, img_ids)
+        states = cache_states(request.cache, 1 if negative is None else 2)
         return _Row(key, request, timesteps, start.float(), txt, vec, negative, conditioning, width, height, hook,
-                    first_bad_step=torch.zeros((), dtype=torch.int64, device=pipe.device))
+                    first_bad_step=torch.zeros((), dtype=torch.int64, device=pipe.device), cache=states[0],
+                    negative_cache=states[1] if negative is not None else None)
 
     # ---- one step ----
 
@@ -383,6 +389,9 @@ class StepBatcher(Batcher):
         extra = {}
         if any(row.request.loras is not None for row in rows):
             extra["lora_scales"] = pipe.lora_branches.per_image_scales([row.request.loras for row in every])
+        if any(row.cache is not None for row in rows):  # padding rows: no state (they must not advance one twice)
+            extra["cache_states"] = ([row.cache for row in rows] + [row.negative_cache for row in guided]
+                                     + [None] * padding)
         img_ids = sampling.prepare_img_ids(len(every), rows[0].height, rows[0].width, device=pipe.device)
         txt_ids = sampling.prepare_txt_ids(len(every), txt.shape[1], device=pipe.device)
         tokens = img.shape[1]
@@ -438,13 +447,23 @@ class StepBatcher(Batcher):
             for row, image in zip(good, images):
                 failed = isinstance(image, Exception)
                 finished[row.key] = GenerationResult(row.request, error=_error_text(image) if failed else None,
-                                                     image=None if failed else image)
+                                                     image=None if failed else image, cache_stats=_cache_stats(row))
 
     def _decode(self, rows: list[_Row]) -> list:
         """PIL images of rows of one size, in one autoencoder call (the pipeline's decode and pixel mapping)."""
         pipe, first = self.pipe, rows[0]
         latents = torch.cat([row.latents for row in rows]).to(pipe.dtype)  # sampling.denoise returns the model's dtype
         return to_pil(pipe.decode(latents, first.height, first.width))
+
+
+def _cache_stats(row: _Row) -> dict | None:
+    """What the row's step cache computed and skipped (as FluxPipeline.cache_stats gives it per image)."""
+    if row.cache is None:
+        return None
+    stats = dict(row.cache.stats)
+    if row.negative_cache is not None:
+        stats["negative"] = dict(row.negative_cache.stats)
+    return stats
 
 
 def _row_buckets(pipe, most: int) -> tuple[int, ...] | None:
