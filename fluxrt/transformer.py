@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import cache, ops, parallel
+from . import cache, cache_graphs, ops, parallel
 from .convert import CheckpointError
 from .graphs import GraphedCall
 from .lora_branch import LoraBranches, LoraLinear, attach, branch_of, branched_linears, call_linear
@@ -476,9 +476,9 @@ class FastFlux(nn.Module):
         if torch.compiler.is_compiling():  # traced into a graph: nothing is recorded at run time
             return self._forward(**kwargs)
         with ops.trace() as ran:
-            if self.graphs is not None and img.is_cuda and residuals is None and cache_states is None:
+            if self.graphs is not None and img.is_cuda and residuals is None:
                 self.model._check_inputs(img, img_ids, txt, txt_ids, timesteps, y, guidance)  # errors before capture
-                out = self.graphs(**kwargs)
+                out = self.graphs(**kwargs) if cache_states is None else cache_graphs.run(self, **kwargs)
             else:
                 out = self._forward(**kwargs)
         if ran:  # empty for a graph replay: keep the capture's record
