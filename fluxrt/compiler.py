@@ -40,7 +40,7 @@ from .diffusers_adapter import (
     is_diffusers_pipeline,
 )
 from .cache import parse as parse_cache
-from .diffusers_state import keep_model_offload
+from .diffusers_state import compile_step_cache, keep_model_offload
 from .quantize import quantize as quantize_model
 from .reference import AutoEncoder, Flux
 from .transformer import FastFlux, check_compilable
@@ -184,6 +184,10 @@ def _prepare_transformer(obj, quantize, backend, cuda_graphs, attention, context
     adapters = None
     if is_diffusers_flux(obj):
         convert, adapters = check_flux_conversion(obj)  # adapters: peft LoRAs loaded before compile (or None)
+        step_cache = compile_step_cache(obj, step_cache)  # cache= or the model's enable_cache(...), mapped
+        if step_cache is not None and context is not None:
+            raise ValueError("the transformer's diffusers cache (enable_cache) and parallel= do not combine yet: call "
+                             "transformer.disable_cache() first, or compile without parallel=")
         device = next(obj.parameters()).device
         config = obj.config
     elif isinstance(obj, Flux):

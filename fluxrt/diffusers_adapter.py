@@ -19,18 +19,23 @@ controlnet_blocks_repeat) with diffusers' meaning: fluxrt.transformer.controlnet
 from __future__ import annotations
 
 import contextlib
+import logging
+import math
 import numbers
 from collections.abc import Callable, Iterator, Mapping
 
 import torch
 from torch import Tensor, nn
 
+from . import cache
 from .config import FluxConfig
 from .convert import CheckpointError, diffusers_to_bfl
 from .diffusers_lora import DiffusersLoraMixin, PeftAdapters, peft_adapters_of
 from .diffusers_save import DiffusersStandIn, save_transformer
-from .diffusers_state import check_module_state
+from .diffusers_state import check_module_state, release_diffusers_cache, step_cache_from_diffusers
 from .reference import Flux
+
+log = logging.getLogger("fluxrt")
 
 # Names that only adapter libraries put into a diffusers model: peft's LoRA layers wrap a linear as `base_layer`
 # beside `lora_A` / `lora_B` (and `lora_embedding_*`, `lora_magnitude_vector` for DoRA).
@@ -192,7 +197,8 @@ class _Consuming(Mapping):
 def check_flux_conversion(model: nn.Module) -> tuple[Callable[[], Flux], PeftAdapters | None]:
     """Check the whole conversion of a diffusers FluxTransformer2DModel (on meta tensors; raises CheckpointError with
     the model untouched), and return the move (a call that converts it to a fluxrt.reference.Flux by moving its
-    base tensors, leaving the diffusers model empty) and the peft LoRA adapters loaded into it (None: none), for
+    base tensors, leaving the diffusers model empty and its diffusers cache disabled: the compile maps that cache,
+    fluxrt.diffusers_state.compile_step_cache) and the peft LoRA adapters loaded into it (None: none), for
     FastFluxTransformer.adopt_peft_adapters."""
     what = "FluxTransformer2DModel"
     try:
@@ -200,7 +206,14 @@ def check_flux_conversion(model: nn.Module) -> tuple[Callable[[], Flux], PeftAda
     except (TypeError, ValueError) as err:
         raise CheckpointError(f"this {what}'s config is not a FLUX.1 transformer's: {err}") from None
     adapters = peft_adapters_of(model, config) if _has_peft_layers(model) else None
-    return check_conversion(model, config, what, peft=adapters is not None), adapters
+    move = check_conversion(model, config, what, peft=adapters is not None)
+
+    def move_and_release() -> Flux:
+        flux = move()
+        release_diffusers_cache(model)  # an enabled cache now runs mapped on the compiled model
+        return flux
+
+    return move_and_release, adapters
 
 
 def _has_peft_layers(model: nn.Module) -> bool:
@@ -262,10 +275,90 @@ def per_sample(value: Tensor | None, batch: int) -> Tensor | None:
     return value.reshape(-1).expand(batch)
 
 
-class FastFluxTransformer(DiffusersStandIn, DiffusersLoraMixin, nn.Module):
+class _ContextRun:
+    """One cache_context's per-image step-cache states through one trajectory, and its last call's timestep."""
+
+    def __init__(self, states: list):
+        self.states = states
+        self.last_t = math.inf
+
+
+class DiffusersCacheMixin:
+    """diffusers' CacheMixin surface on a compiled transformer (its FastFlux is self.fast): enable_cache /
+    disable_cache / is_cache_enabled (the cache runs as fast.cache, a diffusers config mapped as fluxrt.compile maps
+    it: fluxrt.diffusers_state.step_cache_from_diffusers); cache_context(name), under which calls run on that name's
+    own per-image states (FluxPipeline's "cond" and "uncond" passes of true CFG do not share one; calls outside any
+    context share the name None); _reset_stateful_cache, which a diffusers pipeline calls as its call ends (the next
+    call starts new states); cache_stats. A context also starts new states when the batch changes or the timestep is
+    not below its last call's (a new trajectory), so a call that raised half-way does not leak into the next."""
+
+    def _init_cache(self) -> None:
+        self._cache_context_name: str | None = None
+        self._cache_runs: dict[str | None, _ContextRun] = {}
+        self._ended_cache_stats: dict = {}  # cache_stats of the run _reset_stateful_cache ended
+
+    @property
+    def is_cache_enabled(self) -> bool:
+        return self.fast.cache is not None
+
+    def enable_cache(self, config) -> None:
+        """Turn step caching on: a diffusers FirstBlockCacheConfig or TaylorSeerCacheConfig, or a fluxrt.cache config
+        or spec ("fbc:0.08")."""
+        if self.fast.cache is not None:
+            raise ValueError(f"a cache is already enabled ({self.fast.cache.spec()}): call disable_cache() first")
+        fluxrt_config = isinstance(config, (str, cache.FirstBlockCache, cache.TaylorSeer))
+        self._set_step_cache(cache.parse(config) if fluxrt_config else step_cache_from_diffusers(config))
+
+    def disable_cache(self) -> None:
+        if self.fast.cache is None:
+            log.warning("no cache is enabled on this transformer, so there is nothing to disable")
+        self._set_step_cache(None)
+
+    def _set_step_cache(self, config: cache.CacheConfig | None) -> None:
+        self.fast.cache = config
+        self.fast._refresh_plan()
+        self._init_cache()
+
+    @contextlib.contextmanager
+    def cache_context(self, name: str, **loop):
+        """The calls inside run on `name`'s own step-cache states. `loop` (step_index=, sigma=, ...) describes the
+        denoising loop to diffusers' hooks; fluxrt's caches need none of it."""
+        outer, self._cache_context_name = self._cache_context_name, name
+        try:
+            yield
+        finally:
+            self._cache_context_name = outer
+
+    def _reset_stateful_cache(self, recurse: bool = True) -> None:
+        """End the current run: the next call of every context starts new states (cache_stats keeps this run's)."""
+        if self._cache_runs:
+            self._ended_cache_stats = self.cache_stats
+        self._cache_runs = {}
+
+    @property
+    def cache_stats(self) -> dict:
+        """{cache_context name (None: calls outside any): per image {"computed": steps, "skipped": steps}} of the
+        current run, or of the last one once the pipeline has ended it; {} before any cached call."""
+        if not self._cache_runs:
+            return dict(self._ended_cache_stats)
+        return {name: [dict(state.stats) for state in run.states] for name, run in self._cache_runs.items()}
+
+    def _context_cache_states(self, batch: int, timestep: Tensor) -> list | None:
+        """The current context's states for a call (new ones for a new trajectory); None without a cache."""
+        if self.fast.cache is None:
+            return None
+        t = float(timestep.max())  # one device-to-host sync a call, as FastFlux's own states cost
+        run = self._cache_runs.get(self._cache_context_name)
+        if run is None or len(run.states) != batch or t >= run.last_t:
+            run = self._cache_runs[self._cache_context_name] = _ContextRun(cache.states(self.fast.cache, batch))
+        run.last_t = t
+        return run.states
+
+
+class FastFluxTransformer(DiffusersStandIn, DiffusersLoraMixin, DiffusersCacheMixin, nn.Module):
     """Drop-in for diffusers' FluxTransformer2DModel (forward kwargs, return type, .config/.dtype/.device,
-    save_pretrained, and diffusers' LoRA methods: fluxrt.diffusers_lora). A DiffusersStandIn: pipelines register and
-    save it as a FluxTransformer2DModel."""
+    save_pretrained, diffusers' LoRA methods: fluxrt.diffusers_lora, and its cache methods: DiffusersCacheMixin). A
+    DiffusersStandIn: pipelines register and save it as a FluxTransformer2DModel."""
 
     diffusers_class_name = "FluxTransformer2DModel"
 
@@ -275,16 +368,12 @@ class FastFluxTransformer(DiffusersStandIn, DiffusersLoraMixin, nn.Module):
         self.config = config
         self.plan = fast.plan
         self._init_lora()
+        self._init_cache()
 
     def save_pretrained(self, save_directory, safe_serialization: bool = True, variant: str | None = None,
                         max_shard_size: int | str = "10GB") -> None:
         """Write the diffusers folder FluxTransformer2DModel.from_pretrained loads (fluxrt.diffusers_save)."""
         save_transformer(self, save_directory, safe_serialization, variant, max_shard_size)
-
-    @contextlib.contextmanager
-    def cache_context(self, name: str):
-        """FluxPipeline wraps each call in this (diffusers' CacheMixin); fluxrt registers no cache hooks."""
-        yield
 
     @property
     def dtype(self) -> torch.dtype:
@@ -308,6 +397,7 @@ class FastFluxTransformer(DiffusersStandIn, DiffusersLoraMixin, nn.Module):
             controlnet_single_block_samples=controlnet_single_block_samples,
             controlnet_blocks_repeat=controlnet_blocks_repeat,
             lora_scales=self.lora_scales_for_call(batch, lora_scale),
+            cache_states=self._context_cache_states(batch, timestep),
         )
         if not return_dict:
             return (out,)
