@@ -7,7 +7,8 @@ which also autotunes, then the capture); nothing is recompiled.
 
 Each signature (shapes, dtypes, devices, which arguments are None) gets its own graph, static input buffers
 and memory pool; at most `max_graphs` are kept (least recently used goes first). The output returned is a
-clone of the graph's static output, so a caller may keep it across calls.
+clone of the graph's static output (a tensor, or a tuple, named tuple or list of tensors and None: each tensor
+cloned; clone_output), so a caller may keep it across calls.
 
 A graph bakes in the addresses of the weights it read. `.to(...)`, `load_state_dict`, swapping a parameter or
 editing one in place would leave a replay reading freed memory or values the eager model no longer has, so every
@@ -67,6 +68,20 @@ class GraphCache:
         return value
 
 
+def clone_output(value):
+    """A copy of a captured graph's output that the next replay cannot overwrite: each tensor cloned, None kept, and
+    tuples (named ones too) and lists rebuilt around the clones (fluxrt.cache_graphs' stages return several)."""
+    if value is None:
+        return None
+    if isinstance(value, Tensor):
+        return value.clone()
+    if isinstance(value, (tuple, list)):
+        items = [clone_output(item) for item in value]
+        return type(value)(*items) if hasattr(value, "_fields") else type(value)(items)
+    raise TypeError(f"a CUDA-graphed call must return tensors (or None, or tuples and lists of them), got "
+                    f"{type(value).__name__}")
+
+
 class _Captured:
     def __init__(self, module: nn.Module, kwargs: dict):
         self.static = {k: (None if v is None else v.clone()) for k, v in kwargs.items()}
@@ -79,19 +94,20 @@ class _Captured:
         with torch.cuda.graph(self.graph):
             self.output = module(**self.static)
 
-    def __call__(self, kwargs: dict) -> Tensor:
+    def __call__(self, kwargs: dict):
         for k, v in kwargs.items():
             if v is not None:
                 self.static[k].copy_(v)
         self.graph.replay()
-        return self.output.clone()
+        return clone_output(self.output)
 
 
 class GraphedCall:
     """Call `module(**kwargs)` through CUDA graphs keyed by the inputs' signature (CUDA tensors only).
 
     weights: the tensors the graphs read (called before every call, so it sees swapped parameters); graphs are
-    dropped when their weights_key changes. captures counts the graphs captured so far."""
+    dropped when their weights_key changes. captures counts the graphs captured so far. The module returns a tensor
+    or a structure of them (clone_output)."""
 
     def __init__(self, module: nn.Module, weights: Callable[[], Iterable[Tensor]], max_graphs: int = 4):
         self.module, self.weights = module, weights
@@ -106,7 +122,7 @@ class GraphedCall:
     def graphs(self) -> OrderedDict:
         return self.cache.entries
 
-    def __call__(self, **kwargs) -> Tensor:
+    def __call__(self, **kwargs):
         graph = self.cache.get(_signature(kwargs), weights_key(self.weights()), lambda: self._capture(kwargs))
         return graph(kwargs)
 
