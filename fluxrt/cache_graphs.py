@@ -6,7 +6,7 @@ least-recently-used bound of the uncached graph apply to each stage; stage_graph
 
 - "first": the embedders, the conditioning (vec, every block's modulation from the batched GEMV, RoPE's cos, sin) and
   double block 0 -> img and txt after block 0, the first-block residual r1, vec, the modulations (one [B, rows]
-  tensor), cos, sin, and change [B]: each row's relative L1 change of r1 against `stored`, a static input holding
+  tensor, concatenated inside the graph: one clone and one copy into "rest" instead of one per block), cos, sin, and change [B]: each row's relative L1 change of r1 against `stored`, a static input holding
   each probed row's r1 of its last full step (zeros in the other rows, whose change is never read), computed with
   fluxrt.cache's own _relative_l1, row by row as cache.py does, so the values are the same.
 - "rest": the other blocks and the final layer -> (output, hidden after the last block).
@@ -26,15 +26,17 @@ decisions again (a second sync on that step).
 
 The decision costs at most one device-to-host sync per step: a read of the [B] change (only when a row probes: an
 FBC row with a stored residual). That read drains the GPU's queue, so the next stage's launch is exposed too.
-A device-side flag would avoid both: torch.cond captured into a CUDA graph as a conditional node (CUDA 12.4+
-graph conditional nodes, which torch can emit for torch.cond during stream capture in recent releases) could run
-the rest or the skip inside one graph per signature, deciding on the device, so the host could queue step k+1
-before step k ends. It would not remove the need for the batch's rows to agree (a conditional node takes one
-branch for the whole graph), and the states' bookkeeping (which rows computed, the stored residuals, the stats)
-would then have to live on the device, written by both branches, because the host would no longer know which
-branch ran. TaylorSeer needs no flag at all: its schedule is known on the host. Neither torch.cond nor
-conditional nodes is measured here (this was written without a GPU); by arithmetic the sync costs tens of µs
-against a skip step of milliseconds at 1024².
+A device-side flag would avoid both. torch 2.13 records a torch.cond met during a CUDA graph capture as a graph IF
+node (CUDA 12.4+ conditional nodes; torch/_higher_order_ops/cudagraph_conditional_nodes.py, which also warms both
+branches up), so one graph per signature could hold block 0, the decision on the device and
+torch.cond(skip, rest_residual_branch, rest_blocks_branch), and the host could queue step k+1 before step k ends.
+What it would not change: a conditional node takes one branch for the whole graph, so a batch's rows must still
+agree (mixed rows still need this fallback); and what the host does after the decision today (the states'
+stored residuals, rest residuals and stats) would have to live on the device, written by both branches, since the
+host would no longer know which branch ran. Both branches must also trace with torch.cond (dynamo, into FX graphs)
+and return the same shapes. TaylorSeer needs no flag: its schedule is known on the host. None of this is measured
+here (written without a GPU): by arithmetic the sync and the exposed launch cost tens of µs against a skip step of
+milliseconds at 1024².
 
 Exactness: for the same inputs and states, the stages run the eager cached path's kernels in the same order (the
 embedders and conditioning as FastFlux._forward, block 0 as FastFlux.first_block, the rest as
@@ -136,6 +138,9 @@ def stage_functions(fast) -> dict[str, Callable]:
 def stage_graphs(fast) -> dict[str, GraphedCall]:
     """fast's stage graphs ({"first", "rest", "final"}: GraphedCall, each bounded like fast.graphs), made on the first
     cached call. GraphedCall.captures and .cache.stats ("hits": replays of a held graph) say what ran."""
+    if fast.graphs is None:
+        raise ValueError("stage graphs need a FastFlux compiled with cuda_graphs=True (on a CUDA model); without "
+                         "graphs a cached call runs fluxrt.cache.run_blocks_cached eagerly")
     graphs = getattr(fast, "_stage_graphs", None)
     if graphs is None:
         graphs = {name: GraphedCall(function, weights=fast._graph_weights, max_graphs=fast.graphs.max_graphs)

@@ -316,6 +316,11 @@ def test_stage_graphs_replay_first_alone_on_a_skip_and_are_dropped_when_weights_
     assert stage["first"].captures == 2 and stage["first"].cache.stats["invalidations"] == 1
 
 
+def test_stage_graphs_need_cuda_graphs_on(fast):
+    with pytest.raises(ValueError, match="stage graphs need a FastFlux compiled with cuda_graphs=True"):
+        cache_graphs.stage_graphs(fast)
+
+
 # ---- real CUDA graphs ----
 
 
