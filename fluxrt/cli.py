@@ -797,17 +797,18 @@ def _serve_context_parallel(args, requested: str, warmup) -> None:
         if parallel.dist.get_backend() == "nccl":  # each rank on its own GPU (init chose cuda:LOCAL_RANK)
             args.device = f"cuda:{torch.cuda.current_device()}"
         pipe = _serve_pipeline(args, devices.resolve_device(args.device, "--device"))
-        group, signals = None, []
+        leader, signals = None, []
         with _signals_ignored(rank != 0), pipe.context_parallel(args.cp, args.ulysses_degree) as leading:
             if leading:
-                group = _GroupWatch(pipe)
-                signals = _run_server(args, [pipe], sock, requested, warmup, health_check=group.failure)
+                leader = pipe.transformer
+                signals = _run_server(args, [pipe], sock, requested, warmup,
+                                      health_check=lambda _: _group_failure(leader))
     finally:
         if sock is not None:
             sock.close()
-    if group is not None and group.error is not None:
+    if leader is not None and leader.failure is not None:
         print("fluxrt serve: stopped", flush=True)
-        raise parallel.ParallelError(group.failure(pipe))  # the group is broken: tearing it down could block
+        raise parallel.ParallelError(_group_failure(leader))  # the group is broken: tearing it down could block
     parallel.destroy()
     if rank != 0:
         print(f"fluxrt serve: rank {rank} of {world} stopped (rank 0 closed the group)", flush=True)
@@ -831,33 +832,12 @@ def _signals_ignored(ignore: bool):
             signal.signal(sig, handler)
 
 
-class _GroupWatch:
-    """Rank 0's context-parallel transformer (a fluxrt.parallel_engine.Leader) as the server runs it: the first
-    ParallelError (a rank died or went silent) is kept, so that the engine stops taking requests the group can no
-    longer run (failure: its health_check). Every other attribute is the Leader's (model, lora, plan: what the
-    pipeline reads); the pipeline gets the Leader back when the context-parallel block ends."""
-
-    def __init__(self, pipe):
-        self.leader, self.error = pipe.transformer, None
-        pipe.transformer = self
-
-    def __getattr__(self, name):
-        return getattr(self.leader, name)
-
-    def __call__(self, *args, **kwargs):
-        from .parallel import ParallelError
-
-        try:
-            return self.leader(*args, **kwargs)
-        except ParallelError as error:
-            self.error = self.error or error
-            raise
-
-    def failure(self, pipe=None) -> str | None:
-        if self.error is None:
-            return None
-        return (f"the context-parallel group failed ({_one_line(self.error)}); restart every rank "
-                "(`torchrun --nproc-per-node N -m fluxrt serve ... --cp ...`)")
+def _group_failure(leader) -> str | None:
+    """The engine's health check on a context-parallel server: why the group can run no more requests, or None."""
+    if leader.failure is None:
+        return None
+    return (f"the context-parallel group failed ({_one_line(leader.failure)}); restart every rank "
+            "(`torchrun --nproc-per-node N -m fluxrt serve ... --cp ...`)")
 
 
 def _warm_up(engine, width: int, height: int) -> None:

@@ -88,6 +88,12 @@ class Leader:
         return getattr(self.sharded, "lora", None)
 
     @property
+    def failure(self) -> Exception | None:
+        """What broke the group (a call that raised mid-way: a dead or silent rank, out of memory, ...), or None.
+        Once set, every call raises: the ranks are out of step."""
+        return self._failure
+
+    @property
     def plan(self) -> dict | None:
         return getattr(self.sharded, "plan", None)
 

@@ -210,10 +210,11 @@ def test_a_dead_follower_fails_the_next_request_and_leaves_the_server_unhealthy(
             failed = http.post("/v1/images/generations", json=REQUESTS["star"])
             assert failed.status_code in (500, 503), failed.text
             assert "context-parallel group failed" in failed.json()["error"]["message"], failed.text
-            assert_error(http.get("/ready"), 503)
+            assert_error(http.get("/ready"), 503, "context-parallel group failed")
+            assert assert_error(http.get("/health"), 503, "context-parallel group failed")["code"] == "engine_failed"
             assert metric(http, "fluxrt_replica_up", replica="0") == 0, "the metrics say the group is up"
             refused = http.post("/v1/images/generations", json=REQUESTS["circle"])
-            assert_error(refused, 503, "context-parallel group failed")
+            assert assert_error(refused, 503, "context-parallel group failed")["code"] == "engine_failed"
         leader.proc.send_signal(signal.SIGTERM)
         started = time.monotonic()
         code = leader.proc.wait(WAIT_S)

@@ -8,7 +8,8 @@
                                   extras above but loras: img2img / inpainting / Fill / Kontext, by the loaded model.
                                   The mask is FLUX's (white: repaint), or OpenAI's if it has transparency
                                   (transparent: repaint)
-    GET  /v1/models               the one model;  GET /health: the process is up;  GET /ready: the engine accepts jobs
+    GET  /v1/models               the one model;  GET /health: the process is up and can run requests (503 once every
+                                  replica, or the context-parallel group, failed);  GET /ready: the engine accepts jobs
     GET  /metrics                 Prometheus text
 
 A request for n images is n jobs with seeds seed, seed + 1, ... (no seed: one is drawn and reported per image);
@@ -36,7 +37,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import validation
 from ..serving import GenerationRequest
-from .engine import EngineDraining, JobTimeout, QueueFull
+from .engine import EngineDraining, EngineFailed, JobTimeout, QueueFull
 
 GENERATIONS, EDITS = "/v1/images/generations", "/v1/images/edits"
 ENDPOINTS = (GENERATIONS, EDITS, "/v1/models", "/health", "/ready", "/metrics")
@@ -114,12 +115,15 @@ def create_app(engine, model_name: str, api_key: str | None = None,
 
     @app.get("/health")
     async def health() -> dict:
+        if engine.failure is not None:  # the process is up, but can run nothing (every replica or the CP group failed)
+            raise ApiError(503, engine.failure, code="engine_failed", kind="server_error")
         return {"status": "ok"}
 
     @app.get("/ready")
     async def ready() -> dict:
         if not engine.accepting:
-            raise ApiError(503, "the engine is not running or is shutting down", code="not_ready", kind="server_error")
+            why = engine.failure or "the engine is not running or is shutting down"
+            raise ApiError(503, why, code="not_ready", kind="server_error")
         return {"status": "ready"}
 
     @app.get("/metrics")
@@ -340,6 +344,8 @@ def _submit(engine, requests: list[GenerationRequest]) -> list:
     except QueueFull as err:
         raise ApiError(429, str(err), code="queue_full", kind="rate_limit_error",
                        headers={"Retry-After": str(err.retry_after_s)}) from None
+    except EngineFailed as err:
+        raise ApiError(503, str(err), code="engine_failed", kind="server_error") from None
     except EngineDraining as err:
         raise ApiError(503, str(err), code="shutting_down", kind="server_error") from None
     except (TypeError, ValueError, KeyError) as err:
