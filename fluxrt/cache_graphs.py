@@ -6,9 +6,10 @@ least-recently-used bound of the uncached graph apply to each stage; stage_graph
 
 - "first": the embedders, the conditioning (vec, every block's modulation from the batched GEMV, RoPE's cos, sin) and
   double block 0 -> img and txt after block 0, the first-block residual r1, vec, the modulations (one [B, rows]
-  tensor, concatenated inside the graph: one clone and one copy into "rest" instead of one per block), cos, sin, and change [B]: each row's relative L1 change of r1 against `stored`, a static input holding
-  each probed row's r1 of its last full step (zeros in the other rows, whose change is never read), computed with
-  fluxrt.cache's own _relative_l1, row by row as cache.py does, so the values are the same.
+  tensor, concatenated inside the graph: one clone and one copy into "rest" instead of one per block), cos, sin,
+  and change [B]: each row's relative L1 change of r1 against `stored`, a static input holding each probed row's
+  r1 of its last full step (zeros in the other rows, whose change is never read), computed with fluxrt.cache's own
+  _relative_l1, row by row as cache.py does, so the values are the same.
 - "rest": the other blocks and the final layer -> (output, hidden after the last block).
 - "skip": hidden = img after block 0 + each row's cached rest residual (ImageCache.skipped_rest), then the final
   layer, eagerly. Not a graph: it is ~10 small kernels (B adds, a stack, the final layer's GEMV, norm and linear)

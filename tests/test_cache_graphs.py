@@ -12,7 +12,7 @@ import torch
 
 import fluxrt
 from fluxrt import FluxConfig, cache, cache_graphs, graphs, sampling
-from fluxrt.graphs import GraphedCall, clone_output, weights_key
+from fluxrt.graphs import clone_output, weights_key
 from fluxrt.lora import Lora, LoraLayer
 from fluxrt.testing import randomize_parameters_
 from fluxrt.transformer import FastFlux
