@@ -180,14 +180,18 @@ class _Rows:
 
 
 def run_blocks_cached(fast, img: Tensor, txt: Tensor, mods: list[Tensor], cos: Tensor, sin: Tensor,
-                      cache_states: list[ImageCache | None], lora_scales: Tensor | None = None) -> Tensor:
+                      cache_states: list[ImageCache | None], lora_scales: Tensor | None = None,
+                      runs: list[bool] | None = None) -> Tensor:
     """fast.run_blocks (a FastFlux) under per-image step caching: the hidden states after the last block [B, L, C].
 
     Rows whose TaylorSeer state predicts run no block. The others run block 0; First-Block-Cache rows whose residual
     barely moved take their cached residual; the rest run the other blocks as one sub-batch. The FBC decisions of the
-    whole batch cost one device-to-host sync."""
+    whole batch cost one device-to-host sync. runs: which rows run blocks, when the caller has begun the states'
+    step already (fluxrt.cache_graphs' fallback); None: begin it here."""
     batch = img.shape[0]
-    run = [i for i, state in enumerate(cache_states) if state is None or state.begin_step()]
+    if runs is None:
+        runs = begin_steps(cache_states)
+    run = [i for i in range(batch) if runs[i]]
     parts: dict[int, Tensor] = {}
     if run:
         sub = _Rows(run, batch)
@@ -217,16 +221,27 @@ def run_blocks_cached(fast, img: Tensor, txt: Tensor, mods: list[Tensor], cos: T
     return torch.stack([parts[i].to(img.dtype) for i in range(batch)])
 
 
+def begin_steps(cache_states: list[ImageCache | None]) -> list[bool]:
+    """Advance every state to its next step; per row, whether it runs blocks (an uncached row always does)."""
+    return [state is None or state.begin_step() for state in cache_states]
+
+
+def probed_rows(cache_states: list[ImageCache | None]) -> list[int]:
+    """The rows whose First-Block-Cache rule is evaluated this step (FBC, with a full step behind them)."""
+    return [j for j, state in enumerate(cache_states)
+            if state is not None and isinstance(state.config, FirstBlockCache) and state.first_residual is not None]
+
+
 def _fbc_skips(cache_states: list[ImageCache | None], first_residual: Tensor) -> set[int]:
     """The rows (of this sub-batch) whose First-Block-Cache rule says skip, with one sync for all of them."""
-    probed = [j for j, state in enumerate(cache_states)
-              if state is not None and isinstance(state.config, FirstBlockCache) and state.first_residual is not None]
+    probed = probed_rows(cache_states)
     if not probed:
         return set()
-    changes = torch.stack([_relative_l1(first_residual[j], cache_states[j].first_residual) for j in probed]).tolist()
+    changes = torch.stack([relative_l1(first_residual[j], cache_states[j].first_residual) for j in probed]).tolist()
     return {j for j, change in zip(probed, changes) if change < cache_states[j].config.threshold}
 
 
-def _relative_l1(now: Tensor, before: Tensor) -> Tensor:
+def relative_l1(now: Tensor, before: Tensor) -> Tensor:
+    """FBC's change: mean|now - before| / mean|before| in fp32, a 0-d tensor (no sync)."""
     before = before.float()
     return (now.float() - before).abs().mean() / before.abs().mean()

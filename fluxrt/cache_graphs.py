@@ -9,7 +9,7 @@ least-recently-used bound of the uncached graph apply to each stage; stage_graph
   tensor, concatenated inside the graph: one clone and one copy into "rest" instead of one per block), cos, sin,
   and change [B]: each row's relative L1 change of r1 against `stored`, a static input holding each probed row's
   r1 of its last full step (zeros in the other rows, whose change is never read), computed with fluxrt.cache's own
-  _relative_l1, row by row as cache.py does, so the values are the same.
+  relative_l1, row by row as cache.py does, so the values are the same.
 - "rest": the other blocks and the final layer -> (output, hidden after the last block).
 - "skip": hidden = img after block 0 + each row's cached rest residual (ImageCache.skipped_rest), then the final
   layer, eagerly. Not a graph: it is ~10 small kernels (B adds, a stack, the final layer's GEMV, norm and linear)
@@ -60,7 +60,6 @@ from torch import Tensor
 
 from . import cache
 from .graphs import GraphedCall
-from .reference.model import timestep_embedding
 
 
 class FirstOut(NamedTuple):
@@ -76,30 +75,22 @@ class FirstOut(NamedTuple):
     change: Tensor  # [B] fp32: each row's relative L1 change of first_residual against `stored`
 
 
-def _row_scales(fast, batch: int, lora_scales: Tensor | None) -> Tensor | None:
-    """As FastFlux._forward computes them (each stage computes them anew: a view or a small pad, no state)."""
-    return None if fast.lora is None else fast.lora.row_scales(batch, lora_scales)
-
-
 def first_stage(fast, img: Tensor, img_ids: Tensor, txt: Tensor, txt_ids: Tensor, timesteps: Tensor, y: Tensor,
                 guidance: Tensor | None, stored: Tensor, lora_scales: Tensor | None = None) -> FirstOut:
     """The embedders, the conditioning and double block 0 (FastFlux._forward's head, then first_block), and each
     row's FBC change against `stored` [B, L, C]."""
-    m = fast.model
-    img_ids, txt_ids = m._check_inputs(img, img_ids, txt, txt_ids, timesteps, y, guidance)
-    row_scales = _row_scales(fast, img.shape[0], lora_scales)
-    img, txt = fast._linear(m.img_in, img, row_scales), fast._linear(m.txt_in, txt, row_scales)
-    vec, mods, cos, sin = fast.conditioning(timesteps, y, guidance, txt_ids, img_ids, img.dtype, row_scales)
+    img, txt, vec, mods, cos, sin, row_scales = fast.head(img, img_ids, txt, txt_ids, timesteps, y, guidance,
+                                                          lora_scales)
     after_first, txt_after = fast.first_block(img, txt, mods, cos, sin, row_scales)
     first_residual = after_first - img
-    change = torch.stack([cache._relative_l1(first_residual[j], stored[j]) for j in range(img.shape[0])])
+    change = torch.stack([cache.relative_l1(first_residual[j], stored[j]) for j in range(img.shape[0])])
     return FirstOut(after_first, txt_after, first_residual, vec, torch.cat(mods, dim=1), cos, sin, change)
 
 
 def rest_stage(fast, after_first: Tensor, txt_after: Tensor, mods: Tensor, cos: Tensor, sin: Tensor, vec: Tensor,
                lora_scales: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """The blocks after the first and the final layer -> (output, hidden after the last block)."""
-    row_scales = _row_scales(fast, after_first.shape[0], lora_scales)
+    row_scales = fast.row_scales(after_first.shape[0], lora_scales)
     hidden = fast.run_blocks(after_first, txt_after, list(mods.split(fast.mod_sizes, dim=1)), cos, sin,
                              lora_scales=row_scales, first=1)
     return fast._final_layer(hidden, vec, row_scales), hidden
@@ -107,25 +98,15 @@ def rest_stage(fast, after_first: Tensor, txt_after: Tensor, mods: Tensor, cos: 
 
 def skip_stage(fast, hidden: Tensor, vec: Tensor, lora_scales: Tensor | None = None) -> Tensor:
     """The final layer on the skipped step's hidden (eager: see the module docstring)."""
-    return fast._final_layer(hidden, vec, _row_scales(fast, hidden.shape[0], lora_scales))
+    return fast._final_layer(hidden, vec, fast.row_scales(hidden.shape[0], lora_scales))
 
 
 def final_stage(fast, hidden: Tensor, timesteps: Tensor, y: Tensor, guidance: Tensor | None,
                 lora_scales: Tensor | None = None) -> Tensor:
     """TaylorSeer's predicted step: vec and the final layer on the predicted hidden."""
-    row_scales = _row_scales(fast, hidden.shape[0], lora_scales)
-    return fast._final_layer(hidden, time_vector(fast, timesteps, y, guidance, hidden.dtype, row_scales), row_scales)
-
-
-def time_vector(fast, timesteps: Tensor, y: Tensor, guidance: Tensor | None, dtype: torch.dtype,
-                row_scales: Tensor | None) -> Tensor:
-    """vec [B, C] exactly as FastFlux.conditioning computes it, without the modulation GEMV (the 3.2 B weights) a
-    predicted step does not need. Kept equal to conditioning's by a test (test_time_vector_is_conditionings)."""
-    m = fast.model
-    vec = fast._embed(m.time_in, timestep_embedding(timesteps, 256).to(dtype), row_scales)
-    if m.params.guidance_embed:
-        vec = vec + fast._embed(m.guidance_in, timestep_embedding(guidance, 256).to(dtype), row_scales)
-    return vec + fast._embed(m.vector_in, y, row_scales)
+    row_scales = fast.row_scales(hidden.shape[0], lora_scales)
+    vec = fast.time_vector(timesteps, y, guidance, hidden.dtype, row_scales)  # not the modulation GEMV: not needed
+    return fast._final_layer(hidden, vec, row_scales)
 
 
 STAGES = {"first": first_stage, "rest": rest_stage, "final": final_stage}
@@ -160,7 +141,7 @@ def step(fast, stages: dict[str, Callable], cache_states: list, img: Tensor, img
          lora_scales: Tensor | None = None) -> Tensor:
     """One cached call through `stages` (stage_graphs, or stage_functions for an eager run): the stages the rows
     agree on, or the eager fallback when they disagree. Every state's begin_step runs exactly once."""
-    runs = [state is None or state.begin_step() for state in cache_states]
+    runs = cache.begin_steps(cache_states)
     inputs = dict(img=img, img_ids=img_ids, txt=txt, txt_ids=txt_ids, timesteps=timesteps, y=y, guidance=guidance,
                   lora_scales=lora_scales)
     dtype = fast._activation_dtype()
@@ -184,15 +165,9 @@ def step(fast, stages: dict[str, Callable], cache_states: list, img: Tensor, img
     return skip_stage(fast, hidden, first.vec, lora_scales)
 
 
-def _probed(cache_states: list) -> list[int]:
-    """The rows whose First-Block-Cache rule is evaluated this step (cache._fbc_skips' rule)."""
-    return [j for j, state in enumerate(cache_states) if state is not None
-            and isinstance(state.config, cache.FirstBlockCache) and state.first_residual is not None]
-
-
 def _stored_residuals(cache_states: list, img: Tensor, fast, dtype: torch.dtype) -> Tensor:
     """Stage "first"'s `stored` [B, L, C]: each probed row's r1 of its last full step, zeros elsewhere."""
-    probed = set(_probed(cache_states))
+    probed = set(cache.probed_rows(cache_states))
     shape = (img.shape[1], fast.model.hidden_size)
     return torch.stack([cache_states[j].first_residual if j in probed else img.new_zeros(shape, dtype=dtype)
                         for j in range(len(cache_states))])
@@ -201,29 +176,16 @@ def _stored_residuals(cache_states: list, img: Tensor, fast, dtype: torch.dtype)
 def _skips(cache_states: list, change: Tensor) -> set[int]:
     """The rows whose FBC rule says skip, from stage "first"'s change [B]: one device-to-host read, none when no row
     probes."""
-    probed = _probed(cache_states)
+    probed = cache.probed_rows(cache_states)
     if not probed:
         return set()
     changes = change.tolist()
     return {j for j in probed if changes[j] < cache_states[j].config.threshold}
 
 
-class _Begun:
-    """A state whose step this call has begun already: the eager fallback's run_blocks_cached calls begin_step again
-    and must get the same answer without advancing the state twice. Everything else is the state's own, so the
-    fallback's updates (computed, skipped_rest, predicted) land on the state."""
-
-    def __init__(self, state: cache.ImageCache, runs: bool):
-        self._state, self._runs = state, runs
-
-    def begin_step(self) -> bool:
-        return self._runs
-
-    def __getattr__(self, name: str):
-        return getattr(self._state, name)
-
-
 def _eager(fast, cache_states: list, runs: list[bool], inputs: dict) -> Tensor:
-    """Rows that disagree: FastFlux._forward's eager cached path (cache.run_blocks_cached) on the begun states."""
-    begun = [None if state is None else _Begun(state, r) for state, r in zip(cache_states, runs)]
-    return fast._forward(**inputs, cache_states=begun)
+    """Rows that disagree: FastFlux._forward's eager cached path (cache.run_blocks_cached), the states' step begun
+    already (runs)."""
+    img, txt, vec, mods, cos, sin, row_scales = fast.head(**inputs)
+    hidden = cache.run_blocks_cached(fast, img, txt, mods, cos, sin, cache_states, row_scales, runs=runs)
+    return fast._final_layer(hidden, vec, row_scales)

@@ -308,6 +308,7 @@ class FastFlux(nn.Module):
         self.cache = None  # a fluxrt.cache config for calls without cache_states (compile(cache=...))
         self._own_cache: tuple | None = None  # (its states, the last call's timestep)
         self.last_cache_states: list = []
+        self._stage_graphs: dict | None = None  # fluxrt.cache_graphs: a cached call's stages, captured on first use
         self.backend = backend
         self.fp8_attention = attention == "fp8"
         self.fp8_attention_rows = True  # W8A8: attention writes the projections' fp8 rows (double_block_forward)
@@ -349,7 +350,7 @@ class FastFlux(nn.Module):
         on this device alone again. CUDA graphs go off (the collectives run eagerly) and stay off. Returns self."""
         if mesh is not None and self.fp8_attention:
             raise ValueError("context parallelism runs attention='bf16': compile the model without attention='fp8'")
-        self.parallel, self.graphs = mesh, None
+        self.parallel, self.graphs, self._stage_graphs = mesh, None, None
         self._refresh_plan()
         return self
 
@@ -362,6 +363,7 @@ class FastFlux(nn.Module):
         return {
             "dynamo": {"unique_graphs": counters["stats"]["unique_graphs"], "frames_compiled": counters["frames"]["ok"]},
             "cuda_graphs": None if self.graphs is None else dict(self.graphs.cache.stats),
+            "cache_stage_graphs": {name: dict(graph.cache.stats) for name, graph in (self._stage_graphs or {}).items()},
         }
 
     def _activation_dtype(self) -> torch.dtype:
@@ -441,6 +443,8 @@ class FastFlux(nn.Module):
                             else "off"),
             "parallel": None if self.parallel is None else self.parallel.describe(),
             "cache": None if self.cache is None else self.cache.spec(),
+            "cache_graphs": ("staged (fluxrt.cache_graphs): first / rest / final graphs per input signature, the FBC "
+                             "skip tail eager, rows that disagree eager" if self.graphs else "off"),
             "last_call": None,
         }
 
@@ -488,18 +492,33 @@ class FastFlux(nn.Module):
     def _forward(self, img: Tensor, img_ids: Tensor, txt: Tensor, txt_ids: Tensor, timesteps: Tensor, y: Tensor,
                  guidance: Tensor | None = None, residuals: "ControlNetResiduals | None" = None,
                  lora_scales: Tensor | None = None, cache_states: list | None = None) -> Tensor:
-        m = self.model
-        img_ids, txt_ids = m._check_inputs(img, img_ids, txt, txt_ids, timesteps, y, guidance)
-        row_scales = None if self.lora is None else self.lora.row_scales(img.shape[0], lora_scales)
         if self.parallel is not None:
-            return self._forward_sharded(img, img_ids, txt, txt_ids, timesteps, y, guidance, row_scales)
-        img, txt = self._linear(m.img_in, img, row_scales), self._linear(m.txt_in, txt, row_scales)
-        vec, mods, cos, sin = self.conditioning(timesteps, y, guidance, txt_ids, img_ids, img.dtype, row_scales)
+            m = self.model
+            img_ids, txt_ids = m._check_inputs(img, img_ids, txt, txt_ids, timesteps, y, guidance)
+            return self._forward_sharded(img, img_ids, txt, txt_ids, timesteps, y, guidance, self.row_scales(
+                img.shape[0], lora_scales))
+        img, txt, vec, mods, cos, sin, row_scales = self.head(img, img_ids, txt, txt_ids, timesteps, y, guidance,
+                                                              lora_scales)
         if cache_states is not None:
             img = cache.run_blocks_cached(self, img, txt, mods, cos, sin, cache_states, row_scales)
         else:
             img = self.run_blocks(img, txt, mods, cos, sin, after_block=residuals, lora_scales=row_scales)
         return self._final_layer(img, vec, row_scales)
+
+    def row_scales(self, batch: int, lora_scales: Tensor | None) -> Tensor | None:
+        """The LoRA side branches' per-image adapter scales for a call (None without branches)."""
+        return None if self.lora is None else self.lora.row_scales(batch, lora_scales)
+
+    def head(self, img: Tensor, img_ids: Tensor, txt: Tensor, txt_ids: Tensor, timesteps: Tensor, y: Tensor,
+             guidance: Tensor | None, lora_scales: Tensor | None = None) -> tuple:
+        """What runs before the blocks: the inputs checked, the token embedders and the conditioning ->
+        (img, txt, vec, mods, cos, sin, row_scales)."""
+        m = self.model
+        img_ids, txt_ids = m._check_inputs(img, img_ids, txt, txt_ids, timesteps, y, guidance)
+        row_scales = self.row_scales(img.shape[0], lora_scales)
+        img, txt = self._linear(m.img_in, img, row_scales), self._linear(m.txt_in, txt, row_scales)
+        vec, mods, cos, sin = self.conditioning(timesteps, y, guidance, txt_ids, img_ids, img.dtype, row_scales)
+        return img, txt, vec, mods, cos, sin, row_scales
 
     def _cache_states(self, given: list | None, batch: int, timesteps: Tensor) -> list | None:
         """The call's per-image cache states: given (checked), or the model's own for compile(cache=...) (new ones
@@ -562,6 +581,16 @@ class FastFlux(nn.Module):
         hidden = F.silu(self._linear(embedder.in_layer, x, row_scales))
         return self._linear(embedder.out_layer, hidden, row_scales)
 
+    def time_vector(self, timesteps: Tensor, y: Tensor, guidance: Tensor | None, dtype: torch.dtype,
+                    row_scales: Tensor | None = None) -> Tensor:
+        """vec [B, C]: the timestep, guidance and pooled-text embeddings summed (what the modulations and the final
+        layer read)."""
+        m = self.model
+        vec = self._embed(m.time_in, timestep_embedding(timesteps, 256).to(dtype), row_scales)
+        if m.params.guidance_embed:
+            vec = vec + self._embed(m.guidance_in, timestep_embedding(guidance, 256).to(dtype), row_scales)
+        return vec + self._embed(m.vector_in, y, row_scales)
+
     def conditioning(self, timesteps: Tensor, y: Tensor, guidance: Tensor | None, txt_ids: Tensor, img_ids: Tensor,
                      dtype: torch.dtype, row_scales: Tensor | None = None) -> tuple[Tensor, list[Tensor], Tensor,
                                                                                       Tensor]:
@@ -569,10 +598,7 @@ class FastFlux(nn.Module):
         order, from one batched GEMV, plus each one's LoRA side branch), and RoPE's cos, sin for the joint sequence
         cat(txt_ids, img_ids) [B, S, 3]. row_scales: the LoRA adapter scales per image (None: no side branches)."""
         m = self.model
-        vec = self._embed(m.time_in, timestep_embedding(timesteps, 256).to(dtype), row_scales)
-        if m.params.guidance_embed:
-            vec = vec + self._embed(m.guidance_in, timestep_embedding(guidance, 256).to(dtype), row_scales)
-        vec = vec + self._embed(m.vector_in, y, row_scales)
+        vec = self.time_vector(timesteps, y, guidance, dtype, row_scales)
         cos, sin = ops.rope_cos_sin(m.pe_embedder(torch.cat((txt_ids, img_ids), dim=1)))
         silu_vec = F.silu(vec)
         mods = list(self._modulation(silu_vec).split(self.mod_sizes, dim=1)) if self.modulation else []

@@ -141,14 +141,6 @@ def test_clone_output_refuses_what_a_graph_cannot_return():
 # ---- the stages, eagerly, against the eager cached path ----
 
 
-@torch.no_grad()
-def test_time_vector_is_conditionings(fast):
-    x = inputs(B=2)
-    vec = fast.conditioning(x["timesteps"], x["y"], x["guidance"], x["txt_ids"], x["img_ids"], torch.float32)[0]
-    got = cache_graphs.time_vector(fast, x["timesteps"], x["y"], x["guidance"], torch.float32, None)
-    torch.testing.assert_close(got, vec, **EXACT)
-
-
 @pytest.mark.parametrize("config", ["fbc:0", "taylorseer:1:2:8", None])
 def test_first_and_rest_equal_the_cached_path_when_every_step_computes(fast, config):
     """threshold 0 never skips, TaylorSeer's warm-up computes, and an uncached row computes: first + rest each step."""
@@ -216,7 +208,7 @@ def test_the_decision_from_the_stage_change_is_cache_rule_at_the_threshold(fast)
     dtype = fast._activation_dtype()
     first = cache_graphs.FirstOut(*cache_graphs.first_stage(
         fast, **x1, stored=cache_graphs._stored_residuals(cached, x1["img"], fast, dtype)))
-    reference = [cache._relative_l1(first.first_residual[j], cached[j].first_residual) for j in range(3)]
+    reference = [cache.relative_l1(first.first_residual[j], cached[j].first_residual) for j in range(3)]
     torch.testing.assert_close(first.change, torch.stack(reference), **EXACT)
     for skipping in ({0}, {1, 2}, {0, 1, 2}, set()):
         for j, state in enumerate(cached):
