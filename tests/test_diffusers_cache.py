@@ -143,8 +143,9 @@ class CountingProcessor(FluxAttnProcessor):
 @torch.no_grad()
 def test_taylorseer_runs_the_schedule_of_diffusers_hooks(base):
     """Full steps: warmup, every interval after it, and from the cooldown on; counted in diffusers (its attention
-    processor's calls) and in fluxrt (cache_stats) for a config whose fields all matter."""
-    config = dict(cache_interval=3, disable_cache_before_step=1, disable_cache_after_step=5, max_order=2)
+    processor's calls) and in fluxrt (cache_stats) for a config whose schedule fields all matter (steps 0, 2, 4, 5
+    of 6: 0 by warmup, 2 and 5 by the interval, 4 by the cooldown alone)."""
+    config = dict(cache_interval=3, disable_cache_before_step=1, disable_cache_after_step=4, max_order=2)
     plain = fresh(base)
     counter = CountingProcessor()
     plain.transformer.transformer_blocks[0].attn.set_processor(counter)
