@@ -13,7 +13,9 @@ running out of memory there is the one failure that can interrupt it. check_conv
 diffusers model holding a FLUX trunk beside layers of its own (a ControlNet: fluxrt.controlnet).
 
 The compiled transformer takes a ControlNet's residuals (controlnet_block_samples, controlnet_single_block_samples,
-controlnet_blocks_repeat) with diffusers' meaning: fluxrt.transformer.controlnet_residuals.
+controlnet_blocks_repeat) with diffusers' meaning: fluxrt.transformer.controlnet_residuals. A diffusers cache enabled
+before compile (FirstBlockCacheConfig, TaylorSeerCacheConfig: fluxrt.diffusers_state) runs as fluxrt.cache on it, with
+diffusers' CacheMixin calls (cache_context per pass, enable_cache / disable_cache after compile): DiffusersCacheMixin.
 """
 
 from __future__ import annotations

@@ -104,7 +104,8 @@ def step_cache_from_diffusers(config) -> cache.CacheConfig:
         make = partial(cache.TaylorSeer, order=config.max_order, interval=config.cache_interval,
                        warmup=config.disable_cache_before_step, cooldown=config.disable_cache_after_step)
     else:
-        raise ValueError(f"fluxrt runs two of diffusers' caches, {_MAPPED}; {name} has no counterpart in fluxrt: use one of those two")
+        raise ValueError(f"fluxrt runs two of diffusers' caches, {_MAPPED}; {name} has no counterpart in fluxrt: "
+                         "use one of those two")
     try:
         return make()
     except ValueError as err:
@@ -128,9 +129,10 @@ def enabled_step_cache(model: nn.Module, what: str) -> cache.CacheConfig | None:
     try:
         return step_cache_from_diffusers(config)
     except ValueError as err:
-        raise CheckpointError(f"this {what} has a diffusers cache enabled ({type(config).__name__}, enable_cache) that "
-                              f"fluxrt.compile cannot run: {err}. Call disable_cache() on it before fluxrt.compile (then "
-                              "enable_cache with a config that maps, or pass fluxrt.compile(..., cache=...))") from None
+        raise CheckpointError(
+            f"this {what} has a diffusers cache enabled ({type(config).__name__}, enable_cache) that fluxrt.compile "
+            f"cannot run: {err}. Call disable_cache() on it before fluxrt.compile (then enable_cache with a config "
+            "that maps, or pass fluxrt.compile(..., cache=...))") from None
 
 
 def compile_step_cache(model: nn.Module, requested: cache.CacheConfig | None) -> cache.CacheConfig | None:
