@@ -26,7 +26,7 @@ H = W = 32  # 4 image tokens: milliseconds a step
 STEPS = 10
 GUIDANCE = 3.5
 PROMPTS = ["a red circle", "a blue star"]
-CALL = dict(width=32, height=32, num_steps=8, seed=3, output_type="pt")
+CALL = dict(width=32, height=32, num_steps=8, seed=3, output_type="latent")  # decoding is no part of caching
 MARGIN = 1e-4  # no observed change may sit this close to a threshold: the compiled and the plain model differ by ~1e-6
 
 
@@ -381,29 +381,33 @@ def test_taylorseer_order_two_predicts_what_diffusers_and_the_paper_predict():
 
 def test_rows_with_different_caches_in_one_batch_match_each_row_alone():
     fast, reference = models()
-    inp = inputs(4)
-    threshold = threshold_between_observed(residuals_per_row(reference, Trajectory(fast, row(inp, 0)).calls)[0])
-    configs = [FirstBlockCache(threshold), None, TaylorSeer(order=1, interval=2, warmup=2), FirstBlockCache(0)]
-    together = Trajectory(fast, inp, cache.states(configs, 4))
+    inp = inputs(5)
+    residuals = residuals_per_row(reference, Trajectory(fast, inp).calls)
+    configs = [FirstBlockCache(threshold_between_observed(residuals[0])), None,
+               TaylorSeer(order=1, interval=2, warmup=2), FirstBlockCache(0),
+               FirstBlockCache(threshold_between_observed(residuals[4]))]  # an FBC row after others in the sub-batch
+    together = Trajectory(fast, inp, cache.states(configs, 5))
     for k, config in enumerate(configs):
         alone = Trajectory(fast, row(inp, k), cache.states(config, 1))
         torch.testing.assert_close(together.out[k : k + 1], alone.out, rtol=0, atol=1e-5,
                                    msg=lambda m: f"row {k} ({config}): {m}")
         assert together.stats[-1][k] == alone.stats[-1][0], f"row {k} ({config}): stats differ from the row alone"
-    fbc, taylor, always = together.decisions(0), together.decisions(2), together.decisions(3)
-    assert "skipped" in fbc and fbc.count("computed") > 1, f"the FBC row must both skip and compute: {fbc}"
+    fbc, taylor, always, other = (together.decisions(k) for k in (0, 2, 3, 4))
+    for decisions in (fbc, other):
+        assert "skipped" in decisions and decisions.count("computed") > 1, f"FBC rows must skip and compute: {decisions}"
     assert "skipped" in taylor and "skipped" not in always
     assert any(f != t for f, t in zip(fbc, taylor)), "some step must have one cached row skip while another computes"
+    assert any(f != o for f, o in zip(fbc, other)), "the two FBC rows must skip at different steps"
     assert together.stats[-1][1] is None
 
 
 @torch.no_grad()
 def test_a_batch_where_some_rows_skip_computes_the_others_as_in_a_full_batch():
-    """At one step, row 0 repeats its last inputs (rel 0: it skips) while row 1 moves on (it computes): the stats
-    show the split, row 1 is what the uncached model gives it, and row 0 is its cached full result."""
+    """Row 0 repeats its last inputs (rel 0: it skips) while row 1 moves on (it computes): the stats show the split,
+    row 1 is what the uncached model gives it, row 0 its cached result. Then row 1 repeats: it skips on its own
+    residual (not row 0's)."""
     fast, _ = models()
-    inp = inputs(2)
-    first = dict(inp, timesteps=torch.tensor([0.9, 0.9]), guidance=torch.full((2,), GUIDANCE))
+    first = dict(inputs(2), timesteps=torch.tensor([0.9, 0.9]), guidance=torch.full((2,), GUIDANCE))
     states = cache.states(FirstBlockCache(0.5), 2)
     out_first = fast(**first, cache_states=states)
     moved = 3 * torch.randn(first["img"][1].shape, generator=torch.Generator().manual_seed(4))
@@ -412,6 +416,9 @@ def test_a_batch_where_some_rows_skip_computes_the_others_as_in_a_full_batch():
     assert fast.cache_stats == [{"computed": 1, "skipped": 1}, {"computed": 2, "skipped": 0}]
     torch.testing.assert_close(out_second[0], out_first[0], rtol=0, atol=1e-5)
     torch.testing.assert_close(out_second[1:], fast(**row(second, 1)), rtol=0, atol=1e-5)
+    out_third = fast(**second, cache_states=states)
+    assert fast.cache_stats == [{"computed": 1, "skipped": 2}, {"computed": 2, "skipped": 1}]
+    torch.testing.assert_close(out_third, out_second, rtol=0, atol=1e-5)
 
 
 @torch.no_grad()
