@@ -292,6 +292,21 @@ def test_other_hooks_beside_a_mapped_cache_are_still_refused():
     assert_as_before(model, before)
 
 
+@torch.no_grad()
+def test_cache_hooks_applied_without_enable_cache_are_refused_with_the_way_that_maps():
+    """apply_first_block_cache sets the hooks but no _cache_config: nothing says what to map, so it is refused."""
+    from diffusers.hooks import apply_first_block_cache
+
+    model = diffusers_flux(seed=13)
+    apply_first_block_cache(model, FirstBlockCacheConfig(threshold=0.1))
+    before = snapshot(model)
+    with pytest.raises(fluxrt.CheckpointError, match=r"diffusers hooks \(fbc_block_hook, fbc_leader_block_hook\) on "
+                                                      r".*applied without enable_cache, and turn the cache on with "
+                                                      r"transformer.enable_cache\(FirstBlockCacheConfig"):
+        fluxrt.compile(model, backend="torch")
+    assert_as_before(model, before)
+
+
 def test_an_enabled_diffusers_cache_and_parallel_are_refused_untouched(monkeypatch):
     from test_parallel import _free_port
 
