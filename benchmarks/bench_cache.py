@@ -40,7 +40,7 @@ import os
 import statistics
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -63,7 +63,7 @@ FBC_THRESHOLDS = (0.02, 0.05, 0.08, 0.12, 0.16, 0.2, 0.25, 0.3, 0.4, 0.5)
 TAYLORSEER = ((1, 2, 3), (2, 2, 3), (1, 3, 3), (2, 3, 3), (1, 4, 3), (2, 4, 3))  # (order, interval, warmup)
 SETTINGS = ("none", "fbc:0", *(f"fbc:{t:g}" for t in FBC_THRESHOLDS),
             *(f"taylorseer:{o}:{i}:{w}" for o, i, w in TAYLORSEER))
-SMOKE = {"prompts": 4, "steps": 6, "batch": 4, "settings": ("none", "fbc:0", "fbc:0.5", "taylorseer:1:2:2")}
+SMOKE = {"prompts": 4, "steps": 6, "batch": 2, "settings": ("none", "fbc:0", "fbc:0.5", "taylorseer:1:2:2")}
 DEFAULT_PROMPTS = 256
 DEFAULT_BATCH = 8
 PSNR_FLOOR_DB = 30.0  # suggest(): the quality a default must keep
@@ -74,19 +74,14 @@ SSIM_WINDOW, SSIM_SIGMA, SSIM_K1, SSIM_K2 = 11, 1.5, 0.01, 0.03  # Wang et al. 2
 # ---- image quality ---------------------------------------------------------------------------------------------
 
 
-def psnr_db(images: Tensor, reference: Tensor) -> list[float]:
-    """Per-image PSNR in dB of images against reference ([N, C, H, W], pixels in [0, 1]); identical: inf."""
-    return [10 * math.log10(1 / mse) if mse > 0 else math.inf for mse in _mse(images, reference)]
-
-
-def set_psnr_db(images: Tensor, reference: Tensor) -> float:
-    """PSNR of a set of images: 10 log10(1 / the mean of the per-image MSEs); inf only when every image is identical."""
-    mse = statistics.fmean(_mse(images, reference))
-    return 10 * math.log10(1 / mse) if mse > 0 else math.inf
-
-
-def _mse(images: Tensor, reference: Tensor) -> list[float]:
+def mse(images: Tensor, reference: Tensor) -> list[float]:
+    """Per-image mean squared error of images against reference ([N, C, H, W], pixels in [0, 1])."""
     return (images.double() - reference.double()).pow(2).flatten(1).mean(1).tolist()
+
+
+def psnr_db(mean_squared_error: float) -> float:
+    """PSNR in dB of pixels in [0, 1] at this MSE; identical (0): inf."""
+    return 10 * math.log10(1 / mean_squared_error) if mean_squared_error > 0 else math.inf
 
 
 def _gaussian_window(channels: int) -> Tensor:
@@ -175,43 +170,53 @@ class WorkModel:
 
 @dataclass
 class Batch:
-    seeds: list[int]
+    seeds: list[int]  # image k of the run: seed k
+    scenes: list | None  # the held-out scenes the prompts caption (adherence), or None
     txt: Tensor
     vec: Tensor
     negative: tuple[Tensor, Tensor] | None  # true CFG's negative prompt embeddings, or None when it is off
 
+    @property
+    def size(self) -> int:
+        return len(self.seeds)
 
-def encode_batches(pipe, prompts: list[str], batch: int) -> list[Batch]:
+
+def encode_batches(pipe, prompts: list[str], scenes: list | None, batch: int) -> list[Batch]:
     """The prompts' embeddings in batches, computed once so the timed calls are the denoising alone."""
     negatives, _ = pipe.resolve_true_cfg(None, None, len(prompts))
     batches = []
     for start in range(0, len(prompts), batch):
-        chunk = prompts[start : start + batch]
-        txt, vec = pipe.encode_prompt(chunk)
-        negative = None if negatives is None else pipe.encode_prompt(negatives[start : start + len(chunk)])
-        batches.append(Batch(list(range(start, start + len(chunk))), txt, vec, negative))
+        chunk = slice(start, min(start + batch, len(prompts)))
+        txt, vec = pipe.encode_prompt(prompts[chunk])
+        negative = None if negatives is None else pipe.encode_prompt(negatives[chunk])
+        batches.append(Batch(list(range(chunk.start, chunk.stop)), None if scenes is None else scenes[chunk], txt, vec,
+                             negative))
     return batches
 
 
-def generate(pipe, batches: list[Batch], setting: str, width: int, height: int, steps: int) -> dict:
-    """Every batch drawn with cache=setting: images [N, 3, H, W] in [0, 1], the denoising's seconds, and the calls
-    computed / skipped per image (true CFG's negative pass included)."""
-    images, seconds, computed, skipped = [], 0.0, [], []
-    for batch in batches:
-        negative = {} if batch.negative is None else dict(negative_prompt_embeds=batch.negative[0],
-                                                          negative_pooled_prompt_embeds=batch.negative[1])
-        _synchronize(pipe)
-        start = time.perf_counter()
-        latents = pipe(prompt_embeds=batch.txt, pooled_prompt_embeds=batch.vec, **negative, seed=batch.seeds,
-                       width=width, height=height, num_steps=steps, output_type="latent", progress=False,
-                       cache=cache.parse(setting))
-        _synchronize(pipe)
-        seconds += time.perf_counter() - start
-        images.append(pipe.decode(latents, height, width))
-        stats = pipe.cache_stats or [{"computed": calls_per_image(steps, batch), "skipped": 0}] * len(batch.seeds)
-        computed += [row["computed"] + row.get("negative", {}).get("computed", 0) for row in stats]
-        skipped += [row["skipped"] + row.get("negative", {}).get("skipped", 0) for row in stats]
-    return {"images": torch.cat(images), "seconds": seconds, "computed": computed, "skipped": skipped}
+@dataclass
+class Drawn:
+    images: Tensor  # [N, 3, H, W] in [0, 1]
+    seconds: float  # the denoising's wall time
+    computed: list[int]  # per image: transformer calls computed (true CFG's negative pass included)
+    skipped: list[int]
+
+
+def draw(pipe, batch: Batch, setting: str, width: int, height: int, steps: int) -> Drawn:
+    """One batch drawn with cache=setting."""
+    negative = {} if batch.negative is None else dict(negative_prompt_embeds=batch.negative[0],
+                                                      negative_pooled_prompt_embeds=batch.negative[1])
+    _synchronize(pipe)
+    start = time.perf_counter()
+    latents = pipe(prompt_embeds=batch.txt, pooled_prompt_embeds=batch.vec, **negative, seed=batch.seeds,
+                   width=width, height=height, num_steps=steps, output_type="latent", progress=False,
+                   cache=cache.parse(setting))
+    _synchronize(pipe)
+    seconds = time.perf_counter() - start
+    stats = pipe.cache_stats or [{"computed": calls_per_image(steps, batch), "skipped": 0}] * batch.size
+    return Drawn(pipe.decode(latents, height, width), seconds,
+                 [row["computed"] + row.get("negative", {}).get("computed", 0) for row in stats],
+                 [row["skipped"] + row.get("negative", {}).get("skipped", 0) for row in stats])
 
 
 def calls_per_image(steps: int, batch: Batch) -> int:
@@ -226,22 +231,55 @@ def _synchronize(pipe) -> None:
 # ---- rows ------------------------------------------------------------------------------------------------------
 
 
+@dataclass
+class Tally:
+    """One setting's measurements, per image, over the batches drawn so far (images are not kept)."""
+
+    seconds: float = 0.0
+    computed: list[int] = field(default_factory=list)
+    skipped: list[int] = field(default_factory=list)
+    mse: list[float] = field(default_factory=list)
+    ssim: list[float] = field(default_factory=list)
+    lpips: list[float] = field(default_factory=list)
+    adherence: list[dict] = field(default_factory=list)  # shapes_eval.adherence of each batch
+
+    def add(self, drawn: Drawn, reference: Tensor, scenes: list | None, lpips_score=None) -> None:
+        """drawn's timing, counts and quality against the reference images of the same batch."""
+        self.seconds += drawn.seconds
+        self.computed += drawn.computed
+        self.skipped += drawn.skipped
+        self.mse += mse(drawn.images, reference)
+        self.ssim += ssim(drawn.images, reference)
+        if lpips_score is not None:
+            self.lpips += lpips_score(drawn.images, reference)
+        if scenes is not None:
+            self.adherence.append(shapes_eval.adherence([np.asarray(im) for im in to_pil(drawn.images)], scenes))
+
+    def adherence_total(self) -> dict | None:
+        """The batches' adherence fractions as one over all images (None: not measured)."""
+        if not self.adherence:
+            return None
+        n = sum(part["n"] for part in self.adherence)
+        return {**{key: sum(part[key] * part["n"] for part in self.adherence) / n
+                   for key in self.adherence[0] if key != "n"}, "n": n}
+
+
 def method_of(setting: str) -> str:
     config = cache.parse(setting)
     return {type(None): "none", cache.FirstBlockCache: "fbc", cache.TaylorSeer: "taylorseer"}[type(config)]
 
 
-def quality(images: Tensor, reference: Tensor, scenes, lpips_score) -> dict:
-    """The quality columns of one setting's images against the reference images."""
-    per_image = psnr_db(images, reference)
-    similarity = ssim(images, reference)
-    row = {"psnr_db": _finite_or_none(set_psnr_db(images, reference)), "psnr_db_min": _finite_or_none(min(per_image)),
-           "identical_images": sum(math.isinf(p) for p in per_image),
-           "ssim_mean": statistics.fmean(similarity), "ssim_min": min(similarity)}
-    if lpips_score is not None:
-        row["lpips_mean"] = statistics.fmean(lpips_score(images, reference))
-    if scenes is not None:
-        row["adherence"] = shapes_eval.adherence([np.asarray(image) for image in to_pil(images)], scenes)
+def quality(tally: Tally) -> dict:
+    """The quality columns of a setting: PSNR of the set (of the mean MSE) and of the worst image, SSIM, LPIPS and
+    adherence when measured."""
+    row = {"psnr_db": _finite_or_none(psnr_db(statistics.fmean(tally.mse))),
+           "psnr_db_min": _finite_or_none(psnr_db(max(tally.mse))),
+           "identical_images": sum(error == 0 for error in tally.mse),
+           "ssim_mean": statistics.fmean(tally.ssim), "ssim_min": min(tally.ssim)}
+    if tally.lpips:
+        row["lpips_mean"] = statistics.fmean(tally.lpips)
+    if tally.adherence:
+        row["adherence"] = tally.adherence_total()
     return row
 
 
@@ -250,18 +288,17 @@ def _finite_or_none(value: float) -> float | None:
     return value if math.isfinite(value) else None
 
 
-def make_row(setting: str, run: dict, reference: dict, work: WorkModel, calls: int, scenes, lpips_score,
-             none_seconds: float | None) -> dict:
-    method = method_of(setting)
-    computed, skipped = sum(run["computed"]), sum(run["skipped"])
-    row = {"setting": setting, "method": method, "images": len(run["computed"]), "calls": calls * len(run["computed"]),
-           "computed": computed, "skipped": skipped,
-           "speedup": work.speedup(calls * len(run["computed"]), computed, skipped, method),
-           "steps_speedup": calls * len(run["computed"]) / computed, "denoise_s": run["seconds"],
-           "wall_speedup": None if none_seconds is None else none_seconds / run["seconds"]}
-    row.update(quality(run["images"], reference["images"], scenes, lpips_score))
-    if scenes is not None:
-        row["adherence_delta_points"] = 100 * (row["adherence"]["all"] - reference["adherence"]["all"])
+def make_row(setting: str, tally: Tally, reference: Tally, work: WorkModel, calls: int) -> dict:
+    """One setting's row; calls: transformer calls per image. wall_speedup, against the "none" row, is filled in once
+    every setting has run."""
+    method, images = method_of(setting), len(tally.computed)
+    computed, skipped = sum(tally.computed), sum(tally.skipped)
+    row = {"setting": setting, "method": method, "images": images, "calls": calls * images, "computed": computed,
+           "skipped": skipped, "speedup": work.speedup(calls * images, computed, skipped, method),
+           "steps_speedup": calls * images / computed, "denoise_s": tally.seconds, "wall_speedup": None}
+    row.update(quality(tally))
+    if "adherence" in row:
+        row["adherence_delta_points"] = 100 * (row["adherence"]["all"] - reference.adherence_total()["all"])
     return row
 
 
@@ -284,39 +321,45 @@ def _num(value, digits: int = 2) -> str:
     return "inf" if value is None else f"{value:.{digits}f}"
 
 
+def _times(speedup: float | None) -> str:
+    return "-" if speedup is None else f"{speedup:.2f}x"
+
+
 def markdown(meta: dict, rows: list[dict], picks: dict) -> str:
-    adherence = "adherence" in rows[0]
-    lines = [f"# bench_cache: {meta['label']}", "",
-             f"{meta['images']} prompts ({meta['prompts']}), {meta['width']}x{meta['height']}, {meta['steps']} steps, "
+    lpips, adherence = "lpips_mean" in rows[0], "adherence" in rows[0]
+    columns = (["setting", "computed / calls per image", "skipped", "speedup (work)", "steps speedup", "denoise s",
+                "wall speedup", "PSNR dB (set / worst)", "SSIM (mean / worst)"] + ["LPIPS"] * lpips
+               + ["adherence all (Δ points)", "colour+shape"] * adherence)
+    setup = (f"{meta['images']} prompts ({meta['prompts']}), {meta['width']}x{meta['height']}, {meta['steps']} steps, "
              f"{meta['calls_per_image']} transformer calls per image ({meta['calls_note']}); batch {meta['batch']}; "
              f"{meta['dtype']}, quantize {meta['quantize']}; commit {meta['commit']}, {meta['date']}, torch "
-             f"{meta['torch']}, {meta['threads']} threads. Quality against the uncached images of the same seeds.", "",
-             "| setting | computed / calls per image | skipped | speedup (work) | steps speedup | denoise s | wall "
-             "speedup | PSNR dB (set / worst) | SSIM (mean / worst) |" + (" LPIPS |" if "lpips_mean" in rows[0] else "")
-             + (" adherence all (Δ points) | colour+shape |" if adherence else ""),
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if "lpips_mean" in rows[0] else "")
-             + ("---:|---:|" if adherence else "")]
-    for r in rows:
-        line = (f"| {r['setting']} | {r['computed'] / r['images']:.1f} / {r['calls'] / r['images']:g} | "
-                f"{100 * r['skipped'] / r['calls']:.0f} % | {r['speedup']:.2f}x | {r['steps_speedup']:.2f}x | "
-                f"{r['denoise_s']:.2f} | {_num(r['wall_speedup'])}x | {_num(r['psnr_db'], 1)} / "
-                f"{_num(r['psnr_db_min'], 1)} | {r['ssim_mean']:.4f} / {r['ssim_min']:.4f} |")
-        if "lpips_mean" in r:
-            line += f" {r['lpips_mean']:.4f} |"
-        if adherence:
-            line += (f" {100 * r['adherence']['all']:.1f} % ({r['adherence_delta_points']:+.1f}) | "
-                     f"{100 * r['adherence']['both']:.1f} % |")
-        lines.append(line)
-    lines += ["", f"Speedup (work): all calls' multiply-adds over those of the calls made; a First-Block-Cache skip "
-              f"costs {100 * meta['work']['first_block_skip_share']:.1f} % of a call (the first double block and the "
-              f"embedders, modulation and final layer), a TaylorSeer prediction "
-              f"{100 * meta['work']['overhead_share']:.1f} % (those alone). Steps speedup: calls / computed. PSNR inf: "
-              "identical images. " + ("" if "lpips_mean" in rows[0] else "LPIPS: not measured (lpips is not "
-                                      "installed). ") + meta["device_note"],
-              "", f"Suggested (largest speedup with set PSNR >= {PSNR_FLOOR_DB:g} dB"
-              + (f" and adherence at most {ADHERENCE_DROP_POINTS:g} point below uncached" if adherence else "")
-              + f"): First-Block Cache {picks['fbc']}, TaylorSeer {picks['taylorseer']}."]
+             f"{meta['torch']}, {meta['threads']} threads. Quality against the uncached images of the same seeds.")
+    notes = (f"Speedup (work): all calls' multiply-adds over those of the calls made; a First-Block-Cache skip costs "
+             f"{100 * meta['work']['first_block_skip_share']:.1f} % of a call (the first double block and the "
+             f"embedders, modulation and final layer), a TaylorSeer prediction "
+             f"{100 * meta['work']['overhead_share']:.1f} % (those alone). Steps speedup: calls / computed. PSNR inf: "
+             f"identical images. {'' if lpips else 'LPIPS: not measured (lpips is not installed). '}"
+             f"{meta['device_note']}")
+    rule = (f"set PSNR >= {PSNR_FLOOR_DB:g} dB"
+            + (f" and adherence at most {ADHERENCE_DROP_POINTS:g} point below uncached" if adherence else ""))
+    lines = [f"# bench_cache: {meta['label']}", "", setup, "", "| " + " | ".join(columns) + " |",
+             "|---|" + "---:|" * (len(columns) - 1), *(_table_line(row, lpips, adherence) for row in rows), "", notes,
+             "", f"Suggested (the largest speedup with {rule}): First-Block Cache {picks['fbc']}, TaylorSeer "
+             f"{picks['taylorseer']}."]
     return "\n".join(lines) + "\n"
+
+
+def _table_line(r: dict, lpips: bool, adherence: bool) -> str:
+    cells = [r["setting"], f"{r['computed'] / r['images']:.1f} / {r['calls'] / r['images']:g}",
+             f"{100 * r['skipped'] / r['calls']:.0f} %", _times(r["speedup"]), _times(r["steps_speedup"]),
+             f"{r['denoise_s']:.2f}", _times(r["wall_speedup"]),
+             f"{_num(r['psnr_db'], 1)} / {_num(r['psnr_db_min'], 1)}", f"{r['ssim_mean']:.4f} / {r['ssim_min']:.4f}"]
+    if lpips:
+        cells.append(f"{r['lpips_mean']:.4f}")
+    if adherence:
+        cells += [f"{100 * r['adherence']['all']:.1f} % ({r['adherence_delta_points']:+.1f})",
+                  f"{100 * r['adherence']['both']:.1f} %"]
+    return "| " + " | ".join(cells) + " |"
 
 
 def plot(path: Path, rows: list[dict], title: str) -> None:
@@ -463,6 +506,55 @@ def device_label(pipe, model: Path) -> tuple[str, str, str]:
         "a call is mostly per-op overhead, so wall time gains less than the work does.")
 
 
+def measure(pipe, batches: list[Batch], settings: list[str], width: int, height: int, steps: int,
+            lpips_score) -> tuple[Tally, dict[str, Tally]]:
+    """(the uncached reference's tally, each setting's tally against it). Settings run interleaved batch by batch,
+    so a busy moment of a shared machine slows each alike."""
+    draw(pipe, batches[0], "none", width, height, min(steps, 2))  # warm-up: first-call costs are nobody's
+    reference, tallies = Tally(), {setting: Tally() for setting in settings}
+    started = time.perf_counter()
+    for index, batch in enumerate(batches):
+        drawn = draw(pipe, batch, "none", width, height, steps)
+        reference.add(drawn, drawn.images, batch.scenes)
+        for setting, tally in tallies.items():
+            tally.add(draw(pipe, batch, setting, width, height, steps), drawn.images, batch.scenes, lpips_score)
+        print(f"batch {index + 1}/{len(batches)}: {time.perf_counter() - started:.0f} s", flush=True)
+    return reference, tallies
+
+
+def table_rows(tallies: dict[str, Tally], reference: Tally, work: WorkModel, calls: int) -> list[dict]:
+    """The rows, with wall_speedup against the "none" row (None without one)."""
+    rows = [make_row(setting, tally, reference, work, calls) for setting, tally in tallies.items()]
+    none_seconds = tallies["none"].seconds if "none" in tallies else None
+    for row in rows:
+        row["wall_speedup"] = None if none_seconds is None else none_seconds / row["denoise_s"]
+        print(f"{row['setting']:22s} skipped {row['skipped']:5d}/{row['calls']:5d}  speedup {row['speedup']:.2f}x  "
+              f"PSNR {_num(row['psnr_db'], 1)} dB  SSIM {row['ssim_mean']:.4f}  {row['denoise_s']:.2f} s")
+    return rows
+
+
+def describe(args, pipe, label: str, device_note: str, run: dict, reference: Tally, work: WorkModel,
+             now: datetime) -> dict:
+    """The run's meta: what was drawn, how, where and when."""
+    return {"label": label, "model": str(args.model), "device": str(pipe.device), "dtype": str(pipe.dtype),
+            "quantize": args.quantize, **run, "batch": args.batch, "reference_seconds": reference.seconds,
+            "reference_adherence": reference.adherence_total(),
+            "work": {"first_block_macs": work.first_block, "blocks_macs": work.blocks, "overhead_macs": work.overhead,
+                     "first_block_skip_share": work.first_block_skip / work.full,
+                     "overhead_share": work.overhead / work.full},
+            "torch": torch.__version__, "threads": torch.get_num_threads(), "commit": _common._git_commit(),
+            "date": now.isoformat(timespec="seconds"), "device_note": device_note}
+
+
+def write_outputs(out: Path, meta: dict, rows: list[dict], picks: dict, table: str) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"meta": meta, "rows": rows, "suggested": picks}, indent=2) + "\n")
+    out.with_suffix(".md").write_text(table)
+    plot(out.with_suffix(".png"), rows, f"{meta['label']}: {meta['steps']} steps, {meta['images']} images, quality "
+         "vs uncached")
+    print(f"wrote {out} and its .md and .png")
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     pipe = load_pipeline(args)
@@ -473,46 +565,25 @@ def main(argv=None) -> int:
     width, height = args.size or pipe.default_size
     steps = args.steps or pipe.default_steps
     prompts, scenes, prompt_note = prompts_for(args, width, height)
-    batches = encode_batches(pipe, prompts, args.batch)
+    batches = encode_batches(pipe, prompts, scenes, args.batch)
     calls = calls_per_image(steps, batches[0])
-    rows_, cols_ = sampling.latent_grid(height, width)
-    work = WorkModel.of(pipe.config, rows_ * cols_, batches[0].txt.shape[1])
+    grid_rows, grid_cols = sampling.latent_grid(height, width)
+    work = WorkModel.of(pipe.config, grid_rows * grid_cols, batches[0].txt.shape[1])
     lpips_score = lpips_scorer()
-
-    generate(pipe, batches[:1], "none", width, height, min(steps, 2))  # warm-up: first-call costs are nobody's
-    reference = generate(pipe, batches, "none", width, height, steps)
-    if scenes is not None:
-        reference["adherence"] = shapes_eval.adherence([np.asarray(im) for im in to_pil(reference["images"])], scenes)
-    runs = {setting: generate(pipe, batches, setting, width, height, steps) for setting in args.settings}
-    none_seconds = runs["none"]["seconds"] if "none" in runs else None
-    rows = [make_row(setting, run, reference, work, calls, scenes, lpips_score, none_seconds)
-            for setting, run in runs.items()]
-    for row in rows:
-        print(f"{row['setting']:22s} skipped {row['skipped']:5d}/{row['calls']:5d}  speedup {row['speedup']:.2f}x  "
-              f"PSNR {_num(row['psnr_db'], 1)} dB  SSIM {row['ssim_mean']:.4f}  {row['denoise_s']:.2f} s", flush=True)
+    reference, tallies = measure(pipe, batches, args.settings, width, height, steps, lpips_score)
+    rows = table_rows(tallies, reference, work, calls)
     picks = suggest(rows)
     tag, label, device_note = device_label(pipe, args.model)
     now = datetime.now(timezone.utc)
-    meta = {"label": label, "model": str(args.model), "device": str(pipe.device), "dtype": str(pipe.dtype),
-            "quantize": args.quantize, "images": len(prompts), "prompts": prompt_note, "width": width,
-            "height": height, "steps": steps, "calls_per_image": calls,
-            "calls_note": "true CFG: a prompt and a negative pass per step" if calls > steps else "one pass per step",
-            "batch": args.batch, "reference_seconds": reference["seconds"],
-            "reference_adherence": reference.get("adherence"), "lpips": lpips_score is not None,
-            "work": {"first_block_macs": work.first_block, "blocks_macs": work.blocks, "overhead_macs": work.overhead,
-                     "first_block_skip_share": work.first_block_skip / work.full,
-                     "overhead_share": work.overhead / work.full},
-            "torch": torch.__version__, "threads": torch.get_num_threads(), "commit": _common._git_commit(),
-            "date": now.isoformat(timespec="seconds"), "device_note": device_note}
+    run = {"images": len(prompts), "prompts": prompt_note, "width": width, "height": height, "steps": steps,
+           "calls_per_image": calls, "lpips": lpips_score is not None,
+           "calls_note": "true CFG: a prompt and a negative pass per step" if calls > steps else "one pass per step"}
+    meta = describe(args, pipe, label, device_note, run, reference, work, now)
     table = markdown(meta, rows, picks)
     print("\n" + table)
     out = args.out or (None if args.smoke else _common.RESULTS / f"cache_{tag}_{now:%Y-%m-%d}.json")
     if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps({"meta": meta, "rows": rows, "suggested": picks}, indent=2) + "\n")
-        out.with_suffix(".md").write_text(table)
-        plot(out.with_suffix(".png"), rows, f"{label}: {steps} steps, {len(prompts)} images, quality vs uncached")
-        print(f"wrote {out} and its .md and .png")
+        write_outputs(out, meta, rows, picks, table)
     return 0
 
 

@@ -126,14 +126,27 @@ def test_speedup_prices_each_skip_at_its_method_cost():
     assert work.speedup(4, 2, 2, "taylorseer") == pytest.approx(4 * 42 / (2 * 42 + 2 * 2))
 
 
+def _drawn(images: torch.Tensor) -> "bench_cache.Drawn":
+    return bench_cache.Drawn(images, seconds=0.0, computed=[1] * len(images), skipped=[0] * len(images))
+
+
 def test_psnr_of_a_known_offset():
     reference = torch.rand(2, 3, 16, 16) * 0.8
     shifted = reference + 0.1  # MSE 0.01 everywhere: 20 dB
-    assert bench_cache.psnr_db(shifted, reference) == pytest.approx([20.0, 20.0])
-    half = torch.stack((shifted[0], reference[1]))  # one image off, one identical
-    assert bench_cache.psnr_db(half, reference) == [pytest.approx(20.0), math.inf]
-    assert bench_cache.set_psnr_db(half, reference) == pytest.approx(10 * math.log10(1 / 0.005))  # mean MSE 0.005
-    assert bench_cache.set_psnr_db(reference, reference) == math.inf
+    assert bench_cache.mse(shifted, reference) == pytest.approx([0.01, 0.01])
+    assert bench_cache.psnr_db(0.01) == pytest.approx(20.0) and bench_cache.psnr_db(0.0) == math.inf
+
+
+def test_set_psnr_is_of_the_mean_mse_and_inf_only_when_all_are_identical():
+    reference = torch.rand(2, 3, 16, 16) * 0.8
+    tally = bench_cache.Tally()
+    tally.add(_drawn(torch.stack((reference[0] + 0.1, reference[1]))), reference, None)  # one off, one identical
+    row = bench_cache.quality(tally)
+    assert row["psnr_db"] == pytest.approx(10 * math.log10(1 / 0.005)), row  # mean MSE 0.005
+    assert row["psnr_db_min"] == pytest.approx(20.0) and row["identical_images"] == 1, row
+    exact = bench_cache.Tally()
+    exact.add(_drawn(reference), reference, None)
+    assert bench_cache.quality(exact)["psnr_db"] is None  # inf dB, as JSON spells it
 
 
 def test_ssim_of_an_image_with_itself_is_one():
@@ -205,8 +218,9 @@ def test_lpips_is_measured_when_the_package_imports(monkeypatch):
     expected = 2 * (images - reference).abs().mean(dim=(1, 2, 3))
     score = bench_cache.lpips_scorer()
     assert score(images, reference) == pytest.approx(expected.tolist())
-    row = bench_cache.quality(images, reference, None, score)
-    assert row["lpips_mean"] == pytest.approx(expected.mean().item())
+    tally = bench_cache.Tally()
+    tally.add(_drawn(images), reference, None, score)
+    assert bench_cache.quality(tally)["lpips_mean"] == pytest.approx(expected.mean().item())
     monkeypatch.setitem(sys.modules, "lpips", None)  # import lpips raises ImportError
     assert bench_cache.lpips_scorer() is None
 
