@@ -166,6 +166,23 @@ def states(config, batch: int) -> list[ImageCache | None]:
     return [None if c is None else ImageCache(c) for c in map(parse, configs)]
 
 
+class Trajectory:
+    """The per-image states one caller keeps across calls (a model compiled with cache=, or a diffusers
+    cache_context): new states when a new trajectory starts, that is when the batch changes or a call's timestep is
+    not below the last call's (flow matching runs t down from 1 to 0)."""
+
+    def __init__(self):
+        self.states: list[ImageCache | None] | None = None
+        self.last_t = math.inf
+
+    def states_for(self, config, batch: int, timesteps: Tensor) -> list[ImageCache | None]:
+        t = float(timesteps.max())  # one device-to-host sync a call (a pipeline passing its own states costs none)
+        if self.states is None or len(self.states) != batch or t >= self.last_t:
+            self.states = states(config, batch)
+        self.last_t = t
+        return self.states
+
+
 class _Rows:
     """Select some rows of batch tensors (the identity when all rows are selected: no copy, same numerics)."""
 

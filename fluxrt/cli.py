@@ -3,14 +3,14 @@
   fluxrt generate [--model PATH|tiny|tiny-random[-fill|-canny|-kontext]] --prompt TEXT --width W --height H
                   --steps N --guidance G [--negative-prompt TEXT --true-cfg-scale S] [--lora PATH[:SCALE]]
                   [--image IN.png [--mask M.png] [--strength S]] [--control-image C.png] --seed S --out FILE.png
-                  [--quantize fp8|fp8-weight] [--no-compile] [--compare-reference]
+                  [--quantize fp8|fp8-weight] [--no-compile] [--compare-reference] [--cache fbc:0.08|taylorseer:2:4]
   torchrun --nproc-per-node N -m fluxrt generate ... --cp ulysses|ring|usp [--ulysses-degree U]
                   the same image from N GPUs (or CPU processes) splitting the sequence: rank 0 encodes, samples,
                   decodes and writes the PNG; the others run their shard of each transformer step (fluxrt.parallel)
   fluxrt bench ...   per-step latency of the transformer, diffusers vs fluxrt (fluxrt.bench)
   fluxrt serve [--model PATH|tiny|tiny-random[...]] [--host 127.0.0.1] [--port 8000] [--max-batch N] [--max-queue N]
                [--api-key KEY] [--timeout S] [--batching step|request|serial] [--warmup 1024x1024,...]
-               [--lora PATH[:SCALE]] [--replicas N]
+               [--lora PATH[:SCALE]] [--replicas N] [--compile | --no-compile]
                the OpenAI-compatible image server (fluxrt.serve); prints "fluxrt serve: listening on URL" when ready;
                SIGTERM finishes the requests in flight, then exits 0. --replicas N: N pipelines (cuda:0..N-1) behind
                one queue, for throughput
@@ -266,6 +266,9 @@ def _add_generate(sub) -> None:
     g.add_argument("--out", type=Path, default=Path("out.png"), help="PNG path (written whole or not at all)")
     g.add_argument("--quantize", choices=["fp8", "fp8-weight"], help="fp8: W8A8 (sm_89+ GPU); fp8-weight: weights")
     g.add_argument("--no-compile", action="store_true", help="run the plain-PyTorch reference transformer")
+    g.add_argument("--cache", metavar="SPEC",
+                   help="step caching (fluxrt.cache): fbc:THRESHOLD (First-Block Cache, e.g. fbc:0.08) or "
+                        "taylorseer:ORDER:INTERVAL[:WARMUP] (e.g. taylorseer:2:4); needs the compiled transformer")
     g.add_argument("--backend", default="auto", choices=["auto", "triton", "torch"], help="fluxrt.compile backend")
     g.add_argument("--device", help="default: cuda when there is a GPU, else cpu")
     g.add_argument("--compare-reference", action="store_true",
@@ -395,8 +398,9 @@ def _check_args(args) -> None:
     _check_model(args)
     _check_request(args, device)
     _check_parallel_args(args)
-    if args.no_compile and (args.quantize or args.compare_reference):
-        raise UsageError("--quantize and --compare-reference need the compiled transformer; drop --no-compile")
+    if args.no_compile and (args.quantize or args.compare_reference or args.cache):
+        raise UsageError("--quantize, --compare-reference and --cache need the compiled transformer; drop --no-compile")
+    _check_cache_flag(args)
     if args.quantize == "fp8":
         if device.type != "cuda":
             raise UsageError("--quantize fp8 (W8A8) needs an FP8-capable CUDA GPU (sm_89+: Ada, Hopper, Blackwell) "
@@ -414,6 +418,17 @@ def _generate(args, outputs: list[_Output]) -> None:
     _run_generate(args, out.tmp)
     out.commit()
     print(f"wrote {args.out}")
+
+
+def _check_cache_flag(args) -> None:
+    from .cache import parse
+
+    try:
+        args.cache = parse(args.cache)
+    except ValueError as err:
+        raise UsageError(f"--cache: {err}") from None
+    if args.cache is not None and (args.cp is not None or args.compare_reference):
+        raise UsageError("--cache does not combine with --cp or --compare-reference yet; drop one")
 
 
 def _check_parallel_args(args) -> None:
@@ -525,6 +540,8 @@ def _run_call(args, pipe, tmp: Path) -> None:
     call = dict(prompt=DEFAULT_PROMPT if args.prompt is None else args.prompt, width=args.width, height=args.height,
                 num_steps=args.steps, guidance=args.guidance, seed=args.seed, negative_prompt=args.negative_prompt,
                 true_cfg_scale=args.true_cfg_scale, strength=args.strength, **args.images)
+    if args.cache is not None:
+        call["cache"] = args.cache
     if pipe.mode == "kontext" and "image" in args.images:
         # --width / --height are the output's size (diffusers would rescale them to a 1024² pixel budget)
         call.update(max_area=args.width * args.height, _auto_resize=not args.no_auto_resize)
@@ -551,6 +568,10 @@ def _run_call(args, pipe, tmp: Path) -> None:
         print(f"fluxrt plan: ops {sorted(set(plan['ops'].values()))}, linears {plan['linears']}, "
               f"cuda graphs {plan['cuda_graphs']}; VAE norms {vae['ops']['group_norm_silu']}, "
               f"{vae['convolutions']} convolutions")
+    if args.cache is not None:
+        stats = pipe.cache_stats[0]
+        print(f"step cache {args.cache.spec()}: the transformer ran {stats['computed']} of "
+              f"{stats['computed'] + stats['skipped']} steps in full ({stats['skipped']} reused)")
     print("per-step latency (ms; step 1 includes warm-up and compilation)")
     print("step  " + "".join(f"{name:>12s}" for name in columns))
     for i in range(steps):
@@ -655,7 +676,11 @@ def _add_serve(sub) -> None:
                         "its LoRAs by file stem, \"loras\": {\"STEM\": scale}; without, the loaded scale, default 1); "
                         "repeat for several. Needs the compiled transformer")
     s.add_argument("--device", help="default: cuda when there is a GPU, else cpu")
-    s.add_argument("--no-compile", action="store_true", help="run the plain-PyTorch reference transformer")
+    compiling = s.add_mutually_exclusive_group()
+    compiling.add_argument("--no-compile", action="store_true", help="run the plain-PyTorch reference transformer")
+    compiling.add_argument("--compile", action="store_true",
+                           help="compile the transformer on a CPU too (the default on a GPU; a request's \"cache\" "
+                                "and --lora need it)")
     s.add_argument("--backend", default="auto", choices=["auto", "triton", "torch"], help="fluxrt.compile backend")
     s.add_argument("--replicas", type=int,
                    help="N independent pipelines behind one queue, one per GPU (cuda:0..N-1; on a CPU N copies sharing "
@@ -737,7 +762,7 @@ def _serve_pipeline(args, device: torch.device):
     from .serve.models import load_pipeline, serve_loras
 
     # None: compiled on a GPU, the reference on a CPU; hot-swapped LoRAs need the compiled transformer
-    compile = False if args.no_compile else True if args.lora else None
+    compile = False if args.no_compile else True if args.lora or args.compile else None
     if _random_mode(args.model):
         return load_pipeline(args.model, device, compile=compile, backend=args.backend, loras=args.lora)
     on_device = argparse.Namespace(**{**vars(args), "device": str(device)})

@@ -71,7 +71,9 @@ def compile(obj, quantize: str | None = None, backend: str = "auto", cuda_graphs
     fluxrt.parallel.init() joined (the transformer only; every rank compiles in step and calls with the same inputs;
     CUDA graphs are then off, attention must be "bf16").
     cache: None | a fluxrt.cache config | its spec ("fbc:0.08", "taylorseer:2:4"): step caching for calls that pass
-    no cache_states of their own (the transformer only).
+    no cache_states of their own (the transformer only). A diffusers transformer's enable_cache(FirstBlockCacheConfig
+    | TaylorSeerCacheConfig) is mapped to the same (fluxrt.diffusers_state); a cache= that disagrees with it is an
+    error, and other diffusers caches are refused.
     """
     return prepare(obj, quantize=quantize, backend=backend, cuda_graphs=cuda_graphs, attention=attention,
                    parallel=parallel, ulysses_degree=ulysses_degree, cache=cache)()

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import numbers
 from collections.abc import Callable, Iterator, Mapping
 
@@ -277,14 +276,6 @@ def per_sample(value: Tensor | None, batch: int) -> Tensor | None:
     return value.reshape(-1).expand(batch)
 
 
-class _ContextRun:
-    """One cache_context's per-image step-cache states through one trajectory, and its last call's timestep."""
-
-    def __init__(self, states: list):
-        self.states = states
-        self.last_t = math.inf
-
-
 class DiffusersCacheMixin:
     """diffusers' CacheMixin surface on a compiled transformer (its FastFlux is self.fast): enable_cache /
     disable_cache / is_cache_enabled (the cache runs as fast.cache, a diffusers config mapped as fluxrt.compile maps
@@ -296,7 +287,7 @@ class DiffusersCacheMixin:
 
     def _init_cache(self) -> None:
         self._cache_context_name: str | None = None
-        self._cache_runs: dict[str | None, _ContextRun] = {}
+        self._cache_runs: dict[str | None, cache.Trajectory] = {}
         self._ended_cache_stats: dict = {}  # cache_stats of the run _reset_stateful_cache ended
 
     @property
@@ -349,12 +340,8 @@ class DiffusersCacheMixin:
         """The current context's states for a call (new ones for a new trajectory); None without a cache."""
         if self.fast.cache is None:
             return None
-        t = float(timestep.max())  # one device-to-host sync a call, as FastFlux's own states cost
-        run = self._cache_runs.get(self._cache_context_name)
-        if run is None or len(run.states) != batch or t >= run.last_t:
-            run = self._cache_runs[self._cache_context_name] = _ContextRun(cache.states(self.fast.cache, batch))
-        run.last_t = t
-        return run.states
+        run = self._cache_runs.setdefault(self._cache_context_name, cache.Trajectory())
+        return run.states_for(self.fast.cache, batch, timestep)
 
 
 class FastFluxTransformer(DiffusersStandIn, DiffusersLoraMixin, DiffusersCacheMixin, nn.Module):

@@ -306,7 +306,7 @@ class FastFlux(nn.Module):
         self.model = model
         self.parallel = parallel  # a fluxrt.parallel.Mesh: run on this rank's shard of the sequence
         self.cache = None  # a fluxrt.cache config for calls without cache_states (compile(cache=...))
-        self._own_cache: tuple | None = None  # (its states, the last call's timestep)
+        self._own_cache = cache.Trajectory()  # the states of calls without cache_states
         self.last_cache_states: list = []
         self._stage_graphs: dict | None = None  # fluxrt.cache_graphs: a cached call's stages, captured on first use
         self.backend = backend
@@ -525,12 +525,7 @@ class FastFlux(nn.Module):
         when a new trajectory starts: the batch changed, or the timestep is not below the last call's). None when no
         image caches."""
         if given is None and self.cache is not None:
-            t = float(timesteps.max())  # one sync a call (a pipeline passes its own states: none)
-            states, last_t = self._own_cache or (None, None)
-            if states is None or len(states) != batch or t >= last_t:
-                states = cache.states(self.cache, batch)
-            self._own_cache = (states, t)
-            given = states
+            given = self._own_cache.states_for(self.cache, batch, timesteps)
         if given is None:
             return None
         if not isinstance(given, (list, tuple)) or len(given) != batch or not all(

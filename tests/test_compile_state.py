@@ -5,7 +5,7 @@ keeping the batched modulation weights as one storage (FastFlux._apply)."""
 import pytest
 import torch
 from accelerate.hooks import ModelHook, add_hook_to_module
-from diffusers.hooks import FasterCacheConfig, FirstBlockCacheConfig, PyramidAttentionBroadcastConfig
+from diffusers.hooks import FasterCacheConfig, PyramidAttentionBroadcastConfig, SeaCacheConfig
 from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 from diffusers.models.embeddings import ImageProjection, MultiIPAdapterImageProjection
 from diffusers.models.transformers.transformer_flux import FluxAttnProcessor, FluxIPAdapterAttnProcessor
@@ -91,7 +91,7 @@ def test_ip_adapter_attention_processors_are_refused_untouched():
 
 
 @pytest.mark.parametrize("config", [
-    FirstBlockCacheConfig(threshold=0.2),
+    SeaCacheConfig(),  # First-Block Cache and TaylorSeer map to fluxrt.cache (tests/test_diffusers_cache.py)
     PyramidAttentionBroadcastConfig(spatial_attention_block_skip_range=2, current_timestep_callback=lambda: 500),
     FasterCacheConfig(spatial_attention_block_skip_range=2, current_timestep_callback=lambda: 500),
 ], ids=lambda config: type(config).__name__)
