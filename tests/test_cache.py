@@ -43,7 +43,8 @@ def models(seed: int = 0, step_cache=None):
 def inputs(batch: int, seed: int = 1) -> dict:
     gen = torch.Generator().manual_seed(seed)
     return dict(img=sampling.pack(sampling.get_noise(batch, H, W, seed=[seed + k for k in range(batch)])),
-                img_ids=sampling.prepare_img_ids(batch, H, W), txt=torch.randn(batch, 5, TINY.context_in_dim, generator=gen),
+                img_ids=sampling.prepare_img_ids(batch, H, W),
+                txt=torch.randn(batch, 5, TINY.context_in_dim, generator=gen),
                 txt_ids=sampling.prepare_txt_ids(batch, 5), y=torch.randn(batch, TINY.vec_in_dim, generator=gen))
 
 
@@ -394,7 +395,7 @@ def test_rows_with_different_caches_in_one_batch_match_each_row_alone():
         assert together.stats[-1][k] == alone.stats[-1][0], f"row {k} ({config}): stats differ from the row alone"
     fbc, taylor, always, other = (together.decisions(k) for k in (0, 2, 3, 4))
     for decisions in (fbc, other):
-        assert "skipped" in decisions and decisions.count("computed") > 1, f"FBC rows must skip and compute: {decisions}"
+        assert "skipped" in decisions and decisions.count("computed") > 1, f"FBC rows skip and compute: {decisions}"
     assert "skipped" in taylor and "skipped" not in always
     assert any(f != t for f, t in zip(fbc, taylor)), "some step must have one cached row skip while another computes"
     assert any(f != o for f, o in zip(fbc, other)), "the two FBC rows must skip at different steps"
