@@ -92,17 +92,19 @@ def parse(spec) -> CacheConfig | None:
         raise TypeError(f"cache must be None, a spec string ({SPEC_HELP}) or a fluxrt.cache config, got "
                         f"{type(spec).__name__}")
     name, *fields = spec.strip().lower().split(":")
+    kinds = {"none": (0, 0, None), "fbc": (1, 1, float), "taylorseer": (2, 4, int)}
+    if name not in kinds or not kinds[name][0] <= len(fields) <= kinds[name][1]:
+        raise ValueError(f"cache {spec!r} is not a cache spec: expected {SPEC_HELP}, or none")
+    if name == "none":
+        return None
     try:
-        if name == "none" and not fields:
-            return None
-        if name == "fbc" and len(fields) == 1:
-            return FirstBlockCache(float(fields[0]))
-        if name == "taylorseer" and 2 <= len(fields) <= 4:
-            return TaylorSeer(*(int(field) for field in fields))
-    except ValueError as err:
-        raise ValueError(f"cache {spec!r}: {err}" if "must" in str(err) else
-                         f"cache {spec!r}: a field is not a number; expected {SPEC_HELP}") from None
-    raise ValueError(f"cache {spec!r} is not a cache spec: expected {SPEC_HELP}, or none")
+        numbers = [kinds[name][2](field) for field in fields]
+    except ValueError:
+        raise ValueError(f"cache {spec!r}: a field is not a number; expected {SPEC_HELP}") from None
+    try:
+        return FirstBlockCache(*numbers) if name == "fbc" else TaylorSeer(*numbers)
+    except ValueError as err:  # the config's own message: what is out of range
+        raise ValueError(f"cache {spec!r}: {err}") from None
 
 
 class ImageCache:
@@ -168,19 +170,32 @@ def states(config, batch: int) -> list[ImageCache | None]:
 
 class Trajectory:
     """The per-image states one caller keeps across calls (a model compiled with cache=, or a diffusers
-    cache_context): new states when a new trajectory starts, that is when the batch changes or a call's timestep is
-    not below the last call's (flow matching runs t down from 1 to 0)."""
+    cache_context). Flow matching runs t down from 1 to 0, so a call's timestep says where it is: below the last
+    call's, the next step (pass 0); equal to it, another pass of the same step (true CFG's negative prompt: each pass
+    keeps its own states); above it, or a new batch size, a new trajectory (new states)."""
 
     def __init__(self):
-        self.states: list[ImageCache | None] | None = None
+        self.passes: list[list[ImageCache | None]] = []  # per pass of a step: its states
+        self.current = 0
         self.last_t = math.inf
+
+    @property
+    def states(self) -> list[ImageCache | None] | None:
+        """The first pass's states (None before the first call)."""
+        return self.passes[0] if self.passes else None
 
     def states_for(self, config, batch: int, timesteps: Tensor) -> list[ImageCache | None]:
         t = float(timesteps.max())  # one device-to-host sync a call (a pipeline passing its own states costs none)
-        if self.states is None or len(self.states) != batch or t >= self.last_t:
-            self.states = states(config, batch)
+        if not self.passes or len(self.passes[0]) != batch or t > self.last_t:
+            self.passes, self.current = [], 0
+        elif t == self.last_t:
+            self.current += 1
+        else:
+            self.current = 0
+        if self.current == len(self.passes):
+            self.passes.append(states(config, batch))
         self.last_t = t
-        return self.states
+        return self.passes[self.current]
 
 
 class _Rows:

@@ -86,10 +86,10 @@ def prepare(obj, quantize: str | None = None, backend: str = "auto", cuda_graphs
     the call that converts and builds the compiled model. A caller compiling several models as one step (a
     pipeline's transformer, autoencoder and ControlNet) prepares all of them before building any."""
     _check_arguments(quantize, backend, cuda_graphs, attention)
-    context = _check_parallel(parallel, ulysses_degree, cuda_graphs, attention)
     step_cache = parse_cache(cache)
-    if step_cache is not None and context is not None:
+    if step_cache is not None and parallel is not None:
         raise ValueError("cache= and parallel= do not combine yet: choose one")
+    context = _check_parallel(parallel, ulysses_degree, cuda_graphs, attention)
     if is_diffusers_pipeline(obj):
         return _prepare_pipeline(obj, quantize, backend, cuda_graphs, attention, context, step_cache)
     for name, value in (("parallel", context), ("cache", step_cache)):

@@ -456,8 +456,9 @@ class FastFlux(nn.Module):
         (controlnet_residuals). A call with residuals runs eagerly, not through a CUDA graph. lora_scales
         [B, max_adapters]: each image's scale per LoRA slot (self.lora.per_image_scales), with the side branches
         enabled; None: the loaded LoRAs at their scales. cache_states: one fluxrt.cache.ImageCache (or None) per
-        image, for step caching; None: the model's own (compile(cache=...)), if any."""
-        cache_states = self._cache_states(cache_states, img.shape[0], timesteps)
+        image, for step caching; None: the model's own (compile(cache=...)), if any. Every argument is checked before
+        any state (cache, graphs, plan) changes."""
+        self.model._check_inputs(img, img_ids, txt, txt_ids, timesteps, y, guidance)
         kwargs = dict(img=img, img_ids=img_ids, txt=txt, txt_ids=txt_ids, timesteps=timesteps, y=y, guidance=guidance)
         if lora_scales is not None:
             if self.lora is None:
@@ -472,16 +473,18 @@ class FastFlux(nn.Module):
                              "tensors): run the ControlNet pipeline on one GPU")
         if residuals is not None:
             kwargs["residuals"] = residuals
-        if cache_states is not None:
+        if cache_states is not None or self.cache is not None:
             if residuals is not None or self.parallel is not None:
                 raise ValueError("step caching does not run with ControlNet residuals or context parallelism; leave "
                                  "cache off for this call")
+            self._check_cache_states(cache_states, img.shape[0])
+            cache_states = self._cache_states(cache_states, img.shape[0], timesteps)  # checks passed: record them
+        if cache_states is not None:
             kwargs["cache_states"] = cache_states
         if torch.compiler.is_compiling():  # traced into a graph: nothing is recorded at run time
             return self._forward(**kwargs)
         with ops.trace() as ran:
             if self.graphs is not None and img.is_cuda and residuals is None:
-                self.model._check_inputs(img, img_ids, txt, txt_ids, timesteps, y, guidance)  # errors before capture
                 out = self.graphs(**kwargs) if cache_states is None else cache_graphs.run(self, **kwargs)
             else:
                 out = self._forward(**kwargs)
@@ -520,6 +523,13 @@ class FastFlux(nn.Module):
         vec, mods, cos, sin = self.conditioning(timesteps, y, guidance, txt_ids, img_ids, img.dtype, row_scales)
         return img, txt, vec, mods, cos, sin, row_scales
 
+    @staticmethod
+    def _check_cache_states(given: list | None, batch: int) -> None:
+        if given is not None and (not isinstance(given, (list, tuple)) or len(given) != batch or not all(
+                s is None or isinstance(s, cache.ImageCache) for s in given)):
+            raise ValueError(f"cache_states must be a list of {batch} fluxrt.cache.ImageCache (or None), one per image; "
+                             "make them with fluxrt.cache.states(config, batch)")
+
     def _cache_states(self, given: list | None, batch: int, timesteps: Tensor) -> list | None:
         """The call's per-image cache states: given (checked), or the model's own for compile(cache=...) (new ones
         when a new trajectory starts: the batch changed, or the timestep is not below the last call's). None when no
@@ -528,10 +538,6 @@ class FastFlux(nn.Module):
             given = self._own_cache.states_for(self.cache, batch, timesteps)
         if given is None:
             return None
-        if not isinstance(given, (list, tuple)) or len(given) != batch or not all(
-                s is None or isinstance(s, cache.ImageCache) for s in given):
-            raise ValueError(f"cache_states must be a list of {batch} fluxrt.cache.ImageCache (or None), one per image; "
-                             "make them with fluxrt.cache.states(config, batch)")
         self.last_cache_states = list(given)
         return None if all(s is None for s in given) else list(given)
 

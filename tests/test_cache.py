@@ -474,9 +474,6 @@ def test_a_model_compiled_with_taylorseer_names_it_and_predicts():
     assert fast.cache_stats == [{"computed": expected.count("computed"), "skipped": expected.count("skipped")}]
 
 
-@pytest.mark.xfail(strict=True, reason="bug: a model compiled with cache= keys its own states on the timestep alone, "
-                                       "so true CFG's second pass at the same timestep starts a new trajectory: no "
-                                       "step ever skips and the two passes share states (reported to the lead)")
 def test_a_model_compiled_with_cache_keeps_one_state_per_true_cfg_pass():
     plain, reference = models()
     inp = inputs(2)
@@ -509,8 +506,7 @@ def test_a_model_compiled_with_cache_keeps_one_state_per_true_cfg_pass():
     ("fbc:inf", ValueError, "threshold must be a finite number >= 0"),
     ("fbc:0.1:2", ValueError, "is not a cache spec"),
     ("taylorseer:1:0", ValueError, "interval must be an int >= 1"),
-    pytest.param("taylorseer:5:4", ValueError, "order 5 is past what finite differences", marks=pytest.mark.xfail(
-        strict=True, reason="bug: parse() words every config error without 'must' as 'a field is not a number'")),
+    ("taylorseer:5:4", ValueError, "order 5 is past what finite differences"),
     ("taylorseer:2", ValueError, "is not a cache spec: expected .*taylorseer:ORDER:INTERVAL"),
     ("taylorseer:1:4:0", ValueError, "warmup must be an int >= 1"),
     ("taylorseer:1:4:3:-1", ValueError, "cooldown must be None or an int >= 0"),
@@ -579,8 +575,6 @@ def test_states_for_a_batch_refuse_a_list_of_the_wrong_length():
         cache.states(["fbc:0.1", None, "fbc:0"], 2)
 
 
-@pytest.mark.xfail(strict=True, reason="bug: FastFlux.forward records the call's cache states (cache_stats) before the "
-                                       "inputs are checked, so a refused call resets fast.cache_stats (reported)")
 @torch.no_grad()
 def test_a_call_refused_for_its_inputs_leaves_the_cache_stats_as_they_were():
     fast, _ = models()
