@@ -83,7 +83,8 @@ def step_cache_from_diffusers(config) -> cache.CacheConfig:
     for any other config or for values fluxrt's counterpart does not take.
 
     FirstBlockCacheConfig(threshold) -> FirstBlockCache(threshold): the same rule (ParaAttention's: the relative L1
-    change of the first double block's image residual against the last fully computed step).
+    change of the first double block's image residual against the last fully computed step), except at equality:
+    fluxrt skips only below the threshold (so threshold 0 is exactly no cache).
 
     TaylorSeerCacheConfig(cache_interval, disable_cache_before_step, disable_cache_after_step, max_order) ->
     TaylorSeer(interval, warmup, cooldown, order): the same schedule of full and predicted steps. The predicted values
