@@ -15,8 +15,9 @@ same seeds (image k: seed k) as an uncached reference run, and each row reports:
 - denoise_s: measured wall time of the denoising (text embeddings computed beforehand, decoding after) for all
   prompts on this machine, and wall_speedup against the "none" rerun. A CPU figure is not a GPU claim;
 - quality against the reference images (pixels in [0, 1]): PSNR of the set (10 log10(1 / mean MSE over the images);
-  inf: every image identical) and of the worst image, SSIM (11x11 Gaussian window, sigma 1.5, per RGB channel, the
-  valid region; mean and worst), LPIPS (mean) when `import lpips` works;
+  inf: every image identical) and of the worst image, the images below 20 dB (showing something else: a trajectory
+  that took another turn), SSIM (11x11 Gaussian window, sigma 1.5, per RGB channel, the valid region; mean and
+  worst), LPIPS (mean) when `import lpips` works;
 - prompt adherence (fluxrt.shapes_eval.adherence on fluxrt.shapes_eval.heldout_scenes, seed 0) for a model trained on
   fluxrt.shapes (its model_index.json has _fluxrt_training) at 64x64; other models draw fluxrt.tiny.CORPUS's captions
   and have no adherence.
@@ -59,8 +60,9 @@ from fluxrt.config import FluxConfig  # noqa: E402
 from fluxrt.pipeline import to_pil  # noqa: E402
 from fluxrt.tiny import CORPUS, TRAINED  # noqa: E402
 
-FBC_THRESHOLDS = (0.02, 0.05, 0.08, 0.12, 0.16, 0.2, 0.25, 0.3, 0.4, 0.5)
-TAYLORSEER = ((1, 2, 3), (2, 2, 3), (1, 3, 3), (2, 3, 3), (1, 4, 3), (2, 4, 3))  # (order, interval, warmup)
+FBC_THRESHOLDS = (0.02, 0.05, 0.08, 0.1, 0.12, 0.14, 0.16, 0.2, 0.25, 0.3, 0.4, 0.5)
+# TaylorSeer (order, interval, warmup)
+TAYLORSEER = ((1, 2, 3), (2, 2, 3), (1, 3, 3), (2, 3, 3), (1, 3, 5), (1, 4, 3), (2, 4, 3), (1, 4, 5))
 SETTINGS = ("none", "fbc:0", *(f"fbc:{t:g}" for t in FBC_THRESHOLDS),
             *(f"taylorseer:{o}:{i}:{w}" for o, i, w in TAYLORSEER))
 SMOKE = {"prompts": 4, "steps": 6, "batch": 2, "settings": ("none", "fbc:0", "fbc:0.5", "taylorseer:1:2:2")}
@@ -68,6 +70,7 @@ DEFAULT_PROMPTS = 256
 DEFAULT_BATCH = 8
 PSNR_FLOOR_DB = 30.0  # suggest(): the quality a default must keep
 ADHERENCE_DROP_POINTS = 1.0  # suggest(): at most this many points ("all", in %) below the uncached images
+CHANGED_DB = 20.0  # an image this far from its uncached self shows something else (e.g. a background flipped)
 SSIM_WINDOW, SSIM_SIGMA, SSIM_K1, SSIM_K2 = 11, 1.5, 0.01, 0.03  # Wang et al. 2004's constants, pixels in [0, 1]
 
 
@@ -275,6 +278,7 @@ def quality(tally: Tally) -> dict:
     row = {"psnr_db": _finite_or_none(psnr_db(statistics.fmean(tally.mse))),
            "psnr_db_min": _finite_or_none(psnr_db(max(tally.mse))),
            "identical_images": sum(error == 0 for error in tally.mse),
+           "changed_images": sum(psnr_db(error) < CHANGED_DB for error in tally.mse),
            "ssim_mean": statistics.fmean(tally.ssim), "ssim_min": min(tally.ssim)}
     if tally.lpips:
         row["lpips_mean"] = statistics.fmean(tally.lpips)
@@ -328,7 +332,8 @@ def _times(speedup: float | None) -> str:
 def markdown(meta: dict, rows: list[dict], picks: dict) -> str:
     lpips, adherence = "lpips_mean" in rows[0], "adherence" in rows[0]
     columns = (["setting", "computed / calls per image", "skipped", "speedup (work)", "steps speedup", "denoise s",
-                "wall speedup", "PSNR dB (set / worst)", "SSIM (mean / worst)"] + ["LPIPS"] * lpips
+                "wall speedup", "PSNR dB (set / worst)", f"images < {CHANGED_DB:g} dB", "SSIM (mean / worst)"]
+               + ["LPIPS"] * lpips
                + ["adherence all (Δ points)", "colour+shape"] * adherence)
     setup = (f"{meta['images']} prompts ({meta['prompts']}), {meta['width']}x{meta['height']}, {meta['steps']} steps, "
              f"{meta['calls_per_image']} transformer calls per image ({meta['calls_note']}); batch {meta['batch']}; "
@@ -353,7 +358,8 @@ def _table_line(r: dict, lpips: bool, adherence: bool) -> str:
     cells = [r["setting"], f"{r['computed'] / r['images']:.1f} / {r['calls'] / r['images']:g}",
              f"{100 * r['skipped'] / r['calls']:.0f} %", _times(r["speedup"]), _times(r["steps_speedup"]),
              f"{r['denoise_s']:.2f}", _times(r["wall_speedup"]),
-             f"{_num(r['psnr_db'], 1)} / {_num(r['psnr_db_min'], 1)}", f"{r['ssim_mean']:.4f} / {r['ssim_min']:.4f}"]
+             f"{_num(r['psnr_db'], 1)} / {_num(r['psnr_db_min'], 1)}", str(r["changed_images"]),
+             f"{r['ssim_mean']:.4f} / {r['ssim_min']:.4f}"]
     if lpips:
         cells.append(f"{r['lpips_mean']:.4f}")
     if adherence:

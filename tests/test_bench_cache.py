@@ -72,6 +72,8 @@ def test_smoke_rows_are_consistent(smoke):
         assert math.isclose(row["speedup"], expected, rel_tol=1e-9), (name, row["speedup"], expected)
         assert 1 <= row["speedup"] <= row["steps_speedup"], row  # a skip costs something, never more than a call
         assert -1 <= row["ssim_min"] <= row["ssim_mean"] <= 1 + 1e-12, row
+        worst = math.inf if row["psnr_db_min"] is None else row["psnr_db_min"]
+        assert (row["changed_images"] > 0) == (worst < bench_cache.CHANGED_DB), row
         assert row["adherence"]["n"] == row["images"], row
         delta = 100 * (row["adherence"]["all"] - meta["reference_adherence"]["all"])
         assert math.isclose(row["adherence_delta_points"], delta, abs_tol=1e-9), row
@@ -138,12 +140,14 @@ def test_psnr_of_a_known_offset():
 
 
 def test_set_psnr_is_of_the_mean_mse_and_inf_only_when_all_are_identical():
-    reference = torch.rand(2, 3, 16, 16) * 0.8
+    reference = torch.rand(3, 3, 16, 16, dtype=torch.float64) * 0.4
+    off = torch.stack((reference[0] + 0.05, reference[1], reference[2] + 0.5))  # 26 dB, identical, 6 dB
     tally = bench_cache.Tally()
-    tally.add(_drawn(torch.stack((reference[0] + 0.1, reference[1]))), reference, None)  # one off, one identical
+    tally.add(_drawn(off), reference, None)
     row = bench_cache.quality(tally)
-    assert row["psnr_db"] == pytest.approx(10 * math.log10(1 / 0.005)), row  # mean MSE 0.005
-    assert row["psnr_db_min"] == pytest.approx(20.0) and row["identical_images"] == 1, row
+    assert row["psnr_db"] == pytest.approx(10 * math.log10(3 / (0.05**2 + 0.5**2))), row  # of the mean MSE
+    assert row["psnr_db_min"] == pytest.approx(10 * math.log10(1 / 0.5**2)), row
+    assert row["identical_images"] == 1 and row["changed_images"] == 1, row  # only the 6 dB one is below 20 dB
     exact = bench_cache.Tally()
     exact.add(_drawn(reference), reference, None)
     assert bench_cache.quality(exact)["psnr_db"] is None  # inf dB, as JSON spells it
