@@ -75,6 +75,8 @@ def test_smoke_rows_are_consistent(smoke):
         worst = math.inf if row["psnr_db_min"] is None else row["psnr_db_min"]
         assert (row["changed_images"] > 0) == (worst < bench_cache.CHANGED_DB), row
         assert row["adherence"]["n"] == row["images"], row
+        none = _rows(results)["none"]
+        assert math.isclose(row["wall_speedup"], none["denoise_s"] / row["denoise_s"], rel_tol=1e-9), row
         delta = 100 * (row["adherence"]["all"] - meta["reference_adherence"]["all"])
         assert math.isclose(row["adherence_delta_points"], delta, abs_tol=1e-9), row
 
@@ -153,6 +155,13 @@ def test_set_psnr_is_of_the_mean_mse_and_inf_only_when_all_are_identical():
     assert bench_cache.quality(exact)["psnr_db"] is None  # inf dB, as JSON spells it
 
 
+def test_adherence_of_batches_is_over_all_their_images():
+    tally = bench_cache.Tally()
+    tally.adherence = [{"colour": 1.0, "all": 1.0, "n": 1}, {"colour": 0.5, "all": 0.0, "n": 3}]
+    # 1 image at colour 1.0 and 3 at 0.5: (1 + 1.5) / 4; all: 1 of 4
+    assert tally.adherence_total() == {"colour": pytest.approx(0.625), "all": pytest.approx(0.25), "n": 4}
+
+
 def test_ssim_of_an_image_with_itself_is_one():
     images = torch.rand(3, 3, 32, 32)
     assert bench_cache.ssim(images, images) == pytest.approx([1.0] * 3, abs=1e-12)
@@ -186,9 +195,9 @@ def test_ssim_refuses_shapes_it_cannot_grade():
         bench_cache.ssim(torch.rand(1, 3, 16, 16), torch.rand(1, 3, 16, 17))
 
 
-def _row(setting: str, speedup: float, psnr: float | None, delta: float | None = None) -> dict:
+def _row(setting: str, speedup: float, psnr: float | None, delta: float | None = None, changed: int = 0) -> dict:
     row = {"setting": setting, "method": bench_cache.method_of(setting), "skipped": 1, "speedup": speedup,
-           "psnr_db": psnr}
+           "psnr_db": psnr, "changed_images": changed}
     return row if delta is None else {**row, "adherence_delta_points": delta}
 
 
@@ -196,10 +205,17 @@ def test_suggest_picks_the_fastest_setting_that_keeps_quality():
     rows = [_row("none", 1.0, None, 0.0), _row("fbc:0.05", 1.2, 41.0, 0.0), _row("fbc:0.1", 1.5, 31.0, -0.8),
             _row("fbc:0.2", 2.0, 28.0, 0.0),  # below 30 dB
             _row("fbc:0.3", 2.5, 35.0, -2.0),  # adherence 2 points down
+            _row("fbc:0.4", 2.6, 32.0, 0.0, changed=1),  # one image shows something else
             _row("taylorseer:1:2:3", 1.8, 20.0, 0.0)]
     assert bench_cache.suggest(rows) == {"fbc": "fbc:0.1", "taylorseer": None}
     without_adherence = [_row("fbc:0.1", 1.5, 31.0), _row("fbc:0.3", 2.5, 35.0), _row("taylorseer:1:2:3", 1.8, 30.5)]
     assert bench_cache.suggest(without_adherence) == {"fbc": "fbc:0.3", "taylorseer": "taylorseer:1:2:3"}
+
+
+def test_suggest_breaks_a_speedup_tie_by_psnr():
+    rows = [_row("taylorseer:1:3:3", 2.18, 38.0, 0.0), _row("taylorseer:1:4:5", 2.18, 49.5, 0.0),
+            _row("fbc:0.1", 1.3, None, 0.0)]  # inf dB (identical) beats any finite PSNR
+    assert bench_cache.suggest(rows) == {"fbc": "fbc:0.1", "taylorseer": "taylorseer:1:4:5"}
 
 
 def test_lpips_is_measured_when_the_package_imports(monkeypatch):
