@@ -7,19 +7,19 @@ gives alone; a model compiled with cache= keeps its own states per trajectory; b
 import copy
 import functools
 import math
-import socket
 
 import numpy as np
 import PIL.Image
 import pytest
 import torch
-from safetensors.torch import save_file
 
 import fluxrt
 from fluxrt import FluxConfig, cache, parallel, sampling
 from fluxrt.cache import FirstBlockCache, ImageCache, TaylorSeer
 from fluxrt.testing import randomize_parameters_
 from fluxrt.tiny import TINY_AUTOENCODER, tiny_random_pipeline
+from ranks import free_port
+from test_pipeline_lora import write_lora
 
 TINY = FluxConfig.preset("tiny")
 H = W = 32  # 4 image tokens: milliseconds a step
@@ -243,20 +243,6 @@ def test_threshold_zero_never_skips_even_when_nothing_changed():
         assert states[0].stats == {"computed": 1 + (second == "computed"), "skipped": int(second == "skipped")}
         if threshold == 0:
             assert all(torch.equal(out, expected) for out in outs), "threshold 0 must be bit-identical to no cache"
-
-
-def write_lora(path, seed: int, rank: int = 4) -> str:
-    """A LoRA on the first double block's image qkv and the first single block's linear2 (BFL naming), as
-    tests/test_pipeline_lora.py writes them."""
-    gen = torch.Generator().manual_seed(seed)
-    hidden = TINY.hidden_size
-    shapes = {"double_blocks.0.img_attn.qkv": (3 * hidden, hidden), "single_blocks.0.linear2": (hidden, 5 * hidden)}
-    tensors = {}
-    for module, (rows, cols) in shapes.items():
-        tensors[f"diffusion_model.{module}.lora_A.weight"] = torch.randn(rank, cols, generator=gen) * 0.3
-        tensors[f"diffusion_model.{module}.lora_B.weight"] = torch.randn(rows, rank, generator=gen) * 0.3
-    save_file(tensors, path)
-    return str(path)
 
 
 def lora_pipeline(tmp_path):
@@ -626,16 +612,12 @@ def test_cache_on_an_autoencoder_is_refused():
         fluxrt.compile(ae, backend="torch", cache="fbc:0.1")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_cache_with_parallel_is_refused_before_the_model_changes(monkeypatch):
     monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")
     monkeypatch.delenv("RANK", raising=False)
-    parallel.init(0, 1, backend="gloo", master_port=_free_port(), timeout_s=10)
+    parallel.init(0, 1, backend="gloo", master_port=free_port(), timeout_s=10)
     try:
         model = randomize_parameters_(fluxrt.reference.Flux(TINY), seed=0).eval()
         same = unchanged(model)

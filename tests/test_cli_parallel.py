@@ -18,7 +18,7 @@ import pytest
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_parallel import _free_port  # noqa: E402
+from ranks import free_port, rank_env  # noqa: E402
 
 TIMEOUT_S = 120
 ENV = dict(os.environ, OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo")
@@ -30,7 +30,7 @@ def _run(argv: list[str], cwd: Path, env: dict | None = None) -> subprocess.Comp
 
 def _torchrun(world: int, *flags: str) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={world}", "--master-addr=127.0.0.1",
-            f"--master-port={_free_port()}", "-m", "fluxrt", "generate", "--no-progress", *flags]
+            f"--master-port={free_port()}", "-m", "fluxrt", "generate", "--no-progress", *flags]
 
 
 def _pixels(path: Path) -> np.ndarray:
@@ -60,11 +60,10 @@ def test_torchrun_gives_the_one_process_image_written_by_rank_0_alone(world, fla
 def _launch_ranks(world: int, folder: Path, *flags: str) -> list[subprocess.Popen]:
     """The ranks as torchrun would start them, without torchrun's agent (which would tear the others down itself):
     what is tested is fluxrt's own reaction to a dead peer."""
-    env = dict(ENV, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), WORLD_SIZE=str(world))
     argv = [sys.executable, "-m", "fluxrt", "generate", *flags]
-    return [subprocess.Popen(argv, cwd=folder, env=dict(env, RANK=str(rank), LOCAL_RANK=str(rank)),
-                             stdout=subprocess.PIPE, stderr=open(folder.parent / f"rank{rank}.err", "w"), text=True)
-            for rank in range(world)]
+    return [subprocess.Popen(argv, cwd=folder, env=env, stdout=subprocess.PIPE,
+                             stderr=open(folder.parent / f"rank{rank}.err", "w"), text=True)
+            for rank, env in enumerate(rank_env(world))]
 
 
 def test_a_rank_killed_mid_run_ends_rank_0_with_one_clear_error_and_no_file(tmp_path):

@@ -308,12 +308,12 @@ def test_cache_hooks_applied_without_enable_cache_are_refused_with_the_way_that_
 
 
 def test_an_enabled_diffusers_cache_and_parallel_are_refused_untouched(monkeypatch):
-    from test_parallel import _free_port
+    from ranks import free_port
 
     from fluxrt import parallel
 
     monkeypatch.delenv("RANK", raising=False)
-    parallel.init(0, 1, backend="gloo", master_port=_free_port(), timeout_s=10)
+    parallel.init(0, 1, backend="gloo", master_port=free_port(), timeout_s=10)
     try:
         model = diffusers_flux(seed=12)
         model.enable_cache(FirstBlockCacheConfig(threshold=0.1))

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -23,6 +21,7 @@ import fluxrt
 from fluxrt.config import default_axes_dim
 from fluxrt import parallel
 from fluxrt.tiny import TINY_AUTOENCODER
+from ranks import free_port, run_ranks
 
 BATCH = 2
 # Input shapes: name -> (text tokens, latent grid rows, cols). "short" leaves the last of 4 ranks nothing but padding.
@@ -123,31 +122,9 @@ def _wait_for(path: Path | None) -> None:
         time.sleep(0.1)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _run_ranks(world: int, out_path: Path, mode: str = "parity") -> tuple[list[int], list[str]]:
-    """Run `world` ranks of this file as processes; every one is waited for, and killed at the deadline."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo", MASTER_ADDR="127.0.0.1")
-    port = _free_port()
-    argv = [sys.executable, __file__, mode, str(world), str(port), str(out_path)]
-    procs = [
-        subprocess.Popen([*argv, str(rank)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        for rank in range(world)
-    ]
-    logs = []
-    try:
-        for proc in procs:
-            logs.append(proc.communicate(timeout=LAUNCH_TIMEOUT_S)[0])
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-    return [proc.returncode for proc in procs], logs
+    """Run `world` ranks of this file as processes (tests/ranks.py: bounded, every one killed at the deadline)."""
+    return run_ranks(lambda rank: [__file__, mode, str(out_path)], world, LAUNCH_TIMEOUT_S)
 
 
 def _launch(world: int, out_path: Path, mode: str = "parity") -> dict:
@@ -267,7 +244,7 @@ def test_init_refuses_incomplete_launch_settings(monkeypatch, kwargs, env, messa
 def test_init_again_returns_the_same_rank_and_refuses_another(monkeypatch):
     monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")
     try:
-        assert parallel.init(0, 1, backend="gloo", master_port=_free_port(), timeout_s=10) == (0, 1)
+        assert parallel.init(0, 1, backend="gloo", master_port=free_port(), timeout_s=10) == (0, 1)
         assert parallel.init() == (0, 1), "a second init() without arguments must return the joined rank"
         with pytest.raises(ValueError, match="already joined as rank 0 of 1, not rank 1 of 2"):
             parallel.init(1, 2)
@@ -299,7 +276,7 @@ def test_compile_with_parallel_in_a_one_rank_group(monkeypatch):
     """One rank: the sharded compiled model is the unsharded one; a Ulysses degree that does not fit is refused before
     anything moves; parallel= applies to transformers only."""
     monkeypatch.delenv("RANK", raising=False)
-    parallel.init(0, 1, backend="gloo", master_port=_free_port(), timeout_s=10)
+    parallel.init(0, 1, backend="gloo", master_port=free_port(), timeout_s=10)
     try:
         model = _model()
         with pytest.raises(ValueError, match="ulysses_degree 4 must divide the world size 1"):
@@ -368,7 +345,8 @@ def test_a_diffusers_transformer_compiled_with_parallel_gives_the_diffusers_outp
 
 
 if __name__ == "__main__":
-    _mode, _world, _port, _out, _rank = sys.argv[1:]
+    _mode, _out = sys.argv[1:]
+    _rank, _world, _port = (os.environ[name] for name in ("RANK", "WORLD_SIZE", "MASTER_PORT"))
     if _mode == "diffusers":
         _diffusers_worker(int(_rank), int(_world), int(_port), _out)
     elif _mode.startswith("parity"):

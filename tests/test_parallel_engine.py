@@ -19,9 +19,8 @@ from fluxrt import parallel, parallel_engine
 from fluxrt.tiny import tiny_random_pipeline
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_parallel import _free_port  # noqa: E402
+from ranks import run_ranks  # noqa: E402
 
-import subprocess  # noqa: E402
 
 LAUNCH_TIMEOUT_S = 90
 CALL = dict(prompt=["a red cube", "a blue ball"], width=64, height=48, num_steps=2, seed=3, output_type="pt")
@@ -105,20 +104,7 @@ WORKERS = {"parity": (_parity_worker, 30), "lora": (_lora_worker, 30), "idle": (
 
 
 def _run(mode: str, world: int, out: Path) -> tuple[list[int], list[str]]:
-    env = dict(os.environ, OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo", MASTER_ADDR="127.0.0.1",
-               MASTER_PORT=str(_free_port()), WORLD_SIZE=str(world))
-    procs = [subprocess.Popen([sys.executable, __file__, mode, str(out)], env=dict(env, RANK=str(rank)),
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for rank in range(world)]
-    logs = []
-    try:
-        for proc in procs:
-            logs.append(proc.communicate(timeout=LAUNCH_TIMEOUT_S)[0])
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-    return [proc.returncode for proc in procs], logs
+    return run_ranks(lambda rank: [__file__, mode, str(out)], world, LAUNCH_TIMEOUT_S)
 
 
 @pytest.fixture(scope="module")

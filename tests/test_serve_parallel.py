@@ -26,7 +26,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_parallel import _free_port  # noqa: E402
+from ranks import free_port  # noqa: E402
 from test_serve_engine import wait_until  # noqa: E402
 from test_serve_http import WAIT_S, ServerProcess, alone, assert_error, assert_same, decoded, metric  # noqa: E402
 
@@ -88,7 +88,7 @@ def _torchrun_server(folder: Path, *flags: str) -> Launched:
     script = folder / "rank.py"
     script.write_text(RANK_SCRIPT)
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--master-addr=127.0.0.1",
-               f"--master-port={_free_port()}", str(script), str(folder), "serve", "--port", "0", *flags]
+               f"--master-port={free_port()}", str(script), str(folder), "serve", "--port", "0", *flags]
     server = Launched(command, ENV)
     server.folder = folder
     return server
@@ -196,7 +196,7 @@ def test_cp_server_runs_each_requests_hot_swapped_loras_on_every_rank(tmp_path):
 
 
 def test_a_dead_follower_fails_the_next_request_and_leaves_the_server_unhealthy(tmp_path):
-    env = dict(ENV, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), WORLD_SIZE="2")
+    env = dict(ENV, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE="2")
     command = [sys.executable, "-m", "fluxrt", "serve", "--cp", "ring", "--port", "0", "--model", "tiny"]
     follower = subprocess.Popen(command, env=dict(env, RANK="1", LOCAL_RANK="1"), stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL)
@@ -229,7 +229,7 @@ def test_a_dead_follower_fails_the_next_request_and_leaves_the_server_unhealthy(
 
 
 def test_followers_ignore_sigterm_and_sigint_and_end_when_rank_0_dies():
-    env = dict(ENV, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), WORLD_SIZE="2")
+    env = dict(ENV, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE="2")
     command = [sys.executable, "-m", "fluxrt", "serve", "--cp", "ulysses", "--port", "0", "--model", "tiny"]
     follower = subprocess.Popen(command, env=dict(env, RANK="1", LOCAL_RANK="1"), stdout=subprocess.DEVNULL,
                                 stderr=subprocess.PIPE, text=True)
