@@ -406,10 +406,12 @@ def plot(path: Path, rows: list[dict], title: str) -> None:
         for method, colour in colours.items():
             points = sorted((r["speedup"], r[key], r["setting"].split(":", 1)[1]) for r in cached
                             if r["method"] == method and r[key] is not None)
-            xy = [at(x, y) for x, y, _ in points]
-            if len(xy) > 1:
-                draw.line(xy, fill=colour, width=2)
-            for (px, py), (_, _, name) in zip(xy, points):
+            best = {}  # the line joins the best value at each speedup (settings may share one: same skip count)
+            for x, y, _ in points:
+                best[x] = max(best.get(x, y), y)
+            if len(best) > 1:
+                draw.line([at(x, y) for x, y in sorted(best.items())], fill=colour, width=2)
+            for (px, py), (_, _, name) in zip((at(x, y) for x, y, _ in points), points):
                 draw.ellipse((px - 3, py - 3, px + 3, py + 3), fill=colour)
                 draw.text((px + 4, py - 14), name, fill=colour, font=font)
             legend_x = box[0] + 170 * list(colours).index(method)  # above the box: never over a point
