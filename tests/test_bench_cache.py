@@ -176,6 +176,18 @@ def test_ssim_of_two_flat_images_is_the_luminance_term(a, b):
     assert bench_cache.ssim(first, second) == pytest.approx([expected], rel=1e-9)
 
 
+def test_ssim_window_is_the_standard_gaussian():
+    """11x11, sums to 1 per channel, separable Gaussian of sigma 1.5: each step from the centre scales a weight by
+    exp(-(d1^2 - d0^2) / (2 sigma^2))."""
+    window = bench_cache._gaussian_window(3)
+    assert window.shape == (3, 1, 11, 11)
+    torch.testing.assert_close(window.sum(dim=(1, 2, 3)), torch.ones(3, dtype=torch.float64))
+    centre = window[0, 0, 5]
+    assert centre[6] / centre[5] == pytest.approx(math.exp(-1 / (2 * 1.5**2)))
+    assert centre[8] / centre[5] == pytest.approx(math.exp(-9 / (2 * 1.5**2)))
+    torch.testing.assert_close(window[0, 0], window[0, 0].T)
+
+
 def test_ssim_orders_known_distortions():
     """More noise, less SSIM; blur is below 1; an inverted image is anti-correlated (below 0)."""
     generator = torch.Generator().manual_seed(0)
