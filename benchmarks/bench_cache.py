@@ -563,8 +563,9 @@ def write_outputs(out: Path, meta: dict, rows: list[dict], picks: dict, table: s
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"meta": meta, "rows": rows, "suggested": picks}, indent=2) + "\n")
     out.with_suffix(".md").write_text(table)
-    plot(out.with_suffix(".png"), rows, f"{meta['label']}: {meta['steps']} steps, {meta['images']} images, quality "
-         "vs uncached")
+    quantized = f", quantize {meta['quantize']}" if meta["quantize"] else ""
+    plot(out.with_suffix(".png"), rows, f"{meta['label']}{quantized}: {meta['steps']} steps, {meta['images']} images, "
+         "quality vs uncached")
     print(f"wrote {out} and its .md and .png")
 
 
