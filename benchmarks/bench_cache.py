@@ -2,7 +2,7 @@
 
 For every setting (First-Block Cache at a sweep of thresholds, TaylorSeer at a few (order, interval, warmup), and
 "none": an uncached rerun, and "fbc:0", which must be exact) the compiled pipeline draws the same prompts with the
-same seeds (image k: seed k) as an uncached reference run, and each row reports:
+same seeds (image k: seed k) as an uncached reference run, interleaved with it batch by batch, and each row reports:
 
 - steps: transformer calls per image (steps x 2 with true CFG, whose negative pass keeps its own cache state) and
   how many were computed / skipped (pipe.cache_stats, summed over the images);
@@ -24,7 +24,8 @@ same seeds (image k: seed k) as an uncached reference run, and each row reports:
 
 Outputs: a markdown table, JSON ({"meta", "rows", "suggested"}) and a PNG plot (PSNR and SSIM against speedup, one
 line per method; drawn with PIL, so it needs no plotting library). "suggested" applies the default-picking rule
-(suggest): the largest speedup per method with PSNR >= 30 dB and adherence at most 1 point below uncached.
+(suggest): per method the largest speedup (then PSNR) with set PSNR >= 30 dB, no image below 20 dB, and adherence at
+most 1 point below uncached.
 
     python benchmarks/bench_cache.py        # the embedded tiny model on the CPU -> results/cache_tiny_<date>.*
     python benchmarks/bench_cache.py --model ./FLUX.1-dev --size 1024 --steps 28 --prompts 16 --batch 1
@@ -59,6 +60,7 @@ from fluxrt import cache, sampling, shapes, shapes_eval  # noqa: E402
 from fluxrt.config import FluxConfig  # noqa: E402
 from fluxrt.pipeline import to_pil  # noqa: E402
 from fluxrt.tiny import CORPUS, TRAINED  # noqa: E402
+from fluxrt.validation import check_size, check_steps  # noqa: E402
 
 FBC_THRESHOLDS = (0.02, 0.05, 0.08, 0.1, 0.12, 0.14, 0.16, 0.2, 0.25, 0.3, 0.4, 0.5)
 # TaylorSeer (order, interval, warmup); (1, 5, 3) is diffusers' TaylorSeerCacheConfig default and fluxrt.cache's
@@ -445,11 +447,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     for name in ("prompts", "batch", "settings", "steps"):
         if getattr(args, name) is None:
             setattr(args, name, preset.get(name))
-    for name in ("prompts", "batch", "steps"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            parser.error(f"--{name} must be a positive int, got {value}")
-    args.size = _parse_size(parser, args.size)
+    for name in ("prompts", "batch"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be a positive int, got {getattr(args, name)}")
+    try:  # the pipeline's own rules, checked before a model loads
+        if args.steps is not None:
+            check_steps(args.steps, "--steps")
+        args.size = _parse_size(parser, args.size)
+        if args.size is not None:
+            check_size(*args.size, names=("--size width", "--size height"))
+    except ValueError as err:
+        parser.error(str(err))
     args.settings = _parse_settings(parser, args.settings)
     return args
 

@@ -263,6 +263,8 @@ def test_lpips_is_measured_when_the_package_imports(monkeypatch):
     (["--settings", "fbc:0.1", "fbc:0.10"], "--settings lists fbc:0.1 more than once"),
     (["--prompts", "0"], "--prompts must be a positive int, got 0"),
     (["--size", "big"], "--size must be SIZE or WxH"),
+    (["--size", "100"], "--size width must be a multiple of 16"),
+    (["--steps", "0"], "--steps must be"),
 ])
 def test_bad_flags_are_one_clear_error(capsys, args, message):
     with pytest.raises(SystemExit) as exit_:
