@@ -523,8 +523,8 @@ def device_label(pipe, model: Path) -> tuple[str, str, str]:
         return f"{name}_{_common.gpu_slug(gpu)}", f"{gpu}, {model.name}", f"Times measured on {gpu}."
     cores = len(os.sched_getaffinity(0))
     return name, f"CPU ({cores} cores), {model.name} model", (
-        f"Times: CPU, {torch.get_num_threads()} thread(s), a shared {cores}-core machine: not a GPU claim; at 64x64 "
-        "a call is mostly per-op overhead, so wall time gains less than the work does.")
+        f"Times: CPU, {torch.get_num_threads()} thread(s), a shared {cores}-core machine: not a GPU claim; for a tiny "
+        "model a call is mostly per-op overhead, so wall time gains less than the work does.")
 
 
 def measure(pipe, batches: list[Batch], settings: list[str], width: int, height: int, steps: int,
