@@ -3,7 +3,7 @@
   fluxrt generate [--model PATH|tiny|tiny-random[-fill|-canny|-kontext]] --prompt TEXT --width W --height H
                   --steps N --guidance G [--negative-prompt TEXT --true-cfg-scale S] [--lora PATH[:SCALE]]
                   [--image IN.png [--mask M.png] [--strength S]] [--control-image C.png] --seed S --out FILE.png
-                  [--quantize fp8|fp8-weight] [--no-compile] [--compare-reference] [--cache fbc:0.08|taylorseer:2:4]
+                  [--quantize fp8|fp8-weight] [--no-compile] [--compare-reference] [--cache fbc:0.1|taylorseer:1:5:5]
   torchrun --nproc-per-node N -m fluxrt generate ... --cp ulysses|ring|usp [--ulysses-degree U]
                   the same image from N GPUs (or CPU processes) splitting the sequence: rank 0 encodes, samples,
                   decodes and writes the PNG; the others run their shard of each transformer step (fluxrt.parallel)
@@ -268,7 +268,7 @@ def _add_generate(sub) -> None:
     g.add_argument("--no-compile", action="store_true", help="run the plain-PyTorch reference transformer")
     g.add_argument("--cache", metavar="SPEC",
                    help="step caching (fluxrt.cache): fbc:THRESHOLD (First-Block Cache, e.g. fbc:0.08) or "
-                        "taylorseer:ORDER:INTERVAL[:WARMUP] (e.g. taylorseer:2:4); needs the compiled transformer")
+                        "taylorseer:ORDER:INTERVAL[:WARMUP] (e.g. taylorseer:1:5:5); needs the compiled transformer")
     g.add_argument("--backend", default="auto", choices=["auto", "triton", "torch"], help="fluxrt.compile backend")
     g.add_argument("--device", help="default: cuda when there is a GPU, else cpu")
     g.add_argument("--compare-reference", action="store_true",

@@ -70,7 +70,7 @@ def compile(obj, quantize: str | None = None, backend: str = "auto", cuda_graphs
     parallel: None | "ulysses" | "ring" | "usp" (with ulysses_degree): context parallelism over the process group
     fluxrt.parallel.init() joined (the transformer only; every rank compiles in step and calls with the same inputs;
     CUDA graphs are then off, attention must be "bf16").
-    cache: None | a fluxrt.cache config | its spec ("fbc:0.08", "taylorseer:2:4"): step caching for calls that pass
+    cache: None | a fluxrt.cache config | its spec ("fbc:0.08", "taylorseer:1:5:5"): step caching for calls that pass
     no cache_states of their own (the transformer only). A diffusers transformer's enable_cache(FirstBlockCacheConfig
     | TaylorSeerCacheConfig) is mapped to the same (fluxrt.diffusers_state); a cache= that disagrees with it is an
     error, and other diffusers caches are refused.

@@ -224,7 +224,7 @@ class FluxPipeline:
         Limits (fluxrt.validation): MAX_STEPS, MAX_PIXELS per image, MAX_IMAGES_PER_CALL. Every argument is checked
         before any work. A prompt longer than the text encoders read is cut, with a warning naming what was dropped.
         NaN or inf latents or pixels raise fluxrt.NonFiniteError instead of returning a broken image.
-        cache: step caching for this call (fluxrt.cache: "fbc:0.08", "taylorseer:2:4" or a config; None: off; or one
+        cache: step caching for this call (fluxrt.cache: "fbc:0.08", "taylorseer:1:5:5" or a config; None: off; or one
         per prompt), on the compiled transformer; pipe.cache_stats then says what each image computed and skipped.
         """
         text = check_text(prompt, prompt_2, prompt_embeds, pooled_prompt_embeds, self.config)

@@ -45,7 +45,7 @@ class GenerationRequest:
     mask_image: Any = None
     control_image: Any = None  # a Canny / Depth model's
     strength: float | None = None  # img2img / inpainting / Fill; None: the mode's default (0.6; Fill 1.0)
-    cache: Any = None  # step caching (fluxrt.cache: "fbc:0.08", "taylorseer:2:4", a config); None: off
+    cache: Any = None  # step caching (fluxrt.cache: "fbc:0.08", "taylorseer:1:5:5", a config); None: off
 
 
 @dataclass(frozen=True)

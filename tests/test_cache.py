@@ -454,9 +454,9 @@ def test_a_model_compiled_with_cache_makes_states_per_trajectory():
 
 def test_a_model_compiled_with_taylorseer_names_it_and_predicts():
     fast, _ = models(step_cache="taylorseer:1:2")
-    assert fast.plan["cache"] == TaylorSeer(1, 2).spec() == "taylorseer:1:2:3"
+    assert fast.plan["cache"] == TaylorSeer(1, 2).spec() == "taylorseer:1:2:5"
     Trajectory(fast, inputs(1))
-    expected = diffusers_schedule(STEPS, interval=2, warmup=3, cooldown=None)
+    expected = diffusers_schedule(STEPS, interval=2, warmup=5, cooldown=None)
     assert fast.cache_stats == [{"computed": expected.count("computed"), "skipped": expected.count("skipped")}]
 
 

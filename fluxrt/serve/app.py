@@ -3,7 +3,7 @@
     POST /v1/images/generations   JSON: prompt, n, size "WxH", response_format "b64_json", model; FLUX extras: steps
                                   (or num_inference_steps), guidance (or guidance_scale), seed, negative_prompt,
                                   true_cfg_scale, loras {name: scale} (the server's --lora files by stem), cache
-                                  (step caching: "fbc:0.08", "taylorseer:2:4"; fluxrt.cache)
+                                  (step caching: "fbc:0.08", "taylorseer:1:5:5"; fluxrt.cache)
     POST /v1/images/edits         multipart: image, optional mask, prompt, n, size, response_format, strength, the
                                   extras above but loras: img2img / inpainting / Fill / Kontext, by the loaded model.
                                   The mask is FLUX's (white: repaint), or OpenAI's if it has transparency
