@@ -398,8 +398,12 @@ def _check_args(args) -> None:
     _check_model(args)
     _check_request(args, device)
     _check_parallel_args(args)
-    if args.no_compile and (args.quantize or args.compare_reference or args.cache):
-        raise UsageError("--quantize, --compare-reference and --cache need the compiled transformer; drop --no-compile")
+    needs_compiling = [flag for flag, given in (("--quantize", args.quantize), ("--compare-reference",
+                                                                               args.compare_reference),
+                                                  ("--cache", args.cache)) if given]
+    if args.no_compile and needs_compiling:
+        raise UsageError(f"{' and '.join(needs_compiling)} need{'s' if len(needs_compiling) == 1 else ''} the compiled "
+                         "transformer; drop --no-compile")
     _check_cache_flag(args)
     if args.quantize == "fp8":
         if device.type != "cuda":

@@ -110,7 +110,7 @@ def test_an_uncompiled_server_refuses_a_cache_with_what_to_do():
 
 def test_cache_with_context_parallel_or_an_uncompiled_cli_run_is_refused(tmp_path):
     launched = dict(os.environ, RANK="0", WORLD_SIZE="2")  # as torchrun's ranks see it: the flags are checked first
-    for flags, message in ((["--no-compile"], "need the compiled transformer"),
+    for flags, message in ((["--no-compile"], "--cache needs the compiled transformer"),
                            (["--cp", "ring"], "does not combine with --cp")):
         done = subprocess.run([sys.executable, "-m", "fluxrt", "generate", "--out", "x.png", "--cache", "fbc:0.1", *flags],
                               cwd=tmp_path, capture_output=True, text=True, timeout=WAIT_S, env=launched)

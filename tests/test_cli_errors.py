@@ -84,7 +84,7 @@ def edit_config(model, part, edit):
     (("--model", "no/such/folder"), "--model 'no/such/folder' does not exist (a local FLUX folder or file, tiny or tiny-random[-fill|-canny|-kontext])"),
     (("--quantize", "fp8"), "--quantize fp8 (W8A8) needs an FP8-capable CUDA GPU (sm_89+: Ada, Hopper, Blackwell) and "
                             "none is in use (device cpu); use --quantize fp8-weight"),
-    (("--quantize", "fp8-weight", "--no-compile"), "--quantize and --compare-reference need the compiled transformer; "
+    (("--quantize", "fp8-weight", "--no-compile"), "--quantize needs the compiled transformer; "
                                                    "drop --no-compile"),
     (("--device", "gpu"), "--device 'gpu' is not a device; use e.g. 'cpu', 'cuda', 'cuda:1'"),
 ])
