@@ -2,7 +2,7 @@
 
     preview = LatentPreview.of(pipe.autoencoder)         # fitted once per autoencoder, then cached
     rgb = preview.rgb(packed_latents, height, width)      # uint8 [h, w, 3] on the CPU, one pixel per latent pixel
-    image = preview.image(rgb, height, width)             # PIL image of the requested size (nearest upsampling)
+    image = LatentPreview.image(rgb, height, width)       # PIL image of the requested size (nearest upsampling)
 
 Where the projection comes from: as ComfyUI's latent previews, a linear map of each latent pixel's 16 channels to
 RGB (a [16, 3] weight and a bias). fluxrt fits it per autoencoder by least squares, not from a published table, so
@@ -102,7 +102,8 @@ class LatentPreview:
         colours = torch.einsum("chw,cr->hwr", latents.float(), weight) + bias
         return (colours.clamp(0, 1) * 255).round().to(torch.uint8).cpu()
 
-    def image(self, rgb: Tensor, height: int, width: int):
+    @staticmethod
+    def image(rgb: Tensor, height: int, width: int):
         """rgb's preview as a PIL image of height x width pixels (nearest upsampling of the latent grid)."""
         from PIL import Image
 

@@ -12,6 +12,13 @@
                                   replica, or the context-parallel group, failed);  GET /ready: the engine accepts jobs
     GET  /metrics                 Prometheus text
 
+Streaming (OpenAI's images stream): "stream": true answers text/event-stream: up to "partial_images" (0 to 3, default
+0) `image_generation.partial_image` events, each a fluxrt.preview PNG of the requested size with partial_image_index
+and "step" (of "steps"), one every "preview_every" steps (default: the steps spread evenly, steps // (partial_images
++ 1)), then one `image_generation.completed` event with the image the plain answer gives. One image per streamed
+request (n 1); previews need --batching step. A bad request still gets its JSON error; a failure during generation
+ends the stream with an `error` event ({"type": "error", "error": {message, type, param, code}}).
+
 A request for n images is n jobs with seeds seed, seed + 1, ... (no seed: one is drawn and reported per image);
 they are queued together or not at all. Answers: {"created", "data": [{"b64_json": PNG, "revised_prompt": null,
 "seed"[, "cache_stats"]}]}; errors: {"error": {"message", "type", "param", "code"}} with 400 (a bad request, fluxrt.validation's
@@ -29,13 +36,15 @@ import re
 import secrets
 import time
 from concurrent.futures import CancelledError
+from dataclasses import replace
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import validation
+from ..preview import LatentPreview
 from ..serving import GenerationRequest
 from .engine import EngineDraining, EngineFailed, JobTimeout, QueueFull
 
@@ -45,7 +54,9 @@ DISCONNECT_POLL_S = 0.25  # how often a waiting request checks that its client i
 CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that left before the answer (counted, never sent)
 EXTRAS = ("steps", "num_inference_steps", "guidance", "guidance_scale", "seed", "negative_prompt", "true_cfg_scale",
           "cache")
-GENERATION_FIELDS = {"prompt", "n", "size", "response_format", "model", "user", "loras", *EXTRAS}
+STREAM_FIELDS = ("stream", "partial_images", "preview_every")
+GENERATION_FIELDS = {"prompt", "n", "size", "response_format", "model", "user", "loras", *EXTRAS, *STREAM_FIELDS}
+MAX_PARTIAL_IMAGES = 3  # OpenAI's bound (its default is 0: the final image alone)
 EDIT_FIELDS = {"image", "mask", "prompt", "n", "size", "response_format", "model", "user", "strength", *EXTRAS}
 SIZE_PATTERN = re.compile(r"(\d+)x(\d+)")
 LIBRARY_ARGUMENTS = {"image": "an input image", "mask_image": "a mask", "control_image": "a control image"}
@@ -93,6 +104,8 @@ def create_app(engine, model_name: str, api_key: str | None = None,
         _check_fields(body, GENERATION_FIELDS)
         _check_model(body.get("model"), model_name)
         size = _size(body.get("size"), default_size)
+        if _streamed(body):
+            return await _stream(request, engine, body, size)
         return await _serve(request, engine, body, size, images={})
 
     @app.post(EDITS)
@@ -383,6 +396,124 @@ def _result(job):
         raise ApiError(500, f"the image could not be generated: {result.error}", code="generation_failed",
                        kind="server_error")
     return result
+
+
+# ---- streaming ----
+
+
+def _streamed(body: dict) -> bool:
+    """Whether the answer is an event stream; the stream-only fields without it are refused."""
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool):
+        raise ApiError(400, f"stream must be true or false, got {stream!r}", param="stream")
+    for name in STREAM_FIELDS[1:]:
+        if not stream and body.get(name) is not None:
+            raise ApiError(400, f"{name} goes with \"stream\": true (previews are streamed); add it or drop {name}",
+                           param=name)
+    return stream
+
+
+def _preview_settings(engine, body: dict) -> tuple[int, int | None]:
+    """(partial_images, preview_every) of a streamed request: every None when no previews were asked for."""
+    partial_images = body.get("partial_images")
+    partial_images = 0 if partial_images is None else partial_images
+    if isinstance(partial_images, bool) or not isinstance(partial_images, int) or not (
+            0 <= partial_images <= MAX_PARTIAL_IMAGES):
+        raise ApiError(400, f"partial_images must be an int from 0 to {MAX_PARTIAL_IMAGES}, got {partial_images!r}",
+                       param="partial_images")
+    every = body.get("preview_every")
+    if every is not None and (isinstance(every, bool) or not isinstance(every, int) or every < 1):
+        raise ApiError(400, f"preview_every must be a positive int (denoising steps between previews), got {every!r}",
+                       param="preview_every")
+    if partial_images == 0:
+        return 0, None
+    if every is None:  # the previews spread over the run; the steps' own errors come from submit
+        steps = _one_of(body, ("steps", "num_inference_steps"))
+        try:
+            steps = engine.pipe.resolve_steps(steps)[0]
+        except (TypeError, ValueError):
+            steps = 1
+        every = max(1, steps // (partial_images + 1))
+    return partial_images, every
+
+
+async def _stream(request: Request, engine, body: dict, size: tuple[int, int]) -> StreamingResponse:
+    """A streamed generation (see the module docstring): every check and the submit happen before the stream
+    starts, so their errors are ordinary JSON answers."""
+    if body.get("n", 1) != 1:
+        raise ApiError(400, f"a streamed request makes one image, got n {body.get('n')!r}: send n 1 (or leave it out), "
+                            "or drop \"stream\" for n images in one answer", param="n")
+    partial_images, every = _preview_settings(engine, body)
+    previews: asyncio.Queue = asyncio.Queue()
+    loop = asyncio.get_running_loop()
+
+    def on_preview(step: int, total: int, rgb) -> None:  # on the engine's worker thread
+        try:
+            loop.call_soon_threadsafe(previews.put_nowait, (step, total, rgb))
+        except RuntimeError:  # the event loop is closed: the server is stopping, nobody is left to send it to
+            return
+
+    generation, = _requests(body, size, {}, engine.pipe.lora_hotswap)
+    if partial_images:
+        generation = replace(generation, preview_every=every, on_preview=on_preview)
+    job, = _submit(engine, [generation])
+    events = _events(engine, job, previews, partial_images, f"{size[0]}x{size[1]}")
+    return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-store"})
+
+
+async def _events(engine, job, previews: asyncio.Queue, partial_images: int, size: str):
+    """The job's server-sent events: partial images as they come, then the completed image or an error. Starlette
+    cancels this generator when the client disconnects; the job is cancelled with it."""
+    done = asyncio.wrap_future(job.future)
+    next_preview = asyncio.ensure_future(previews.get())
+    sent = 0
+    try:
+        while not done.done():
+            await asyncio.wait({done, next_preview}, return_when=asyncio.FIRST_COMPLETED)
+            if next_preview.done():
+                if sent < partial_images:
+                    yield await _partial_event(next_preview.result(), sent, size)
+                    sent += 1
+                next_preview = asyncio.ensure_future(previews.get())
+        try:
+            result = _result(job)
+        except ApiError as err:
+            engine.stats.count_error(err.code or f"http_{err.status}")
+            yield _event("error", {"type": "error", "error": {"message": err.message, "type": err.kind,
+                                                              "param": err.param, "code": err.code}})
+            return
+        yield _event("image_generation.completed", {**_event_fields("image_generation.completed", size),
+                                                    "b64_json": await run_in_threadpool(_png_base64, result.image),
+                                                    "seed": result.request.seed})
+    finally:  # done, failed, or the client left: nothing more is wanted
+        next_preview.cancel()
+        job.cancel()
+
+
+async def _partial_event(preview: tuple, index: int, size: str) -> bytes:
+    step, total, rgb = preview
+    width, height = (int(side) for side in size.split("x"))
+
+    def png() -> str:  # off the event loop: the upsampling and PNG encode are the preview's costliest part
+        return _png_base64(LatentPreview.image(rgb, height, width))
+
+    return _event("image_generation.partial_image", {**_event_fields("image_generation.partial_image", size),
+                                                     "b64_json": await run_in_threadpool(png),
+                                                     "partial_image_index": index, "step": step, "steps": total})
+
+
+def _event_fields(kind: str, size: str) -> dict:
+    """The fields OpenAI's image events carry besides the image (fluxrt: opaque PNG, one quality)."""
+    fields = {"type": kind, "created_at": int(time.time()), "size": size, "output_format": "png",
+              "background": "opaque", "quality": "auto"}
+    if kind == "image_generation.completed":  # token counts are GPT image models' only
+        fields["usage"] = {"input_tokens": 0, "input_tokens_details": {"image_tokens": 0, "text_tokens": 0},
+                           "output_tokens": 0, "total_tokens": 0}
+    return fields
+
+
+def _event(name: str, data: dict) -> bytes:
+    return f"event: {name}\ndata: {json.dumps(data)}\n\n".encode()
 
 
 def _png_base64(image) -> str:

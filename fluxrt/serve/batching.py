@@ -21,6 +21,10 @@ max_batch counts jobs; a call's rows are the jobs plus one per job with true CFG
 transformer replays CUDA graphs: StepBatcher.row_buckets). The engine offers its queue's head (admits) and waits
 while it cannot join, so jobs run in arrival order.
 
+Live previews (GenerationRequest.on_preview, every preview_every steps: fluxrt.preview) come from the step
+batcher only, after a row's step; the request and serial batchers run pipe.generate, which takes no per-step
+callback, and give none (the engine refuses such jobs at submit: fluxrt.serve.engine).
+
 Every kind gives each job the image pipe.generate([request]) gives it alone, up to one 8-bit level from batched
 summation order, and a job's failure (NaN/inf latents: fluxrt.NonFiniteError; a run-time error) is its own result's
 error, in generate's words, never the other jobs'. Only the engine's one worker thread may call a batcher.
@@ -40,6 +44,7 @@ from ..cache import ImageCache
 from ..cache import states as cache_states
 from ..call_inputs import NoiseSource, to_pil
 from ..modes import ModeArgs
+from ..preview import LatentPreview
 from ..serving import GenerationRequest, GenerationResult, batch_key, kontext_reference_size
 from ..validation import NonFiniteError, check_batch_size
 
@@ -280,6 +285,7 @@ class StepBatcher(Batcher):
         with self.pipe.lock, torch.inference_mode():  # a LoRA load on another thread waits for the step's end
             self._join_pending(finished)
             rows = self._advance_rows(finished)
+            self._send_previews(finished)
             self.last_step = (rows, time.perf_counter() - started)
             self._decode_finished(finished)
         return finished
@@ -420,6 +426,21 @@ class StepBatcher(Batcher):
         if row.hook is not None:
             row.latents, _ = sampling.run_step_hook(row.hook, row.position - 1, t_curr,
                                                      row.latents.to(self.pipe.dtype), row.txt)
+
+    def _send_previews(self, finished: dict) -> None:
+        """The live previews jobs asked for (GenerationRequest.on_preview, after every preview_every-th step but the
+        last, whose image follows at once): fluxrt.preview's projection of the row's latents. Rows of jobs that
+        asked for none cost nothing here; a failed preview fails its own job only."""
+        for row in list(self._rows):
+            request = row.request
+            if request.on_preview is None or row.done or row.position % request.preview_every:
+                continue
+            try:
+                rgb = LatentPreview.of(self.pipe.autoencoder).rgb(row.latents, row.height, row.width)
+                request.on_preview(row.position, len(row.timesteps) - 1, rgb)
+            except Exception as err:  # noqa: BLE001 -- one job's preview must not take the others down
+                finished[row.key] = GenerationResult(request, error=f"the preview failed: {_error_text(err)}")
+                self._rows.remove(row)
 
     # ---- leaving ----
 
