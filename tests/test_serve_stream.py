@@ -80,15 +80,15 @@ def test_openai_stream_partial_images_then_the_plain_image(server):
 
 
 def test_raw_event_names_and_steps(http):
-    body = dict(prompt="a blue circle", size="32x32", steps=4, seed=3, stream=True, partial_images=3, preview_every=1)
+    body = dict(prompt="a blue circle", size="32x32", steps=4, seed=3, stream=True, partial_images=2, preview_every=1)
     with http.stream("POST", "/v1/images/generations", json=body) as response:
         assert response.status_code == 200 and response.headers["content-type"].startswith("text/event-stream")
         events = sse_events(response)
     names = [name for name, _ in events]
-    assert names == [PARTIAL] * 3 + [COMPLETED], names
+    assert names == [PARTIAL] * 2 + [COMPLETED], f"{names}: partial_images 2 caps the previews of steps 1, 2 and 3"
     assert all(data["type"] == name for name, data in events), events
-    assert [data["step"] for _, data in events[:3]] == [1, 2, 3], "a preview after each step but the last"
-    assert all(data["steps"] == 4 for _, data in events[:3])
+    assert [data["step"] for _, data in events[:2]] == [1, 2], "a preview after each step, the first two sent"
+    assert all(data["steps"] == 4 for _, data in events[:2])
 
 
 def test_no_partial_images_by_default(http):
@@ -192,12 +192,12 @@ def test_the_step_batcher_sends_previews_only_to_jobs_that_asked():
     pipe = tiny_random_pipeline(progress=False)
     seen = []
     batcher = StepBatcher(pipe, 2)
-    asked = resolve(pipe, GenerationRequest("a", width=32, height=32, num_steps=5, seed=1, preview_every=2,
+    asked = resolve(pipe, GenerationRequest("a", width=32, height=32, num_steps=6, seed=1, preview_every=2,
                                             on_preview=lambda step, total, rgb: seen.append((step, total, rgb.shape))))
     batcher.admit("asked", asked)
-    batcher.admit("plain", resolve(pipe, GenerationRequest("b", width=32, height=32, num_steps=5, seed=2)))
+    batcher.admit("plain", resolve(pipe, GenerationRequest("b", width=32, height=32, num_steps=6, seed=2)))
     finished = {}
     while len(batcher):
         finished.update(batcher.step())
-    assert seen == [(2, 5, (4, 4, 3)), (4, 5, (4, 4, 3))], seen
+    assert seen == [(2, 6, (4, 4, 3)), (4, 6, (4, 4, 3))], f"{seen}: every 2 steps, not after the last (6)"
     assert all(result.ok for result in finished.values()), finished
