@@ -148,7 +148,9 @@ def test_a_failure_during_generation_ends_the_stream_with_an_error_event():
     job = _DoneJob(GenerationResult(GenerationRequest("x"), error="NonFiniteError: NaN at step 3"))
 
     async def collect():
-        return [chunk async for chunk in serve_app._events(engine, job, asyncio.Queue(), 0, "32x32")]
+        events = asyncio.Queue()
+        events.put_nowait(None)  # the job is done
+        return [chunk async for chunk in serve_app._events(engine, job, events, 0, "32x32")]
 
     chunks = asyncio.run(collect())
     assert len(chunks) == 1 and chunks[0].startswith(b"event: error\n"), chunks
@@ -156,6 +158,24 @@ def test_a_failure_during_generation_ends_the_stream_with_an_error_event():
     assert data["type"] == "error" and "NaN at step 3" in data["error"]["message"], data
     assert data["error"]["code"] == "generation_failed" and engine.stats.errors == ["generation_failed"]
     assert job.cancelled, "the stream's end does not let go of its job"
+
+
+def test_previews_queued_before_the_end_are_all_sent_first():
+    """A fast job's previews may all wait in the queue when its result comes: each is still sent, in order."""
+    engine = type("FakeEngine", (), {"stats": _Stats()})()
+    job = _DoneJob(GenerationResult(GenerationRequest("x", seed=4), image=Image.new("RGB", (32, 16))))
+
+    async def collect():
+        events = asyncio.Queue()
+        for step in (1, 2, 3):
+            events.put_nowait((step, 4, torch.full((2, 4, 3), 40 * step, dtype=torch.uint8)))
+        events.put_nowait(None)
+        return [chunk async for chunk in serve_app._events(engine, job, events, 2, "32x16")]
+
+    chunks = [json.loads(chunk.split(b"data: ", 1)[1]) for chunk in asyncio.run(collect())]
+    assert [(data["type"], data.get("step")) for data in chunks] == [(PARTIAL, 1), (PARTIAL, 2), (COMPLETED, None)]
+    preview = decoded(chunks[1]["b64_json"])
+    assert preview.shape == (16, 32, 3) and (preview == 80).all(), "the second preview is not step 2's, upsampled"
 
 
 @pytest.mark.parametrize("batching", ["request", "serial"])

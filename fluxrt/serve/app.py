@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import io
 import json
 import re
@@ -444,37 +445,35 @@ async def _stream(request: Request, engine, body: dict, size: tuple[int, int]) -
         raise ApiError(400, f"a streamed request makes one image, got n {body.get('n')!r}: send n 1 (or leave it out), "
                             "or drop \"stream\" for n images in one answer", param="n")
     partial_images, every = _preview_settings(engine, body)
-    previews: asyncio.Queue = asyncio.Queue()
-    loop = asyncio.get_running_loop()
-
-    def on_preview(step: int, total: int, rgb) -> None:  # on the engine's worker thread
-        try:
-            loop.call_soon_threadsafe(previews.put_nowait, (step, total, rgb))
-        except RuntimeError:  # the event loop is closed: the server is stopping, nobody is left to send it to
-            return
-
+    events: asyncio.Queue = asyncio.Queue()  # previews in step order, then None once the job is done
+    post = functools.partial(_post, asyncio.get_running_loop(), events)
     generation, = _requests(body, size, {}, engine.pipe.lora_hotswap)
     if partial_images:
-        generation = replace(generation, preview_every=every, on_preview=on_preview)
+        generation = replace(generation, preview_every=every, on_preview=lambda *preview: post(preview))
     job, = _submit(engine, [generation])
-    events = _events(engine, job, previews, partial_images, f"{size[0]}x{size[1]}")
-    return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-store"})
+    # the worker posts a job's previews before it sets its result, so the None comes after the last preview
+    job.future.add_done_callback(lambda _: post(None))
+    stream = _events(engine, job, events, partial_images, f"{size[0]}x{size[1]}")
+    return StreamingResponse(stream, media_type="text/event-stream", headers={"Cache-Control": "no-store"})
 
 
-async def _events(engine, job, previews: asyncio.Queue, partial_images: int, size: str):
-    """The job's server-sent events: partial images as they come, then the completed image or an error. Starlette
-    cancels this generator when the client disconnects; the job is cancelled with it."""
-    done = asyncio.wrap_future(job.future)
-    next_preview = asyncio.ensure_future(previews.get())
+def _post(loop, events: asyncio.Queue, item) -> None:
+    """Hand an item from the engine's worker thread to the request's event loop."""
+    try:
+        loop.call_soon_threadsafe(events.put_nowait, item)
+    except RuntimeError:  # the event loop is closed: the server is stopping, nobody is left to send it to
+        return
+
+
+async def _events(engine, job, events: asyncio.Queue, partial_images: int, size: str):
+    """The job's server-sent events: partial images as they come (the first partial_images), then the completed
+    image or an error. Starlette cancels this generator when the client disconnects; the job is cancelled with it."""
     sent = 0
     try:
-        while not done.done():
-            await asyncio.wait({done, next_preview}, return_when=asyncio.FIRST_COMPLETED)
-            if next_preview.done():
-                if sent < partial_images:
-                    yield await _partial_event(next_preview.result(), sent, size)
-                    sent += 1
-                next_preview = asyncio.ensure_future(previews.get())
+        while (preview := await events.get()) is not None:
+            if sent < partial_images:
+                yield await _partial_event(preview, sent, size)
+                sent += 1
         try:
             result = _result(job)
         except ApiError as err:
@@ -486,7 +485,6 @@ async def _events(engine, job, previews: asyncio.Queue, partial_images: int, siz
                                                     "b64_json": await run_in_threadpool(_png_base64, result.image),
                                                     "seed": result.request.seed})
     finally:  # done, failed, or the client left: nothing more is wanted
-        next_preview.cancel()
         job.cancel()
 
 
