@@ -22,8 +22,10 @@ transformer replays CUDA graphs: StepBatcher.row_buckets). The engine offers its
 while it cannot join, so jobs run in arrival order.
 
 Live previews (GenerationRequest.on_preview, every preview_every steps: fluxrt.preview) come from the step
-batcher only, after a row's step; the request and serial batchers run pipe.generate, which takes no per-step
-callback, and give none (the engine refuses such jobs at submit: fluxrt.serve.engine).
+batcher only, after a row's step, read off its fp32 latents (the image stays the one a job without previews gets).
+The request and serial batchers run pipe.generate, which takes no per-step callback (and the pipeline's
+callback_on_step_end rounds the running latents to the model's dtype each step, which would change a bf16 image),
+so they give none: the engine refuses such jobs at submit (fluxrt.serve.engine).
 
 Every kind gives each job the image pipe.generate([request]) gives it alone, up to one 8-bit level from batched
 summation order, and a job's failure (NaN/inf latents: fluxrt.NonFiniteError; a run-time error) is its own result's
