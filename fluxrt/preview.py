@@ -7,11 +7,11 @@
 Where the projection comes from: as ComfyUI's latent previews, a linear map of each latent pixel's 16 channels to
 RGB (a [16, 3] weight and a bias). fluxrt fits it per autoencoder by least squares, not from a published table, so
 it holds for any autoencoder (the tiny random one of the tests as well as FLUX's): the autoencoder's own encoder
-turns synthetic images (discs, squares and stripes on solid or gradient backgrounds) into latents of the kind it makes, its
-decoder turns those back into images, and the fit maps each latent pixel to its decoded image average-pooled to the
-latent grid (what the full decode would show there; for a trained autoencoder close to the synthetic image itself).
-It runs once per autoencoder (one encoder and one decoder call on 48 images of 64x64) and is cached while the
-autoencoder lives.
+turns synthetic images (discs, squares and stripes on solid or gradient backgrounds) into latents of the kind it
+makes, its decoder turns those back into images, and the fit maps each latent pixel to its decoded image
+average-pooled to the latent grid (what the full decode would show there; for a trained autoencoder close to the
+synthetic image itself). It runs once per autoencoder (one encoder and one decoder call on 48 images of 64x64) and
+is cached while the autoencoder lives.
 
 What a preview costs: one [L, 16] x [16, 3] product on the latents' device (L latent pixels, 16384 at 1024x1024),
 a copy of the [L, 3] bytes to the CPU, and, off the denoising thread, the nearest upsampling and PNG encode.
@@ -41,7 +41,8 @@ def synthetic_images(size: int = FIT_SIZE, count: int = 48, seed: int = 0) -> Te
     for k in range(count):
         colours = torch.rand(3, 3, 1, 1, generator=generator)
         background = colours[0] if k % 2 else colours[0] * (1 - x) + colours[1] * x
-        cx, cy, r = (torch.rand(3, generator=generator) * torch.tensor([0.6, 0.6, 0.25]) + torch.tensor([0.2, 0.2, 0.1]))
+        # centre in [0.2, 0.8], radius (or stripe width's term) in [0.1, 0.35]
+        cx, cy, r = torch.rand(3, generator=generator) * torch.tensor([0.6, 0.6, 0.25]) + torch.tensor([0.2, 0.2, 0.1])
         shape = k % 3
         if shape == 0:
             inside = ((x - cx) ** 2 + (y - cy) ** 2) < r**2

@@ -12,12 +12,13 @@
                                   replica, or the context-parallel group, failed);  GET /ready: the engine accepts jobs
     GET  /metrics                 Prometheus text
 
-Streaming (OpenAI's images stream, generations only): "stream": true answers text/event-stream: up to "partial_images" (0 to 3, default
-0) `image_generation.partial_image` events, each a fluxrt.preview PNG of the requested size with partial_image_index
-and "step" (of "steps"), one every "preview_every" steps (default: the steps spread evenly, steps // (partial_images
-+ 1)), then one `image_generation.completed` event with the image the plain answer gives. One image per streamed
-request (n 1); previews need --batching step; a client that leaves cancels the job. A bad request still gets its JSON error; a failure during generation
-ends the stream with an `error` event ({"type": "error", "error": {message, type, param, code}}).
+Streaming (OpenAI's images stream, generations only): "stream": true answers text/event-stream: up to
+"partial_images" (0 to 3, default 0) `image_generation.partial_image` events, each a fluxrt.preview PNG of the
+requested size with partial_image_index and "step" (of "steps"), one every "preview_every" steps (default: the steps
+spread evenly, steps // (partial_images + 1)), then one `image_generation.completed` event with the image the plain
+answer gives. One image per streamed request (n 1); previews need --batching step; a client that leaves cancels the
+job. A bad request still gets its JSON error; a failure during generation ends the stream with an `error` event
+({"type": "error", "error": {message, type, param, code}}).
 
 A request for n images is n jobs with seeds seed, seed + 1, ... (no seed: one is drawn and reported per image);
 they are queued together or not at all. Answers: {"created", "data": [{"b64_json": PNG, "revised_prompt": null,

@@ -310,7 +310,8 @@ class Engine:
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
             raise ValueError(f"preview_every must be a positive int (steps between previews), got {every!r}")
         if not callable(request.on_preview):
-            raise TypeError(f"on_preview must be a function (step, total, rgb), got {type(request.on_preview).__name__}")
+            raise TypeError("on_preview must be a function (step, total, rgb), got "
+                            f"{type(request.on_preview).__name__}")
         return request
 
     def _retry_after_s(self) -> int:
