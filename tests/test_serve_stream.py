@@ -186,6 +186,17 @@ def test_previews_need_step_batching(batching):
         engine.submit(request)
 
 
+@pytest.mark.parametrize("fields, error, words", [
+    (dict(preview_every=0, on_preview=print), ValueError, "positive int"),
+    (dict(preview_every=None, on_preview=print), ValueError, "positive int"),
+    (dict(preview_every=2, on_preview="print"), TypeError, "must be a function"),
+])
+def test_the_engine_checks_preview_requests(fields, error, words):
+    engine = Engine(tiny_random_pipeline(progress=False), batching="step")  # checked before the queue: not started
+    with pytest.raises(error, match=words):
+        engine.submit(GenerationRequest("x", width=32, height=32, **fields))
+
+
 def test_preview_cost_against_a_step():
     """Seconds of one preview against one denoising step of the step batcher at 256x256 on this CPU."""
     pipe = tiny_random_pipeline(progress=False)
