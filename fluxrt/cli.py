@@ -164,16 +164,24 @@ def _library_log_on_stderr():
 @contextlib.contextmanager
 def _sigterm_raises():
     """SIGTERM raises Terminated while the command runs (Python's default kills the process on the spot, leaving
-    the temp file behind). signal.signal works only in the main thread; main() called from another thread keeps the
-    handler it has."""
+    the temp file behind)."""
+    with _signal_handler((signal.SIGTERM,), _raise_terminated):
+        yield
+
+
+@contextlib.contextmanager
+def _signal_handler(signals: tuple, handler):
+    """`handler` for `signals` while the block runs, the previous handlers after. signal.signal works only in the
+    main thread: called from another thread (main() run by a library), the handlers stay as they are."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    previous = {sig: signal.signal(sig, handler) for sig in signals}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler_before in previous.items():
+            signal.signal(sig, handler_before)
 
 
 def _raise_terminated(signum, frame) -> None:
@@ -850,15 +858,11 @@ def _signals_ignored(ignore: bool):
     """A following rank ignores SIGTERM and SIGINT: torchrun sends SIGTERM (a terminal's Ctrl-C, SIGINT) to every
     rank, and a follower gone now would fail rank 0's requests in flight. It ends when rank 0 closes the group
     after draining them, or with a ParallelError within fluxrt.parallel.init's timeout when rank 0 dies."""
-    if not ignore or threading.current_thread() is not threading.main_thread():  # signal.signal's limit
+    if not ignore:
         yield
         return
-    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
+    with _signal_handler((signal.SIGINT, signal.SIGTERM), signal.SIG_IGN):
         yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
 
 
 def _group_failure(leader) -> str | None:
@@ -903,15 +907,8 @@ def _run_uvicorn(app, sock) -> list[int]:
         def capture_signals(self):
             # uvicorn's own re-raises the signal after a graceful stop, which would end the process by SIGTERM (143)
             # instead of exit 0 once everything in flight is answered
-            if threading.current_thread() is not threading.main_thread():
+            with _signal_handler((signal.SIGINT, signal.SIGTERM), self.on_signal):
                 yield
-                return
-            previous = {sig: signal.signal(sig, self.on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
-            try:
-                yield
-            finally:
-                for sig, handler in previous.items():
-                    signal.signal(sig, handler)
 
         def on_signal(self, sig, frame) -> None:
             self.received.append(sig)
