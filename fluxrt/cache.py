@@ -204,11 +204,14 @@ class _Rows:
     def __init__(self, rows: list[int], batch: int):
         self.all = rows == list(range(batch))
         self.rows = rows
+        self._index: dict[torch.device, Tensor] = {}  # one host-to-device copy of the rows per device, not per tensor
 
     def __call__(self, x: Tensor | None) -> Tensor | None:
         if x is None or self.all:
             return x
-        return x[torch.tensor(self.rows, device=x.device)]
+        if x.device not in self._index:
+            self._index[x.device] = torch.tensor(self.rows, device=x.device)
+        return x[self._index[x.device]]
 
 
 def run_blocks_cached(fast, img: Tensor, txt: Tensor, mods: list[Tensor], cos: Tensor, sin: Tensor,
