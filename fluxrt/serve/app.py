@@ -11,6 +11,7 @@
     GET  /v1/models               the one model;  GET /health: the process is up and can run requests (503 once every
                                   replica, or the context-parallel group, failed);  GET /ready: the engine accepts jobs
     GET  /metrics                 Prometheus text
+    GET  /                        the web page (fluxrt.serve.page): a form, live previews, the result, a gallery
 
 Streaming (OpenAI's images stream, generations only): "stream": true answers text/event-stream: up to
 "partial_images" (0 to 3, default 0) `image_generation.partial_image` events, each a fluxrt.preview PNG of the
@@ -49,9 +50,10 @@ from .. import validation
 from ..preview import LatentPreview
 from ..serving import GenerationRequest
 from .engine import EngineDraining, EngineFailed, JobTimeout, QueueFull
+from .page import add_page
 
 GENERATIONS, EDITS = "/v1/images/generations", "/v1/images/edits"
-ENDPOINTS = (GENERATIONS, EDITS, "/v1/models", "/health", "/ready", "/metrics")
+ENDPOINTS = ("/", GENERATIONS, EDITS, "/v1/models", "/health", "/ready", "/metrics")
 DISCONNECT_POLL_S = 0.25  # how often a waiting request checks that its client is still there
 CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that left before the answer (counted, never sent)
 EXTRAS = ("steps", "num_inference_steps", "guidance", "guidance_scale", "seed", "negative_prompt", "true_cfg_scale",
@@ -145,6 +147,7 @@ def create_app(engine, model_name: str, api_key: str | None = None,
     async def metrics() -> PlainTextResponse:
         return PlainTextResponse(engine.metrics(), media_type="text/plain; version=0.0.4")
 
+    add_page(app, engine, model_name, api_key, default_size)
     return app
 
 
