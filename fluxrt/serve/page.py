@@ -60,7 +60,7 @@ def add_page(app: FastAPI, engine, model_name: str, api_key: str | None, default
     """GET / on `app`: the page, rendered once (the settings do not change while the server runs)."""
     html = render(page_settings(engine, model_name, api_key, default_size))
 
-    @app.get("/", include_in_schema=False)
+    @app.api_route("/", methods=["GET", "HEAD"], include_in_schema=False)
     async def page() -> HTMLResponse:
         # the page runs its own inline script and style only, and talks to this server alone
         headers = {"Content-Security-Policy": "default-src 'none'; script-src 'unsafe-inline'; "
