@@ -46,11 +46,13 @@ class GenerationRequest:
     control_image: Any = None  # a Canny / Depth model's
     strength: float | None = None  # img2img / inpainting / Fill; None: the mode's default (0.6; Fill 1.0)
     cache: Any = None  # step caching (fluxrt.cache: "fbc:0.08", "taylorseer:1:5:5", a config); None: off
-    # live previews (fluxrt serve's streamed partial images; a serving batcher's, not pipe.generate's):
-    # on_preview(step, total, rgb) is called on the batcher's thread with fluxrt.preview's uint8 [h, w, 3] latent-grid
-    # preview after every preview_every-th step but the last; None: no previews, and no preview cost
+    # live previews and progress (fluxrt serve's streamed events; the step batcher's, not pipe.generate's), called on
+    # the batcher's thread: on_step(step, total) after every denoising step (1 .. total, the steps the job runs);
+    # on_preview(step, total, rgb) with fluxrt.preview's uint8 [h, w, 3] latent-grid preview after every
+    # preview_every-th step but the last, after that step's on_step. None: not called, and no cost
     preview_every: int | None = None
     on_preview: Any = None
+    on_step: Any = None
 
 
 @dataclass(frozen=True)

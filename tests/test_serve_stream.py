@@ -150,7 +150,7 @@ def test_a_failure_during_generation_ends_the_stream_with_an_error_event():
     async def collect():
         events = asyncio.Queue()
         events.put_nowait(None)  # the job is done
-        return [chunk async for chunk in serve_app._events(engine, job, events, 0, "32x32")]
+        return [chunk async for chunk in serve_app._events(engine, job, events, 0, "32x32", "image_generation")]
 
     chunks = asyncio.run(collect())
     assert len(chunks) == 1 and chunks[0].startswith(b"event: error\n"), chunks
@@ -168,9 +168,9 @@ def test_previews_queued_before_the_end_are_all_sent_first():
     async def collect():
         events = asyncio.Queue()
         for step in (1, 2, 3):
-            events.put_nowait((step, 4, torch.full((2, 4, 3), 40 * step, dtype=torch.uint8)))
+            events.put_nowait(("preview", step, 4, torch.full((2, 4, 3), 40 * step, dtype=torch.uint8)))
         events.put_nowait(None)
-        return [chunk async for chunk in serve_app._events(engine, job, events, 2, "32x16")]
+        return [chunk async for chunk in serve_app._events(engine, job, events, 2, "32x16", "image_generation")]
 
     chunks = [json.loads(chunk.split(b"data: ", 1)[1]) for chunk in asyncio.run(collect())]
     assert [(data["type"], data.get("step")) for data in chunks] == [(PARTIAL, 1), (PARTIAL, 2), (COMPLETED, None)]

@@ -3,29 +3,38 @@
     POST /v1/images/generations   JSON: prompt, n, size "WxH", response_format "b64_json", model; FLUX extras: steps
                                   (or num_inference_steps), guidance (or guidance_scale), seed, negative_prompt,
                                   true_cfg_scale, loras {name: scale} (the server's --lora files by stem), cache
-                                  (step caching: "fbc:0.08", "taylorseer:1:5:5"; fluxrt.cache)
-    POST /v1/images/edits         multipart: image, optional mask, prompt, n, size, response_format, strength, the
-                                  extras above but loras: img2img / inpainting / Fill / Kontext, by the loaded model.
-                                  The mask is FLUX's (white: repaint), or OpenAI's if it has transparency
-                                  (transparent: repaint)
+                                  (step caching: "fbc:0.08", "taylorseer:1:5:5"; fluxrt.cache); streaming: stream,
+                                  partial_images, preview_every, progress (below)
+    POST /v1/images/edits         multipart: image, optional mask, prompt, n, size (default: the image's),
+                                  response_format, strength, the extras and streaming fields above as text (stream and
+                                  progress "true" / "false"; loras as JSON text, '{"style": 0.8}'): img2img /
+                                  inpainting / Fill / Kontext, by the loaded model; on a Canny/Depth model the image is
+                                  the control image and a mask is refused. The mask is FLUX's (white: repaint), or
+                                  OpenAI's if it has transparency (transparent: repaint)
     GET  /v1/models               the one model;  GET /health: the process is up and can run requests (503 once every
                                   replica, or the context-parallel group, failed);  GET /ready: the engine accepts jobs
     GET  /metrics                 Prometheus text
     GET  /                        the web page (fluxrt.serve.page): a form, live previews, the result, a gallery
 
-Streaming (OpenAI's images stream, generations only): "stream": true answers text/event-stream: up to
-"partial_images" (0 to 3, default 0) `image_generation.partial_image` events, each a fluxrt.preview PNG of the
-requested size with partial_image_index and "step" (of "steps"), one every "preview_every" steps (default: the steps
-spread evenly, steps // (partial_images + 1)), then one `image_generation.completed` event with the image the plain
-answer gives. One image per streamed request (n 1); previews need --batching step; a client that leaves cancels the
-job. A bad request still gets its JSON error; a failure during generation ends the stream with an `error` event
-({"type": "error", "error": {message, type, param, code}}).
+Streaming (OpenAI's images stream, both endpoints): "stream": true answers text/event-stream: up to "partial_images"
+(0 to 3, default 0) partial-image events, each a fluxrt.preview PNG of the requested size with partial_image_index
+and "step" (of "steps", the denoising steps the job runs: img2img's are the strength's share), one every
+"preview_every" steps (default: those steps spread evenly, steps // (partial_images + 1)), then one completed event
+with the image the plain answer gives. The events are OpenAI's: `image_generation.partial_image` and
+`image_generation.completed` from generations, `image_edit.partial_image` and `image_edit.completed` from edits.
+fluxrt's extension "progress": true adds a `fluxrt.progress` event ({"type": "fluxrt.progress", "step": k, "steps":
+n}) after every step k = 1 .. n, the last one too (the decode follows it), each before its step's partial image; it is
+never sent unless asked, so OpenAI's clients see their own events only. One image per streamed request (n 1);
+previews and progress need --batching step; a client that leaves cancels the job. A bad request still gets its JSON
+error; a failure during generation ends the stream with an `error` event ({"type": "error", "error": {message, type,
+param, code}}).
 
 A request for n images is n jobs with seeds seed, seed + 1, ... (no seed: one is drawn and reported per image);
 they are queued together or not at all. Answers: {"created", "data": [{"b64_json": PNG, "revised_prompt": null,
-"seed"[, "cache_stats"]}]}; errors: {"error": {"message", "type", "param", "code"}} with 400 (a bad request, fluxrt.validation's
-limits), 401 (api_key set: no or a wrong Bearer token on /v1/), 404, 429 (the queue is full; Retry-After), 500 (the
-generation failed), 503 (shutting down), 504 (--timeout passed). A client that disconnects cancels its jobs.
+"seed"[, "cache_stats"]}]}; errors: {"error": {"message", "type", "param", "code"}} with 400 (a bad request,
+fluxrt.validation's limits), 401 (api_key set: no or a wrong Bearer token on /v1/), 404, 429 (the queue is full;
+Retry-After), 500 (the generation failed), 503 (shutting down), 504 (--timeout passed). A client that disconnects
+cancels its jobs.
 """
 
 from __future__ import annotations
@@ -58,10 +67,18 @@ DISCONNECT_POLL_S = 0.25  # how often a waiting request checks that its client i
 CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that left before the answer (counted, never sent)
 EXTRAS = ("steps", "num_inference_steps", "guidance", "guidance_scale", "seed", "negative_prompt", "true_cfg_scale",
           "cache")
-STREAM_FIELDS = ("stream", "partial_images", "preview_every")
+STREAM_FIELDS = ("stream", "partial_images", "preview_every", "progress")  # stream first: the others need it
 GENERATION_FIELDS = {"prompt", "n", "size", "response_format", "model", "user", "loras", *EXTRAS, *STREAM_FIELDS}
 MAX_PARTIAL_IMAGES = 3  # OpenAI's bound (its default is 0: the final image alone)
-EDIT_FIELDS = {"image", "mask", "prompt", "n", "size", "response_format", "model", "user", "strength", *EXTRAS}
+EDIT_FIELDS = {"image", "mask", "prompt", "n", "size", "response_format", "model", "user", "strength", "loras",
+               *EXTRAS, *STREAM_FIELDS}
+# multipart sends text: the edit fields read as the JSON body's types
+INT_FIELDS = ("n", "steps", "num_inference_steps", "seed", "partial_images", "preview_every")
+FLOAT_FIELDS = ("guidance", "guidance_scale", "true_cfg_scale", "strength")
+BOOL_FIELDS = ("stream", "progress")
+BOOLEANS = {"true": True, "false": False}  # what the openai client sends for True / False
+EVENT_PREFIXES = {GENERATIONS: "image_generation", EDITS: "image_edit"}  # OpenAI's image stream events per endpoint
+PROGRESS_EVENT = "fluxrt.progress"
 SIZE_PATTERN = re.compile(r"(\d+)x(\d+)")
 LIBRARY_ARGUMENTS = {"image": "an input image", "mask_image": "a mask", "control_image": "a control image"}
 
@@ -109,7 +126,7 @@ def create_app(engine, model_name: str, api_key: str | None = None,
         _check_model(body.get("model"), model_name)
         size = _size(body.get("size"), default_size)
         if _streamed(body):
-            return await _stream(request, engine, body, size)
+            return await _stream(request, engine, body, size, {}, GENERATIONS)
         return await _serve(request, engine, body, size, images={})
 
     @app.post(EDITS)
@@ -118,11 +135,11 @@ def create_app(engine, model_name: str, api_key: str | None = None,
         _check_fields(form, EDIT_FIELDS)
         _check_model(form.get("model"), model_name)
         fields = _edit_fields(form)
-        images = {"image": await _read_image(form, "image")}
-        if form.get("mask") is not None:
-            images["mask_image"] = _openai_mask(await _read_image(form, "mask"))
-            _check_mask(images)
-        size = _size(fields.get("size"), images["image"].size, "the image's size (pass size)")
+        image = await _read_image(form, "image")
+        images = await _edit_images(engine.pipe.mode, image, form)
+        size = _size(fields.get("size"), image.size, "the image's size (pass size)")
+        if _streamed(fields):
+            return await _stream(request, engine, fields, size, images, EDITS)
         return await _serve(request, engine, fields, size, images)
 
     @app.get("/v1/models")
@@ -204,7 +221,18 @@ async def _form(request: Request) -> dict:
         raise ApiError(400, "/v1/images/edits takes multipart/form-data (an image file, optional mask file, prompt, "
                             "...)", code="invalid_content_type")
     form = await request.form()
+    _check_lora_fields(form.keys())
     return {key: form.get(key) for key in form.keys()}
+
+
+def _check_lora_fields(names) -> None:
+    """The openai client sends a dict in extra_body as one multipart field per key (loras[style]); the edits
+    endpoint takes loras as one field of JSON text."""
+    spread = sorted(name for name in names if name.startswith("loras["))
+    if spread:
+        raise ApiError(400, "loras is one multipart field of JSON text, e.g. loras={\"style\": 0.8} (the openai "
+                            "client: extra_body={\"loras\": json.dumps(choice)}), got the fields "
+                            f"{', '.join(spread)}", param="loras")
 
 
 def _check_fields(body: dict, known: set) -> None:
@@ -250,12 +278,17 @@ def _one_of(body: dict, names: tuple[str, str]):
 def _edit_fields(form: dict) -> dict:
     """The form's text fields as the JSON body's types (multipart sends everything as text)."""
     fields = {k: v for k, v in form.items() if isinstance(v, str)}
-    for name in ("n", "steps", "num_inference_steps", "seed"):
+    for name in INT_FIELDS:
         if name in fields:
             fields[name] = _parse_number(fields[name], name, int)
-    for name in ("guidance", "guidance_scale", "true_cfg_scale", "strength"):
+    for name in FLOAT_FIELDS:
         if name in fields:
             fields[name] = _parse_number(fields[name], name, float)
+    for name in BOOL_FIELDS:
+        if name in fields:
+            fields[name] = _parse_bool(fields[name], name)
+    if "loras" in fields:
+        fields["loras"] = _parse_loras(fields["loras"])
     return fields
 
 
@@ -265,6 +298,37 @@ def _parse_number(text: str, name: str, kind: type):
     except ValueError:
         raise ApiError(400, f"{name} must be {'an int' if kind is int else 'a number'}, got {text!r}",
                        param=name) from None
+
+
+def _parse_bool(text: str, name: str) -> bool:
+    if text not in BOOLEANS:
+        raise ApiError(400, f"{name} must be \"true\" or \"false\" (multipart text), got {text!r}", param=name)
+    return BOOLEANS[text]
+
+
+def _parse_loras(text: str):
+    """loras' JSON text; its shape ({name: scale} of loaded LoRAs) is checked as the generations endpoint's."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ApiError(400, f"loras must be JSON text of an object {{name: scale}}, e.g. {{\"style\": 0.8}}; got "
+                            f"{text!r}, which is not JSON ({err})", param="loras") from None
+
+
+async def _edit_images(model_mode: str, image, form: dict) -> dict:
+    """The edit's image arguments for the loaded model: a Canny/Depth model's one image is its control image (the
+    only image it takes); any other model's is the input image, with the mask if one came."""
+    masked = form.get("mask") is not None
+    if model_mode == "control":
+        if masked:
+            raise ApiError(400, "a Canny/Depth model takes no mask: its image is the control image (Canny edges or a "
+                                "depth map) the generation follows; drop mask", param="mask")
+        return {"control_image": image}
+    images = {"image": image}
+    if masked:
+        images["mask_image"] = _openai_mask(await _read_image(form, "mask"))
+        _check_mask(images)
+    return images
 
 
 async def _read_image(form: dict, name: str):
@@ -413,13 +477,14 @@ def _streamed(body: dict) -> bool:
         raise ApiError(400, f"stream must be true or false, got {stream!r}", param="stream")
     for name in STREAM_FIELDS[1:]:
         if not stream and body.get(name) is not None:
-            raise ApiError(400, f"{name} goes with \"stream\": true (previews are streamed); add it or drop {name}",
-                           param=name)
+            raise ApiError(400, f"{name} goes with \"stream\": true (previews and progress are streamed); add it or "
+                                f"drop {name}", param=name)
     return stream
 
 
-def _preview_settings(engine, body: dict) -> tuple[int, int | None]:
-    """(partial_images, preview_every) of a streamed request: every None when no previews were asked for."""
+def _stream_settings(engine, body: dict, images: dict) -> tuple[int, int | None, bool]:
+    """(partial_images, preview_every, progress) of a streamed request: preview_every None when no previews were
+    asked for."""
     partial_images = body.get("partial_images")
     partial_images = 0 if partial_images is None else partial_images
     if isinstance(partial_images, bool) or not isinstance(partial_images, int) or not (
@@ -430,34 +495,51 @@ def _preview_settings(engine, body: dict) -> tuple[int, int | None]:
     if every is not None and (isinstance(every, bool) or not isinstance(every, int) or every < 1):
         raise ApiError(400, f"preview_every must be a positive int (denoising steps between previews), got {every!r}",
                        param="preview_every")
+    progress = body.get("progress", False)
+    if not isinstance(progress, bool):
+        raise ApiError(400, f"progress must be true or false (a {PROGRESS_EVENT} event after each step), got "
+                            f"{progress!r}", param="progress")
     if partial_images == 0:
-        return 0, None
-    if every is None:  # the previews spread over the run; the steps' own errors come from submit
-        steps = _one_of(body, ("steps", "num_inference_steps"))
-        try:
-            steps = engine.pipe.resolve_steps(steps)[0]
-        except (TypeError, ValueError):
-            steps = 1
-        every = max(1, steps // (partial_images + 1))
-    return partial_images, every
+        return 0, None, progress
+    if every is None:  # the previews spread over the steps the job runs
+        every = max(1, _denoising_steps(engine.pipe, body, images) // (partial_images + 1))
+    return partial_images, every, progress
 
 
-async def _stream(request: Request, engine, body: dict, size: tuple[int, int]) -> StreamingResponse:
-    """A streamed generation (see the module docstring): every check and the submit happen before the stream
+def _denoising_steps(pipe, body: dict, images: dict) -> int:
+    """The steps a request's job runs: its steps (or its mode's default), of which img2img, inpainting and Fill run
+    the strength's tail. 1 for a request whose steps or images are wrong: submit refuses it in its own words."""
+    from ..conditioning import call_mode, strength_timesteps
+    from ..modes import DEFAULT_STRENGTH
+
+    try:
+        mode = call_mode(pipe.mode, strength=body.get("strength"), **images)
+        steps = pipe.resolve_steps(_one_of(body, ("steps", "num_inference_steps")), None, mode)[0]
+        strength = body.get("strength", DEFAULT_STRENGTH.get(mode))
+        return steps if strength is None else len(strength_timesteps(range(steps + 1), strength)) - 1
+    except (TypeError, ValueError):
+        return 1
+
+
+async def _stream(request: Request, engine, body: dict, size: tuple[int, int], images: dict,
+                  endpoint: str) -> StreamingResponse:
+    """A streamed generation or edit (see the module docstring): every check and the submit happen before the stream
     starts, so their errors are ordinary JSON answers."""
     if body.get("n", 1) != 1:
         raise ApiError(400, f"a streamed request makes one image, got n {body.get('n')!r}: send n 1 (or leave it out), "
                             "or drop \"stream\" for n images in one answer", param="n")
-    partial_images, every = _preview_settings(engine, body)
-    events: asyncio.Queue = asyncio.Queue()  # previews in step order, then None once the job is done
+    partial_images, every, progress = _stream_settings(engine, body, images)
+    events: asyncio.Queue = asyncio.Queue()  # ("progress", step, total), ("preview", step, total, rgb); None: done
     post = functools.partial(_post, asyncio.get_running_loop(), events)
-    generation, = _requests(body, size, {}, engine.pipe.lora_hotswap)
+    generation, = _requests(body, size, images, engine.pipe.lora_hotswap)
     if partial_images:
-        generation = replace(generation, preview_every=every, on_preview=lambda *preview: post(preview))
+        generation = replace(generation, preview_every=every, on_preview=lambda *preview: post(("preview", *preview)))
+    if progress:
+        generation = replace(generation, on_step=lambda step, total: post(("progress", step, total)))
     job, = _submit(engine, [generation])
     # the worker posts a job's previews before it sets its result, so the None comes after the last preview
     job.future.add_done_callback(lambda _: post(None))
-    stream = _events(engine, job, events, partial_images, f"{size[0]}x{size[1]}")
+    stream = _events(engine, job, events, partial_images, f"{size[0]}x{size[1]}", EVENT_PREFIXES[endpoint])
     return StreamingResponse(stream, media_type="text/event-stream", headers={"Cache-Control": "no-store"})
 
 
@@ -469,14 +551,19 @@ def _post(loop, events: asyncio.Queue, item) -> None:
         return
 
 
-async def _events(engine, job, events: asyncio.Queue, partial_images: int, size: str):
-    """The job's server-sent events: partial images as they come (the first partial_images), then the completed
-    image or an error. Starlette cancels this generator when the client disconnects; the job is cancelled with it."""
+async def _events(engine, job, events: asyncio.Queue, partial_images: int, size: str, prefix: str):
+    """The job's server-sent events, OpenAI's named `prefix`.partial_image and `prefix`.completed: progress and
+    partial images as they come (the first partial_images of these), then the completed image or an error. Starlette
+    cancels this generator when the client disconnects; the job is cancelled with it."""
     sent = 0
     try:
-        while (preview := await events.get()) is not None:
-            if sent < partial_images:
-                yield await _partial_event(preview, sent, size)
+        while (item := await events.get()) is not None:
+            kind, *payload = item
+            if kind == "progress":
+                step, total = payload
+                yield _event(PROGRESS_EVENT, {"type": PROGRESS_EVENT, "step": step, "steps": total})
+            elif sent < partial_images:
+                yield await _partial_event(f"{prefix}.partial_image", payload, sent, size)
                 sent += 1
         try:
             result = _result(job)
@@ -485,30 +572,30 @@ async def _events(engine, job, events: asyncio.Queue, partial_images: int, size:
             yield _event("error", {"type": "error", "error": {"message": err.message, "type": err.kind,
                                                               "param": err.param, "code": err.code}})
             return
-        yield _event("image_generation.completed", {**_event_fields("image_generation.completed", size),
-                                                    "b64_json": await run_in_threadpool(_png_base64, result.image),
-                                                    "seed": result.request.seed})
+        completed = f"{prefix}.completed"
+        yield _event(completed, {**_event_fields(completed, size),
+                                 "b64_json": await run_in_threadpool(_png_base64, result.image),
+                                 "seed": result.request.seed})
     finally:  # done, failed, or the client left: nothing more is wanted
         job.cancel()
 
 
-async def _partial_event(preview: tuple, index: int, size: str) -> bytes:
+async def _partial_event(kind: str, preview: list, index: int, size: str) -> bytes:
     step, total, rgb = preview
     width, height = (int(side) for side in size.split("x"))
 
     def png() -> str:  # off the event loop: the upsampling and PNG encode are the preview's costliest part
         return _png_base64(LatentPreview.image(rgb, height, width))
 
-    return _event("image_generation.partial_image", {**_event_fields("image_generation.partial_image", size),
-                                                     "b64_json": await run_in_threadpool(png),
-                                                     "partial_image_index": index, "step": step, "steps": total})
+    return _event(kind, {**_event_fields(kind, size), "b64_json": await run_in_threadpool(png),
+                         "partial_image_index": index, "step": step, "steps": total})
 
 
 def _event_fields(kind: str, size: str) -> dict:
     """The fields OpenAI's image events carry besides the image (fluxrt: opaque PNG, one quality)."""
     fields = {"type": kind, "created_at": int(time.time()), "size": size, "output_format": "png",
               "background": "opaque", "quality": "auto"}
-    if kind == "image_generation.completed":  # token counts are GPT image models' only
+    if kind.endswith(".completed"):  # token counts are GPT image models' only
         fields["usage"] = {"input_tokens": 0, "input_tokens_details": {"image_tokens": 0, "text_tokens": 0},
                            "output_tokens": 0, "total_tokens": 0}
     return fields

@@ -21,11 +21,12 @@ max_batch counts jobs; a call's rows are the jobs plus one per job with true CFG
 transformer replays CUDA graphs: StepBatcher.row_buckets). The engine offers its queue's head (admits) and waits
 while it cannot join, so jobs run in arrival order.
 
-Live previews (GenerationRequest.on_preview, every preview_every steps: fluxrt.preview) come from the step
-batcher only, after a row's step, read off its fp32 latents (the image stays the one a job without previews gets).
-The request and serial batchers run pipe.generate, which takes no per-step callback (and the pipeline's
-callback_on_step_end rounds the running latents to the model's dtype each step, which would change a bf16 image),
-so they give none: the engine refuses such jobs at submit (fluxrt.serve.engine).
+Progress (GenerationRequest.on_step, after every step) and live previews (on_preview, every preview_every steps:
+fluxrt.preview, read off the row's fp32 latents; the image stays the one a job without previews gets) come from the
+step batcher only, after a row's step, progress first. The request and serial batchers run pipe.generate, which
+takes no per-step callback (and the pipeline's callback_on_step_end rounds the running latents to the model's dtype
+each step, which would change a bf16 image), so they give none: the engine refuses such jobs at submit
+(fluxrt.serve.engine).
 
 Every kind gives each job the image pipe.generate([request]) gives it alone, up to one 8-bit level from batched
 summation order, and a job's failure (NaN/inf latents: fluxrt.NonFiniteError; a run-time error) is its own result's
@@ -287,6 +288,7 @@ class StepBatcher(Batcher):
         with self.pipe.lock, torch.inference_mode():  # a LoRA load on another thread waits for the step's end
             self._join_pending(finished)
             rows = self._advance_rows(finished)
+            self._send_progress(finished)  # a step's progress before its preview: one job's events come in order
             self._send_previews(finished)
             self.last_step = (rows, time.perf_counter() - started)
             self._decode_finished(finished)
@@ -429,6 +431,17 @@ class StepBatcher(Batcher):
             row.latents, _ = sampling.run_step_hook(row.hook, row.position - 1, t_curr,
                                                      row.latents.to(self.pipe.dtype), row.txt)
 
+    def _send_progress(self, finished: dict) -> None:
+        """Each row's step, to the jobs that asked (GenerationRequest.on_step(step, total), after every step, the
+        last too): plain ints, no tensor work. A callback that raises fails its own job only."""
+        for row in list(self._rows):
+            if row.request.on_step is None:
+                continue
+            try:
+                row.request.on_step(row.position, len(row.timesteps) - 1)
+            except Exception as err:  # noqa: BLE001 -- one job's callback must not take the others down
+                self._fail_row(row, finished, f"the progress callback failed: {_error_text(err)}")
+
     def _send_previews(self, finished: dict) -> None:
         """The live previews jobs asked for (GenerationRequest.on_preview, after every preview_every-th step but the
         last, whose image follows at once): fluxrt.preview's projection of the row's latents. Rows of jobs that
@@ -441,8 +454,11 @@ class StepBatcher(Batcher):
                 rgb = LatentPreview.of(self.pipe.autoencoder).rgb(row.latents, row.height, row.width)
                 request.on_preview(row.position, len(row.timesteps) - 1, rgb)
             except Exception as err:  # noqa: BLE001 -- one job's preview must not take the others down
-                finished[row.key] = GenerationResult(request, error=f"the preview failed: {_error_text(err)}")
-                self._rows.remove(row)
+                self._fail_row(row, finished, f"the preview failed: {_error_text(err)}")
+
+    def _fail_row(self, row: _Row, finished: dict, error: str) -> None:
+        finished[row.key] = GenerationResult(row.request, error=error)
+        self._rows.remove(row)
 
     # ---- leaving ----
 

@@ -21,8 +21,8 @@ of a context-parallel group that lost a rank: fluxrt.cli): that lane's failed jo
 more jobs; once every lane is so, queued jobs fail with the reason, submit raises EngineFailed and `accepting` is
 False (the HTTP layer's /ready answers 503).
 
-A request with on_preview (fluxrt.serving.GenerationRequest) gets live previews from its lane's step batcher; submit
-refuses one (ValueError) when the engine's batching is not "step".
+A request with on_step or on_preview (fluxrt.serving.GenerationRequest) hears of each step (progress) or gets live
+previews from its lane's step batcher; submit refuses one (ValueError) when the engine's batching is not "step".
 
 Errors a caller sees: submit raises the request's TypeError / ValueError / KeyError (a bad request: nothing queued),
 QueueFull (max_queue jobs wait; retry after QueueFull.retry_after_s), EngineDraining (shutdown began) or EngineFailed
@@ -274,7 +274,7 @@ class Engine:
         """One job per request, all queued or none: each request is resolved first (its TypeError / ValueError /
         KeyError says what is wrong), then QueueFull if they do not all fit in the queue, EngineDraining once
         shutdown began, EngineFailed once no lane can run jobs."""
-        resolved = [self._check_previews(resolve(self.pipe, request)) for request in requests]
+        resolved = [self._check_step_callbacks(resolve(self.pipe, request)) for request in requests]
         with self._lock:
             failure = self._failure_locked()
             if failure is not None:
@@ -298,14 +298,19 @@ class Engine:
             self._timer.notify_all()
         return jobs
 
-    def _check_previews(self, request: GenerationRequest) -> GenerationRequest:
-        """Live previews (request.on_preview) come from the step batcher only (fluxrt.serve.batching), every
-        preview_every (a positive int) steps."""
-        if request.on_preview is None:
+    def _check_step_callbacks(self, request: GenerationRequest) -> GenerationRequest:
+        """Progress (request.on_step) and live previews (request.on_preview, every preview_every steps: a positive
+        int) are called by the step batcher only (fluxrt.serve.batching)."""
+        if request.on_step is None and request.on_preview is None:
             return request
         if self.batching != "step":
-            raise ValueError(f"live previews need step-level batching; this server runs --batching {self.batching} "
-                             "(restart it with --batching step, or ask without previews)")
+            asked = "live previews" if request.on_preview is not None else "progress events"
+            raise ValueError(f"{asked} need step-level batching; this server runs --batching {self.batching} "
+                             "(restart it with --batching step, or ask without previews and progress)")
+        if request.on_step is not None and not callable(request.on_step):
+            raise TypeError(f"on_step must be a function (step, total), got {type(request.on_step).__name__}")
+        if request.on_preview is None:
+            return request
         every = request.preview_every
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
             raise ValueError(f"preview_every must be a positive int (steps between previews), got {every!r}")
