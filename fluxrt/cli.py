@@ -918,6 +918,7 @@ def _run_uvicorn(app, sock) -> list[int]:
             await super().startup(sockets=sockets)
             if self.started and not self.should_exit:
                 print(f"fluxrt serve: listening on {url}", flush=True)
+                print(f"fluxrt serve: the web page is at {url}/ (open it in a browser)", flush=True)
 
     server = Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off"))
     server.run(sockets=[sock])
