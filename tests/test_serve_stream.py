@@ -1,6 +1,8 @@
 """Streamed generations (`"stream": true`, OpenAI's image events) from a real `fluxrt serve` on loopback: the openai
-client's stream, the raw event names, the errors before and during a stream, cancellation on disconnect, and the
-preview's cost against a denoising step on this CPU."""
+client's stream, the raw event names, fluxrt.progress events, the errors before and during a stream, cancellation on
+disconnect, and the preview's cost against a denoising step on this CPU; in process, the step batcher's and the
+engine's side of previews and progress (GenerationRequest.on_preview, on_step). Streamed edits:
+test_serve_edits_stream.py."""
 
 import asyncio
 import base64
@@ -25,7 +27,7 @@ from fluxrt.tiny import tiny_random_pipeline
 from test_serve_http import API_KEY, SLOW, WAIT_S, ServerProcess, assert_error, assert_same, client, decoded, metric
 from test_serve_engine import wait_until
 
-PARTIAL, COMPLETED = "image_generation.partial_image", "image_generation.completed"
+PARTIAL, COMPLETED, PROGRESS = "image_generation.partial_image", "image_generation.completed", "fluxrt.progress"
 # A preview's projection costs [L, 16] x [16, 3] against a transformer step's full stack; on this shared CPU the
 # tiny model's step is itself small (~33 ms at 256x256, where a preview measured 0.25 ms: 0.8 %), so the bound leaves
 # a loaded CI box room: a preview under a tenth of a step
@@ -91,6 +93,34 @@ def test_raw_event_names_and_steps(http):
     assert all(data["steps"] == 4 for _, data in events[:2])
 
 
+def test_progress_events_come_before_each_steps_preview(http):
+    body = dict(prompt="a green star", size="32x32", steps=4, seed=2, stream=True, partial_images=2, preview_every=1,
+                progress=True)
+    with http.stream("POST", "/v1/images/generations", json=body) as response:
+        events = sse_events(response)
+    names = [name for name, _ in events]
+    assert names == [PROGRESS, PARTIAL, PROGRESS, PARTIAL, PROGRESS, PROGRESS, COMPLETED], names
+    heard = [data for name, data in events if name == PROGRESS]
+    assert heard == [{"type": PROGRESS, "step": k, "steps": 4} for k in (1, 2, 3, 4)], heard
+    assert [data["step"] for name, data in events if name == PARTIAL] == [1, 2]
+
+
+def test_progress_and_previews_need_step_batching():
+    process = ServerProcess("--model", "tiny-random", "--batching", "request")
+    body = dict(prompt="x", size="32x32", steps=2, seed=1, stream=True)
+    try:
+        with httpx.Client(base_url=process.url, timeout=WAIT_S) as http_:
+            progress = http_.post("/v1/images/generations", json={**body, "progress": True})
+            previews = http_.post("/v1/images/generations", json={**body, "partial_images": 1})
+            with http_.stream("POST", "/v1/images/generations", json=body) as response:
+                names = [name for name, _ in sse_events(response)]
+    finally:
+        process.stop()
+    assert_error(progress, 400, "progress events need step-level batching", "--batching step")
+    assert_error(previews, 400, "live previews need step-level batching", "--batching step")
+    assert names == [COMPLETED], f"{names}: a stream without previews or progress runs on any batching"
+
+
 def test_no_partial_images_by_default(http):
     body = dict(prompt="a cat", size="32x32", steps=2, seed=1, stream=True)
     with http.stream("POST", "/v1/images/generations", json=body) as response:
@@ -105,6 +135,8 @@ def test_no_partial_images_by_default(http):
     (dict(preview_every=0), "preview_every", ("positive int",)),
     (dict(stream=False, partial_images=1), "partial_images", ("stream",)),
     (dict(stream="yes"), "stream", ("true or false",)),
+    (dict(stream=False, partial_images=None, progress=True), "progress", ("stream",)),
+    (dict(progress="yes"), "progress", ("true or false",)),
 ])
 def test_bad_streamed_requests_get_json_errors(http, body, param, words):
     response = http.post("/v1/images/generations", json={"prompt": "x", "stream": True, "partial_images": 1, **body})
@@ -179,17 +211,19 @@ def test_previews_queued_before_the_end_are_all_sent_first():
 
 
 @pytest.mark.parametrize("batching", ["request", "serial"])
-def test_previews_need_step_batching(batching):
+@pytest.mark.parametrize("callback", [dict(preview_every=1, on_preview=lambda *args: None),
+                                      dict(on_step=lambda *args: None)])
+def test_previews_and_progress_need_step_batching(batching, callback):
     engine = Engine(tiny_random_pipeline(progress=False), batching=batching)
-    request = GenerationRequest("x", width=32, height=32, preview_every=1, on_preview=lambda *args: None)
     with pytest.raises(ValueError, match="--batching step"):
-        engine.submit(request)
+        engine.submit(GenerationRequest("x", width=32, height=32, **callback))
 
 
 @pytest.mark.parametrize("fields, error, words", [
     (dict(preview_every=0, on_preview=print), ValueError, "positive int"),
     (dict(preview_every=None, on_preview=print), ValueError, "positive int"),
     (dict(preview_every=2, on_preview="print"), TypeError, "must be a function"),
+    (dict(on_step="print"), TypeError, "on_step must be a function"),
 ])
 def test_the_engine_checks_preview_requests(fields, error, words):
     engine = Engine(tiny_random_pipeline(progress=False), batching="step")  # checked before the queue: not started
@@ -232,3 +266,30 @@ def test_the_step_batcher_sends_previews_only_to_jobs_that_asked():
         finished.update(batcher.step())
     assert seen == [(2, 6, (4, 4, 3)), (4, 6, (4, 4, 3))], f"{seen}: every 2 steps, not after the last (6)"
     assert all(result.ok for result in finished.values()), finished
+
+
+def test_the_step_batcher_reports_each_step_before_its_preview_and_a_failing_callback_fails_its_job_alone():
+    pipe = tiny_random_pipeline(progress=False)
+    heard = []
+
+    def fail_at_step_2(step, total):
+        if step == 2:
+            raise RuntimeError("the client's queue is gone")
+
+    batcher = StepBatcher(pipe, 3)
+    requests = {
+        "asked": GenerationRequest("a", width=32, height=32, num_steps=3, seed=1, preview_every=1,
+                                   on_step=lambda step, total: heard.append(("step", step, total)),
+                                   on_preview=lambda step, total, rgb: heard.append(("preview", step, total))),
+        "failing": GenerationRequest("b", width=32, height=32, num_steps=3, seed=2, on_step=fail_at_step_2),
+        "plain": GenerationRequest("c", width=32, height=32, num_steps=3, seed=3),
+    }
+    for key, request in requests.items():
+        batcher.admit(key, resolve(pipe, request))
+    finished = {}
+    while len(batcher):
+        finished.update(batcher.step())
+    assert heard == [("step", 1, 3), ("preview", 1, 3), ("step", 2, 3), ("preview", 2, 3), ("step", 3, 3)], \
+        f"{heard}: each step's progress, then its preview (none after the last step, whose image follows)"
+    assert "the progress callback failed: RuntimeError: the client's queue is gone" in finished["failing"].error
+    assert finished["asked"].ok and finished["plain"].ok, finished
