@@ -23,7 +23,8 @@ GPU: flux-dev at 1024x1024, 512x512 and 2048x1024, bf16; results to benchmarks/r
 and .md naming the GPU (benchmarks/_common); the exit status is 1 when a size fails the bound.
 CPU: the tiny config at 256x256 and 1024x1024, fp32, labelled "CPU (not a GPU claim)": the numbers show the script
 works and what the preview costs next to a tiny model's step, nothing about a GPU; a new file in the temp dir unless
---out. --dry-run: 64x64, 2 timed calls (seconds; any device, the tiny config).
+--out. --dry-run: 64x64, 2 timed calls (seconds; any device, the tiny config, never judged; the temp dir unless
+--out).
 
     python benchmarks/bench_preview.py                       # GPU: the issue's table; CPU: the smoke sizes
     python benchmarks/bench_preview.py --size 1024x1024 --out benchmarks/results/preview_<date>_cpu.json
@@ -107,11 +108,12 @@ def plan_for(args: argparse.Namespace, device: torch.device) -> Plan:
     return dataclasses.replace(base, **{k: v for k, v in given.items() if v is not None})
 
 
-def default_output(device: torch.device, now: datetime) -> Path:
-    """GPU: the committed results' name; CPU: a temp file no other run shares (the temp dir is shared)."""
-    if device.type == "cuda":
+def default_output(device: torch.device, now: datetime, dry_run: bool) -> Path:
+    """A GPU's full run: the committed results' name; a CPU run or a dry run: a temp file no other run shares (the
+    temp dir is shared), so a smoke run never lands among the results."""
+    if device.type == "cuda" and not dry_run:
         return _common.RESULTS / f"preview_{now:%Y-%m-%d}_{_common.gpu_slug()}.json"
-    return Path(tempfile.gettempdir()) / f"fluxrt_preview_{now:%Y%m%d-%H%M%S}_{os.getpid()}_cpu.json"
+    return Path(tempfile.gettempdir()) / f"fluxrt_preview_{now:%Y%m%d-%H%M%S}_{os.getpid()}_{device.type}.json"
 
 
 # ---- the parts timed ----
@@ -266,7 +268,7 @@ def discard(outputs: list) -> None:
 def main(argv=None) -> int:
     args = parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    out = args.out or default_output(device, datetime.now(timezone.utc))
+    out = args.out or default_output(device, datetime.now(timezone.utc), args.dry_run)
     outputs = reserve_outputs(out)
     try:
         rows, facts = measure(plan_for(args, device), device)

@@ -75,6 +75,17 @@ def test_the_verdict_is_judged_against_the_bound_on_flux_on_a_gpu():
     assert bench_preview.unjudged_because(flux, cpu) == "CPU"
 
 
+def test_only_a_full_gpu_run_writes_among_the_results(monkeypatch):
+    monkeypatch.setattr(bench_preview._common, "gpu_slug", lambda: "h200")  # no GPU here to name
+    now = bench_preview.datetime(2026, 12, 1, tzinfo=bench_preview.timezone.utc)
+    cuda, cpu, results = torch.device("cuda"), torch.device("cpu"), bench_preview._common.RESULTS
+    assert bench_preview.default_output(cuda, now, dry_run=False) == results / "preview_2026-12-01_h200.json"
+    for device, dry_run in ((cuda, True), (cpu, False), (cpu, True)):
+        out = bench_preview.default_output(device, now, dry_run)
+        assert out.parent == Path(bench_preview.tempfile.gettempdir()), (device, dry_run, out)
+        assert out.name.startswith("fluxrt_preview_20261201-") and out.suffix == ".json", out
+
+
 def _fake_measure(verdict: str):
     def measure(plan, device, seed=0):
         row = {"width": 64, "height": 64, "preview_ms": 1.0, "step_ms": 10.0, "ratio_pct": 10.0, "verdict": verdict}
