@@ -34,9 +34,7 @@ works and what the preview costs next to a tiny model's step, nothing about a GP
 from __future__ import annotations
 
 import argparse
-import base64
 import dataclasses
-import io
 import json
 import os
 import statistics
@@ -53,7 +51,7 @@ import torch  # noqa: E402
 
 from fluxrt import bench, cli  # noqa: E402
 from fluxrt.config import FluxConfig  # noqa: E402
-from fluxrt.preview import LatentPreview  # noqa: E402
+from fluxrt.preview import LatentPreview, png_base64  # noqa: E402
 from fluxrt.reference import AutoEncoder, AutoEncoderParams  # noqa: E402
 from fluxrt.tiny import TINY_AUTOENCODER  # noqa: E402
 
@@ -117,14 +115,6 @@ def default_output(device: torch.device, now: datetime, dry_run: bool) -> Path:
 
 
 # ---- the parts timed ----
-
-
-def png_base64(image) -> str:
-    """The server's encode of a preview (fluxrt.serve.app._png_base64, copied so the benchmark runs without the serve
-    extras on a bare GPU box; tests/test_bench_preview.py checks the two give the same bytes)."""
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
 def build_autoencoder(full: bool, device: torch.device, dtype: torch.dtype, seed: int = 0) -> AutoEncoder:

@@ -114,3 +114,13 @@ class LatentPreview:
         if device not in self._on:
             self._on[device] = (self.weight.to(device), self.bias.to(device))
         return self._on[device]
+
+
+def png_base64(image) -> str:
+    """A PIL image as base64 PNG text: how `fluxrt serve` sends every image, previews and final ones alike."""
+    import base64
+    import io
+
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode("ascii")

@@ -111,16 +111,6 @@ def test_a_failed_run_leaves_no_files(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == [], "a failed run left files or folders"
 
 
-def test_the_png_is_the_servers():
-    pytest.importorskip("fastapi", reason="fluxrt.serve.app needs the serve extras")
-    from fluxrt.serve.app import _png_base64
-
-    rgb = torch.randint(0, 256, (6, 4, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
-    image = bench_preview.LatentPreview.image(rgb, 48, 32)
-    assert image.size == (32, 48), image.size
-    assert bench_preview.png_base64(image) == _png_base64(image), "the benchmark encodes unlike the server"
-
-
 @pytest.mark.parametrize("argv, message", [
     (["--size", "100x64"], "--size '100x64': width must be a multiple of 16"),
     (["--size", "64"], "--size '64' must be WIDTHxHEIGHT"),

@@ -40,7 +40,6 @@ cancels its jobs.
 from __future__ import annotations
 
 import asyncio
-import base64
 import functools
 import io
 import json
@@ -56,7 +55,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import validation
-from ..preview import LatentPreview
+from ..preview import LatentPreview, png_base64
 from ..serving import GenerationRequest
 from .engine import EngineDraining, EngineFailed, JobTimeout, QueueFull
 from .page import add_page
@@ -414,7 +413,7 @@ async def _serve(request: Request, engine, body: dict, size: tuple[int, int], im
 
 def _image_data(result) -> dict:
     """One image's answer: the PNG, its seed, and with a step cache what it computed and skipped."""
-    data = {"b64_json": _png_base64(result.image), "revised_prompt": None, "seed": result.request.seed}
+    data = {"b64_json": png_base64(result.image), "revised_prompt": None, "seed": result.request.seed}
     if result.cache_stats is not None:
         data["cache_stats"] = result.cache_stats
     return data
@@ -574,7 +573,7 @@ async def _events(engine, job, events: asyncio.Queue, partial_images: int, size:
             return
         completed = f"{prefix}.completed"
         yield _event(completed, {**_event_fields(completed, size),
-                                 "b64_json": await run_in_threadpool(_png_base64, result.image),
+                                 "b64_json": await run_in_threadpool(png_base64, result.image),
                                  "seed": result.request.seed})
     finally:  # done, failed, or the client left: nothing more is wanted
         job.cancel()
@@ -585,7 +584,7 @@ async def _partial_event(kind: str, preview: list, index: int, size: str) -> byt
     width, height = (int(side) for side in size.split("x"))
 
     def png() -> str:  # off the event loop: the upsampling and PNG encode are the preview's costliest part
-        return _png_base64(LatentPreview.image(rgb, height, width))
+        return png_base64(LatentPreview.image(rgb, height, width))
 
     return _event(kind, {**_event_fields(kind, size), "b64_json": await run_in_threadpool(png),
                          "partial_image_index": index, "step": step, "steps": total})
@@ -604,8 +603,3 @@ def _event_fields(kind: str, size: str) -> dict:
 def _event(name: str, data: dict) -> bytes:
     return f"event: {name}\ndata: {json.dumps(data)}\n\n".encode()
 
-
-def _png_base64(image) -> str:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return base64.b64encode(buffer.getvalue()).decode("ascii")
