@@ -22,7 +22,7 @@ transformer replays CUDA graphs: StepBatcher.row_buckets). The engine offers its
 while it cannot join, so jobs run in arrival order.
 
 Progress (GenerationRequest.on_step, after every step) and live previews (on_preview, every preview_every steps:
-fluxrt.preview, read off the row's fp32 latents; the image stays the one a job without previews gets) come from the
+fluxrt.preview of the row's denoised estimate x_t - t * velocity, from its fp32 latents; the image stays the one a job without previews gets) come from the
 step batcher only, after a row's step, progress first. The request and serial batchers run pipe.generate, which
 takes no per-step callback (and the pipeline's callback_on_step_end rounds the running latents to the model's dtype
 each step, which would change a bf16 image), so they give none: the engine refuses such jobs at submit
@@ -192,6 +192,7 @@ class _Row:
     first_bad_step: Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.int64))
     cache: ImageCache | None = None  # its step-cache state (request.cache), and its true-CFG negative pass's
     negative_cache: ImageCache | None = None
+    velocity: Tensor | None = None  # the last step's velocity, kept for previews only (their denoised estimate)
 
     @property
     def done(self) -> bool:
@@ -425,6 +426,8 @@ class StepBatcher(Batcher):
         t_curr, t_prev = row.timesteps[row.position], row.timesteps[row.position + 1]
         row.latents = row.latents + (t_prev - t_curr) * velocity
         row.position += 1
+        if row.request.on_preview is not None:
+            row.velocity = velocity
         bad = (row.first_bad_step == 0) & ~torch.isfinite(row.latents).all()
         row.first_bad_step = torch.where(bad, row.position, row.first_bad_step)
         if row.hook is not None:
@@ -444,14 +447,16 @@ class StepBatcher(Batcher):
 
     def _send_previews(self, finished: dict) -> None:
         """The live previews jobs asked for (GenerationRequest.on_preview, after every preview_every-th step but the
-        last, whose image follows at once): fluxrt.preview's projection of the row's latents. Rows of jobs that
-        asked for none cost nothing here; a failed preview fails its own job only."""
+        last, whose image follows at once): fluxrt.preview's projection of the row's denoised estimate, as ComfyUI
+        previews x0 rather than the noisy latents (flow matching: x0 = x_t - t * velocity). Rows of jobs that asked
+        for none cost nothing here; a failed preview fails its own job only."""
         for row in list(self._rows):
             request = row.request
             if request.on_preview is None or row.done or row.position % request.preview_every:
                 continue
             try:
-                rgb = LatentPreview.of(self.pipe.autoencoder).rgb(row.latents, row.height, row.width)
+                denoised = row.latents - row.timesteps[row.position] * row.velocity
+                rgb = LatentPreview.of(self.pipe.autoencoder).rgb(denoised, row.height, row.width)
                 request.on_preview(row.position, len(row.timesteps) - 1, rgb)
             except Exception as err:  # noqa: BLE001 -- one job's preview must not take the others down
                 self._fail_row(row, finished, f"the preview failed: {_error_text(err)}")
