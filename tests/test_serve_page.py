@@ -317,15 +317,31 @@ def test_an_input_image_goes_to_the_edits_endpoint(server, browser, tmp_path):
     open_page(browser, server)
     fill(browser, prompt="a red square", steps=4, seed=9)
     browser.find_element(By.ID, "image").send_keys(str(path))
-    assert browser.find_element(By.ID, "size").get_attribute("value") == "auto", "an edit's size: the image's"
-    fill(browser, strength=0.5)
+    field = lambda name: browser.find_element(By.ID, name).get_attribute("value")  # noqa: E731
+    assert field("size") == "auto", "an edit's size: the image's"
+    # the fields still holding text-to-image defaults switch to img2img's (diffusers'); steps, set above, stay
+    assert (field("guidance"), field("strength"), field("steps")) == ("7", "0.6", "4")
     assert click_generate(browser) == "done", page_report(browser)
     result = shown_image(browser, "result")
     assert (result["width"], result["height"]) == source.size, f"edit of {result['width']}x{result['height']}"
 
-    guidance = browser.find_element(By.ID, "guidance").get_attribute("value")  # the page sends the field's value
+    # the API's own defaults for guidance and strength: the page's edit must be the one the API makes without them
     plain = api_image(server, "/v1/images/edits", files={"image": ("input.png", path.read_bytes(), "image/png")},
-                      data={"prompt": "a red square", "size": "auto", "steps": "4", "seed": "9", "strength": "0.5",
-                            "guidance": guidance})
+                      data={"prompt": "a red square", "size": "auto", "steps": "4", "seed": "9"})
     assert np.array_equal(data_url_pixels(result["src"]), plain), \
-        "the page's edit differs from the API's plain answer for the same request"
+        "the page's edit differs from the API's plain answer with the API's defaults"
+
+
+def test_a_seed_past_2_to_the_53_is_used_and_shown_exactly(server, browser):
+    """JS numbers round ints past 2**53 (seeds run to 2**63): the page sends and reads seeds as their digits."""
+    seed = 2**53 + 1  # a JS number would make it 2**53
+    open_page(browser, server)
+    fill(browser, prompt="a red star", size="64x64", steps=2, seed=seed)
+    assert click_generate(browser) == "done", page_report(browser)
+    result = shown_image(browser, "result")
+    assert result["seed"] == str(seed), f"the page shows seed {result['seed']}, asked {seed}"
+    assert str(seed) in gallery_captions(browser)[0], gallery_captions(browser)
+    plain = api_image(server, "/v1/images/generations",
+                      json={"prompt": "a red star", "size": "64x64", "steps": 2, "seed": seed,
+                            "guidance": float(browser.find_element(By.ID, "guidance").get_attribute("value"))})
+    assert np.array_equal(data_url_pixels(result["src"]), plain), "the page's image is not the one of its seed"

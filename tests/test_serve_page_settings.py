@@ -101,3 +101,20 @@ def test_the_page_is_self_contained(pipe):
     assert not remote, f"the page loads from elsewhere: {remote}"
     policy = response.headers["content-security-policy"]
     assert "default-src 'none'" in policy and "connect-src 'self'" in policy, policy
+
+
+@pytest.mark.parametrize("mode, edit", [
+    ("text-to-image", {"mode": "img2img", "guidance": 7.0, "strength": 0.6}),
+    ("fill", {"mode": "fill", "steps": 50, "guidance": 30.0, "strength": 1.0}),
+    ("kontext", {"mode": "kontext", "strength": None}),
+])
+def test_an_edit_gets_its_modes_defaults(mode, edit):
+    """The page fills these in when an image is chosen: an edit from the page runs as the API's edit would."""
+    pipe = tiny_random_pipeline(progress=False, mode=mode)
+    engine = Engine(pipe).start()
+    try:
+        got = page_settings(engine, "m", None, (64, 64))["edit"]
+    finally:
+        assert engine.shutdown(timeout_s=WAIT_S)
+    expected = {"steps": pipe.default_steps, "guidance": pipe.default_guidance, **edit}
+    assert got == expected, f"{mode}: {got} != {expected}"

@@ -18,8 +18,11 @@ from importlib import resources
 from fastapi import FastAPI
 from fastapi.responses import HTMLResponse
 
+from .. import modes
+
 SETTINGS_MARK = "/*FLUXRT_SETTINGS*/null"  # where page.html takes its settings (valid JS before it is replaced)
 # what an input image is to each model mode (fluxrt.conditioning.call_mode): its label, and whether a mask goes with it
+EDIT_MODES = {"text-to-image": "img2img", "fill": "fill", "kontext": "kontext", "control": "control"}
 IMAGE_ROLES = {
     "text-to-image": {"image": "Input image (img2img; add a mask to inpaint)", "mask": True, "required": False},
     "fill": {"image": "Image to fill (with its mask)", "mask": True, "required": True},
@@ -36,18 +39,28 @@ def _template() -> str:
 def page_settings(engine, model_name: str, api_key: str | None, default_size: tuple[int, int]) -> dict:
     """What the page needs to know about this server (JSON-serialisable)."""
     pipe = engine.pipe
-    steps = pipe.default_steps
     return {
         "model": model_name,
         "mode": pipe.mode,
         "image_role": IMAGE_ROLES[pipe.mode],
         "loras": dict(pipe.loras) if pipe.lora_hotswap else {},
         "size": f"{default_size[0]}x{default_size[1]}",
-        "steps": steps,
+        "steps": pipe.default_steps,
         "guidance": pipe.default_guidance,
+        "edit": edit_defaults(pipe),
         "needs_api_key": api_key is not None,
         "previews": engine.batching == "step",
     }
+
+
+def edit_defaults(pipe) -> dict:
+    """The steps, guidance and strength an edit (a request with an input image) runs at by default: diffusers' for
+    the mode the image selects (img2img: guidance 7, strength 0.6; Fill: 50 steps, guidance 30, strength 1), which the
+    page fills in when an image is chosen. Guidance stays None on a model without a guidance input."""
+    mode = EDIT_MODES[pipe.mode]
+    guidance = None if pipe.default_guidance is None else modes.DEFAULT_GUIDANCE.get(mode, pipe.default_guidance)
+    return {"mode": mode, "steps": modes.DEFAULT_STEPS.get(mode, pipe.default_steps), "guidance": guidance,
+            "strength": modes.DEFAULT_STRENGTH.get(mode)}
 
 
 def render(settings: dict) -> str:
