@@ -13,6 +13,7 @@ import base64
 import importlib
 import io
 import os
+import time
 from pathlib import Path
 
 import httpx
@@ -345,3 +346,26 @@ def test_a_seed_past_2_to_the_53_is_used_and_shown_exactly(server, browser):
                       json={"prompt": "a red star", "size": "64x64", "steps": 2, "seed": seed,
                             "guidance": float(browser.find_element(By.ID, "guidance").get_attribute("value"))})
     assert np.array_equal(data_url_pixels(result["src"]), plain), "the page's image is not the one of its seed"
+
+
+def test_cancel_stops_the_servers_job(server, browser):
+    """Cancel aborts the page's request; the server notices the client left and cancels the job mid-run."""
+    from test_serve_http import metric
+
+    with httpx.Client(base_url=server.url, timeout=DONE_S) as http:
+        cancelled_before = metric(http, "fluxrt_jobs_total", outcome="cancelled")
+        open_page(browser, server)
+        fill(browser, prompt="a long one", size="256x256", steps=400, seed=2)
+        browser.find_element(By.ID, "generate").click()
+        wait_for(browser, "return /^Step [0-9]+ of 400$/.test(document.getElementById('status').textContent)",
+                 DONE_S, "the first steps")
+        browser.find_element(By.ID, "cancel").click()
+        assert wait_for(browser, "return document.body.dataset.state === 'cancelled' && 'cancelled'", DONE_S,
+                        "the page to show the cancel") == "cancelled"
+        assert not browser.find_element(By.ID, "generate").get_attribute("disabled"), "Generate stays disabled"
+        assert browser.find_element(By.ID, "cancel").get_attribute("disabled"), "Cancel stays enabled"
+        deadline = time.monotonic() + DONE_S
+        while metric(http, "fluxrt_jobs_total", outcome="cancelled") == cancelled_before:
+            assert time.monotonic() < deadline, "the server never cancelled the job the page dropped"
+            time.sleep(0.2)
+        assert not browser.find_element(By.ID, "error").is_displayed(), "a cancel is not an error"
