@@ -369,3 +369,20 @@ def test_cancel_stops_the_servers_job(server, browser):
             assert time.monotonic() < deadline, "the server never cancelled the job the page dropped"
             time.sleep(0.2)
         assert not browser.find_element(By.ID, "error").is_displayed(), "a cancel is not an error"
+
+
+def test_a_server_that_dies_mid_run_is_reported(browser):
+    """The stream breaks off without its completed event: the page says the connection dropped (no hang)."""
+    doomed = ServerProcess("--model", "tiny-random")
+    try:
+        open_page(browser, doomed)
+        fill(browser, prompt="interrupted", size="256x256", steps=400, seed=4)
+        browser.find_element(By.ID, "generate").click()
+        wait_for(browser, "return /^Step [0-9]+ of 400$/.test(document.getElementById('status').textContent)",
+                 DONE_S, "the first steps")
+        doomed.proc.kill()
+        assert wait_for(browser, "return document.body.dataset.state === 'error' && 'error'", DONE_S,
+                        "the page to report the lost server") == "error"
+        assert "connection dropped" in error_text(browser), error_text(browser)
+    finally:
+        doomed.stop()
