@@ -194,7 +194,7 @@ def test_bad_requests_get_400_with_openai_error_body(http):
         (dict(ok, size="65x64"), "size", "multiple of 16"),
         (dict(ok, size="big"), "size", "WIDTHxHEIGHT"),
         (dict(ok, size="4096x4096"), "size", "pixels"),
-        (dict(ok, steps=1001), None, "num_steps must be between 1 and 1000"),
+        (dict(ok, steps=1001), None, "steps must be between 1 and 1000"),  # the API's name, not num_steps
         (dict(ok, n=65), "n", "n must be between 1 and 64"),
         (dict(ok, response_format="url"), "response_format", "b64_json"),
         (dict(ok, quality="hd"), "quality", "unknown field quality"),
@@ -208,6 +208,7 @@ def test_bad_requests_get_400_with_openai_error_body(http):
     ]
     for body, param, words in cases:
         error = assert_error(http.post("/v1/images/generations", json=body), 400, words)
+        assert "num_steps" not in error["message"], error
         assert error["param"] == param, (body, error)
         assert error["type"] == "invalid_request_error"
     assert_error(http.post("/v1/images/generations", content=b"{not json", headers={"content-type":

@@ -435,7 +435,9 @@ def _submit(engine, requests: list[GenerationRequest]) -> list:
 
 
 def _in_api_words(message: str) -> str:
-    """The library's argument names (fluxrt.modes: "a Fill model needs mask_image=") as the API's fields."""
+    """The library's argument names (fluxrt.modes: "a Fill model needs mask_image="; fluxrt.validation: "num_steps
+    must be ...") as the API's fields."""
+    message = re.sub(r"\bnum_steps\b", "steps", message)
     return re.sub(r"\b(mask_image|control_image|image)=", lambda m: LIBRARY_ARGUMENTS[m[1]], message)
 
 
