@@ -386,3 +386,32 @@ def test_a_server_that_dies_mid_run_is_reported(browser):
         assert "connection dropped" in error_text(browser), error_text(browser)
     finally:
         doomed.stop()
+
+
+def test_loras_are_chosen_and_scaled_on_the_page(browser, tmp_path):
+    """The server's --lora files appear with their scales; the page's choice is the image the API gives for it."""
+    from test_pipeline_lora import write_lora
+
+    paths = [write_lora(tmp_path / f"{name}.safetensors", seed=k) for k, name in enumerate(("ink", "glow"))]
+    lora_server = ServerProcess("--model", "tiny-random", "--backend", "torch", "--lora", f"{paths[0]}:0.8",
+                                "--lora", paths[1])
+    try:
+        open_page(browser, lora_server)
+        scale = lambda name: browser.find_element(By.CSS_SELECTOR, f'.lora-scale[data-lora="{name}"]')  # noqa: E731
+        box = lambda name: browser.find_element(By.CSS_SELECTOR, f'.lora-on[data-lora="{name}"]')  # noqa: E731
+        assert [scale(n).get_attribute("value") for n in ("ink", "glow")] == ["0.8", "1"], "the loaded scales"
+        assert box("ink").is_selected() and box("glow").is_selected(), "every loaded LoRA starts chosen"
+        scale("ink").clear()
+        scale("ink").send_keys("0.5")
+        box("glow").click()  # unchosen
+        fill(browser, prompt="a red star", size="64x64", steps=3, seed=6)
+        assert click_generate(browser) == "done", page_report(browser)
+        shown = data_url_pixels(shown_image(browser, "result")["src"])
+        guidance = float(browser.find_element(By.ID, "guidance").get_attribute("value"))
+        asked = {"prompt": "a red star", "size": "64x64", "steps": 3, "seed": 6, "guidance": guidance}
+        chosen = api_image(lora_server, "/v1/images/generations", json={**asked, "loras": {"ink": 0.5}})
+        loaded = api_image(lora_server, "/v1/images/generations", json=asked)  # both at their loaded scales
+        assert np.array_equal(shown, chosen), "the page's image is not the API's for ink at 0.5 alone"
+        assert not np.array_equal(chosen, loaded), "the LoRA choice changes nothing here: the test proves nothing"
+    finally:
+        lora_server.stop()
