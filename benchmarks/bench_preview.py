@@ -6,9 +6,9 @@ Per image size, on the same latents' shape:
   preset's real widths, real position ids, T5 length 512, batch 1); median of --iters after --warmup calls, CUDA
   events on a GPU; the first call (compile, autotune, graph capture) is reported apart as first_call_s.
 - preview_ms: what a preview costs the denoising thread, exactly the step batcher's call
-  (fluxrt.serve.batching.StepBatcher._send_previews): LatentPreview.of(autoencoder).rgb(latents, height, width) on
-  the row's fp32 packed latents, i.e. the [L, 16] x [16, 3] projection on the latents' device and the copy of the
-  uint8 [h, w, 3] to the CPU. Host clock from a synchronized device to the returned CPU tensor: launch overhead,
+  (fluxrt.serve.batching.StepBatcher._send_previews): LatentPreview.of(autoencoder).denoised_rgb(latents, velocity,
+  t, height, width) on the row's fp32 packed latents and velocity, i.e. the [L, 64] multiply-add of the denoised
+  estimate, the [L, 16] x [16, 3] projection on the latents' device and the copy of the uint8 [h, w, 3] to the CPU. Host clock from a synchronized device to the returned CPU tensor: launch overhead,
   kernels, copy and sync all count, and the step's own pending work does not. On a GPU preview_gpu_ms adds the
   device-side time alone (CUDA events).
 - ratio_pct = 100 * preview_ms / step_ms: a preview after every step (preview_every 1, the worst case); verdict PASS
@@ -162,8 +162,10 @@ def step_times(net, inputs: dict, plan: Plan, device: torch.device) -> tuple[flo
 
 def preview_times(autoencoder, latents, height: int, width: int, plan: Plan, device: torch.device) -> dict:
     """The denoising thread's cost (and on a GPU the device's share of it), then the off-thread PNG's."""
-    def on_thread():
-        return LatentPreview.of(autoencoder).rgb(latents, height, width)  # as StepBatcher._send_previews
+    velocity = torch.randn_like(latents)  # the step's prediction (its values do not change the cost)
+
+    def on_thread():  # as StepBatcher._send_previews, at a mid-run time
+        return LatentPreview.of(autoencoder).denoised_rgb(latents, velocity, 0.5, height, width)
 
     rgb = on_thread()
     times = {"preview_ms": wall_ms(on_thread, plan.iters, plan.warmup, device), "preview_gpu_ms": None}

@@ -2,6 +2,7 @@
 
     preview = LatentPreview.of(pipe.autoencoder)         # fitted once per autoencoder, then cached
     rgb = preview.rgb(packed_latents, height, width)      # uint8 [h, w, 3] on the CPU, one pixel per latent pixel
+    rgb = preview.denoised_rgb(latents, velocity, t, height, width)  # what a denoising step shows (x_t - t * v)
     image = LatentPreview.image(rgb, height, width)       # PIL image of the requested size (nearest upsampling)
 
 Where the projection comes from: as ComfyUI's latent previews, a linear map of each latent pixel's 16 channels to
@@ -13,7 +14,9 @@ average-pooled to the latent grid (what the full decode would show there; for a 
 synthetic image itself). It runs once per autoencoder (one encoder and one decoder call on 48 images of 64x64) and
 is cached while the autoencoder lives.
 
-What a preview costs: one [L, 16] x [16, 3] product on the latents' device (L latent pixels, 16384 at 1024x1024),
+What a denoising step previews: the denoised estimate x0 = x_t - t * velocity (flow matching: x_t = (1 - t) x0 + t
+noise, velocity = noise - x0), as ComfyUI previews x0 rather than the noisy latents, so a preview shows the image
+from the first steps on. Its cost: one [L, 64] multiply-add, one [L, 16] x [16, 3] product on the latents' device (L latent pixels, 16384 at 1024x1024),
 a copy of the [L, 3] bytes to the CPU, and, off the denoising thread, the nearest upsampling and PNG encode.
 """
 
@@ -102,6 +105,11 @@ class LatentPreview:
         weight, bias = self._on_device(latents.device)
         colours = torch.einsum("chw,cr->hwr", latents.float(), weight) + bias
         return (colours.clamp(0, 1) * 255).round().to(torch.uint8).cpu()
+
+    def denoised_rgb(self, latents: Tensor, velocity: Tensor, t: float, height: int, width: int) -> Tensor:
+        """rgb() of the denoised estimate latents - t * velocity: the preview of a step that has reached time t
+        (sigma) with the model's velocity prediction (packed [1, L, 64] each)."""
+        return self.rgb(latents - t * velocity, height, width)
 
     @staticmethod
     def image(rgb: Tensor, height: int, width: int):

@@ -455,8 +455,8 @@ class StepBatcher(Batcher):
             if request.on_preview is None or row.done or row.position % request.preview_every:
                 continue
             try:
-                denoised = row.latents - row.timesteps[row.position] * row.velocity
-                rgb = LatentPreview.of(self.pipe.autoencoder).rgb(denoised, row.height, row.width)
+                rgb = LatentPreview.of(self.pipe.autoencoder).denoised_rgb(
+                    row.latents, row.velocity, row.timesteps[row.position], row.height, row.width)
                 request.on_preview(row.position, len(row.timesteps) - 1, rgb)
             except Exception as err:  # noqa: BLE001 -- one job's preview must not take the others down
                 self._fail_row(row, finished, f"the preview failed: {_error_text(err)}")
