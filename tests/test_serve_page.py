@@ -3,8 +3,9 @@ by selenium (tests/browser.py) against servers on loopback with the tiny-random 
 so the page gets live previews).
 
 What a user does: fill the form and generate (by click and by Ctrl+Enter), watch the previews and the progress bar,
-get the image (its natural size, the download link, the gallery), and read the server's own words on a 400 and a 401.
-The page's image is compared with the API's plain answer for the same request: the same pixels. Screenshots go to
+get the image (its natural size, the download link, the gallery), read the server's own words on a 400 and a 401,
+edit an input image, choose and scale LoRAs, reuse a seed past 2**53, cancel, and see a server that died mid-run
+reported. The page's image is compared with the API's plain answer for the same request: the same pixels. Screenshots go to
 $FLUXRT_ARTIFACTS (default out/artifacts/). Without chromium and chromedriver these tests skip, naming the apt
 packages; under `make test` as root (FLUXRT_REQUIRE_BROWSER=1) they fail instead, since CI installed them.
 """
